@@ -1,0 +1,1 @@
+"""Latency harness and the demo report: programs (`python -m benchmarks.NAME --help`) and their helpers."""

@@ -1,0 +1,63 @@
+"""What every command shares: option aliases, progress steps, output, and the user-error exit."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+Source = Annotated[
+    Optional[str],
+    typer.Argument(help="A Hugging Face model folder, a config.json (random weights), a .pt2, a .pt (with --trust), or 'minilm' (default)."),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+Trust = Annotated[bool, typer.Option("--trust", help="Allow unpickling a .pt file: that runs code from the file.")]
+InputShape = Annotated[
+    Optional[list[str]],
+    typer.Option("--input-shape", help="Input shape of a plain nn.Module, e.g. batch,seq,64 (names are dynamic axes). Once per input."),
+]
+InputDtype = Annotated[str, typer.Option("--input-dtype", help="dtype of the --input-shape inputs.")]
+Output = Annotated[Optional[str], typer.Option("-o", "--output", help="Output file (written atomically).")]
+Targets = Annotated[
+    Optional[str], typer.Option("--targets", help="Regex over module paths; overrides the architecture's sites.")
+]
+
+
+def quiet_libraries() -> None:
+    """torch.onnx and transformers log and warn at length; the user wants our lines only."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("torch", "transformers", "onnxscript", "onnx_ir", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def step(label: str) -> Iterator[None]:
+    """A spinner while `label` runs, then a tick and the seconds it took (on stderr)."""
+    start = time.perf_counter()
+    with err.status(f"{label} ..."):
+        yield
+    err.print(f"[green]✓[/] {label} [dim]({time.perf_counter() - start:.1f} s)[/]")
+
+
+def emit_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=1, default=str) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,60 @@
+"""`surgery insert`: adapters into a model's graph, saved as NAME.adapted.pt2."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.common import InputDtype, InputShape, Json, Output, Source, Targets, Trust, emit_json, out, step
+from surgery.adapters import ACTIVATIONS, METHODS, AdapterSpec
+from surgery.bundle import save_adapted
+from surgery.insert import houlsby_params
+from surgery.io import check_output
+from surgery.pipeline import adapt, default_output, open_model
+
+
+def insert(
+    source: Source = None,
+    r: Annotated[int, typer.Option("--r", help="Bottleneck size (1 <= r < d_model).")] = 8,
+    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")] = "houlsby",
+    act: Annotated[str, typer.Option("--act", help=f"Activation σ, one of: {', '.join(ACTIVATIONS)}.")] = "relu",
+    targets: Targets = None,
+    output: Output = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the down-projections' random init.")] = 0,
+    trust: Trust = False,
+    input_shape: InputShape = None,
+    input_dtype: InputDtype = "float32",
+    json: Json = False,
+) -> None:
+    """Insert adapter bottlenecks x + W_up σ(W_down x) after the chosen sites; the base stays frozen."""
+    spec = AdapterSpec(method=method, r=r, activation=act, targets=targets)
+    path = check_output(output or default_output(source, ".adapted.pt2"))
+    with step(f"load and capture {source or 'minilm'}"):
+        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
+    with step(f"insert {method} adapters, r={r}, σ={act}"):
+        report = adapt(captured, spec, seed=seed)
+    with step(f"save {path}"):
+        save_adapted(path, captured, spec, report)
+    layers = len({s.layer for s in report.sites})
+    widths = {s.width for s in report.sites}
+    formula = houlsby_params(layers, widths.pop(), r) if method == "houlsby" and targets is None and len(widths) == 1 else None
+    if json:
+        emit_json(
+            {
+                "output": str(path),
+                "method": method,
+                "r": r,
+                "activation": act,
+                "sites": [s.path for s in report.sites],
+                "trainable_params": report.trainable,
+                "total_params": report.total,
+                "houlsby_formula_params": formula,
+            }
+        )
+        return
+    out.print(f"{len(report.sites)} sites in {layers} layers: {report.trainable:,} trainable of {report.total:,} parameters")
+    if formula is not None:
+        verdict = "equal" if formula == report.trainable else "[red]DIFFERENT[/]"
+        out.print(f"seed formula 2L(2·d·r + d + r) = {formula:,}: {verdict}")
+    out.print(f"wrote {path}")

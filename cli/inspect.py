@@ -1,0 +1,77 @@
+"""`surgery inspect`: a model's layers and insertion sites, or an adapted model's manifest."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from cli.common import InputDtype, InputShape, Json, Source, Targets, Trust, emit_json, out, step
+from surgery.errors import SurgeryError
+from surgery.pipeline import open_model
+from surgery.sites import find_sites, linear_modules
+
+
+def inspect(
+    source: Source = None,
+    targets: Targets = None,
+    trust: Trust = False,
+    input_shape: InputShape = None,
+    input_dtype: InputDtype = "float32",
+    json: Json = False,
+) -> None:
+    """Show the Transformer's layers and the insertion sites found in its graph."""
+    with step(f"load and capture {source or 'minilm'}"):
+        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
+    if captured.manifest is not None:
+        _show_manifest(captured.manifest, json)
+        return
+    candidates = linear_modules(captured.gm)
+    try:
+        sites = find_sites(captured.gm, captured.source.model_type, targets)
+        problem = None
+    except SurgeryError as exc:
+        if targets is not None:
+            raise
+        sites, problem = [], str(exc)
+    total = sum(p.numel() for p in captured.gm.parameters())
+    if json:
+        emit_json(
+            {
+                "source": captured.source.to_json(),
+                "signature": captured.signature.to_json(),
+                "total_params": total,
+                "linear_modules": candidates,
+                "sites": [s.to_json() for s in sites],
+                "problem": problem,
+            }
+        )
+        return
+    src = captured.source
+    out.print(f"[bold]{src.name}[/]  type={src.model_type or 'unknown'}  parameters={total:,}  sha256={src.sha256[:12]}")
+    for spec in captured.signature.inputs:
+        axes = ", ".join(f"{i}:{a.name}[{a.min}..{a.max}]" for i, a in spec.axes.items())
+        out.print(f"  input {spec.name}: {spec.dtype} {list(spec.shape)}  dynamic {axes or 'none'}")
+    table = Table(title=f"{len(sites)} insertion sites in {len({s.layer for s in sites})} layers")
+    for col in ("layer", "role", "module", "width", "node"):
+        table.add_column(col)
+    for s in sites:
+        table.add_row(str(s.layer), s.role, s.path, str(s.width), s.node)
+    out.print(table)
+    if problem:
+        out.print(f"[yellow]{problem}[/]")
+        out.print(f"linear modules: {', '.join(candidates) or 'none'}")
+
+
+def _show_manifest(manifest: dict, json: bool) -> None:
+    if json:
+        emit_json(manifest)
+        return
+    a, p, src = manifest["adapter"], manifest["params"], manifest["source"]
+    out.print(f"[bold]adapted model[/] (surgery {manifest['version']}): {a['method']} r={a['r']} activation={a['activation']}")
+    out.print(f"  source {src['name']} ({src['model_type']}), sha256 {src['sha256'][:12]}")
+    out.print(f"  trainable {p['trainable']:,} of {p['total']:,} parameters ({100 * p['trainable'] / p['total']:.2f}%)")
+    table = Table(title=f"{len(manifest['sites'])} adapted sites")
+    for col in ("layer", "role", "module", "width"):
+        table.add_column(col)
+    for s in manifest["sites"]:
+        table.add_row(str(s["layer"]), s["role"], s["path"], str(s["width"]))
+    out.print(table)

@@ -1,0 +1,34 @@
+"""Entry point: `surgery COMMAND`. A `SurgeryError` becomes one red line and exit code 2."""
+
+from __future__ import annotations
+
+import typer
+
+from cli import demo, export, inspect, insert
+from cli.common import err, quiet_libraries
+from surgery.errors import SurgeryError
+
+app = typer.Typer(
+    name="surgery",
+    help="Insert, merge and export adapters in the fx graph of a pretrained Transformer.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("inspect")(inspect.inspect)
+app.command("insert")(insert.insert)
+app.command("export")(export.export)
+app.command("demo")(demo.demo)
+
+
+def main() -> None:
+    quiet_libraries()
+    try:
+        app()
+    except SurgeryError as exc:
+        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        raise SystemExit(2) from exc
+
+
+if __name__ == "__main__":
+    main()

