@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
@@ -77,6 +78,10 @@ def export_onnx(
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise SurgeryError(f"{path}: ONNX export failed ({type(exc).__name__}: {first})") from exc
         program.save(tmp, external_data=False)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise SurgeryError(f"{path}: the exported model fails onnx.checker ({exc}); nothing was written") from exc
         seconds = time.perf_counter() - start
         parity = check_onnx(tmp, gm, signature, tolerance=tolerance)
         if not parity.ok:

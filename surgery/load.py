@@ -133,7 +133,8 @@ def _load_hf_config(path: Path, name: str) -> Loaded:
 
     config = _read_config(path, name, AutoConfig)
     torch.manual_seed(0)
-    model = _model_class(config)._from_config(config)
+    cls = _model_class(config)
+    model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
 
 

@@ -1,0 +1,126 @@
+"""Shared fixtures: the real pretrained MiniLM captured once per session, small random-weight models,
+and a runner for the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from surgery.capture import Captured
+from surgery.pipeline import open_model
+
+SURGERY = [sys.executable, "-m", "cli.main"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def minilm_base() -> Captured:
+    """The pretrained MiniLM, captured once. Do not mutate: take `minilm` for a private copy."""
+    return open_model("minilm")
+
+
+@pytest.fixture
+def minilm(minilm_base: Captured) -> Captured:
+    """A private copy of the captured MiniLM that a test may rewrite."""
+    return dataclasses.replace(minilm_base, gm=copy.deepcopy(minilm_base.gm))
+
+
+class TinyBlock(nn.Module):
+    """A pre-norm Transformer block written by hand: no preset knows it, the graph rule must."""
+
+    def __init__(self, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+        x = x + self.drop(self.proj(y))
+        return x + self.drop(self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x)))))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, d: int = 32, layers: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(TinyBlock(d) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+
+@pytest.fixture(scope="session")
+def tiny_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A hand-written 2-block Transformer, exported with dynamic batch and sequence and saved as .pt2."""
+    torch.manual_seed(0)
+    model = TinyTransformer().eval()
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=256)
+    program = torch.export.export(model, (torch.randn(2, 16, 32),), dynamic_shapes=({0: batch, 1: seq},), strict=False)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt2"
+    torch.export.save(program, path)
+    return path
+
+
+SMALL_CONFIGS = {
+    "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128),
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128),
+    "t5": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=1000),
+}
+
+
+@pytest.fixture(scope="session")
+def small_config(tmp_path_factory: pytest.TempPathFactory):
+    """Write a small transformers config.json for a model type; returns its path."""
+    from transformers import AutoConfig
+
+    def make(model_type: str) -> Path:
+        folder = tmp_path_factory.mktemp(model_type)
+        AutoConfig.for_model(model_type, **SMALL_CONFIGS[model_type]).save_pretrained(folder)
+        return folder / "config.json"
+
+    return make
+
+
+@dataclass
+class Run:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.stdout)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Run `surgery ARGS` as a subprocess (in `cwd`), returning exit code and both streams."""
+
+    def run(*args: str, cwd: Path | None = None) -> Run:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+        p = subprocess.run([*SURGERY, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+        return Run(p.returncode, p.stdout, p.stderr)
+
+    return run
