@@ -49,44 +49,56 @@ def output_names(outputs: Any) -> list[str]:
     return names
 
 
-def export_onnx(
-    gm: fx.GraphModule, signature: Signature, path: str | Path, *, tolerance: float = 1e-4
-) -> OnnxExport:
-    """Export `gm` to ONNX at `path` with dynamic axes, verify it in ONNX Runtime, then move it into place."""
-    start = time.perf_counter()
+def onnx_program(gm: fx.GraphModule, signature: Signature, what: str) -> Any:
+    """`torch.onnx.export` (dynamo, opset 20) of `gm` over the signature's dynamic axes: an ONNXProgram."""
     examples = signature.examples()
     args, kwargs = signature.export_args(examples)
     names = list(signature.outputs)
     if not names:
         with torch.no_grad():
             names = output_names(signature.call(gm, examples))
+    try:
+        return torch.onnx.export(
+            gm,
+            args,
+            kwargs=kwargs,
+            dynamic_shapes=signature.dynamic_shapes(),
+            input_names=signature.names,
+            output_names=names,
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter raises many types; its first line says which op failed
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SurgeryError(f"{what}: ONNX export failed ({type(exc).__name__}: {first})") from exc
+
+
+def check_model(path: Path, what: str) -> None:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise SurgeryError(f"{what}: the exported model fails onnx.checker ({exc}); nothing was written") from exc
+
+
+def refuse_mismatch(parity: Parity, what: str, case: str = "") -> None:
+    if not parity.ok:
+        raise SurgeryError(
+            f"{what}: ONNX Runtime differs from torch{case} by {parity.max_abs_diff:.3g} "
+            f"(tolerance {parity.tolerance:g}) at {parity.worst}; nothing was written"
+        )
+
+
+def export_onnx(
+    gm: fx.GraphModule, signature: Signature, path: str | Path, *, tolerance: float = 1e-4
+) -> OnnxExport:
+    """Export `gm` to ONNX at `path` with dynamic axes, verify it in ONNX Runtime, then move it into place."""
+    start = time.perf_counter()
     with atomic_output(path) as tmp:
-        try:
-            program = torch.onnx.export(
-                gm,
-                args,
-                kwargs=kwargs,
-                dynamic_shapes=signature.dynamic_shapes(),
-                input_names=signature.names,
-                output_names=names,
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-        except Exception as exc:  # the exporter raises many types; its first line says which op failed
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SurgeryError(f"{path}: ONNX export failed ({type(exc).__name__}: {first})") from exc
-        program.save(tmp, external_data=False)
-        try:
-            onnx.checker.check_model(str(tmp), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise SurgeryError(f"{path}: the exported model fails onnx.checker ({exc}); nothing was written") from exc
+        onnx_program(gm, signature, str(path)).save(tmp, external_data=False)
         seconds = time.perf_counter() - start
+        check_model(tmp, str(path))
         parity = check_onnx(tmp, gm, signature, tolerance=tolerance)
-        if not parity.ok:
-            raise SurgeryError(
-                f"{path}: ONNX Runtime differs from torch by {parity.max_abs_diff:.3g} "
-                f"(tolerance {tolerance:g}) at {parity.worst}; nothing was written"
-            )
+        refuse_mismatch(parity, str(path))
     return OnnxExport(path=Path(path), parity=parity, seconds=seconds)

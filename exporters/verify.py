@@ -78,16 +78,22 @@ def feeds(session: Any, signature: Signature, tensors: list[torch.Tensor]) -> di
 
 
 def compare(
-    session: Any, module: Any, signature: Signature, sizes: dict[str, int], seed: int = 0
+    session: Any, module: Any, signature: Signature, sizes: dict[str, int], seed: int = 0, run_options: Any = None
 ) -> dict[str, float]:
     """Max |ORT - torch| per output on one padded batch of the given sizes."""
     tensors = signature.examples(sizes, seed=seed, pad=True)
     with torch.no_grad():
         expected = pytree.tree_leaves(signature.call(module, tensors))
-    got = session.run(None, feeds(session, signature, tensors))
+    got = session.run(None, feeds(session, signature, tensors), run_options)
     names = [o.name for o in session.get_outputs()]
+    return compare_outputs(names, got, expected, mask_of(signature, tensors))
+
+
+def compare_outputs(
+    names: list[str], got: list[np.ndarray], expected: list[torch.Tensor], mask: np.ndarray | None
+) -> dict[str, float]:
+    """Max |got - expected| per output; where `mask` (B, S) is given, over its unpadded positions only."""
     assert len(got) == len(expected), f"ONNX has {len(got)} outputs, torch {len(expected)}"
-    mask = _mask(signature, tensors)
     diffs = {}
     for name, want, have in zip(names, expected, got):
         want = want.detach().float().numpy()
@@ -102,7 +108,7 @@ def compare(
     return diffs
 
 
-def _mask(signature: Signature, tensors: list[torch.Tensor]) -> np.ndarray | None:
+def mask_of(signature: Signature, tensors: list[torch.Tensor]) -> np.ndarray | None:
     for name, t in zip(signature.names, tensors):
         if name == "attention_mask" and t.dim() == 2:
             return t.numpy().astype(bool)
@@ -113,11 +119,22 @@ def check_onnx(
     path: str | Path, module: Any, signature: Signature, tolerance: float = 1e-4, sizes: list[dict[str, int]] | None = None
 ) -> Parity:
     """Compare an ONNX model with the torch module on padded batches of other shapes."""
-    session = ort_session(path)
+    return check_session(ort_session(path), module, signature, tolerance, sizes)
+
+
+def check_session(
+    session: Any,
+    module: Any,
+    signature: Signature,
+    tolerance: float = 1e-4,
+    sizes: list[dict[str, int]] | None = None,
+    run_options: Any = None,
+) -> Parity:
+    """`check_onnx` on a live session, with `run_options` (an active adapter, say)."""
     sizes = sizes or check_sizes(signature)
     worst, worst_at, per_output = 0.0, "", {}
     for k, s in enumerate(sizes):
-        for name, d in compare(session, module, signature, s, seed=k + 1).items():
+        for name, d in compare(session, module, signature, s, seed=k + 1, run_options=run_options).items():
             per_output[name] = max(per_output.get(name, 0.0), d)
             if d >= worst:
                 worst, worst_at = d, f"output {name}, shape {s}"

@@ -1,0 +1,183 @@
+"""Swappable ONNX: the base graph with adapter slots that packs fill at run time.
+
+Every adapter tensor becomes an *overridable initializer*: a graph input and an initializer of the same
+name. The rank is the symbolic dimension `adapter_rank`, and the defaults have rank 0 (`down_w` is
+(d, 0), `up_w` (0, d), `up_b` zeros), so with no pack active the bottleneck adds exactly zero and the
+model is the base model; a pack of any rank 1..d-1 plugs in through ONNX Runtime's adapter mechanism.
+
+The dynamo exporter merges identical initializers (all-zero biases, say), which would lose names, so
+the export is traced with distinct random adapter values, then the defaults are written in the proto.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch.utils import _pytree as pytree
+
+from exporters.onnx import check_model, onnx_program, refuse_mismatch
+from exporters.runtime import META_ADAPTER, META_FINGERPRINT, META_SITES, AdaptedSession
+from exporters.verify import Parity, check_session, compare_outputs, feeds, mask_of, ort_session
+from surgery.capture import Captured
+from surgery.errors import SurgeryError
+from surgery.io import atomic_output
+from surgery.packs import BOTTLENECK_SHAPES, fingerprint, pack_from_model
+from surgery.route import route
+from surgery.sites import ADAPTER_ROOT
+
+RANK = "adapter_rank"
+
+
+@dataclass(frozen=True)
+class SwappableExport:
+    path: Path
+    base_parity: Parity  # no pack active, against the base model in torch
+    pack_parity: Parity  # the model's own adapter as a pack, against the adapted model in torch
+    slots: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "onnx": str(self.path),
+            "swappable": True,
+            "adapter_tensors": self.slots,
+            "export_seconds": round(self.seconds, 2),
+            "max_abs_diff": max(self.base_parity.max_abs_diff, self.pack_parity.max_abs_diff),
+            "tolerance": self.pack_parity.tolerance,
+            "no_pack": self.base_parity.to_json(),
+            "own_pack": self.pack_parity.to_json(),
+        }
+
+
+def adapter_widths(manifest: dict[str, Any]) -> dict[str, int]:
+    return {s["path"]: s["width"] for s in manifest["sites"]}
+
+
+def _default(kind: str, d: int) -> np.ndarray:
+    shape = tuple(d if s == "d" else 0 for s in BOTTLENECK_SHAPES[kind])
+    return np.zeros(shape, dtype=np.float32)
+
+
+def make_slots(model: onnx.ModelProto, manifest: dict[str, Any]) -> int:
+    """Turn every adapter initializer into an overridable one with a rank-0 default (in place)."""
+    if manifest["adapter"]["method"] not in ("houlsby", "pfeiffer"):
+        raise SurgeryError(f"--swappable takes bottleneck adapters; {manifest['adapter']['method']} is not one")
+    widths = adapter_widths(manifest)
+    wanted = {f"{ADAPTER_ROOT}.{site}.{kind}": (kind, d) for site, d in widths.items() for kind in BOTTLENECK_SHAPES}
+    found = {init.name: init for init in model.graph.initializer if init.name in wanted}
+    missing = sorted(set(wanted) - set(found))
+    assert not missing, f"exporter lost adapter initializers (merged or renamed): {missing[:3]}"
+    for name, (kind, d) in wanted.items():
+        found[name].CopyFrom(numpy_helper.from_array(_default(kind, d), name))
+        dims = [d if s == "d" else RANK for s in BOTTLENECK_SHAPES[kind]]
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+    del model.graph.value_info[:]  # shapes inferred at the traced rank no longer hold
+    meta = {
+        META_FINGERPRINT: str(fingerprint(manifest)),
+        META_SITES: json.dumps(widths),
+        META_ADAPTER: json.dumps(manifest["adapter"]),
+    }
+    for key, value in meta.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    return len(wanted)
+
+
+def _with_adapters(gm: torch.nn.Module, fill: str, seed: int = 0) -> torch.nn.Module:
+    """A copy of `gm` whose adapter tensors are distinct random values ('random') or zero up-projections ('base')."""
+    g = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(gm)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if name.startswith(ADAPTER_ROOT + "."):
+                if fill == "random":
+                    p.copy_(torch.randn(p.shape, generator=g))
+                elif name.endswith(("up_w", "up_b")):
+                    p.zero_()
+    return out
+
+
+def export_swappable(captured: Captured, path: str | Path, *, tolerance: float = 1e-4) -> SwappableExport:
+    """Export an adapted model with adapter slots, verify no-pack = base and own-pack = adapted, then write."""
+    if captured.manifest is None:
+        raise SurgeryError(f"{captured.source.name}: --swappable needs an adapted model; run `surgery insert` first")
+    start = time.perf_counter()
+    what = str(path)
+    proto = onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what).model_proto
+    slots = make_slots(proto, captured.manifest)
+    with atomic_output(path) as tmp:
+        onnx.save(proto, str(tmp))
+        seconds = time.perf_counter() - start
+        check_model(tmp, what)
+        session = AdaptedSession(tmp)
+        base_parity = check_session(session.session, _with_adapters(captured.gm, "base"), captured.signature, tolerance)
+        refuse_mismatch(base_parity, what, " with no pack active")
+        session.load("own", pack_from_model(captured.gm.state_dict(), captured.manifest))
+        pack_parity = check_session(session.session, captured.gm, captured.signature, tolerance, run_options=session.run_options("own"))
+        refuse_mismatch(pack_parity, what, " with the model's own pack active")
+    return SwappableExport(Path(path), base_parity, pack_parity, slots, seconds)
+
+
+@dataclass(frozen=True)
+class RoutedExport:
+    path: Path
+    parity: Parity  # routed ONNX against the routed torch graph (random ids)
+    rows: Parity  # row by row against each source model in torch (and the base for -1)
+    ids: list[int]
+    models: list[str]
+    rank: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "onnx": str(self.path),
+            "route": self.models,
+            "padded_rank": self.rank,
+            "checked_ids": self.ids,
+            "max_abs_diff": max(self.parity.max_abs_diff, self.rows.max_abs_diff),
+            "tolerance": self.rows.tolerance,
+            "rows": self.rows.to_json(),
+        }
+
+
+def check_rows(session: Any, routed: Captured, models: list[Captured], ids: list[int], tolerance: float, seq: int = 37) -> Parity:
+    """Row b of the routed ONNX output against model ids[b] in torch (the base model where ids[b] = -1)."""
+    sizes = {"batch": len(ids), "seq": seq}
+    sig = models[0].signature
+    tensors = sig.examples(sizes, seed=7, pad=True)
+    per_model = {}
+    with torch.no_grad():
+        for i in sorted(set(ids)):
+            module = _with_adapters(models[0].gm, "base") if i < 0 else models[i].gm
+            per_model[i] = pytree.tree_leaves(sig.call(module, tensors))
+    expected = [torch.stack([per_model[i][k][b] for b, i in enumerate(ids)]) for k in range(len(per_model[ids[0]]))]
+    all_tensors = tensors + [torch.tensor(ids, dtype=torch.int64)]
+    got = session.run(None, feeds(session, routed.signature, all_tensors))
+    names = [o.name for o in session.get_outputs()]
+    diffs = compare_outputs(names, got, expected, mask_of(sig, tensors))
+    worst = max(diffs, key=diffs.get)
+    return Parity(diffs[worst], tolerance, [sizes], f"output {worst}, ids {ids}", diffs)
+
+
+def export_routed(models: list[Captured], path: str | Path, *, tolerance: float = 1e-4) -> RoutedExport:
+    """One ONNX model with every model's adapters and an `adapter_id` input, verified row by row."""
+    what = str(path)
+    routed, report = route(models)
+    n = len(models)
+    ids = [0, n - 1, -1, 1 % n]
+    with atomic_output(path) as tmp:
+        onnx_program(routed.gm, routed.signature, what).save(tmp, external_data=False)
+        check_model(tmp, what)
+        session = ort_session(tmp)
+        parity = check_session(session, routed.gm, routed.signature, tolerance)
+        refuse_mismatch(parity, what)
+        rows = check_rows(session, routed, models, ids, tolerance)
+        refuse_mismatch(rows, what, f" row by row against the source models (ids {ids})")
+    return RoutedExport(Path(path), parity, rows, ids, [m.source.name for m in models], report.rank)
