@@ -10,6 +10,8 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,21 +46,13 @@ def machine() -> dict[str, str]:
     }
 
 
-def alternate(
-    models: dict[str, str | Path], feeds: dict[str, np.ndarray], runs: int = 100, warmup: int = 10, threads: int = 2
-) -> list[Timing]:
-    """Time each ONNX model `runs` times, round-robin, after `warmup` rounds; the first model is the reference."""
-    from exporters.verify import ort_session
-
-    sessions = {name: ort_session(path, threads=threads, spinning=False) for name, path in models.items()}
-    inputs = {
-        name: {i.name: feeds[i.name] for i in s.get_inputs()} for name, s in sessions.items()
-    }
-    times: dict[str, list[float]] = {name: [] for name in sessions}
+def time_interleaved(calls: dict[str, Callable[[], object]], runs: int = 100, warmup: int = 10) -> list[Timing]:
+    """Call each function `runs` times, round-robin, after `warmup` rounds; the first is the reference."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for k in range(warmup + runs):
-        for name, session in sessions.items():
+        for name, call in calls.items():
             t0 = time.perf_counter()
-            session.run(None, inputs[name])
+            call()
             if k >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
     first = next(iter(times.values()))
@@ -68,3 +62,17 @@ def alternate(
         ratio = statistics.median(t / f for t, f in zip(ts, first))
         out.append(Timing(name, statistics.median(ts), float(q[0]), float(q[1]), runs, ratio))
     return out
+
+
+def alternate(
+    models: dict[str, str | Path], feeds: dict[str, np.ndarray], runs: int = 100, warmup: int = 10, threads: int = 2
+) -> list[Timing]:
+    """Time ONNX models (no spinning, `threads` each) call by call in turn; the first model is the reference."""
+    from exporters.verify import ort_session
+
+    calls = {}
+    for name, path in models.items():
+        session = ort_session(path, threads=threads, spinning=False)
+        inputs = {i.name: feeds[i.name] for i in session.get_inputs() if i.name in feeds}
+        calls[name] = partial(session.run, None, inputs)
+    return time_interleaved(calls, runs, warmup)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 
 from cli.common import InputDtype, InputShape, Json, Source, Targets, Trust, emit_json, out, step
 from surgery.errors import SurgeryError
+from surgery.packs import SUFFIXES, load_pack
 from surgery.pipeline import open_model
 from surgery.sites import find_sites, linear_modules
 
@@ -18,7 +21,10 @@ def inspect(
     input_dtype: InputDtype = "float32",
     json: Json = False,
 ) -> None:
-    """Show the Transformer's layers and the insertion sites found in its graph."""
+    """Show the Transformer's layers and the insertion sites found in its graph (or a pack's contents)."""
+    if source and Path(source).suffix in SUFFIXES:
+        _show_pack(source, json)
+        return
     with step(f"load and capture {source or 'minilm'}"):
         captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
     if captured.manifest is not None:
@@ -74,4 +80,20 @@ def _show_manifest(manifest: dict, json: bool) -> None:
         table.add_column(col)
     for s in manifest["sites"]:
         table.add_row(str(s["layer"]), s["role"], s["path"], str(s["width"]))
+    out.print(table)
+
+
+def _show_pack(path: str, json: bool) -> None:
+    pack = load_pack(path)
+    info = pack.describe()
+    if json:
+        emit_json({"pack": path, **info, "shapes": {n: list(t.shape) for n, t in pack.tensors.items()}})
+        return
+    out.print(f"[bold]adapter pack[/] {path}: {info['tensors']} tensors, {info['parameters']:,} parameters, rank {info['rank']}")
+    out.print(f"  fingerprint {info['fingerprint']}" + (f", {info['method']} σ={info['activation']} for {info['base']['name']}" if "method" in info else ""))
+    table = Table()
+    for col in ("tensor", "shape"):
+        table.add_column(col)
+    for n, t in pack.tensors.items():
+        table.add_row(n, str(list(t.shape)))
     out.print(table)

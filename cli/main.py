@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import demo, export, inspect, insert
+from cli import demo, export, inspect, insert, pack, run
 from cli.common import err, quiet_libraries
 from surgery.errors import SurgeryError
 
@@ -18,6 +18,8 @@ app = typer.Typer(
 app.command("inspect")(inspect.inspect)
 app.command("insert")(insert.insert)
 app.command("export")(export.export)
+app.command("pack")(pack.pack)
+app.command("run")(run.run)
 app.command("demo")(demo.demo)
 
 

@@ -124,3 +124,24 @@ def test_demo_prints_its_table_and_writes_reports(tmp_path, cli):
     assert data["adapted_onnx"]["max_abs_diff"] < 1e-4
     assert [t["name"] for t in data["latency"]["results"]] == ["base", "adapted"]
     assert (tmp_path / "out" / "demo.md").read_text().startswith("# surgery demo")
+
+
+def test_swappable_export_pack_and_run(adapted, cli):
+    folder, _ = adapted
+    run = cli("export", "minilm.adapted.pt2", "--swappable", "-o", "sw.onnx", "--json", cwd=folder)
+    assert run.code == 0, run.stderr
+    assert run.json["swappable"] and run.json["adapter_tensors"] == 48 and run.json["max_abs_diff"] < 1e-4
+    run = cli("pack", "minilm.adapted.pt2", "-o", "a.onnx_adapter", "--json", cwd=folder)
+    assert run.code == 0, run.stderr
+    assert run.json["tensors"] == 48 and run.json["rank"] == 8 and run.json["parameters"] == 78_432
+    run = cli("pack", "a.onnx_adapter", "-o", "a.safetensors", "--json", cwd=folder)
+    assert run.code == 0 and run.json["fingerprint"] == cli("inspect", "a.onnx_adapter", "--json", cwd=folder).json["fingerprint"]
+    base = cli("run", "sw.onnx", "--shape", "batch=2,seq=12", "--json", cwd=folder)
+    with_pack = cli("run", "sw.onnx", "--adapter", "a.safetensors", "--shape", "batch=2,seq=12", "--json", cwd=folder)
+    assert base.code == 0 and with_pack.code == 0, (base.stderr, with_pack.stderr)
+    assert with_pack.json["outputs"]["last_hidden_state"]["shape"] == [2, 12, 384]
+    # the pack of a zero-initialised adapter is the identity: same numbers as no pack
+    assert with_pack.json["outputs"] == base.json["outputs"]
+    (folder / "broken.onnx_adapter").write_bytes(b"\x00" * 64)
+    bad = cli("run", "sw.onnx", "--adapter", "broken.onnx_adapter", cwd=folder)
+    assert bad.code == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

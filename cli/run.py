@@ -1,0 +1,81 @@
+"""`surgery run`: run an exported ONNX model, with an adapter pack active if it is swappable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from cli.common import Json, emit_json, out
+from exporters.runtime import AdaptedSession
+from exporters.verify import ort_session
+from surgery.errors import SurgeryError
+from surgery.io import atomic_output
+
+
+def _inputs(session, input_file: Optional[Path], shape: str) -> dict[str, np.ndarray]:
+    """Inputs from an .npz (arrays by input name), or random token ids and a full mask of `shape`."""
+    if input_file is not None:
+        if not input_file.is_file():
+            raise SurgeryError(f"--input {input_file}: no such file; give an .npz with one array per input name")
+        try:
+            with np.load(input_file) as data:
+                return {k: data[k] for k in data.files}
+        except (ValueError, OSError) as exc:
+            raise SurgeryError(f"--input {input_file}: not a readable .npz ({exc})") from exc
+    try:
+        sizes = dict((k, int(v)) for k, v in (kv.split("=") for kv in shape.split(",")))
+    except ValueError as exc:
+        raise SurgeryError(f"--shape {shape!r}: write it as batch=1,seq=128") from exc
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in session.get_inputs():
+        if i.name.startswith("adapters."):
+            continue
+        dims = [d if isinstance(d, int) else sizes.get(d, sizes.get("seq" if k else "batch", 1)) for k, d in enumerate(i.shape)]
+        if "float" in i.type:
+            feeds[i.name] = rng.standard_normal(dims).astype(np.float32)
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones(dims, dtype=np.int64)
+        elif i.name == "adapter_id":
+            feeds[i.name] = np.zeros(dims, dtype=np.int64)
+        else:
+            feeds[i.name] = rng.integers(0, 1000, dims, dtype=np.int64)
+    return feeds
+
+
+def run(
+    model: Annotated[Path, typer.Argument(help="An ONNX model written by `surgery export`.")],
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="A pack to activate (.onnx_adapter or .safetensors).")] = None,
+    input_file: Annotated[Optional[Path], typer.Option("--input", help=".npz with one array per input name.")] = None,
+    shape: Annotated[str, typer.Option("--shape", help="Random inputs of this size when no --input.")] = "batch=1,seq=128",
+    save: Annotated[Optional[Path], typer.Option("--save", help="Write the outputs to this .npz.")] = None,
+    json: Json = False,
+) -> None:
+    """Run an exported model in ONNX Runtime and show its outputs."""
+    if not model.is_file():
+        raise SurgeryError(f"{model}: no such ONNX file")
+    if adapter is not None:
+        session = AdaptedSession(model)
+        session.load(adapter.name, adapter)
+        feeds = _inputs(session.session, input_file, shape)
+        results = session.run(feeds, adapter=adapter.name)
+        names = [o.name for o in session.session.get_outputs()]
+    else:
+        plain = ort_session(model)
+        feeds = _inputs(plain, input_file, shape)
+        wanted = {i.name for i in plain.get_inputs()}
+        results = plain.run(None, {k: v for k, v in feeds.items() if k in wanted})
+        names = [o.name for o in plain.get_outputs()]
+    if save is not None:
+        with atomic_output(save) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **dict(zip(names, results)))
+    summary = {n: {"shape": list(r.shape), "mean": float(np.mean(r)), "std": float(np.std(r))} for n, r in zip(names, results)}
+    if json:
+        emit_json({"model": str(model), "adapter": str(adapter) if adapter else None, "outputs": summary})
+        return
+    for n, s in summary.items():
+        out.print(f"{n}: shape {s['shape']}, mean {s['mean']:.5f}, std {s['std']:.5f}")

@@ -1,0 +1,174 @@
+"""Swappable ONNX, adapter packs and routing on the real pretrained MiniLM: every pack checked against torch."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporters.runtime import AdaptedSession
+from exporters.swappable import RANK, export_routed, export_swappable
+from exporters.verify import check_session
+from surgery.adapters import AdapterSpec
+from surgery.bundle import save_adapted
+from surgery.errors import SurgeryError
+from surgery.packs import check_pack, load_pack, pack_from_model, save_pack
+from surgery.pipeline import adapt, open_model
+
+RANKS = (4, 8, 32)
+
+
+def _adapted(base, tmp_path, r, seed, spec=None):
+    """An adapted copy of `base` with distinct random adapter weights, saved and reopened as a user would."""
+    captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
+    spec = spec or AdapterSpec("houlsby", r=r)
+    report = adapt(captured, spec, seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for name, p in captured.gm.named_parameters():
+            if name.startswith("adapters.") and not name.endswith("down_w"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    path = tmp_path / f"m{r}_{seed}.adapted.pt2"
+    save_adapted(path, captured, spec, report)
+    return open_model(str(path))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, minilm_base):
+    folder = tmp_path_factory.mktemp("swap")
+    return [_adapted(minilm_base, folder, r, seed=i) for i, r in enumerate(RANKS)]
+
+
+@pytest.fixture(scope="module")
+def swappable(tmp_path_factory, models):
+    folder = tmp_path_factory.mktemp("swappable")
+    result = export_swappable(models[1], folder / "minilm.swappable.onnx")
+    packs = {}
+    for m, suffix in zip(models, (".onnx_adapter", ".safetensors", ".onnx_adapter")):
+        r = m.manifest["adapter"]["r"]
+        packs[r] = save_pack(pack_from_model(m.gm.state_dict(), m.manifest), folder / f"r{r}{suffix}")
+    return result, packs
+
+
+def test_swappable_graph_has_rank0_overridable_slots(swappable):
+    result, _ = swappable
+    assert result.slots == 48 and result.base_parity.ok and result.pack_parity.ok
+    model = onnx.load(str(result.path))
+    onnx.checker.check_model(model, full_check=True)
+    inputs = {i.name: i for i in model.graph.input}
+    inits = {i.name: i for i in model.graph.initializer}
+    name = "adapters.encoder.layer.0.attention.output.dense.down_w"
+    assert name in inputs and name in inits
+    assert [d.dim_value or d.dim_param for d in inputs[name].type.tensor_type.shape.dim] == [384, RANK]
+    assert list(inits[name].dims) == [384, 0]
+
+
+def test_each_pack_matches_torch_and_no_pack_is_the_base(swappable, models, minilm_base):
+    result, packs = swappable
+    session = AdaptedSession(result.path)
+    for m in models:
+        r = m.manifest["adapter"]["r"]
+        session.load(f"r{r}", packs[r])
+        parity = check_session(session.session, m.gm, m.signature, 1e-4, run_options=session.run_options(f"r{r}"))
+        assert parity.max_abs_diff < 1e-4, (r, parity)
+    base = check_session(session.session, minilm_base.gm, minilm_base.signature, 1e-4)
+    assert base.max_abs_diff < 1e-4, base
+
+
+def test_switching_back_and_forth_repeats_the_same_numbers(swappable, models):
+    result, packs = swappable
+    session = AdaptedSession(result.path)
+    for r, path in packs.items():
+        session.load(f"r{r}", path)
+    sig = models[0].signature
+    feeds = {n: t.numpy() for n, t in zip(sig.names, sig.examples({"batch": 2, "seq": 20}, seed=9, pad=True))}
+    order = ["r4", "r32", None, "r8", "r4", None, "r32", "r8"]
+    seen = {}
+    for name in order:
+        out = session.run(feeds, adapter=name)[0]
+        if name in seen:
+            assert np.array_equal(seen[name], out), name
+        seen[name] = out
+    assert not np.allclose(seen["r4"], seen["r32"])
+    assert not np.allclose(seen["r4"], seen[None])
+
+
+def test_packs_round_trip_between_formats(tmp_path, swappable):
+    _, packs = swappable
+    original = load_pack(packs[8])  # .safetensors
+    there = load_pack(save_pack(original, tmp_path / "p.onnx_adapter"))
+    back = load_pack(save_pack(there, tmp_path / "p.safetensors"))
+    for pack in (there, back):
+        assert pack.fingerprint == original.fingerprint and pack.tensors.keys() == original.tensors.keys()
+        for name, t in original.tensors.items():
+            assert torch.equal(pack.tensors[name], t), name
+
+
+def _mutate(pack, how):
+    tensors = dict(pack.tensors)
+    if how == "drop":
+        del tensors["adapters.encoder.layer.2.output.dense.up_b"]
+    elif how == "rank":
+        name = "adapters.encoder.layer.1.output.dense.up_w"
+        tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])
+    return dataclasses.replace(pack, tensors=tensors)
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [("drop", "lacks tensor adapters.encoder.layer.2.output.dense.up_b"), ("rank", "adapters.encoder.layer.1.output.dense.up_w has shape")],
+)
+def test_damaged_packs_are_refused_by_name(swappable, how, message):
+    result, packs = swappable
+    session = AdaptedSession(result.path)
+    with pytest.raises(SurgeryError, match=message):
+        session.load("bad", _mutate(load_pack(packs[8]), how))
+    assert session.adapters == []
+
+
+def test_corrupt_pack_file_is_refused(tmp_path, swappable):
+    _, packs = swappable
+    for path in packs.values():
+        data = path.read_bytes()
+        bad = tmp_path / f"bad{path.suffix}"
+        bad.write_bytes(data[: len(data) // 3])
+        with pytest.raises(SurgeryError, match="not a readable"):
+            load_pack(bad)
+
+
+def test_pack_of_another_base_is_refused(tmp_path, small_config, swappable):
+    gpt2 = open_model(str(small_config("gpt2")))
+    other = _adapted(gpt2, tmp_path, 4, seed=0)
+    pack = pack_from_model(other.gm.state_dict(), other.manifest)
+    session = AdaptedSession(swappable[0].path)
+    with pytest.raises(SurgeryError, match="made for another model"):
+        session.load("gpt2", pack)
+    with pytest.raises(SurgeryError, match="made for another model"):
+        check_pack(load_pack(save_pack(pack, tmp_path / "g.onnx_adapter")), session.fingerprint, session.widths)
+
+
+def test_routing_matches_each_model_row_by_row(tmp_path, models, minilm_base):
+    result = export_routed(models, tmp_path / "routed.onnx")
+    assert result.ids == [0, 2, -1, 1] and result.rank == 32
+    assert result.rows.max_abs_diff < 1e-4 and result.parity.max_abs_diff < 1e-4
+    # every row with -1 is the base model
+    from exporters.verify import ort_session
+
+    session = ort_session(result.path)
+    sig = minilm_base.signature
+    tensors = sig.examples({"batch": 3, "seq": 16}, seed=2)
+    feeds = {n: t.numpy() for n, t in zip(sig.names, tensors)} | {"adapter_id": np.full(3, -1, dtype=np.int64)}
+    with torch.no_grad():
+        want = sig.call(minilm_base.gm, tensors)[0].numpy()
+    assert np.abs(session.run(None, feeds)[0] - want).max() < 1e-4
+
+
+def test_routing_refuses_models_with_different_sites(tmp_path, models, minilm_base):
+    attn_only = _adapted(minilm_base, tmp_path, 8, seed=5, spec=AdapterSpec("houlsby", r=8, targets=r"attention\.output\.dense$"))
+    with pytest.raises(SurgeryError, match="sites"):
+        export_routed([models[0], attn_only], tmp_path / "r.onnx")
+    assert not (tmp_path / "r.onnx").exists()
