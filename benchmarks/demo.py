@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from benchmarks.latency import Timing, alternate, machine
 from exporters.onnx import OnnxExport, export_onnx
-from surgery.adapters import AdapterSpec
+from surgery.adapters import AdapterSpec, stand_in_weights
 from surgery.bundle import save_adapted
 from surgery.insert import InsertReport, houlsby_params
 from surgery.pipeline import adapt, open_model
@@ -89,14 +88,6 @@ def _parity(e: OnnxExport) -> str:
     return f"max |ORT - torch| {p.max_abs_diff:.2e} <= {p.tolerance:g} on {len(p.shapes)} padded shapes"
 
 
-def _randomize_adapters(gm: torch.nn.Module, std: float = 0.02, seed: int = 1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in gm.named_parameters():
-            if name.startswith("adapters.") and name.endswith(("up_w", "up_b", "down_b")):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 def run_demo(out: Path, step: Step, r: int = 8, runs: int = 100, threads: int = 2) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)
     with step("load and capture pretrained MiniLM"):
@@ -109,7 +100,7 @@ def run_demo(out: Path, step: Step, r: int = 8, runs: int = 100, threads: int = 
     with step("save minilm.adapted.pt2"):
         save_adapted(out / "minilm.adapted.pt2", captured, spec, report)
     with step("export adapted model to ONNX and verify"):
-        _randomize_adapters(captured.gm)
+        stand_in_weights(captured.gm, seed=1, std=0.02)
         adapted = export_onnx(captured.gm, captured.signature, out / "minilm.adapted.onnx")
     batch, seq = 1, 128
     feeds = {n: t.numpy() for n, t in zip(captured.signature.names, captured.signature.examples({"batch": batch, "seq": seq}))}

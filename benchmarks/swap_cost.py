@@ -23,14 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks.latency import machine, time_interleaved
 from exporters.onnx import export_onnx
 from exporters.runtime import AdaptedSession
 from exporters.swappable import export_swappable
 from exporters.verify import ort_session
-from surgery.adapters import AdapterSpec
+from surgery.adapters import AdapterSpec, stand_in_weights
 from surgery.bundle import save_adapted
 from surgery.packs import pack_from_model, save_pack
 from surgery.pipeline import adapt, open_model
@@ -42,11 +40,7 @@ def _task_models(folder: Path, count: int = 3, r: int = 8):
     for seed in range(count):
         captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
         report = adapt(captured, AdapterSpec(r=r), seed=seed)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in captured.gm.named_parameters():
-                if name.startswith("adapters.") and not name.endswith("down_w"):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        stand_in_weights(captured.gm, seed=seed)
         save_adapted(folder / f"task{seed}.adapted.pt2", captured, AdapterSpec(r=r), report)
         models.append(open_model(str(folder / f"task{seed}.adapted.pt2")))
     return base, models

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import demo, export, inspect, insert, pack, run
+from cli import bench, demo, export, inspect, insert, pack, run
 from cli.common import err, quiet_libraries
 from surgery.errors import SurgeryError
 
@@ -20,6 +20,7 @@ app.command("insert")(insert.insert)
 app.command("export")(export.export)
 app.command("pack")(pack.pack)
 app.command("run")(run.run)
+app.command("bench")(bench.bench)
 app.command("demo")(demo.demo)
 
 

@@ -70,6 +70,8 @@ class AdaptedSession:
         return loaded
 
     def run_options(self, adapter: str | None) -> Any:
+        """The RunOptions that activate `adapter` (None: the base model). Valid while this object lives:
+        it owns the memory-mapped pack that the options point to."""
         if adapter is None:
             return None
         if adapter not in self._options:

@@ -75,3 +75,16 @@ class Bottleneck(nn.Module):
     def extra_repr(self) -> str:
         d, r = self.down_w.shape
         return f"d_model={d}, r={r}, activation={self.activation}"
+
+
+def stand_in_weights(module: nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Give every adapter non-zero random weights (in place), a stand-in for training.
+
+    Zero-initialised up-projections make an adapter the identity, which proves nothing about an
+    export's arithmetic; checks and benchmarks use this instead. Down-projections keep their init.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("adapters.") and not name.endswith("down_w"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * std)

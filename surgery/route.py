@@ -33,7 +33,7 @@ from torch.fx.graph import CodeGen
 from surgery.adapters import ACTIVATIONS
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
-from surgery.signature import InputSpec, Signature
+from surgery.signature import InputSpec
 from surgery.sites import ADAPTER_ROOT, output_node
 
 ROUTE_INPUT = "adapter_id"

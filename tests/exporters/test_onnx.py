@@ -5,22 +5,12 @@ from __future__ import annotations
 
 import onnx
 import pytest
-import torch
 
 from exporters.onnx import export_onnx
 from exporters.verify import check_onnx
-from surgery.adapters import AdapterSpec
+from surgery.adapters import AdapterSpec, stand_in_weights
 from surgery.errors import SurgeryError
 from surgery.pipeline import adapt, open_model
-
-
-def _trained_stand_in(gm: torch.nn.Module, seed: int = 0) -> None:
-    """Non-zero adapter weights, so that parity checks the adapter's arithmetic too."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in gm.named_parameters():
-            if name.startswith("adapters.") and not name.endswith("down_w"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +20,7 @@ def minilm_onnx(tmp_path_factory, minilm_base):
 
     captured = dataclasses.replace(minilm_base, gm=copy.deepcopy(minilm_base.gm))
     adapt(captured, AdapterSpec("houlsby", r=8))
-    _trained_stand_in(captured.gm)
+    stand_in_weights(captured.gm)
     path = tmp_path_factory.mktemp("onnx") / "minilm.adapted.onnx"
     return export_onnx(captured.gm, captured.signature, path), captured
 
@@ -67,7 +57,7 @@ def test_small_architectures_export_with_parity(tmp_path, small_config, model_ty
     captured = open_model(str(small_config(model_type)))
     report = adapt(captured, AdapterSpec("houlsby", r=4, activation="silu"))
     assert len(report.sites) == 4
-    _trained_stand_in(captured.gm)
+    stand_in_weights(captured.gm)
     result = export_onnx(captured.gm, captured.signature, tmp_path / f"{model_type}.onnx")
     assert result.parity.max_abs_diff < 1e-4, result.parity
 
@@ -75,6 +65,6 @@ def test_small_architectures_export_with_parity(tmp_path, small_config, model_ty
 def test_graph_rule_model_exports_with_parity(tmp_path, tiny_pt2):
     captured = open_model(str(tiny_pt2))
     adapt(captured, AdapterSpec("pfeiffer", r=4, activation="tanh"))
-    _trained_stand_in(captured.gm)
+    stand_in_weights(captured.gm)
     result = export_onnx(captured.gm, captured.signature, tmp_path / "tiny.onnx")
     assert result.parity.max_abs_diff < 1e-4

@@ -13,7 +13,7 @@ import torch
 from exporters.runtime import AdaptedSession
 from exporters.swappable import RANK, export_routed, export_swappable
 from exporters.verify import check_session
-from surgery.adapters import AdapterSpec
+from surgery.adapters import AdapterSpec, stand_in_weights
 from surgery.bundle import save_adapted
 from surgery.errors import SurgeryError
 from surgery.packs import check_pack, load_pack, pack_from_model, save_pack
@@ -27,11 +27,7 @@ def _adapted(base, tmp_path, r, seed, spec=None):
     captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
     spec = spec or AdapterSpec("houlsby", r=r)
     report = adapt(captured, spec, seed=seed)
-    g = torch.Generator().manual_seed(100 + seed)
-    with torch.no_grad():
-        for name, p in captured.gm.named_parameters():
-            if name.startswith("adapters.") and not name.endswith("down_w"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    stand_in_weights(captured.gm, seed=100 + seed)
     path = tmp_path / f"m{r}_{seed}.adapted.pt2"
     save_adapted(path, captured, spec, report)
     return open_model(str(path))

@@ -1,0 +1,122 @@
+"""The variants the latency harness compares, exported once into a work folder as `Artifact`s.
+
+| variant | torch (.pt2) | ONNX Runtime (.onnx) |
+|---|---|---|
+| base | the captured base model | baked export of it |
+| houlsby, pfeiffer | adapted, stand-in weights | baked export |
+| swappable | - | swappable export with the houlsby pack active |
+| swappable-none | - | the same export with no pack |
+| routed | two houlsby adapters, rows alternate between them and the base | routed export |
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.latency import Artifact
+from exporters.onnx import export_onnx
+from exporters.swappable import export_swappable
+from surgery.adapters import AdapterSpec, stand_in_weights
+from surgery.bundle import save_adapted
+from surgery.capture import Captured, export_program
+from surgery.errors import SurgeryError
+from surgery.packs import pack_from_model, save_pack
+from surgery.pipeline import adapt, open_model
+from surgery.route import route, strip_adapters
+
+VARIANTS = ("base", "houlsby", "pfeiffer", "swappable", "swappable-none", "routed")
+BUILTIN = {
+    "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257),
+}
+
+
+def open_builtin(model: str, work: Path) -> Captured:
+    """`minilm`, a built-in config name (random weights), or any source `surgery` reads."""
+    if model in BUILTIN:
+        from transformers import AutoConfig
+
+        kwargs = dict(BUILTIN[model])
+        folder = work / model
+        AutoConfig.for_model(kwargs.pop("model_type"), **kwargs).save_pretrained(folder)
+        return open_model(str(folder / "config.json"))
+    return open_model(model)
+
+
+def _write_signature(captured: Captured, path: Path) -> str:
+    path.write_text(json.dumps(captured.signature.to_json()))
+    return str(path)
+
+
+def _save_program(captured: Captured, path: Path) -> str:
+    torch.export.save(export_program(captured.gm, captured.signature, str(path)), path)
+    return str(path)
+
+
+def _adapted(base: Captured, work: Path, method: str, r: int, seed: int) -> Captured:
+    captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
+    spec = AdapterSpec(method, r=r)
+    report = adapt(captured, spec, seed=seed)
+    stand_in_weights(captured.gm, seed=seed)
+    path = work / f"{method}{seed}.adapted.pt2"
+    save_adapted(path, captured, spec, report)
+    return open_model(str(path))
+
+
+def prepare(model: str, variants: list[str], work: Path, r: int = 8) -> list[Artifact]:
+    """Export each requested variant of `model` once; returns what the workers load."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SurgeryError(f"unknown variant {unknown[0]!r}; choose from: {', '.join(VARIANTS)}")
+    work.mkdir(parents=True, exist_ok=True)
+    base = open_builtin(model, work)
+    sig = _write_signature(base, work / "signature.json")
+    out = []
+    if "base" in variants:
+        out.append(Artifact("base", _save_program(base, work / "base.pt2"),
+                            str(export_onnx(base.gm, base.signature, work / "base.onnx").path), signature=sig))
+    houlsby = _adapted(base, work, "houlsby", r, 0) if {"houlsby", "swappable", "swappable-none", "routed"} & set(variants) else None
+    for method in ("houlsby", "pfeiffer"):
+        if method in variants:
+            m = houlsby if method == "houlsby" else _adapted(base, work, method, r, 0)
+            onnx_path = export_onnx(m.gm, m.signature, work / f"{method}.onnx").path
+            out.append(Artifact(method, m.source.path, str(onnx_path), signature=sig))
+    if {"swappable", "swappable-none"} & set(variants):
+        onnx_path = str(export_swappable(houlsby, work / "swappable.onnx").path)
+        pack = str(save_pack(pack_from_model(houlsby.gm.state_dict(), houlsby.manifest), work / "houlsby.onnx_adapter"))
+        if "swappable" in variants:
+            out.append(Artifact("swappable", None, onnx_path, pack=pack, signature=sig))
+        if "swappable-none" in variants:
+            out.append(Artifact("swappable-none", None, onnx_path, signature=sig))
+    if "routed" in variants:
+        routed, _ = route([houlsby, _adapted(base, work, "houlsby", r, 1)])
+        routed_sig = _write_signature(routed, work / "routed.signature.json")
+        onnx_path = export_onnx(routed.gm, routed.signature, work / "routed.onnx").path
+        out.append(Artifact("routed", _save_program(routed, work / "routed.pt2"), str(onnx_path), signature=routed_sig))
+    return out
+
+
+def prepare_adapted(source: str, work: Path) -> list[Artifact]:
+    """`surgery bench SOURCE`: the adapted model, its base (adapters stripped) and, for bottlenecks, swappable."""
+    work.mkdir(parents=True, exist_ok=True)
+    adapted = open_model(source)
+    if adapted.manifest is None:
+        raise SurgeryError(f"{source} is not an adapted model; bench compares it with its base: run `surgery insert` first")
+    sig = _write_signature(adapted, work / "signature.json")
+    base = open_model(source)
+    strip_adapters(base.gm, [s["path"] for s in base.manifest["sites"]])
+    base.gm.graph.lint()
+    base.gm.recompile()
+    out = [
+        Artifact("base", _save_program(base, work / "base.pt2"), str(export_onnx(base.gm, base.signature, work / "base.onnx").path), signature=sig),
+        Artifact(adapted.manifest["adapter"]["method"], source, str(export_onnx(adapted.gm, adapted.signature, work / "adapted.onnx").path), signature=sig),
+    ]
+    if adapted.manifest["adapter"]["method"] in ("houlsby", "pfeiffer"):
+        onnx_path = str(export_swappable(adapted, work / "swappable.onnx").path)
+        pack = str(save_pack(pack_from_model(adapted.gm.state_dict(), adapted.manifest), work / "adapted.onnx_adapter"))
+        out.append(Artifact("swappable", None, onnx_path, pack=pack, signature=sig))
+    return out
