@@ -75,6 +75,19 @@ def onnx_program(gm: fx.GraphModule, signature: Signature, what: str) -> Any:
         raise SurgeryError(f"{what}: ONNX export failed ({type(exc).__name__}: {first})") from exc
 
 
+def lean_proto(program: Any) -> onnx.ModelProto:
+    """The exported ModelProto without `value_info` (the exporter's inferred intermediate shapes).
+
+    Measured on MiniLM, ONNX Runtime 1.32 CPU, b1 s128, interleaved: the same graph runs about 8-10%
+    faster without them, because ORT then leaves Add + LayerNormalization unfused, and its
+    SkipLayerNormalization kernel is the slower of the two on CPU. The parity check still runs on
+    the model as written. Swappable exports drop them anyway (they hold the traced rank).
+    """
+    proto = program.model_proto
+    del proto.graph.value_info[:]
+    return proto
+
+
 def check_model(path: Path, what: str) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -96,7 +109,7 @@ def export_onnx(
     """Export `gm` to ONNX at `path` with dynamic axes, verify it in ONNX Runtime, then move it into place."""
     start = time.perf_counter()
     with atomic_output(path) as tmp:
-        onnx_program(gm, signature, str(path)).save(tmp, external_data=False)
+        onnx.save(lean_proto(onnx_program(gm, signature, str(path))), str(tmp))
         seconds = time.perf_counter() - start
         check_model(tmp, str(path))
         parity = check_onnx(tmp, gm, signature, tolerance=tolerance)

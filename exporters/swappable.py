@@ -24,7 +24,7 @@ import torch
 from onnx import numpy_helper
 from torch.utils import _pytree as pytree
 
-from exporters.onnx import check_model, onnx_program, refuse_mismatch
+from exporters.onnx import check_model, lean_proto, onnx_program, refuse_mismatch
 from exporters.runtime import META_ADAPTER, META_FINGERPRINT, META_SITES, AdaptedSession
 from exporters.verify import Parity, check_session, compare_outputs, feeds, mask_of, ort_session
 from surgery.capture import Captured
@@ -80,7 +80,6 @@ def make_slots(model: onnx.ModelProto, manifest: dict[str, Any]) -> int:
         found[name].CopyFrom(numpy_helper.from_array(_default(kind, d), name))
         dims = [d if s == "d" else RANK for s in BOTTLENECK_SHAPES[kind]]
         model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
-    del model.graph.value_info[:]  # shapes inferred at the traced rank no longer hold
     meta = {
         META_FINGERPRINT: str(fingerprint(manifest)),
         META_SITES: json.dumps(widths),
@@ -111,7 +110,7 @@ def export_swappable(captured: Captured, path: str | Path, *, tolerance: float =
         raise SurgeryError(f"{captured.source.name}: --swappable needs an adapted model; run `surgery insert` first")
     start = time.perf_counter()
     what = str(path)
-    proto = onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what).model_proto
+    proto = lean_proto(onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what))
     slots = make_slots(proto, captured.manifest)
     with atomic_output(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -173,7 +172,7 @@ def export_routed(models: list[Captured], path: str | Path, *, tolerance: float 
     n = len(models)
     ids = [0, n - 1, -1, 1 % n]
     with atomic_output(path) as tmp:
-        onnx_program(routed.gm, routed.signature, what).save(tmp, external_data=False)
+        onnx.save(lean_proto(onnx_program(routed.gm, routed.signature, what)), str(tmp))
         check_model(tmp, what)
         session = ort_session(tmp)
         parity = check_session(session, routed.gm, routed.signature, tolerance)
