@@ -42,7 +42,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from exporters.onnx import check_model, onnx_program, refuse_mismatch
+from exporters.onnx import check_model, export_onnx, onnx_program, refuse_mismatch
 from exporters.runtime import META_ADAPTER, META_FINGERPRINT, META_SITES
 from exporters.swappable import _with_adapters, adapter_widths
 from exporters.verify import CHECK_SIZES, Parity, check_onnx
@@ -292,8 +292,6 @@ def prepare_trt(
         max_r=max_r,
     )
     if max_r is None:
-        from exporters.onnx import export_onnx
-
         plan.parity = export_onnx(captured.gm, captured.signature, onnx_path, tolerance=tolerance).parity
     else:
         proto = refittable_onnx(captured, max_r)
