@@ -13,6 +13,8 @@ import typer
 from cli.common import InputDtype, InputShape, Json, Output, Trust, emit_json, out, step
 from exporters.onnx import export_onnx
 from exporters.swappable import export_routed, export_swappable
+from exporters.tensorrt import TensorRTMissing, build_engine, parse_shapes, prepare_trt
+from exporters.triton import write_triton_repo
 from surgery.errors import SurgeryError
 from surgery.io import check_output
 from surgery.pipeline import default_output, open_model
@@ -25,11 +27,18 @@ Sources = Annotated[
 
 def export(
     sources: Sources = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Export ONNX (the only format until TensorRT lands).")] = True,
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export ONNX (the default; --trt adds an engine).")] = True,
     swappable: Annotated[bool, typer.Option("--swappable", help="Adapter slots for packs, chosen per run.")] = False,
     route: Annotated[bool, typer.Option("--route", help="Stack several models' adapters; adapter_id input per row.")] = False,
     output: Output = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Largest |ORT - torch| accepted (fp32).")] = 1e-4,
+    trt: Annotated[bool, typer.Option("--trt", help="TensorRT engine (-o X.plan); without TensorRT: the ONNX and trtexec command, exit 2.")] = False,
+    shapes: Annotated[Optional[str], typer.Option("--shapes", help="Engine profile per axis, e.g. batch=1:8:64,seq=16:128:512 (MIN:OPT:MAX).")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Engine in fp16 (tolerance 2e-2).")] = False,
+    bf16: Annotated[bool, typer.Option("--bf16", help="Engine in bf16 (tolerance 1e-1).")] = False,
+    max_r: Annotated[Optional[int], typer.Option("--max-r", help="With --trt --swappable: the refittable adapter rank.")] = None,
+    timing_cache: Annotated[Optional[str], typer.Option("--timing-cache", help="Timing cache file, reused by later builds.")] = None,
+    triton_repo: Annotated[Optional[str], typer.Option("--triton-repo", help="Also write a Triton model repository here.")] = None,
     trust: Trust = False,
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
@@ -41,6 +50,13 @@ def export(
         raise SurgeryError("--swappable and --route are two kinds of export; choose one")
     if len(sources) > 1 and not route:
         raise SurgeryError(f"{len(sources)} models given; export takes one, or several with --route")
+    if trt:
+        opener = lambda: open_model(sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype)  # noqa: E731
+        return _export_trt(sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance, json)
+    if shapes or fp16 or bf16 or max_r is not None or timing_cache:
+        raise SurgeryError("--shapes, --fp16, --bf16, --max-r and --timing-cache are engine options; add --trt")
+    if triton_repo and (swappable or route):
+        raise SurgeryError("--triton-repo takes a baked model (plain ONNX or --trt); Triton cannot feed adapter slots")
     suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
     path = check_output(output or default_output(sources[0], suffix))
     with step(f"load {', '.join(s or 'minilm' for s in sources)}"):
@@ -53,6 +69,9 @@ def export(
         else:
             result = export_onnx(models[0].gm, models[0].signature, path, tolerance=tolerance)
     data = result.to_json()
+    if triton_repo:
+        repo = write_triton_repo(triton_repo, path, path, models[0].signature, path.name.split(".")[0])
+        data["triton"] = str(repo.config)
     if json:
         emit_json(data)
         return
@@ -62,3 +81,42 @@ def export(
         out.print(f"{data['adapter_tensors']} adapter slots; no pack = base model, own pack = adapted model: both checked")
     if route:
         out.print(f"{len(data['route'])} adapters stacked at rank {data['padded_rank']}; rows checked with ids {data['checked_ids']}")
+
+
+def _export_trt(source, opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance, json) -> None:
+    """--trt: the TensorRT-ready ONNX and trtexec command, then the engine (exit 2 where TensorRT is missing)."""
+    if route:
+        raise SurgeryError("--route exports ONNX only; TensorRT engines are baked or --swappable")
+    if fp16 and bf16:
+        raise SurgeryError("--fp16 and --bf16 are two precisions; choose one")
+    if swappable != (max_r is not None):
+        raise SurgeryError("a refittable engine takes both --swappable and --max-r R (the largest adapter rank it will hold)")
+    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    path = check_output(output or default_output(source, ".refit.plan" if swappable else ".plan"))
+    ranges = parse_shapes(shapes)
+    with step(f"load {source or 'minilm'}"):
+        captured = opener()
+    with step("export the TensorRT-ready ONNX and check it against torch"):
+        plan = prepare_trt(captured, path, precision=precision, shapes=ranges, max_r=max_r, timing_cache=timing_cache, tolerance=tolerance)
+    name = path.name.split(".")[0]
+    try:
+        with step(f"build {path} ({precision}{', refittable' if swappable else ''})"):
+            sidecar = build_engine(plan)
+    except TensorRTMissing:
+        data = {**plan.to_json(), "engine_built": False}
+        if triton_repo:
+            data["triton"] = str(write_triton_repo(triton_repo, plan.onnx, plan.onnx, captured.signature, name).config)
+        if json:
+            emit_json(data)
+        else:
+            out.print(f"wrote {plan.onnx} (max |ORT - torch| = {plan.parity.max_abs_diff:.2e}) and {plan.command_file}")
+            out.print("build the engine where TensorRT is installed with:")
+            out.print(plan.trtexec(), soft_wrap=True, markup=False)
+        raise
+    data = {**plan.to_json(), "engine_built": True, "sidecar": sidecar}
+    if triton_repo:
+        data["triton"] = str(write_triton_repo(triton_repo, path, plan.onnx, captured.signature, name).config)
+    if json:
+        emit_json(data)
+        return
+    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), TensorRT {sidecar['tensorrt']} on {sidecar['gpu']}, sidecar {path}.json")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
-from cli import bench, demo, export, inspect, insert, pack, run
+from cli import bench, demo, export, inspect, insert, pack, run, trt
 from cli.common import err, quiet_libraries
 from surgery.errors import SurgeryError
 
@@ -22,6 +23,8 @@ app.command("pack")(pack.pack)
 app.command("run")(run.run)
 app.command("bench")(bench.bench)
 app.command("demo")(demo.demo)
+app.command("swap")(trt.swap)
+app.command("check-trt")(trt.check_trt)
 
 
 def main() -> None:
@@ -29,7 +32,7 @@ def main() -> None:
     try:
         app()
     except SurgeryError as exc:
-        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)  # escape: messages hold [brackets]
         raise SystemExit(2) from exc
 
 

@@ -46,18 +46,53 @@ def _inputs(session, input_file: Optional[Path], shape: str) -> dict[str, np.nda
     return feeds
 
 
+ENGINE_SUFFIXES = (".plan", ".engine")
+
+
+def _run_engine(model: Path, adapter, input_file, shape, against, json):
+    """A TensorRT engine through Polygraphy's TrtRunner; with --against, a parity check against torch instead."""
+    from exporters.tensorrt import read_sidecar, run_engine
+
+    if adapter is not None:
+        raise SurgeryError(f"engines hold their adapters; refit one in place with `surgery swap {model} {adapter}`")
+    sidecar = read_sidecar(model)
+    if against is not None:
+        from exporters.verify import check_engine
+        from surgery.pipeline import open_model
+
+        captured = open_model(against)
+        parity = check_engine(model, captured.gm, captured.signature, sidecar["precision"])
+        if json:
+            emit_json({"engine": str(model), "against": against, "precision": sidecar["precision"], **parity.to_json()})
+        else:
+            out.print(f"max |TensorRT - torch| = {parity.max_abs_diff:.2e} (tolerance {parity.tolerance:g}, {sidecar['precision']}) at {parity.worst}")
+        if not parity.ok:
+            raise SurgeryError(f"{model} differs from {against} by {parity.max_abs_diff:.3g}, above {parity.tolerance:g}")
+        return None, None
+    feeds = _inputs(ort_session(sidecar["source_onnx"]), input_file, shape)
+    outputs = run_engine(model, feeds)
+    return list(outputs), list(outputs.values())
+
+
 def run(
     model: Annotated[Path, typer.Argument(help="An ONNX model written by `surgery export`.")],
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="A pack to activate (.onnx_adapter or .safetensors).")] = None,
     input_file: Annotated[Optional[Path], typer.Option("--input", help=".npz with one array per input name.")] = None,
     shape: Annotated[str, typer.Option("--shape", help="Random inputs of this size when no --input.")] = "batch=1,seq=128",
     save: Annotated[Optional[Path], typer.Option("--save", help="Write the outputs to this .npz.")] = None,
+    against: Annotated[Optional[str], typer.Option("--against", help="A TensorRT engine: compare it with this model in torch.")] = None,
     json: Json = False,
 ) -> None:
-    """Run an exported model in ONNX Runtime and show its outputs."""
+    """Run an exported model (ONNX Runtime) or a TensorRT engine (.plan) and show its outputs."""
     if not model.is_file():
-        raise SurgeryError(f"{model}: no such ONNX file")
-    if adapter is not None:
+        raise SurgeryError(f"{model}: no such file; give an ONNX model or a TensorRT engine (.plan)")
+    if model.suffix in ENGINE_SUFFIXES:
+        names, results = _run_engine(model, adapter, input_file, shape, against, json)
+        if names is None:
+            return
+    elif against is not None:
+        raise SurgeryError("--against compares a TensorRT engine with torch; ONNX exports are checked against torch when written")
+    elif adapter is not None:
         session = AdaptedSession(model)
         session.load(adapter.name, adapter)
         feeds = _inputs(session.session, input_file, shape)

@@ -1,0 +1,448 @@
+"""TensorRT engines from the verified ONNX: baked (fp32/fp16/bf16) and refittable (adapter packs swapped in place).
+
+Three stages, and only the last needs TensorRT and a GPU:
+
+1. `prepare_trt`: the TensorRT-ready ONNX (verified in ONNX Runtime like every export), the optimization
+   profile from the capture's dynamic axes (or `--shapes`), and the equivalent `trtexec` command line.
+2. `build_engine`: ONNX parser -> network -> serialized engine, through Polygraphy's loaders
+   (`NetworkFromOnnxPath`, `CreateConfig`, `EngineBytesFromNetwork`), written atomically with a JSON sidecar.
+3. `refit_engine` / `run_engine`: `trt.Refitter` with a pack's tensors; `TrtRunner` to run.
+
+Refittable engines: the adapter tensors stay named, unfolded initializers (`adapters.<site>.down_w` ...)
+consumed directly by `MatMul`/`Add`, so TensorRT's ONNX parser names the engine's weights after them
+(it calls `INetworkDefinition.set_weights_name` with the ONNX names). A refit keeps tensor sizes, so the
+rank is fixed at `max_r` and a smaller pack is zero-padded, which is exact: padded down-projection columns
+and biases are zero, and the padded up-projection rows that would read them are zero too.
+
+Every function that needs TensorRT imports it where it is used and fails with the install command.
+Documentation followed (TensorRT 10.x):
+- ONNX parser / building: https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/python-api-docs.html
+- Optimization profiles: https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/work-dynamic-shapes.html
+- Refitting: https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/refitting-engines.html
+- Refitter API: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Refitter.html
+- trtexec: https://docs.nvidia.com/deeplearning/tensorrt/latest/reference/command-line-programs.html
+- Polygraphy loaders: https://github.com/NVIDIA/TensorRT/tree/main/tools/Polygraphy (polygraphy.backend.trt)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shlex
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from exporters.onnx import check_model, export_onnx, onnx_program, refuse_mismatch
+from exporters.runtime import META_ADAPTER, META_FINGERPRINT, META_SITES
+from exporters.swappable import _with_adapters, adapter_widths
+from exporters.verify import CHECK_SIZES, Parity, check_onnx
+from surgery.capture import Captured
+from surgery.errors import SurgeryError
+from surgery.io import atomic_output
+from surgery.packs import BOTTLENECK_SHAPES, Pack, check_pack, fingerprint, load_pack, pack_from_model
+from surgery.signature import Signature
+from surgery.sites import ADAPTER_ROOT
+
+INSTALL = "pip install 'surgery[trt]'"
+META_MAX_RANK = "surgery.max_rank"
+PRECISIONS = ("fp32", "fp16", "bf16")
+SIDECAR_SUFFIX = ".json"  # engine m.plan -> m.plan.json
+
+
+class TensorRTMissing(SurgeryError):
+    """TensorRT (or a CUDA GPU) is not available; `prepared` holds what was written without it."""
+
+    def __init__(self, message: str, prepared: TrtPlan | None = None):
+        super().__init__(message)
+        self.prepared = prepared
+
+
+def require_tensorrt() -> Any:
+    """`import tensorrt`, or a SurgeryError that says how to install it."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTMissing(
+            f"TensorRT is not installed; on a machine with an NVIDIA GPU run: {INSTALL}"
+        ) from exc
+    return trt
+
+
+# --- optimization profiles -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AxisRange:
+    """min:opt:max of one dynamic axis in the optimization profile."""
+
+    min: int
+    opt: int
+    max: int
+
+
+def parse_shapes(text: str | None) -> dict[str, AxisRange]:
+    """`batch=1:8:64,seq=16:128:512` -> {axis: AxisRange}."""
+    ranges: dict[str, AxisRange] = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        name, _, spec = item.partition("=")
+        try:
+            lo, opt, hi = (int(x) for x in spec.split(":"))
+        except ValueError as exc:
+            raise SurgeryError(f"--shapes {text!r}: write each axis as NAME=MIN:OPT:MAX, e.g. batch=1:8:64") from exc
+        if not 1 <= lo <= opt <= hi:
+            raise SurgeryError(f"--shapes {item!r}: need 1 <= MIN <= OPT <= MAX")
+        ranges[name] = AxisRange(lo, opt, hi)
+    return ranges
+
+
+def axis_ranges(signature: Signature, overrides: dict[str, AxisRange] | None = None) -> dict[str, AxisRange]:
+    """Profile ranges per dynamic axis: the captured min/max, opt at the benchmark point (batch 1, seq 128)
+    clamped to the range; `overrides` (from `--shapes`) replace them and must stay inside the captured range."""
+    axes = signature.axes()
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(axes))
+    if unknown:
+        raise SurgeryError(f"--shapes names axis {unknown[0]!r}; this model's dynamic axes are {', '.join(axes) or 'none'}")
+    ranges = {}
+    for name, axis in axes.items():
+        opt = min(max(CHECK_SIZES[1].get(name, axis.min), axis.min), axis.max)
+        r = overrides.get(name, AxisRange(axis.min, opt, axis.max))
+        if r.min < axis.min or r.max > axis.max:
+            raise SurgeryError(
+                f"--shapes {name}={r.min}:{r.opt}:{r.max} leaves the captured range {axis.min}..{axis.max}; "
+                "re-capture with a wider range or narrow --shapes"
+            )
+        ranges[name] = r
+    return ranges
+
+
+def profile_shapes(signature: Signature, ranges: dict[str, AxisRange]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """{input name: (min shape, opt shape, max shape)}: what `IOptimizationProfile.set_shape` takes."""
+    shapes = {}
+    for spec in signature.inputs:
+        triple = []
+        for pick in ("min", "opt", "max"):
+            triple.append(tuple(getattr(ranges[spec.axes[i].name], pick) if i in spec.axes else s for i, s in enumerate(spec.shape)))
+        shapes[spec.name] = tuple(triple)
+    return shapes
+
+
+# --- the TensorRT-ready ONNX and the trtexec command --------------------------------------------------
+
+@dataclass
+class TrtPlan:
+    """Everything an engine build needs, and what was written before TensorRT was needed."""
+
+    onnx: Path
+    engine: Path
+    precision: str
+    shapes: dict[str, tuple[tuple[int, ...], ...]]
+    timing_cache: Path
+    max_r: int | None = None  # refittable engine at this adapter rank
+    parity: Parity | None = None
+    command_file: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # fingerprint, sites, adapter: for the sidecar
+
+    @property
+    def refit(self) -> bool:
+        return self.max_r is not None
+
+    def trtexec(self) -> str:
+        def spec(k: int) -> str:
+            return ",".join(f"{n}:{'x'.join(map(str, s[k]))}" for n, s in self.shapes.items())
+
+        args = ["trtexec", f"--onnx={self.onnx}", f"--saveEngine={self.engine}", f"--minShapes={spec(0)}",
+                f"--optShapes={spec(1)}", f"--maxShapes={spec(2)}", f"--timingCacheFile={self.timing_cache}"]
+        args += {"fp32": ["--noTF32"], "fp16": ["--fp16"], "bf16": ["--bf16"]}[self.precision]
+        if self.refit:
+            args.append("--refit")
+        return shlex.join(args)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {
+            "onnx": str(self.onnx),
+            "engine": str(self.engine),
+            "precision": self.precision,
+            "profile": {n: {"min": s[0], "opt": s[1], "max": s[2]} for n, s in self.shapes.items()},
+            "timing_cache": str(self.timing_cache),
+            "max_r": self.max_r,
+            "trtexec": self.trtexec(),
+            "trtexec_file": str(self.command_file) if self.command_file else None,
+        }
+        if self.parity is not None:
+            data.update(self.parity.to_json())
+        return data
+
+
+def pad_pack(pack: Pack, max_r: int) -> dict[str, np.ndarray]:
+    """Zero-pad every tensor of a bottleneck pack from rank r to `max_r` (exact: see the module docstring)."""
+    r = pack.rank
+    out = {}
+    for name, t in pack.tensors.items():
+        kind = name.rsplit(".", 1)[-1]
+        a = t.detach().to(torch.float32).numpy()
+        widths = [(0, max_r - r if s == "r" else 0) for s in BOTTLENECK_SHAPES[kind]]
+        out[name] = np.ascontiguousarray(np.pad(a, widths))
+    return out
+
+
+def refit_weights(meta: dict[str, str], pack: Pack, what: str = "pack") -> dict[str, np.ndarray]:
+    """The weights a refit sets, by TensorRT weight name (= ONNX initializer name), padded to the engine's rank.
+
+    `meta` is the metadata of the refittable ONNX (also kept in the engine's sidecar). Refuses a pack made for
+    another base/method/activation/sites, with missing, extra or misshapen tensors, or of a rank above max_r.
+    """
+    if META_MAX_RANK not in meta:
+        raise SurgeryError(f"{what}: the engine is not refittable; build it with --swappable --max-r R")
+    max_r = int(meta[META_MAX_RANK])
+    check_pack(pack, int(meta[META_FINGERPRINT]), json.loads(meta[META_SITES]), max_rank=max_r, name=what)
+    return pad_pack(pack, max_r)
+
+
+def refittable_onnx(captured: Captured, max_r: int, pack: Pack | None = None) -> onnx.ModelProto:
+    """The adapted model's ONNX with its adapter initializers at rank `max_r`, filled from `pack` (default: its own).
+
+    Traced with distinct random adapter values so that the exporter keeps one named initializer per tensor
+    (it merges identical ones), then every adapter initializer is overwritten with the padded pack.
+    """
+    manifest = captured.manifest
+    if manifest is None:
+        raise SurgeryError(f"{captured.source.name}: --swappable needs an adapted model; run `surgery insert` first")
+    if manifest["adapter"]["method"] not in ("houlsby", "pfeiffer"):
+        raise SurgeryError(f"--swappable --trt takes bottleneck adapters; {manifest['adapter']['method']} is not one")
+    widths = adapter_widths(manifest)
+    if not 1 <= max_r < min(widths.values()):
+        raise SurgeryError(f"--max-r {max_r}: the rank must be in 1..{min(widths.values()) - 1} for this model")
+    pack = pack or pack_from_model(captured.gm.state_dict(), manifest)
+    meta = {
+        META_FINGERPRINT: str(fingerprint(manifest)),
+        META_SITES: json.dumps(widths),
+        META_ADAPTER: json.dumps(manifest["adapter"]),
+        META_MAX_RANK: str(max_r),
+    }
+    padded = refit_weights(meta, pack, f"--max-r {max_r}: the model's own adapters")
+    proto = onnx_program(_with_adapters(captured.gm, "random"), captured.signature, captured.source.name).model_proto
+    found = {init.name: init for init in proto.graph.initializer if init.name in padded}
+    assert set(found) == set(padded), f"exporter lost adapter initializers: {sorted(set(padded) - set(found))[:3]}"
+    for name, array in padded.items():
+        found[name].CopyFrom(numpy_helper.from_array(array, name))
+    del proto.graph.value_info[:]  # shapes inferred at the traced rank no longer hold
+    for key, value in meta.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    return proto
+
+
+def weight_names(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Adapter weights as TensorRT's ONNX parser will name them: initializer name -> shape.
+
+    Raises if an adapter initializer is not consumed directly by a MatMul or Add: behind a Transpose or a
+    Reshape the builder would fold it into an anonymous constant, and a refit could not address it.
+    """
+    inits = {i.name: tuple(i.dims) for i in model.graph.initializer if i.name.startswith(ADAPTER_ROOT + ".")}
+    consumers: dict[str, set[str]] = {n: set() for n in inits}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in consumers:
+                consumers[name].add(node.op_type)
+    for name, ops in consumers.items():
+        if not ops or not ops <= {"MatMul", "Add"}:
+            raise SurgeryError(f"adapter tensor {name} feeds {sorted(ops) or 'nothing'}, not MatMul/Add: it would not stay refittable")
+    return inits
+
+
+def _write_command(plan: TrtPlan) -> Path:
+    path = plan.engine.with_name(plan.engine.name + ".trtexec.sh")
+    with atomic_output(path) as tmp:
+        tmp.write_text(f"#!/bin/sh\n# Build {plan.engine.name} with TensorRT's trtexec (what `surgery export --trt` does in Python)\n"
+                       + plan.trtexec().replace(" --", " \\\n  --") + "\n")
+    return path
+
+
+def prepare_trt(
+    captured: Captured,
+    engine: str | Path,
+    *,
+    precision: str = "fp32",
+    shapes: dict[str, AxisRange] | None = None,
+    max_r: int | None = None,
+    timing_cache: str | Path | None = None,
+    tolerance: float = 1e-4,
+) -> TrtPlan:
+    """Write the TensorRT-ready ONNX beside `engine` (verified in ONNX Runtime) and the trtexec command file."""
+    if precision not in PRECISIONS:
+        raise SurgeryError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    engine = Path(engine)
+    ranges = axis_ranges(captured.signature, shapes)
+    onnx_path = engine.with_suffix(".refit.onnx" if max_r is not None else ".onnx")
+    plan = TrtPlan(
+        onnx=onnx_path,
+        engine=engine,
+        precision=precision,
+        shapes=profile_shapes(captured.signature, ranges),
+        timing_cache=Path(timing_cache) if timing_cache else engine.parent / "timing.cache",
+        max_r=max_r,
+    )
+    if max_r is None:
+        plan.parity = export_onnx(captured.gm, captured.signature, onnx_path, tolerance=tolerance).parity
+    else:
+        proto = refittable_onnx(captured, max_r)
+        weight_names(proto)
+        with atomic_output(onnx_path) as tmp:
+            onnx.save(proto, str(tmp))
+            check_model(tmp, str(onnx_path))
+            plan.parity = check_onnx(tmp, captured.gm, captured.signature, tolerance=tolerance)
+            refuse_mismatch(plan.parity, str(onnx_path), f" with the adapters zero-padded to rank {max_r}")
+        plan.meta = {p.key: p.value for p in proto.metadata_props}
+    plan.command_file = _write_command(plan)
+    return plan
+
+
+# --- building, refitting, running (TensorRT and a GPU) ----------------------------------------------------
+
+def gpu_name() -> str:
+    """The CUDA device's name, from torch or nvidia-smi; 'unknown' when neither can tell."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    return "unknown"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    return Path(str(engine) + SIDECAR_SUFFIX)
+
+
+def read_sidecar(engine: str | Path) -> dict[str, Any]:
+    path = sidecar_path(engine)
+    if not Path(engine).is_file():
+        raise SurgeryError(f"{engine}: no such engine file")
+    if not path.is_file():
+        raise SurgeryError(f"{engine}: its sidecar {path.name} is missing; rebuild with `surgery export --trt`")
+    return json.loads(path.read_text())
+
+
+def _write_engine(path: Path, data: bytes, sidecar: dict[str, Any]) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+        with atomic_output(sidecar_path(path)) as side:
+            side.write_text(json.dumps(sidecar, indent=1) + "\n")
+
+
+def build_engine(plan: TrtPlan) -> dict[str, Any]:
+    """Parse the plan's ONNX, build a serialized engine, write it atomically with its sidecar; returns the sidecar.
+
+    Polygraphy's `CreateConfig` sets `BuilderFlag.FP16`/`BF16`/`REFIT`, adds the optimization profile
+    (`IOptimizationProfile.set_shape` per input), loads the timing cache (`IBuilderConfig.create_timing_cache`
+    + `set_timing_cache`) and clears TF32 (so fp32 means fp32); `EngineBytesFromNetwork` calls
+    `Builder.build_serialized_network` and merges the timing cache back into the file.
+    """
+    trt = require_tensorrt()
+    if plan.precision != "fp32" and not hasattr(trt.BuilderFlag, plan.precision.upper()):
+        # TensorRT 11 removed BuilderFlag.FP16/BF16 (networks are always strongly typed).
+        raise SurgeryError(f"TensorRT {trt.__version__}: --fp16/--bf16 use BuilderFlag.FP16/BF16 of TensorRT 10; install tensorrt 10.x")
+    if gpu_name() == "unknown":
+        raise TensorRTMissing("no CUDA GPU found: TensorRT builds engines on the GPU that will run them", plan)
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    profile = Profile()
+    for name, (lo, opt, hi) in plan.shapes.items():
+        profile.add(name, min=lo, opt=opt, max=hi)
+    config = CreateConfig(
+        fp16=plan.precision == "fp16",
+        bf16=plan.precision == "bf16",
+        refittable=plan.refit,
+        profiles=[profile],
+        load_timing_cache=str(plan.timing_cache),
+    )
+    start = time.perf_counter()
+    # NetworkFromOnnxPath calls OnnxParser.parse_from_file (external weights resolve beside the file).
+    data = EngineBytesFromNetwork(NetworkFromOnnxPath(str(plan.onnx)), config=config, save_timing_cache=str(plan.timing_cache))()
+    sidecar = {
+        "tensorrt": trt.__version__,
+        "gpu": gpu_name(),
+        "host": platform.node(),
+        "precision": plan.precision,
+        "profiles": [{n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in plan.shapes.items()}],
+        "source_onnx": str(plan.onnx),
+        "source_sha256": sha256(plan.onnx),
+        "refittable": plan.refit,
+        "max_r": plan.max_r,
+        "onnx_meta": plan.meta,
+        "build_seconds": round(time.perf_counter() - start, 2),
+        "timing_cache": str(plan.timing_cache),
+    }
+    _write_engine(plan.engine, bytes(data), sidecar)
+    return sidecar
+
+
+def _deserialize(trt: Any, data: bytes) -> Any:
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(data)
+    if engine is None:
+        raise SurgeryError("TensorRT could not deserialize the engine (built by another TensorRT version or GPU?)")
+    return engine, logger
+
+
+def refit_engine(engine_path: str | Path, pack_path: str | Path, output: str | Path | None = None) -> dict[str, Any]:
+    """Refit a refittable engine's adapter weights from a pack (no rebuild); write it atomically (in place by default).
+
+    Follows "Refitting an Engine": `trt.Refitter(engine, logger)`, `set_named_weights(name, Weights)` per adapter
+    tensor, `get_missing_weights()` must be empty, then `refit_cuda_engine()`; the refitted engine is
+    re-serialized with `ICudaEngine.serialize()`.
+    """
+    engine_path = Path(engine_path)
+    sidecar = read_sidecar(engine_path)
+    pack = load_pack(pack_path)
+    weights = refit_weights(sidecar.get("onnx_meta", {}), pack, f"pack {pack_path}")  # refusals before TensorRT
+    trt = require_tensorrt()
+    engine, logger = _deserialize(trt, engine_path.read_bytes())
+    refitter = trt.Refitter(engine, logger)
+    refittable = set(refitter.get_all_weights())
+    absent = sorted(set(weights) - refittable)
+    if absent:
+        raise SurgeryError(f"{engine_path}: the engine has no refittable weight {absent[0]!r}; rebuild it with --swappable")
+    for name, array in weights.items():
+        if not refitter.set_named_weights(name, trt.Weights(array)):
+            raise SurgeryError(f"{engine_path}: TensorRT refused weights {name} of shape {list(array.shape)}")
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise SurgeryError(f"{engine_path}: the refit also needs {len(missing)} weights the pack does not hold, e.g. {missing[0]}")
+    if not refitter.refit_cuda_engine():
+        raise SurgeryError(f"{engine_path}: refit_cuda_engine failed")
+    sidecar = {**sidecar, "pack": {"path": str(pack_path), "rank": pack.rank, "fingerprint": pack.fingerprint}}
+    _write_engine(Path(output or engine_path), bytes(engine.serialize()), sidecar)
+    return sidecar
+
+
+def engine_runner(engine_path: str | Path) -> Any:
+    """A Polygraphy `TrtRunner` over the engine (deserialized by `EngineFromBytes`); use it as a context manager."""
+    require_tensorrt()
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    return TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
+
+
+def run_engine(engine_path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an engine once on host arrays; outputs by name (`TrtRunner.infer` copies in and out)."""
+    with engine_runner(engine_path) as runner:
+        return {k: np.asarray(v) for k, v in runner.infer(feed_dict=feeds).items()}

@@ -1,0 +1,82 @@
+"""`surgery export --trt`, `check-trt`, `swap` and `run ENGINE` as subprocesses. Without TensorRT (as here) the
+export writes the TensorRT-ready ONNX and the trtexec command, then exits 2 with the install command."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+
+import pytest
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+no_trt = pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed: the export builds the engine instead")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, cli):
+    folder = tmp_path_factory.mktemp("trt_cli")
+    run = cli("insert", "--r", "8", "minilm", cwd=folder)
+    assert run.code == 0, run.stderr
+    return folder
+
+
+@no_trt
+def test_export_trt_without_tensorrt_writes_onnx_and_trtexec_then_exits_2(folder, cli):
+    run = cli("export", "minilm.adapted.pt2", "--trt", "-o", "m.plan", "--fp16", "--shapes", "batch=1:8:64,seq=16:128:512",
+              "--triton-repo", "repo", cwd=folder)
+    assert run.code == 2, run.stderr
+    error = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1 and "TensorRT is not installed" in error[0] and "pip install 'surgery[trt]'" in error[0]
+    command = next(line for line in run.stdout.splitlines() if line.startswith("trtexec "))
+    args = shlex.split(command)
+    assert "--onnx=m.onnx" in args and "--saveEngine=m.plan" in args and "--fp16" in args
+    assert "--minShapes=input_ids:1x16,attention_mask:1x16" in args and "--optShapes=input_ids:8x128,attention_mask:8x128" in args
+    assert "--maxShapes=input_ids:64x512,attention_mask:64x512" in args and "--timingCacheFile=timing.cache" in args
+    assert (folder / "m.onnx").is_file() and (folder / "m.plan.trtexec.sh").is_file() and not (folder / "m.plan").exists()
+    assert (folder / "repo" / "m" / "1" / "model.onnx").is_file() and 'platform: "onnxruntime_onnx"' in (folder / "repo" / "m" / "config.pbtxt").read_text()
+    check = cli("check-trt", "m.onnx", "--json", cwd=folder)
+    assert check.code == 0, check.stdout + check.stderr
+    assert check.json["clean"] and check.json["checked_against"]["tensorrt"] == "10.15"
+
+
+@no_trt
+def test_export_refittable_without_tensorrt_json(folder, cli):
+    run = cli("export", "minilm.adapted.pt2", "--trt", "--swappable", "--max-r", "16", "-o", "r.plan", "--json", cwd=folder)
+    assert run.code == 2, run.stderr
+    data = run.json
+    assert data["engine_built"] is False and data["max_r"] == 16 and data["onnx"] == "r.refit.onnx"
+    assert "--refit" in shlex.split(data["trtexec"]) and data["max_abs_diff"] < 1e-4
+    assert data["profile"]["input_ids"] == {"min": [1, 2], "opt": [1, 128], "max": [64, 512]}
+    assert (folder / "r.refit.onnx").is_file() and not (folder / "r.plan").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "minilm.adapted.pt2", "--fp16"], "add --trt"),
+        (["export", "minilm.adapted.pt2", "--trt", "--swappable"], "--swappable and --max-r"),
+        (["export", "minilm.adapted.pt2", "--trt", "--fp16", "--bf16"], "choose one"),
+        (["export", "minilm.adapted.pt2", "--trt", "--shapes", "batch=1:2"], "MIN:OPT:MAX"),
+        (["export", "minilm.adapted.pt2", "--swappable", "--triton-repo", "t"], "Triton cannot feed adapter slots"),
+        (["swap", "none.plan", "p.safetensors"], "no such engine file"),
+        (["run", "none.plan"], "no such file"),
+        (["check-trt", "none.onnx"], "no such ONNX file"),
+    ],
+)
+def test_bad_trt_options_exit_2_with_one_line(folder, cli, args, message):
+    run = cli(*args, cwd=folder)
+    assert run.code == 2, (run.stdout, run.stderr)
+    assert message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_check_trt_flags_an_unsupported_operator(tmp_path, cli):
+    from onnx import TensorProto, helper, save
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Unique", ["x"], ["y"], name="u")], "g", [x], [y])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(tmp_path / "u.onnx"))
+    run = cli("check-trt", "u.onnx", cwd=tmp_path)
+    assert run.code == 1 and "Unique is not supported" in run.stdout
+    assert json.loads(cli("check-trt", "u.onnx", "--json", cwd=tmp_path).stdout)["findings"][0]["where"] == "u"
