@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latency import machine, time_interleaved
+from benchmarks.latency import machine, on_device, time_interleaved
 from surgery.adapters import AdapterSpec, stand_in_weights
+from surgery.capture import export_program
 from surgery.pipeline import adapt, open_model
 
 SIZES = {"batch": 1, "seq": 128}
@@ -38,7 +39,7 @@ def _models():
 def _torch_calls(models, feeds):
     calls = {}
     for name, m in models.items():
-        gm = copy.deepcopy(m.gm).to("cuda")
+        gm = on_device(export_program(m.gm, m.signature, name), "cuda")
         tensors = [torch.from_numpy(feeds[n]).to("cuda") for n in m.signature.names]
 
         def call(gm=gm, tensors=tensors, sig=m.signature):

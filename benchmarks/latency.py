@@ -348,13 +348,8 @@ def _runner(artifact: Artifact, backend: str, threads: int, sig: Any) -> Callabl
 
         return ort_call
 
-    program = torch.export.load(artifact.pt2)
     device = "cuda" if backend.startswith("torch-cuda") else "cpu"
-    if device == "cuda":
-        from torch.export.passes import move_to_device_pass
-
-        program = move_to_device_pass(program, "cuda")
-    module = program.module()
+    module = on_device(torch.export.load(artifact.pt2), device)
 
     def torch_call(sig: Any, sizes: dict[str, int]) -> Callable[[], Any]:
         tensors = [t.to(device) for t in _inputs(sig, sizes)]
@@ -371,6 +366,19 @@ def _runner(artifact: Artifact, backend: str, threads: int, sig: Any) -> Callabl
         return cuda_call
 
     return torch_call
+
+
+def on_device(program: Any, device: str) -> Any:
+    """The module of an exported program with its weights and constants on `device`.
+
+    An exported graph records devices in its ops (`arange(..., device=cpu)`), so `.to("cuda")` on the
+    module is not enough; torch.export's `move_to_device_pass` rewrites those too.
+    """
+    if device != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    return program.module()
 
 
 def _no_grad_call(sig: Any, module: Any, tensors: list[Any]) -> Any:
@@ -446,9 +454,10 @@ def main(argv: list[str] | None = None) -> None:
 
     console = Console(stderr=True)
     grid = parse_grid(a.grid)
-    with console.status(f"exporting variants of {a.model} ..."):
-        artifacts = prepare(a.model, a.variants.split(","), a.out / "artifacts", r=a.r)
     backends = a.backends.split(",")
+    with console.status(f"exporting variants of {a.model} ..."):
+        onnx = any(b.startswith("ort") for b in backends)
+        artifacts = prepare(a.model, a.variants.split(","), a.out / "artifacts", r=a.r, onnx=onnx)
     n_rounds = len(grid) * (a.rounds + 2)
     with Progress(console=console) as progress:
         task = progress.add_task("timing", total=n_rounds)

@@ -67,8 +67,11 @@ def _adapted(base: Captured, work: Path, method: str, r: int, seed: int) -> Capt
     return open_model(str(path))
 
 
-def prepare(model: str, variants: list[str], work: Path, r: int = 8) -> list[Artifact]:
-    """Export each requested variant of `model` once; returns what the workers load."""
+def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool = True) -> list[Artifact]:
+    """Export each requested variant of `model` once; returns what the workers load.
+
+    With `onnx=False` (torch backends only) no ONNX is written, and the ORT-only variants are left out.
+    """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SurgeryError(f"unknown variant {unknown[0]!r}; choose from: {', '.join(VARIANTS)}")
@@ -76,15 +79,18 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8) -> list[Art
     base = open_builtin(model, work)
     sig = _write_signature(base, work / "signature.json")
     out = []
+    def to_onnx(m: Captured, name: str) -> str | None:
+        return str(export_onnx(m.gm, m.signature, work / f"{name}.onnx").path) if onnx else None
+
+    if not onnx:
+        variants = [v for v in variants if v not in ("swappable", "swappable-none")]
     if "base" in variants:
-        out.append(Artifact("base", _save_program(base, work / "base.pt2"),
-                            str(export_onnx(base.gm, base.signature, work / "base.onnx").path), signature=sig))
+        out.append(Artifact("base", _save_program(base, work / "base.pt2"), to_onnx(base, "base"), signature=sig))
     houlsby = _adapted(base, work, "houlsby", r, 0) if {"houlsby", "swappable", "swappable-none", "routed"} & set(variants) else None
     for method in ("houlsby", "pfeiffer"):
         if method in variants:
             m = houlsby if method == "houlsby" else _adapted(base, work, method, r, 0)
-            onnx_path = export_onnx(m.gm, m.signature, work / f"{method}.onnx").path
-            out.append(Artifact(method, m.source.path, str(onnx_path), signature=sig))
+            out.append(Artifact(method, m.source.path, to_onnx(m, method), signature=sig))
     if {"swappable", "swappable-none"} & set(variants):
         onnx_path = str(export_swappable(houlsby, work / "swappable.onnx").path)
         pack = str(save_pack(pack_from_model(houlsby.gm.state_dict(), houlsby.manifest), work / "houlsby.onnx_adapter"))
@@ -95,8 +101,7 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8) -> list[Art
     if "routed" in variants:
         routed, _ = route([houlsby, _adapted(base, work, "houlsby", r, 1)])
         routed_sig = _write_signature(routed, work / "routed.signature.json")
-        onnx_path = export_onnx(routed.gm, routed.signature, work / "routed.onnx").path
-        out.append(Artifact("routed", _save_program(routed, work / "routed.pt2"), str(onnx_path), signature=routed_sig))
+        out.append(Artifact("routed", _save_program(routed, work / "routed.pt2"), to_onnx(routed, "routed"), signature=routed_sig))
     return out
 
 
