@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import demo, export, inspect, insert
+from cli import count, demo, export, inspect, insert
 from cli.common import err, quiet_libraries
 from surgery.errors import SurgeryError
 
@@ -19,6 +19,7 @@ app.command("inspect")(inspect.inspect)
 app.command("insert")(insert.insert)
 app.command("export")(export.export)
 app.command("demo")(demo.demo)
+app.command("count")(count.count)
 
 
 def main() -> None:
