@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import count, demo, export, inspect, insert
+from cli import count, demo, export, inspect, insert, merge
 from cli.common import err, quiet_libraries
 from surgery.errors import SurgeryError
 
@@ -20,6 +20,7 @@ app.command("insert")(insert.insert)
 app.command("export")(export.export)
 app.command("demo")(demo.demo)
 app.command("count")(count.count)
+app.command("merge")(merge.merge)
 
 
 def main() -> None:
