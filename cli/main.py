@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import count, demo, export, inspect, insert, merge
+from cli import count, demo, export, import_peft, inspect, insert, merge
 from cli.common import err, quiet_libraries
 from surgery.errors import SurgeryError
 
@@ -21,6 +21,7 @@ app.command("export")(export.export)
 app.command("demo")(demo.demo)
 app.command("count")(count.count)
 app.command("merge")(merge.merge)
+app.command("import-peft")(import_peft.import_peft)
 
 
 def main() -> None:
