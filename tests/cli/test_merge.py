@@ -18,7 +18,6 @@ def models(tmp_path_factory, minilm_base, small_config):
     cases = {
         "lora8": (minilm_base, LoraSpec({"q": 8, "v": 8}), 1),
         "lora8b": (minilm_base, LoraSpec({"q": 8, "v": 8}, alpha=16), 2),
-        "lora4": (minilm_base, LoraSpec({"q": 4, "v": 4}), 3),
         "houlsby": (minilm_base, AdapterSpec("houlsby", r=8), 4),
         "gpt2": (gpt2, LoraSpec({"q": 8, "v": 8}), 5),
     }
@@ -28,14 +27,23 @@ def models(tmp_path_factory, minilm_base, small_config):
     return folder
 
 
+def _manifest(path):
+    """The manifest of a .pt2, read from the archive without loading the program."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        return json.loads(zf.read(next(n for n in zf.namelist() if n.endswith("/extra/surgery.json"))))
+
+
 def test_merge_then_unmerge(models, cli):
     run = cli("merge", "lora8.adapted.pt2", "-o", "merged.pt2", "--json", cwd=models)
     assert run.code == 0, run.stderr
     data = run.json
     assert data["merged"] == 12 and data["kinds"] == ["lora"]
     assert data["output_max_abs_diff"] < 1e-5 and data["unmerge_max_abs_diff"] < 1e-6
-    run = cli("inspect", "merged.pt2", "--json", cwd=models)
-    assert run.json["merged"]["merged"] == 12 and run.json["source"]["name"] == "minilm"
+    manifest = _manifest(models / "merged.pt2")
+    assert manifest["merged"]["merged"] == 12 and manifest["source"]["name"] == "minilm"  # the base, not lora8.adapted.pt2
     run = cli("merge", "merged.pt2", "--unmerge", "-o", "back.adapted.pt2", "--json", cwd=models)
     assert run.code == 0, run.stderr
     assert run.json["sites"] == 12 and run.json["trainable_params"] == 6 * 2 * 8 * 768
@@ -48,19 +56,15 @@ def test_stack_and_average(models, cli):
     run = cli("merge", "lora8.adapted.pt2", "lora8b.adapted.pt2", "--average", "0.7,0.3", "-o", "avg.adapted.pt2", "--json", cwd=models)
     assert run.code == 0, run.stderr
     assert run.json["adapter"]["r"] == {"q": 16, "v": 16} and "exact" in run.json["average"]["how"]
-    run = cli("merge", "avg.adapted.pt2", "-o", "avg.merged.pt2", "--json", cwd=models)  # an average merges like any LoRA
-    assert run.code == 0, run.stderr
-    assert run.json["output_max_abs_diff"] < 1e-5
 
 
 BAD = [
     ("nonlinear bottleneck", ["merge", "houlsby.adapted.pt2", "-o", "x.pt2"], "nonlinear"),
     ("stack different bases", ["merge", "lora8.adapted.pt2", "gpt2.adapted.pt2", "--stack", "-o", "x.pt2"], "different base models"),
     ("average different methods", ["merge", "lora8.adapted.pt2", "houlsby.adapted.pt2", "--average", "0.5,0.5", "-o", "x.pt2"], "different methods"),
-    ("average different shapes", ["merge", "lora8.adapted.pt2", "lora4.adapted.pt2", "--average", "0.5,0.5", "-o", "x.pt2"], "same method and shapes"),
     ("average weight count", ["merge", "lora8.adapted.pt2", "lora8b.adapted.pt2", "--average", "1", "-o", "x.pt2"], "one weight per model"),
-    ("unmerge an unmerged model", ["merge", "lora8.adapted.pt2", "--unmerge", "-o", "x.pt2"], "not a merged model"),
 ]
+# Averaging different shapes, and --unmerge of a model that is not merged: tests/surgery/test_merge.py.
 
 
 @pytest.mark.parametrize("args, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])

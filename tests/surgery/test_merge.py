@@ -244,3 +244,13 @@ def test_stacking_models_of_different_bases_is_refused(minilm_base, gpt2_base):
     manifests = [{"source": c.source.to_json()} for c in (minilm_base, gpt2_base)]
     with pytest.raises(SurgeryError, match="different base models"):
         check_same_base(manifests, ["a.adapted.pt2", "b.adapted.pt2"])
+
+
+def test_unmerge_of_a_model_that_is_not_merged_is_refused(tmp_path, gpt2_base):
+    from surgery.merge import unmerge_model
+
+    spec = LoraSpec({"q": 4})
+    captured, report = _adapted(gpt2_base, spec)
+    save_adapted(tmp_path / "m.adapted.pt2", captured, spec, report)
+    with pytest.raises(SurgeryError, match="not a merged model"):
+        unmerge_model(str(tmp_path / "m.adapted.pt2"))
