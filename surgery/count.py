@@ -121,7 +121,10 @@ def module_sites(model: nn.Module, model_type: str, spec: AdapterSpec | LoraSpec
     if isinstance(spec, LoraSpec) or spec.method == "parallel":
         table = PROJECTIONS.get(model_type)
         if table is None:
-            raise SurgeryError(f"{spec.method} needs the projections of the architecture; {model_type} has no preset (known: {', '.join(PROJECTIONS)})")
+            raise SurgeryError(
+                f"{spec.method} needs the projections of the architecture; {model_type} has no preset "
+                f"(known: {', '.join(PROJECTIONS)})"
+            )
     if isinstance(spec, LoraSpec):
         unknown = [r for r in spec.targets if r not in table]
         if unknown:

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from surgery.adapters import AdapterSpec, Bottleneck, LoRA, LoraSpec, Parallel
 from surgery.errors import SurgeryError
-from surgery.insert import adapter_target, make_adapter
+from surgery.insert import InsertReport, adapter_target, make_adapter
 from surgery.load import Source
 from surgery.sites import ADAPTER_ROOT, Site, input_node, module_path, output_node
 
@@ -156,7 +156,9 @@ def merge_adapters(gm: fx.GraphModule) -> MergeReport:
                 "--stack, or train a linear adapter (--act identity)"
             )
         if isinstance(m, Bottleneck) and len(node.args[0].users) != 1:
-            raise SurgeryError(f"{node.target}: the projection's output is also used elsewhere, so the bottleneck cannot fold into it")
+            raise SurgeryError(
+                f"{node.target}: the projection's output is also used elsewhere, so the bottleneck cannot fold into it"
+            )
         if not isinstance(m, (LoRA, Bottleneck)):
             raise SurgeryError(f"{node.target}: {type(m).__name__} adapters do not merge")
         _projection(gm, node.args[-1])  # refuses an unknown projection now, before any weight changes
@@ -243,7 +245,8 @@ def unmerge_lora(gm: fx.GraphModule, loras: dict[str, LoRA], sites: list[Site]) 
 def _last_adapter_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """Follow a site's output through the adapters already applied to it."""
     while True:
-        nxt = [u for u in node.users if u.op == "call_module" and str(u.target).startswith(ADAPTER_ROOT + ".") and u.args[-1] is node]
+        adapters = set(adapter_nodes(gm))
+        nxt = [u for u in node.users if u in adapters and u.args[-1] is node]
         if not nxt:
             return node
         node = nxt[0]
@@ -285,11 +288,15 @@ def average_adapters(gm: fx.GraphModule, others: list[fx.GraphModule], weights: 
     for i, other in enumerate(others, 1):
         theirs = {str(n.target) for n in adapter_nodes(other)}
         if theirs != targets:
-            raise SurgeryError(f"--average: model {i + 1} adapts other sites than model 1 ({len(theirs)} vs {len(targets)}); average adapters of the same sites only")
+            raise SurgeryError(
+                f"--average: model {i + 1} adapts other sites than model 1 ({len(theirs)} vs {len(targets)}); "
+                "average adapters of the same sites only"
+            )
         for t in targets:
             a, b = gm.get_submodule(t), other.get_submodule(t)
             shapes = [{n: tuple(p.shape) for n, p in m.named_parameters()} for m in (a, b)]
-            if type(a) is not type(b) or shapes[0] != shapes[1] or getattr(a, "activation", None) != getattr(b, "activation", None):
+            same_act = getattr(a, "activation", None) == getattr(b, "activation", None)
+            if type(a) is not type(b) or shapes[0] != shapes[1] or not same_act:
                 raise SurgeryError(
                     f"--average: {t} is {type(a).__name__} {shapes[0]} in model 1 and {type(b).__name__} {shapes[1]} "
                     f"in model {i + 1}; average adapters of the same method and shapes only"
@@ -380,7 +387,8 @@ def open_adapted(source: str) -> tuple[Any, AdapterSpec | LoraSpec, list[Site]]:
 
 
 def _outputs(captured: Any) -> list[torch.Tensor]:
-    tensors = captured.signature.examples({"batch": 3, "seq": 24} if "seq" in captured.signature.axes() else None, seed=1, pad=True)
+    sizes = {"batch": 3, "seq": 24} if "seq" in captured.signature.axes() else None
+    tensors = captured.signature.examples(sizes, seed=1, pad=True)
     with torch.no_grad():
         out = captured.signature.call(captured.gm, tensors)
     return [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
@@ -397,7 +405,8 @@ def merge_model(captured: Any, sites: list[Site]) -> tuple[MergeResult, dict[str
 
     before = _outputs(captured)
     weights = {n: p.detach().clone() for n, p in captured.gm.named_parameters() if not n.startswith(ADAPTER_ROOT + ".")}
-    loras = {str(n.target): copy.deepcopy(m) for n in adapter_nodes(captured.gm) if isinstance(m := captured.gm.get_submodule(str(n.target)), LoRA)}
+    modules = {str(n.target): captured.gm.get_submodule(str(n.target)) for n in adapter_nodes(captured.gm)}
+    loras = {t: copy.deepcopy(m) for t, m in modules.items() if isinstance(m, LoRA)}
     report = merge_adapters(captured.gm)
     out_diff = _max_diff(before, _outputs(captured))
     restored = None
@@ -444,7 +453,9 @@ def unmerge_model(source: str) -> tuple[Any, LoraSpec, list[Site], float]:
         raise SurgeryError(f"{source} is not a merged model; --unmerge takes the output of `surgery merge`")
     spec = spec_from_json(m["adapter"])
     if not isinstance(spec, LoraSpec):
-        raise SurgeryError(f"{source} merged a {spec.method} adapter; only LoRA is unmerged (a folded bottleneck is not invertible in general)")
+        raise SurgeryError(
+            f"{source} merged a {spec.method} adapter; only LoRA is unmerged (a folded bottleneck is not invertible in general)"
+        )
     sites = [Site.from_json(s) for s in m["sites"]]
     tensors = read_pack(source)
     loras = {}
@@ -456,3 +467,42 @@ def unmerge_model(source: str) -> tuple[Any, LoraSpec, list[Site], float]:
     unmerge_lora(captured.gm, loras, sites)
     captured.source = Source(**m["source"])
     return captured, spec, sites, m["merged"]["unmerge_max_abs_diff"]
+
+
+def adapted_report(gm: fx.GraphModule, sites: list[Site]) -> InsertReport:
+    """Parameter counts of an adapted GraphModule: the adapters' and the total."""
+    params = list(gm.named_parameters())
+    adapters = sum(p.numel() for n, p in params if n.startswith(ADAPTER_ROOT + "."))
+    return InsertReport(list(sites), adapters, sum(p.numel() for _, p in params))
+
+
+def combine_models(sources: list[str], weights: list[float] | None) -> tuple[Any, Any, list[Site], dict[str, Any]]:
+    """Several adapted .pt2 of one base as one model: stacked (`weights` None) or averaged with `weights`.
+
+    Returns the model (the first source's, rewritten), its spec, its sites and the manifest keys that say
+    what was combined and how.
+    """
+    opened = [open_adapted(source) for source in sources]
+    check_same_base([c.manifest for c, _, _ in opened], sources)
+    first, spec, sites = opened[0]
+    if weights is None:
+        all_sites = list(sites)
+        for k, (other, _, other_sites) in enumerate(opened[1:], 1):
+            all_sites += stack_adapters(first.gm, other.gm, other_sites, prefix=f"{ADAPTER_ROOT}.{k}")
+        parts = [
+            {"prefix": ADAPTER_ROOT if k == 0 else f"{ADAPTER_ROOT}.{k}", "source": source, "sites": len(s)}
+            for k, (source, (_, _, s)) in enumerate(zip(sources, opened))
+        ]
+        return first, StackSpec([s.to_json() for _, s, _ in opened]), all_sites, {"stack": parts}
+    methods = {s.method for _, s, _ in opened}
+    if len(methods) > 1:
+        raise SurgeryError(
+            f"--average: the models use different methods ({', '.join(sorted(methods))}); average adapters of one method only"
+        )
+    average_adapters(first.gm, [c.gm for c, _, _ in opened[1:]], weights)
+    if isinstance(spec, LoraSpec):
+        spec = LoraSpec({role: r * len(sources) for role, r in spec.ranks.items()})
+        how = "weighted sum of the deltas A·B, one LoRA of the summed rank (exact)"
+    else:
+        how = "weighted average of the parameters"
+    return first, spec, sites, {"average": {"sources": list(sources), "weights": weights, "how": how}}

@@ -44,11 +44,18 @@ def read_peft(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     if kind != "LORA":
         raise SurgeryError(f"{folder}: PEFT method {kind} is not supported; only LoRA (peft_type LORA) imports")
     if config.get("use_dora"):
-        raise SurgeryError(f"{folder}: DoRA (use_dora) is not supported: its magnitude vector rescales the weight; export a plain LoRA")
+        raise SurgeryError(
+            f"{folder}: DoRA (use_dora) is not supported: its magnitude vector rescales the weight; train a plain LoRA"
+        )
     if config.get("bias", "none") != "none":
-        raise SurgeryError(f"{folder}: bias={config['bias']!r} trains base biases, which this import does not carry; use bias='none'")
+        raise SurgeryError(
+            f"{folder}: bias={config['bias']!r} trains base biases, which this import does not carry; use bias='none'"
+        )
     if config.get("modules_to_save"):
-        raise SurgeryError(f"{folder}: modules_to_save ({', '.join(config['modules_to_save'])}) are full copies of base modules, not supported")
+        raise SurgeryError(
+            f"{folder}: modules_to_save ({', '.join(config['modules_to_save'])}) are full copies of base modules; "
+            "not supported, save the adapter without them"
+        )
     from safetensors.torch import load_file
 
     tensors = load_file(str(weights_path))
@@ -65,7 +72,9 @@ def _resolve(path: str, known: set[str]) -> str:
         candidate = ".".join(parts[i:])
         if candidate in known:
             return candidate
-    raise SurgeryError(f"PEFT adapts module {path}, which the base model's graph does not have; is --base the model it was trained on?")
+    raise SurgeryError(
+        f"PEFT adapts module {path}, which the base model's graph does not have; is --base the model it was trained on?"
+    )
 
 
 def _pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
@@ -83,11 +92,15 @@ def import_peft(captured: Captured, folder: str | Path) -> tuple[LoraSpec, Inser
     config, tensors = read_peft(folder)
     gm = captured.gm
     known = set(linear_modules(gm))
-    peft_paths = sorted({k.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for k in tensors}, key=lambda p: [int(t) if t.isdigit() else t for t in p.split(".")])
+    def natural(path: str) -> list[Any]:  # h.2 before h.10
+        return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in path.split(".")]
+
+    peft_paths = sorted({k.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for k in tensors}, key=natural)
     sites, pairs = [], {}
     for peft_path in peft_paths:
         path = _resolve(peft_path, known)
-        A, B = tensors[f"{PREFIX}{peft_path}.lora_A.weight"], tensors[f"{PREFIX}{peft_path}.lora_B.weight"]  # (r, d_in), (d_out, r)
+        A = tensors[f"{PREFIX}{peft_path}.lora_A.weight"]  # (r, d_in)
+        B = tensors[f"{PREFIX}{peft_path}.lora_B.weight"]  # (d_out, r)
         r = A.shape[0]
         alpha = float(_pattern(config.get("alpha_pattern") or {}, peft_path, config.get("lora_alpha", 8)))
         scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
@@ -95,7 +108,9 @@ def import_peft(captured: Captured, folder: str | Path) -> tuple[LoraSpec, Inser
         x = input_node(gm, path)
         d_in = int(x.meta["val"].shape[-1])
         if (A.shape[1], B.shape[0]) != (d_in, out.width):
-            raise SurgeryError(f"PEFT's {peft_path} is {A.shape[1]} -> {B.shape[0]}, the base's {path} {d_in} -> {out.width}; wrong --base?")
+            raise SurgeryError(
+                f"PEFT's {peft_path} is {A.shape[1]} -> {B.shape[0]}, the base's {path} {d_in} -> {out.width}; wrong --base?"
+            )
         site = Site(path, out.layer, path, out.width, out.node, x.name, path, d_in)
         sites.append(site)
         pairs[adapter_target(site)] = (scale * A.T, B.T)
@@ -106,5 +121,7 @@ def import_peft(captured: Captured, folder: str | Path) -> tuple[LoraSpec, Inser
             lora = gm.get_submodule(target)
             lora.lora_A.copy_(a)
             lora.lora_B.copy_(b)
-    keep = {k: config.get(k) for k in ("r", "lora_alpha", "target_modules", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "use_rslora", "base_model_name_or_path")}
+    keys = ("r", "lora_alpha", "target_modules", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "use_rslora",
+            "base_model_name_or_path")
+    keep = {k: config.get(k) for k in keys}
     return spec, report, {"peft": {"folder": str(folder), "config": keep, "how": "scale folded into lora_A; spec scaling 1"}}
