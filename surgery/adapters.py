@@ -28,7 +28,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 # Which sites each method adapts: Houlsby after attention and feed-forward, Pfeiffer after feed-forward only,
-# parallel beside the feed-forward block (from its input to its output).
+# parallel beside the feed-forward block (from its input to its output; with --targets attn,ffn beside attention too).
 METHODS: dict[str, tuple[str, ...]] = {
     "houlsby": ("attn_out", "ffn_out"),
     "pfeiffer": ("ffn_out",),
@@ -52,14 +52,21 @@ class AdapterSpec:
         if self.method not in METHODS:
             known = ", ".join([*METHODS, LORA])
             raise SurgeryError(f"unknown method {self.method!r}; choose one of: {known}")
-        if self.method == "parallel" and self.targets is not None:
-            raise SurgeryError("--targets: the parallel adapter spans the feed-forward block of a preset; drop --targets")
+        if self.method == "parallel" and not set(self.blocks) <= {"attn", "ffn"}:
+            raise SurgeryError(
+                f"--targets {self.targets}: the parallel adapter spans blocks of a preset: ffn (default), attn or attn,ffn"
+            )
         if not math.isfinite(self.scale) or self.scale == 0:
             raise SurgeryError(f"--scale {self.scale}: the scale must be a finite non-zero number (e.g. --scale 4)")
         if self.activation not in ACTIVATIONS:
             raise SurgeryError(f"unknown activation {self.activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise SurgeryError(f"--r {self.r}: the bottleneck size must be an integer >= 1 (e.g. --r 8)")
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        """parallel: the blocks it spans, from `targets` (attn, ffn; default ffn)."""
+        return tuple(t.strip() for t in (self.targets or "ffn").split(",") if t.strip())
 
     def to_json(self) -> dict[str, object]:
         """The fields; `scale` only for the parallel adapter, the one method it means something for."""

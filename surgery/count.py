@@ -23,7 +23,7 @@ from surgery.adapters import METHODS, AdapterSpec, LoraSpec
 from surgery.errors import SurgeryError
 from surgery.insert import bottleneck_params, make_adapter
 from surgery.load import DEFAULT_MODEL, _minilm_path, _model_class
-from surgery.sites import FFN_OUT, PRESETS, PROJECTIONS, TARGET, Site
+from surgery.sites import PARALLEL_BLOCKS, PRESETS, PROJECTIONS, TARGET, Site
 
 # Built-in shapes: GPT-3 175B is a GPT-2 architecture (pre-norm, learned positions, 4·d feed-forward).
 BUILTIN: dict[str, dict[str, Any]] = {
@@ -138,12 +138,16 @@ def module_sites(model: nn.Module, model_type: str, spec: AdapterSpec | LoraSpec
                 sites.append(Site(path, layer, role, width, "", "", path, d_in, part))
         return sites
     if spec.method == "parallel":
-        firsts = dict((layer, p) for p, layer in matches(table["ffn_in"][0]))
-        return [
-            Site(p, layer, FFN_OUT, _dims(modules[p])[1], "", "", firsts[layer], _dims(modules[firsts[layer]])[0])
-            for p, layer in matches(table["ffn_out"][0])
-            if layer in firsts
-        ]
+        sites = []
+        for block in spec.blocks:
+            first, last, role = PARALLEL_BLOCKS[block]
+            firsts = {layer: p for p, layer in reversed(matches(table[first][0]))}
+            sites += [
+                Site(p, layer, role, _dims(modules[p])[1], "", "", firsts[layer], _dims(modules[firsts[layer]])[0])
+                for p, layer in matches(table[last][0])
+                if layer in firsts
+            ]
+        return sites
     if spec.targets is not None:
         return [Site(p, layer, TARGET, _dims(modules[p])[1], "") for p, layer in matches(spec.targets)]
     preset = PRESETS.get(model_type)

@@ -74,7 +74,7 @@ def sites_for(gm: fx.GraphModule, model_type: str | None, spec: AdapterSpec | Lo
     if isinstance(spec, LoraSpec):
         return projection_sites(gm, model_type, spec.targets)
     if spec.method == "parallel":
-        return parallel_sites(gm, model_type)
+        return parallel_sites(gm, model_type, spec.blocks)
     return select_sites(find_sites(gm, model_type, spec.targets), spec)
 
 

@@ -297,20 +297,23 @@ def projection_sites(gm: fx.GraphModule, model_type: str | None, roles: tuple[st
     return sites
 
 
-def parallel_sites(gm: fx.GraphModule, model_type: str | None) -> list[Site]:
-    """One site per layer beside the feed-forward block: input of `ffn_in`, output of `ffn_out`."""
+# Blocks a parallel adapter can span: (projection whose input it takes, projection whose output it adds to, role).
+PARALLEL_BLOCKS: dict[str, tuple[str, str, str]] = {"attn": ("q", "o", ATTN_OUT), "ffn": ("ffn_in", "ffn_out", FFN_OUT)}
+
+
+def parallel_sites(gm: fx.GraphModule, model_type: str | None, blocks: tuple[str, ...] = ("ffn",)) -> list[Site]:
+    """One site per layer and block beside the feed-forward block (input of `ffn_in`, output of `ffn_out`)
+    and, when `blocks` names it, beside attention (input of `q`, output of `o`)."""
     table = _projections(model_type, "the parallel adapter")
-    firsts: dict[int, str] = {}
-    lasts: dict[int, str] = {}
-    for path in linear_modules(gm):
-        for role, into in (("ffn_in", firsts), ("ffn_out", lasts)):
-            m = re.search(table[role][0], path)
-            if m:
-                into.setdefault(int(m.group(1)), path)
-    sites = [_beside(gm, lasts[i], firsts[i], i, FFN_OUT, None) for i in sorted(lasts) if i in firsts]
+    paths = linear_modules(gm)
+    sites = []
+    for block in blocks:
+        first, last, role = PARALLEL_BLOCKS[block]
+        firsts, lasts = ({int(m.group(1)): p for p in reversed(paths) if (m := re.search(table[r][0], p))} for r in (first, last))
+        sites += [_beside(gm, lasts[i], firsts[i], i, role, None) for i in sorted(lasts) if i in firsts]
     if not sites:
-        raise SurgeryError(f"no feed-forward blocks found in the graph of this {model_type} model")
-    return sites
+        raise SurgeryError(f"no {'/'.join(blocks)} blocks found in the graph of this {model_type} model")
+    return sorted(sites, key=lambda s: s.layer)
 
 
 def _beside(gm: fx.GraphModule, path: str, input_path: str, layer: int, role: str, part: tuple[int, int] | None) -> Site:

@@ -41,6 +41,7 @@ CASES = [
     ("lora q,k,v,o r=2 alpha 16", LoraSpec({"q": 2, "k": 2, "v": 2, "o": 2}, alpha=16), 4),
     ("lora ffn", LoraSpec({"ffn_in": 4, "ffn_out": 4}), 2),
     ("parallel r=16 s=4", AdapterSpec("parallel", r=16, scale=4.0), 1),
+    ("parallel attn,ffn", AdapterSpec("parallel", r=8, activation="gelu", scale=2.0, targets="attn,ffn"), 2),
 ]
 
 
@@ -126,7 +127,7 @@ def test_lora_adapted_model_saves_and_reloads(tmp_path, gpt2_base):
         (("lora", "0"), ">= 1"),
         (("lora", "q=x"), "not an integer"),
         (("parallel", "8", "relu", None, None, 0.0), "--scale"),
-        (("parallel", "8", "relu", "dense"), "drop --targets"),
+        (("parallel", "8", "relu", "dense"), "attn or attn,ffn"),
         (("lora", "8", "relu", None, -1.0), "--alpha"),
     ],
 )
@@ -147,3 +148,12 @@ def test_unknown_projections_are_refused(minilm, tiny_pt2, roles, message):
     captured = minilm if message != "no preset" else open_model(str(tiny_pt2))
     with pytest.raises(SurgeryError, match=message):
         adapt(captured, LoraSpec({r: 4 for r in roles}))
+
+
+def test_parallel_beside_attention_spans_query_input_to_output_projection(gpt2_base):
+    captured = _copy(gpt2_base)
+    report = adapt(captured, AdapterSpec("parallel", r=8, targets="attn,ffn"))
+    assert [(s.role, s.path, s.input_path) for s in report.sites[:2]] == [
+        ("attn_out", "h.0.attn.c_proj", "h.0.attn.c_attn"),
+        ("ffn_out", "h.0.mlp.c_proj", "h.0.mlp.c_fc"),
+    ]

@@ -42,6 +42,7 @@ SPECS = [
     AdapterSpec("houlsby", r=4),
     AdapterSpec("pfeiffer", r=8, activation="gelu"),
     AdapterSpec("parallel", r=4, scale=4.0),
+    AdapterSpec("parallel", r=4, scale=4.0, targets="attn,ffn"),
     LoraSpec({"q": 4, "v": 4}),
     LoraSpec({"q": 2, "k": 3, "v": 4, "o": 5, "ffn_in": 2, "ffn_out": 6}, alpha=16),
 ]
