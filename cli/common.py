@@ -31,8 +31,16 @@ InputShape = Annotated[
 InputDtype = Annotated[str, typer.Option("--input-dtype", help="dtype of the --input-shape inputs.")]
 Output = Annotated[Optional[str], typer.Option("-o", "--output", help="Output file (written atomically).")]
 Targets = Annotated[
-    Optional[str], typer.Option("--targets", help="Regex over module paths; overrides the architecture's sites.")
+    Optional[str],
+    typer.Option("--targets", help="Regex over module paths (overrides the architecture's sites); for lora, projections: q,k,v,o,ffn_in,ffn_gate,ffn_out (default q,v)."),
 ]
+Method = Annotated[str, typer.Option("--method", help="houlsby, pfeiffer, parallel (beside the feed-forward block) or lora.")]
+Rank = Annotated[
+    str, typer.Option("--r", help="Bottleneck size (1 <= r < d_model); for lora a rank for every --targets projection, or per projection: q=2,k=2,v=2,o=2.")
+]
+Act = Annotated[str, typer.Option("--act", help="Activation σ of a bottleneck: relu, gelu, silu, tanh, identity (a linear adapter, mergeable).")]
+Alpha = Annotated[Optional[float], typer.Option("--alpha", help="lora: the delta is scaled by alpha/r (default alpha = r: scaling 1).")]
+Scale = Annotated[float, typer.Option("--scale", help="parallel: scale s of the branch, y + s·W_up σ(W_down x).")]
 
 
 def quiet_libraries() -> None:

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import InputDtype, InputShape, Json, Output, Source, Targets, Trust, emit_json, out, step
-from surgery.adapters import ACTIVATIONS, METHODS, AdapterSpec
+from cli.common import Act, Alpha, InputDtype, InputShape, Json, Method, Output, Rank, Scale, Source, Targets, Trust, emit_json, out, step
+from surgery.adapters import AdapterSpec, parse_spec
 from surgery.bundle import save_adapted
 from surgery.insert import houlsby_params
 from surgery.io import check_output
@@ -16,10 +16,12 @@ from surgery.pipeline import adapt, default_output, open_model
 
 def insert(
     source: Source = None,
-    r: Annotated[int, typer.Option("--r", help="Bottleneck size (1 <= r < d_model).")] = 8,
-    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")] = "houlsby",
-    act: Annotated[str, typer.Option("--act", help=f"Activation σ, one of: {', '.join(ACTIVATIONS)}.")] = "relu",
+    r: Rank = "8",
+    method: Method = "houlsby",
+    act: Act = "relu",
     targets: Targets = None,
+    alpha: Alpha = None,
+    scale: Scale = 1.0,
     output: Output = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the down-projections' random init.")] = 0,
     trust: Trust = False,
@@ -27,25 +29,24 @@ def insert(
     input_dtype: InputDtype = "float32",
     json: Json = False,
 ) -> None:
-    """Insert adapter bottlenecks x + W_up σ(W_down x) after the chosen sites; the base stays frozen."""
-    spec = AdapterSpec(method=method, r=r, activation=act, targets=targets)
+    """Insert adapters (bottlenecks x + W_up σ(W_down x), parallel, LoRA) at the chosen sites; the base stays frozen."""
+    spec = parse_spec(method, r, act, targets, alpha, scale)
     path = check_output(output or default_output(source, ".adapted.pt2"))
     with step(f"load and capture {source or 'minilm'}"):
         captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
-    with step(f"insert {method} adapters, r={r}, σ={act}"):
+    with step(f"insert {method} adapters, r={r}" + ("" if method == "lora" else f", σ={act}")):
         report = adapt(captured, spec, seed=seed)
     with step(f"save {path}"):
         save_adapted(path, captured, spec, report)
     layers = len({s.layer for s in report.sites})
     widths = {s.width for s in report.sites}
-    formula = houlsby_params(layers, widths.pop(), r) if method == "houlsby" and targets is None and len(widths) == 1 else None
+    houlsby = isinstance(spec, AdapterSpec) and method == "houlsby" and targets is None and len(widths) == 1
+    formula = houlsby_params(layers, widths.pop(), spec.r) if houlsby else None
     if json:
         emit_json(
             {
                 "output": str(path),
-                "method": method,
-                "r": r,
-                "activation": act,
+                **spec.to_json(),
                 "sites": [s.path for s in report.sites],
                 "trainable_params": report.trainable,
                 "total_params": report.total,

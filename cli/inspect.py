@@ -72,7 +72,9 @@ def _show_manifest(manifest: dict, json: bool) -> None:
         emit_json(manifest)
         return
     a, p, src = manifest["adapter"], manifest["params"], manifest["source"]
-    out.print(f"[bold]adapted model[/] (surgery {manifest['version']}): {a['method']} r={a['r']} activation={a['activation']}")
+    out.print(f"[bold]adapted model[/] (surgery {manifest['version']}): {a['method']} r={a.get('r')} activation={a.get('activation')}")
+    if "merged" in manifest:
+        out.print(f"  merged into the base weights: {manifest['merged']['merged']} adapters ({', '.join(manifest['merged']['kinds'])})")
     out.print(f"  source {src['name']} ({src['model_type']}), sha256 {src['sha256'][:12]}")
     out.print(f"  trainable {p['trainable']:,} of {p['total']:,} parameters ({100 * p['trainable'] / p['total']:.2f}%)")
     table = Table(title=f"{len(manifest['sites'])} adapted sites")

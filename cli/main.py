@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from cli import bench, demo, export, inspect, insert, pack, run, trt
+from cli import bench, count, demo, export, import_peft, inspect, insert, merge, pack, run, trt
 from cli.common import err, quiet_libraries
 from surgery.errors import SurgeryError
 
@@ -25,6 +25,9 @@ app.command("bench")(bench.bench)
 app.command("demo")(demo.demo)
 app.command("swap")(trt.swap)
 app.command("check-trt")(trt.check_trt)
+app.command("count")(count.count)
+app.command("merge")(merge.merge)
+app.command("import-peft")(import_peft.import_peft)
 
 
 def main() -> None:

@@ -32,10 +32,22 @@ def manifest(captured: Captured, spec: AdapterSpec, report: InsertReport) -> dic
     }
 
 
-def save_adapted(path: str | Path, captured: Captured, spec: AdapterSpec, report: InsertReport) -> dict[str, Any]:
-    """Re-export the adapted GraphModule (same dynamic axes) and save it with its manifest, atomically."""
-    meta = manifest(captured, spec, report)
+def save_adapted(
+    path: str | Path,
+    captured: Captured,
+    spec: Any,
+    report: InsertReport,
+    *,
+    extra: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Re-export the adapted GraphModule (same dynamic axes) and save it with its manifest, atomically.
+
+    `spec` is anything with `to_json()` (AdapterSpec, LoraSpec, the specs of merge.py); `extra` adds manifest
+    keys, `files` more extra files of the archive (text).
+    """
+    meta = {**manifest(captured, spec, report), **(extra or {})}
     program = export_program(captured.gm, captured.signature, str(path))
     with atomic_output(path) as tmp:
-        torch.export.save(program, tmp, extra_files={MANIFEST: json.dumps(meta, indent=1)})
+        torch.export.save(program, tmp, extra_files={MANIFEST: json.dumps(meta, indent=1), **(files or {})})
     return meta

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import torch
 
-from surgery.adapters import AdapterSpec
+from surgery.adapters import AdapterSpec, LoraSpec
 from surgery.capture import Captured, capture
 from surgery.errors import SurgeryError
-from surgery.insert import InsertReport, insert_adapters, select_sites
+from surgery.insert import InsertReport, insert_adapters, sites_for
 from surgery.load import DEFAULT_MODEL, load
-from surgery.sites import find_sites
 
 
 def open_model(
@@ -21,7 +20,7 @@ def open_model(
     return capture(load(source, trust=trust, input_shapes=input_shapes, input_dtype=input_dtype))
 
 
-def adapt(captured: Captured, spec: AdapterSpec, seed: int = 0) -> InsertReport:
+def adapt(captured: Captured, spec: AdapterSpec | LoraSpec, seed: int = 0) -> InsertReport:
     """Insert `spec`'s adapters into a captured base model (in place). Refuses an already adapted one."""
     if captured.manifest is not None:
         a = captured.manifest["adapter"]
@@ -29,7 +28,7 @@ def adapt(captured: Captured, spec: AdapterSpec, seed: int = 0) -> InsertReport:
             f"{captured.source.name} is already adapted ({a['method']}, r={a['r']}); "
             f"insert into its base model instead: {captured.manifest['source']['name']}"
         )
-    sites = select_sites(find_sites(captured.gm, captured.source.model_type, spec.targets), spec)
+    sites = sites_for(captured.gm, captured.source.model_type, spec)
     torch.manual_seed(seed)  # the down-projections' random init repeats run to run
     return insert_adapters(captured.gm, sites, spec)
 

@@ -8,6 +8,12 @@ traced in (`encoder.layer.0.attention.output.dense`). A site is a module's outpu
    projection of each layer, by module path.
 3. The graph rule, for anything else: a linear projection whose output (through dropout, if any) is added
    to the residual stream. In a layer with two such projections, the first is `attn_out`, the second `ffn_out`.
+
+Adapters that sit beside a computation rather than after it (LoRA beside a projection, the parallel adapter
+beside the feed-forward block) also take that computation's input: `projection_sites` and `parallel_sites`
+fill a site's `input` (the node) and `input_path` (the module whose input it is). Projections are named per
+architecture in `PROJECTIONS` (q, k, v, o, ffn_in, ffn_gate, ffn_out); a fused projection (GPT-2's `c_attn`)
+gives each of q, k, v a `part` (i, n): the i-th of n equal slices of its output.
 """
 
 from __future__ import annotations
@@ -56,18 +62,76 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# Projections LoRA can target: role -> (module-path regex, group 1 the layer index; slice of a fused output).
+Projection = tuple[str, "tuple[int, int] | None"]
+_BERT_PROJ: dict[str, Projection] = {
+    "q": (r"layer\.(\d+)\.attention\.(?:self|attention)\.query$", None),
+    "k": (r"layer\.(\d+)\.attention\.(?:self|attention)\.key$", None),
+    "v": (r"layer\.(\d+)\.attention\.(?:self|attention)\.value$", None),
+    "o": (_BERT.attn_out, None),
+    "ffn_in": (r"layer\.(\d+)\.intermediate\.dense$", None),
+    "ffn_out": (_BERT.ffn_out, None),
+}
+_LLAMA_PROJ: dict[str, Projection] = {
+    **{p: (rf"layers\.(\d+)\.self_attn\.{p}_proj$", None) for p in "qkvo"},
+    "ffn_in": (r"layers\.(\d+)\.mlp\.up_proj$", None),
+    "ffn_gate": (r"layers\.(\d+)\.mlp\.gate_proj$", None),
+    "ffn_out": (_LLAMA.ffn_out, None),
+}
+PROJECTIONS: dict[str, dict[str, Projection]] = {
+    "bert": _BERT_PROJ,
+    "roberta": _BERT_PROJ,
+    "xlm-roberta": _BERT_PROJ,
+    "vit": _BERT_PROJ,
+    "distilbert": {
+        **{p: (rf"layer\.(\d+)\.attention\.{p}_lin$", None) for p in "qkv"},
+        "o": (PRESETS["distilbert"].attn_out, None),
+        "ffn_in": (r"layer\.(\d+)\.ffn\.lin1$", None),
+        "ffn_out": (PRESETS["distilbert"].ffn_out, None),
+    },
+    "gpt2": {
+        **{p: (r"h\.(\d+)\.attn\.c_attn$", (i, 3)) for i, p in enumerate("qkv")},
+        "o": (PRESETS["gpt2"].attn_out, None),
+        "ffn_in": (r"h\.(\d+)\.mlp\.c_fc$", None),
+        "ffn_out": (PRESETS["gpt2"].ffn_out, None),
+    },
+    "llama": _LLAMA_PROJ,
+    "mistral": _LLAMA_PROJ,
+    "qwen2": _LLAMA_PROJ,
+    "t5": {
+        **{p: (rf"block\.(\d+)\.layer\.0\.SelfAttention\.{p}$", None) for p in "qkvo"},
+        "ffn_in": (r"block\.(\d+)\.layer\.\d+\.DenseReluDense\.wi$", None),
+        "ffn_out": (PRESETS["t5"].ffn_out, None),
+    },
+}
+
+
 @dataclass(frozen=True)
 class Site:
-    """One insertion point: the output of the module at `path`, of width `width` (d_model)."""
+    """One insertion point: the output of the module at `path`, of width `width` (d_model).
+
+    An adapter beside a computation also takes its input: node `input`, the input of module `input_path`,
+    of width `d_in`. On a fused projection `part` (i, n) is the slice of the output the site stands for
+    (`width` is then the slice's width).
+    """
 
     path: str  # module path, e.g. encoder.layer.0.attention.output.dense
     layer: int  # Transformer layer index
-    role: str  # attn_out | ffn_out | target | residual
+    role: str  # attn_out | ffn_out | target | residual | q | k | v | o | ffn_in | ffn_gate
     width: int  # size of the output's last axis
     node: str  # name of the graph node whose value the adapter takes
+    input: str | None = None  # name of the input node, for adapters beside a computation (LoRA, parallel)
+    input_path: str | None = None  # the module whose input that is
+    d_in: int | None = None  # size of the input's last axis
+    part: tuple[int, int] | None = None  # (i, n): the i-th of n equal slices of a fused projection's output
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Site:
+        part = d.get("part")
+        return cls(**{**d, "part": tuple(part) if part is not None else None})
 
 
 def module_path(node: fx.Node) -> str | None:
@@ -183,3 +247,77 @@ def _graph_rule_sites(gm: fx.GraphModule, candidates: list[str]) -> list[Site]:
         roles = [ATTN_OUT, FFN_OUT] if len(paths) == 2 else [RESIDUAL] * len(paths)
         sites += [_site(gm, p, layer, role) for p, role in zip(paths, roles)]
     return sites
+
+
+def input_node(gm: fx.GraphModule, path: str) -> fx.Node:
+    """The single tensor that flows into module `path` (its parameters aside)."""
+    members = {n for n in gm.graph.nodes if _in_module(n, path)}
+    ins: dict[fx.Node, None] = {}
+    for n in gm.graph.nodes:
+        if n in members:
+            for a in n.all_input_nodes:
+                if a not in members and a.op != "get_attr" and isinstance(a.meta.get("val"), torch.Tensor):
+                    ins.setdefault(a)
+    if len(ins) != 1:
+        raise SurgeryError(
+            f"module {path}: expected one input tensor in the graph, found {len(ins)} "
+            f"({', '.join(n.name for n in list(ins)[:3])}); LoRA and parallel adapters need a single-input module"
+        )
+    return next(iter(ins))
+
+
+def _projections(model_type: str | None, what: str) -> dict[str, Projection]:
+    table = PROJECTIONS.get(model_type or "")
+    if table is None:
+        raise SurgeryError(
+            f"{what} needs the projections of the architecture, and model type {model_type or 'unknown'} has no preset "
+            f"(known: {', '.join(PROJECTIONS)}); use a Houlsby or Pfeiffer adapter with --targets REGEX instead"
+        )
+    return table
+
+
+def projection_sites(gm: fx.GraphModule, model_type: str | None, roles: tuple[str, ...]) -> list[Site]:
+    """One site per chosen projection (q, k, v, o, ffn_in, ffn_gate, ffn_out) of every layer, in graph order."""
+    table = _projections(model_type, "LoRA")
+    unknown = [r for r in roles if r not in table]
+    if unknown:
+        raise SurgeryError(
+            f"--targets {','.join(roles)}: {model_type} has no projection {', '.join(unknown)}; "
+            f"choose from: {', '.join(table)}"
+        )
+    sites = []
+    for path in linear_modules(gm):
+        for role in roles:
+            pattern, part = table[role]
+            m = re.search(pattern, path)
+            if m:
+                sites.append(_beside(gm, path, path, int(m.group(1)), role, part))
+    if not sites:
+        raise SurgeryError(f"no {'/'.join(roles)} projections found in the graph of this {model_type} model")
+    return sites
+
+
+# Blocks a parallel adapter can span: (projection whose input it takes, projection whose output it adds to, role).
+PARALLEL_BLOCKS: dict[str, tuple[str, str, str]] = {"attn": ("q", "o", ATTN_OUT), "ffn": ("ffn_in", "ffn_out", FFN_OUT)}
+
+
+def parallel_sites(gm: fx.GraphModule, model_type: str | None, blocks: tuple[str, ...] = ("ffn",)) -> list[Site]:
+    """One site per layer and block beside the feed-forward block (input of `ffn_in`, output of `ffn_out`)
+    and, when `blocks` names it, beside attention (input of `q`, output of `o`)."""
+    table = _projections(model_type, "the parallel adapter")
+    paths = linear_modules(gm)
+    sites = []
+    for block in blocks:
+        first, last, role = PARALLEL_BLOCKS[block]
+        firsts, lasts = ({int(m.group(1)): p for p in reversed(paths) if (m := re.search(table[r][0], p))} for r in (first, last))
+        sites += [_beside(gm, lasts[i], firsts[i], i, role, None) for i in sorted(lasts) if i in firsts]
+    if not sites:
+        raise SurgeryError(f"no {'/'.join(blocks)} blocks found in the graph of this {model_type} model")
+    return sorted(sites, key=lambda s: s.layer)
+
+
+def _beside(gm: fx.GraphModule, path: str, input_path: str, layer: int, role: str, part: tuple[int, int] | None) -> Site:
+    site = _site(gm, path, layer, role)
+    x = input_node(gm, input_path)
+    width = site.width // part[1] if part else site.width
+    return Site(path, layer, role, width, site.node, x.name, input_path, int(x.meta["val"].shape[-1]), part)

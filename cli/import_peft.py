@@ -1,0 +1,34 @@
+"""`surgery import-peft`: a PEFT LoRA folder onto its base model, saved as NAME.adapted.pt2."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.common import Json, Output, emit_json, out, step
+from surgery.bundle import save_adapted
+from surgery.io import check_output
+from surgery.peft_import import import_peft as import_folder
+from surgery.pipeline import default_output, open_model
+
+
+def import_peft(
+    folder: Annotated[str, typer.Argument(help="A PEFT LoRA folder: adapter_config.json + adapter_model.safetensors.")],
+    base: Annotated[str, typer.Option("--base", help="The base model it was trained on: a HF folder, a config.json, or 'minilm'.")] = "minilm",
+    output: Output = None,
+    json: Json = False,
+) -> None:
+    """Import a PEFT LoRA adapter: the adapted model computes what PEFT's forward does."""
+    path = check_output(output or default_output(folder, ".adapted.pt2"))
+    with step(f"load and capture {base}"):
+        captured = open_model(base)
+    with step(f"insert the LoRA of {folder}"):
+        spec, report, extra = import_folder(captured, folder)
+    with step(f"save {path}"):
+        save_adapted(path, captured, spec, report, extra=extra)
+    if json:
+        emit_json({"output": str(path), "sites": [s.path for s in report.sites], "ranks": spec.ranks, "trainable_params": report.trainable, **extra})
+        return
+    out.print(f"{len(report.sites)} LoRA sites, {report.trainable:,} parameters, ranks {sorted(set(spec.ranks.values()))}")
+    out.print(f"wrote {path}")

@@ -1,0 +1,52 @@
+"""`surgery count` and `surgery insert --method lora|parallel` as subprocesses: JSON, and bad input as one line, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_count_gpt3_175b_houlsby_r8(cli):
+    run = cli("count", "gpt3-175b", "--method", "houlsby", "--r", "8", "--json")
+    assert run.code == 0, run.stderr
+    data = run.json
+    assert data["trainable_params"] == 40_109_568 == 2 * 96 * (2 * 12288 * 8 + 12288 + 8) == data["formula_params"]
+    assert data["pack_bytes"] == {"fp32": 4 * 40_109_568, "fp16": 2 * 40_109_568}
+    assert data["sites"] == 192
+
+
+def test_count_lora_per_projection_ranks_in_text(cli):
+    run = cli("count", "gpt3-175b", "--method", "lora", "--r", "q=4,k=4,v=4,o=4")
+    assert run.code == 0, run.stderr
+    assert "37,748,736 trainable parameters (37.7M" in run.stdout and ": equal" in run.stdout
+
+
+def test_insert_lora(tmp_path, cli):
+    run = cli("insert", "--method", "lora", "--r", "8", "--targets", "q,v", "minilm", "-o", "lora.adapted.pt2", "--json", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert run.json["r"] == {"q": 8, "v": 8} and run.json["trainable_params"] == 6 * 2 * 8 * (384 + 384)
+    run = cli("inspect", "lora.adapted.pt2", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert "lora" in run.stdout and "12 adapted sites" in run.stdout
+
+def test_count_parallel_in_json(cli):
+    run = cli("count", "minilm", "--method", "parallel", "--r", "16", "--scale", "4", "--json")
+    assert run.code == 0, run.stderr
+    assert run.json["adapter"]["scale"] == 4 and run.json["trainable_params"] == 6 * (2 * 384 * 16 + 384 + 16)
+
+
+BAD = [
+    ("rank zero for q", ["insert", "--method", "lora", "--r", "q=0"], "q=0: a LoRA rank must be an integer >= 1"),
+    ("unknown projection", ["insert", "--method", "lora", "--targets", "q,x"], "no projection x"),
+    ("count: rank zero", ["count", "gpt3-175b", "--method", "lora", "--r", "q=0"], ">= 1"),
+    ("count: no config", ["count", "nope.json"], "no such config"),
+]
+
+
+@pytest.mark.parametrize("args, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cli, args, message):
+    run = cli(*args, cwd=tmp_path)
+    assert run.code == 2, (run.stdout, run.stderr)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], run.stderr
+    assert "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []
