@@ -7,6 +7,8 @@
 | swappable | - | swappable export with the houlsby pack active |
 | swappable-none | - | the same export with no pack |
 | routed | two houlsby adapters, rows alternate between them and the base | routed export |
+| lora | LoRA on q and v (rank r), stand-in weights | baked export |
+| lora-merged | the same LoRA folded into the base weights (`merge_adapters`) | baked export |
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ import torch
 from benchmarks.latency import Artifact
 from exporters.onnx import export_onnx
 from exporters.swappable import export_swappable
-from surgery.adapters import AdapterSpec, stand_in_weights
+from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
 from surgery.bundle import save_adapted
 from surgery.capture import Captured, export_program
 from surgery.errors import SurgeryError
+from surgery.merge import merge_model
 from surgery.packs import pack_from_model, save_pack
 from surgery.pipeline import adapt, open_model
 from surgery.route import route, strip_adapters
 
-VARIANTS = ("base", "houlsby", "pfeiffer", "swappable", "swappable-none", "routed")
+VARIANTS = ("base", "houlsby", "pfeiffer", "swappable", "swappable-none", "routed", "lora", "lora-merged")
 BUILTIN = {
     "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257),
 }
@@ -102,6 +105,15 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
         routed, _ = route([houlsby, _adapted(base, work, "houlsby", r, 1)])
         routed_sig = _write_signature(routed, work / "routed.signature.json")
         out.append(Artifact("routed", _save_program(routed, work / "routed.pt2"), to_onnx(routed, "routed"), signature=routed_sig))
+    if {"lora", "lora-merged"} & set(variants):
+        lora = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
+        report = adapt(lora, LoraSpec.parse(str(r), "q,v"))
+        stand_in_weights(lora.gm)
+        if "lora" in variants:
+            out.append(Artifact("lora", _save_program(lora, work / "lora.pt2"), to_onnx(lora, "lora"), signature=sig))
+        if "lora-merged" in variants:
+            merge_model(lora, report.sites)
+            out.append(Artifact("lora-merged", _save_program(lora, work / "lora-merged.pt2"), to_onnx(lora, "lora-merged"), signature=sig))
     return out
 
 
@@ -113,14 +125,12 @@ def prepare_adapted(source: str, work: Path) -> list[Artifact]:
         raise SurgeryError(f"{source} is not an adapted model; bench compares it with its base: run `surgery insert` first")
     sig = _write_signature(adapted, work / "signature.json")
     base = open_model(source)
-    strip_adapters(base.gm, [s["path"] for s in base.manifest["sites"]])
-    base.gm.graph.lint()
-    base.gm.recompile()
+    strip_adapters(base.gm, base.manifest)
     out = [
         Artifact("base", _save_program(base, work / "base.pt2"), str(export_onnx(base.gm, base.signature, work / "base.onnx").path), signature=sig),
         Artifact(adapted.manifest["adapter"]["method"], source, str(export_onnx(adapted.gm, adapted.signature, work / "adapted.onnx").path), signature=sig),
     ]
-    if adapted.manifest["adapter"]["method"] in ("houlsby", "pfeiffer"):
+    if adapted.manifest["adapter"]["method"] in ("houlsby", "pfeiffer"):  # the methods with swappable slots
         onnx_path = str(export_swappable(adapted, work / "swappable.onnx").path)
         pack = str(save_pack(pack_from_model(adapted.gm.state_dict(), adapted.manifest), work / "adapted.onnx_adapter"))
         out.append(Artifact("swappable", None, onnx_path, pack=pack, signature=sig))

@@ -212,6 +212,25 @@ def _fold_bottleneck(gm: fx.GraphModule, proj: _Projection, b: Bottleneck) -> No
     proj.node.args = (*proj.node.args[:2], bias_node)
 
 
+def unload_adapters(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Remove every lifted adapter (in place): the graph computes the base model again, bit for bit.
+
+    An adapter node `a = adapters.<site>(x)` (bottleneck) or `a = adapters.<site>(x, y)` (LoRA, parallel)
+    is replaced by what the base computes there: its last argument. Returns each adapter's input x by
+    submodule target, which is where a new adapter can go (see route.py).
+    """
+    inputs = {}
+    for node in adapter_nodes(gm):
+        inputs[str(node.target)] = node.args[0]
+        node.replace_all_uses_with(node.args[-1])
+        gm.graph.erase_node(node)
+    if hasattr(gm, ADAPTER_ROOT):
+        gm.delete_submodule(ADAPTER_ROOT)
+    gm.graph.lint()
+    gm.recompile()
+    return inputs
+
+
 def _drop_empty_root(gm: fx.GraphModule) -> None:
     root = getattr(gm, ADAPTER_ROOT, None)
     if isinstance(root, nn.Module) and not any(True for _ in root.parameters()):

@@ -34,7 +34,7 @@ from surgery.adapters import ACTIVATIONS
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.signature import InputSpec
-from surgery.sites import ADAPTER_ROOT, output_node
+from surgery.sites import ADAPTER_ROOT
 
 ROUTE_INPUT = "adapter_id"
 TENSORS = ("down_w", "down_b", "up_w", "up_b")
@@ -92,21 +92,14 @@ def _first_diff(a: list[str], b: list[str]) -> str:
     return (a + b)[min(len(a), len(b))]
 
 
-def strip_adapters(gm: fx.GraphModule, sites: list[str]) -> dict[str, fx.Node]:
-    """Remove the inlined adapters (in place); returns, per site, the node the adapter took as input."""
-    inputs = {}
-    for site in sites:
-        path = f"{ADAPTER_ROOT}.{site}"
-        out = output_node(gm, path)
-        region = {n for n in gm.graph.nodes if any(p == path for p, _ in (n.meta.get("nn_module_stack") or {}).values())}
-        outside = {a for n in region for a in n.all_input_nodes if a not in region and a.op != "get_attr"}
-        assert len(outside) == 1, f"adapter {site} has {len(outside)} inputs from outside: {outside}"
-        (inputs[site],) = outside
-        out.replace_all_uses_with(inputs[site])
-    gm.graph.eliminate_dead_code()
-    if hasattr(gm, ADAPTER_ROOT):
-        gm.delete_submodule(ADAPTER_ROOT)
-    return inputs
+def strip_adapters(gm: fx.GraphModule, manifest: dict[str, Any]) -> dict[str, fx.Node]:
+    """Remove an adapted model's inlined adapters (in place); returns, per site path, the adapter's input node."""
+    from surgery.adapters import spec_from_json
+    from surgery.merge import lift_adapters, unload_adapters
+    from surgery.sites import Site
+
+    lift_adapters(gm, spec_from_json(manifest["adapter"]), [Site.from_json(s) for s in manifest["sites"]])
+    return {target.removeprefix(ADAPTER_ROOT + "."): x for target, x in unload_adapters(gm).items()}
 
 
 def _pad(t: torch.Tensor, kind: str, rank: int) -> torch.Tensor:
@@ -140,7 +133,7 @@ def route(models: list[Captured]) -> tuple[Captured, RouteReport]:
     states = [m.gm.state_dict() for m in models]
     rank = max(s[f"{ADAPTER_ROOT}.{sites[0]}.down_w"].shape[1] for s in states)
     gm = copy.deepcopy(models[0].gm)
-    inputs = strip_adapters(gm, sites)
+    inputs = strip_adapters(gm, first)
     gm.graph._codegen = CodeGen()  # plain positional signature, so that a placeholder can be added
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with gm.graph.inserting_after(placeholders[-1]):
