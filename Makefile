@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/surgery demo --out out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2  # two workers: the suite is mostly single-threaded Python start-up and export
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
