@@ -35,6 +35,22 @@ def minilm(minilm_base: Captured) -> Captured:
     return dataclasses.replace(minilm_base, gm=copy.deepcopy(minilm_base.gm))
 
 
+def make_adapted(base: Captured, folder: Path, r: int = 8, seed: int = 0, spec=None) -> Captured:
+    """An adapted copy of `base` with distinct stand-in adapter weights, saved as .adapted.pt2 and reopened,
+    as a user's trained model would arrive."""
+    from surgery.adapters import AdapterSpec, stand_in_weights
+    from surgery.bundle import save_adapted
+    from surgery.pipeline import adapt
+
+    captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
+    spec = spec or AdapterSpec("houlsby", r=r)
+    report = adapt(captured, spec, seed=seed)
+    stand_in_weights(captured.gm, seed=100 + seed)
+    path = folder / f"m{r}_{seed}.adapted.pt2"
+    save_adapted(path, captured, spec, report)
+    return open_model(str(path))
+
+
 class TinyBlock(nn.Module):
     """A pre-norm Transformer block written by hand: no preset knows it, the graph rule must."""
 

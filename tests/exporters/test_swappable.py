@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import numpy as np
@@ -13,30 +12,19 @@ import torch
 from exporters.runtime import AdaptedSession
 from exporters.swappable import RANK, export_routed, export_swappable
 from exporters.verify import check_session
-from surgery.adapters import AdapterSpec, stand_in_weights
-from surgery.bundle import save_adapted
+from surgery.adapters import AdapterSpec
 from surgery.errors import SurgeryError
 from surgery.packs import check_pack, load_pack, pack_from_model, save_pack
-from surgery.pipeline import adapt, open_model
+from surgery.pipeline import open_model
+from tests.conftest import make_adapted
 
 RANKS = (4, 8, 32)
-
-
-def _adapted(base, tmp_path, r, seed, spec=None):
-    """An adapted copy of `base` with distinct random adapter weights, saved and reopened as a user would."""
-    captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
-    spec = spec or AdapterSpec("houlsby", r=r)
-    report = adapt(captured, spec, seed=seed)
-    stand_in_weights(captured.gm, seed=100 + seed)
-    path = tmp_path / f"m{r}_{seed}.adapted.pt2"
-    save_adapted(path, captured, spec, report)
-    return open_model(str(path))
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, minilm_base):
     folder = tmp_path_factory.mktemp("swap")
-    return [_adapted(minilm_base, folder, r, seed=i) for i, r in enumerate(RANKS)]
+    return [make_adapted(minilm_base, folder, r, seed=i) for i, r in enumerate(RANKS)]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +126,7 @@ def test_corrupt_pack_file_is_refused(tmp_path, swappable):
 
 def test_pack_of_another_base_is_refused(tmp_path, small_config, swappable):
     gpt2 = open_model(str(small_config("gpt2")))
-    other = _adapted(gpt2, tmp_path, 4, seed=0)
+    other = make_adapted(gpt2, tmp_path, 4, seed=0)
     pack = pack_from_model(other.gm.state_dict(), other.manifest)
     session = AdaptedSession(swappable[0].path)
     with pytest.raises(SurgeryError, match="made for another model"):
@@ -164,7 +152,7 @@ def test_routing_matches_each_model_row_by_row(tmp_path, models, minilm_base):
 
 
 def test_routing_refuses_models_with_different_sites(tmp_path, models, minilm_base):
-    attn_only = _adapted(minilm_base, tmp_path, 8, seed=5, spec=AdapterSpec("houlsby", r=8, targets=r"attention\.output\.dense$"))
+    attn_only = make_adapted(minilm_base, tmp_path, 8, seed=5, spec=AdapterSpec("houlsby", r=8, targets=r"attention\.output\.dense$"))
     with pytest.raises(SurgeryError, match="sites"):
         export_routed([models[0], attn_only], tmp_path / "r.onnx")
     assert not (tmp_path / "r.onnx").exists()

@@ -3,7 +3,6 @@ padding, weight names, trtexec, check-trt, Triton), and, behind `-m trt`, engine
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import re
@@ -30,34 +29,18 @@ from exporters.tensorrt import (
 from exporters.trt_check import check_trt
 from exporters.triton import write_triton_repo
 from exporters.verify import check_onnx
-from surgery.adapters import AdapterSpec
-from surgery.bundle import save_adapted
 from surgery.errors import SurgeryError
 from surgery.packs import pack_from_model
-from surgery.pipeline import adapt, open_model
+from surgery.pipeline import open_model
+from tests.conftest import make_adapted
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
-
-
-def _adapted(base, folder, r, seed, spec=None):
-    """An adapted MiniLM with distinct random adapter weights, saved and reopened as a user would."""
-    captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
-    spec = spec or AdapterSpec("houlsby", r=r)
-    report = adapt(captured, spec, seed=seed)
-    g = torch.Generator().manual_seed(200 + seed)
-    with torch.no_grad():
-        for name, p in captured.gm.named_parameters():
-            if name.startswith("adapters.") and not name.endswith("down_w"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    path = folder / f"m{r}_{seed}.adapted.pt2"
-    save_adapted(path, captured, spec, report)
-    return open_model(str(path))
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, minilm_base):
     folder = tmp_path_factory.mktemp("trt_models")
-    return [_adapted(minilm_base, folder, 8, seed=0), _adapted(minilm_base, folder, 4, seed=1)]
+    return [make_adapted(minilm_base, folder, 8, seed=0), make_adapted(minilm_base, folder, 4, seed=1)]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +120,7 @@ def test_refit_refuses_a_rank_above_max_r_and_another_base(refit_plan, models, s
     big = dataclasses.replace(pack, tensors={n: torch.from_numpy(a) for n, a in pad_pack(pack, 32).items()})
     with pytest.raises(SurgeryError, match="rank 32, above this engine's maximum 16"):
         refit_weights(refit_plan.meta, big)
-    gpt2 = _adapted(open_model(str(small_config("gpt2"))), tmp_path, 4, seed=0)
+    gpt2 = make_adapted(open_model(str(small_config("gpt2"))), tmp_path, 4, seed=0)
     gpt2_pack = pack_from_model(gpt2.gm.state_dict(), gpt2.manifest)
     with pytest.raises(SurgeryError, match="made for another model"):
         refit_weights(refit_plan.meta, gpt2_pack)
@@ -268,7 +251,7 @@ def test_refit_swaps_packs_and_refuses_a_too_large_rank(models, minilm_base, tmp
     assert sidecar["pack"]["rank"] == 4
     parity = check_engine(plan.engine, models[1].gm, models[1].signature, "fp32", sizes)
     assert parity.ok, parity
-    big = _adapted(minilm_base, tmp_path, 32, seed=3)
+    big = make_adapted(minilm_base, tmp_path, 32, seed=3)
     too_big = save_pack(pack_from_model(big.gm.state_dict(), big.manifest), tmp_path / "r32.onnx_adapter")
     before = plan.engine.read_bytes()
     with pytest.raises(SurgeryError, match="above this engine's maximum 16"):
