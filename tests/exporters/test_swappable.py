@@ -156,3 +156,17 @@ def test_routing_refuses_models_with_different_sites(tmp_path, models, minilm_ba
     with pytest.raises(SurgeryError, match="sites"):
         export_routed([models[0], attn_only], tmp_path / "r.onnx")
     assert not (tmp_path / "r.onnx").exists()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "t5"])
+def test_swappable_and_routed_on_small_architectures(tmp_path, small_config, model_type):
+    base = open_model(str(small_config(model_type)))
+    a, b = make_adapted(base, tmp_path, 4, seed=0), make_adapted(base, tmp_path, 8, seed=1)
+    swappable = export_swappable(a, tmp_path / "s.onnx")
+    assert swappable.base_parity.max_abs_diff < 1e-4 and swappable.pack_parity.max_abs_diff < 1e-4
+    session = AdaptedSession(swappable.path)
+    session.load("b", pack_from_model(b.gm.state_dict(), b.manifest))  # rank 8 into a slot exported from rank 4
+    parity = check_session(session.session, b.gm, b.signature, 1e-4, run_options=session.run_options("b"))
+    assert parity.max_abs_diff < 1e-4, parity
+    routed = export_routed([a, b], tmp_path / "r.onnx")
+    assert routed.rows.max_abs_diff < 1e-4 and routed.rank == 8
