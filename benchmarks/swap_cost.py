@@ -63,7 +63,7 @@ def main() -> None:
     export_load = []
     for i, m in enumerate(models):
         t0 = time.perf_counter()
-        baked = export_onnx(m.gm, m.signature, work / f"baked{i}.onnx").path
+        baked = export_onnx(m.gm, m.signature, work / f"baked{i}.onnx", manifest=m.manifest).path
         ort_session(baked, threads=args.threads)
         export_load.append(time.perf_counter() - t0)
 

@@ -83,7 +83,7 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
     sig = _write_signature(base, work / "signature.json")
     out = []
     def to_onnx(m: Captured, name: str) -> str | None:
-        return str(export_onnx(m.gm, m.signature, work / f"{name}.onnx").path) if onnx else None
+        return str(export_onnx(m.gm, m.signature, work / f"{name}.onnx", manifest=m.manifest).path) if onnx else None
 
     if not onnx:
         variants = [v for v in variants if v not in ("swappable", "swappable-none")]
@@ -128,7 +128,7 @@ def prepare_adapted(source: str, work: Path) -> list[Artifact]:
     strip_adapters(base.gm, base.manifest)
     out = [
         Artifact("base", _save_program(base, work / "base.pt2"), str(export_onnx(base.gm, base.signature, work / "base.onnx").path), signature=sig),
-        Artifact(adapted.manifest["adapter"]["method"], source, str(export_onnx(adapted.gm, adapted.signature, work / "adapted.onnx").path), signature=sig),
+        Artifact(adapted.manifest["adapter"]["method"], source, str(export_onnx(adapted.gm, adapted.signature, work / "adapted.onnx", manifest=adapted.manifest).path), signature=sig),
     ]
     if adapted.manifest["adapter"]["method"] in ("houlsby", "pfeiffer"):  # the methods with swappable slots
         onnx_path = str(export_swappable(adapted, work / "swappable.onnx").path)

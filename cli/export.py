@@ -67,7 +67,7 @@ def export(
         elif swappable:
             result = export_swappable(models[0], path, tolerance=tolerance)
         else:
-            result = export_onnx(models[0].gm, models[0].signature, path, tolerance=tolerance)
+            result = export_onnx(models[0].gm, models[0].signature, path, tolerance=tolerance, manifest=models[0].manifest)
     data = result.to_json()
     if triton_repo:
         repo = write_triton_repo(triton_repo, path, path, models[0].signature, path.name.split(".")[0])

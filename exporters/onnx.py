@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from exporters.verify import Parity, check_onnx
 from surgery.errors import SurgeryError
+from surgery.fuse import fused_copy
 from surgery.io import atomic_output
 from surgery.signature import Signature
 
@@ -104,12 +105,23 @@ def refuse_mismatch(parity: Parity, what: str, case: str = "") -> None:
 
 
 def export_onnx(
-    gm: fx.GraphModule, signature: Signature, path: str | Path, *, tolerance: float = 1e-4
+    gm: fx.GraphModule,
+    signature: Signature,
+    path: str | Path,
+    *,
+    tolerance: float = 1e-4,
+    manifest: dict[str, Any] | None = None,
+    fuse: bool = True,
 ) -> OnnxExport:
-    """Export `gm` to ONNX at `path` with dynamic axes, verify it in ONNX Runtime, then move it into place."""
+    """Export `gm` to ONNX at `path` with dynamic axes, verify it in ONNX Runtime, then move it into place.
+
+    Bottleneck adapters are exported in their fused form (surgery/fuse.py; `manifest` locates them in a
+    reloaded .adapted.pt2); the check always compares with `gm` itself, unfused.
+    """
     start = time.perf_counter()
+    exported = (fused_copy(gm, manifest) if fuse else None) or gm
     with atomic_output(path) as tmp:
-        onnx.save(lean_proto(onnx_program(gm, signature, str(path))), str(tmp))
+        onnx.save(lean_proto(onnx_program(exported, signature, str(path))), str(tmp))
         seconds = time.perf_counter() - start
         check_model(tmp, str(path))
         parity = check_onnx(tmp, gm, signature, tolerance=tolerance)

@@ -292,7 +292,7 @@ def prepare_trt(
         max_r=max_r,
     )
     if max_r is None:
-        plan.parity = export_onnx(captured.gm, captured.signature, onnx_path, tolerance=tolerance).parity
+        plan.parity = export_onnx(captured.gm, captured.signature, onnx_path, tolerance=tolerance, manifest=captured.manifest).parity
     else:
         proto = refittable_onnx(captured, max_r)
         weight_names(proto)

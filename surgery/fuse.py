@@ -1,0 +1,119 @@
+"""Export-time rewrite of bottleneck adapters into the form ONNX Runtime runs fastest.
+
+A bottleneck after a projection computes, with x = W a + b the projection's output,
+
+    y = x + W_up σ(W_down x + b_down) + b_up
+
+The up-bias can move into the projection's bias exactly: with b' = b + b_up and x' = W a + b',
+    y = x' + W_up σ(W_down x' + (b_down - W_down b_up))
+and what is left is two 2-D GEMMs: `Gemm(x', W_down, b_down') -> σ` (which ORT fuses into one FusedGemm for
+relu) and `Gemm(h, W_up, C = x')`, whose C input adds the residual in the same kernel. For a BERT layer the
+adapter's `forward` changes from
+
+    h = relu(matmul(x, down_w) + down_b); y = x + matmul(h, up_w) + up_b          # 5 kernels over (B, S, d)
+
+to
+
+    x2 = x.reshape(-1, d); h = relu(addmm(down_b', x2, down_w)); y = addmm(x2, h, up_w).reshape(B, S, d)
+
+Measured on MiniLM r=8, ORT 1.32 CPU, b1 s128, 150 interleaved runs, two runs: +2.6% / +3.5% over the base
+model, against +5.5% / +4.9% for the plain form. The rewrite changes base weights (the projection's bias), so it
+is for baked exports only, which are checked against the original, unfused model in torch.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from surgery.adapters import ACTIVATIONS, Bottleneck, spec_from_json
+from surgery.sites import Site
+
+aten = torch.ops.aten
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+BOTTLENECK_METHODS = ("houlsby", "pfeiffer")
+
+
+class FusedBottleneck(nn.Module):
+    """f(x) = x + W_up σ(W_down x + b_down), the up-bias already in the projection before it; two GEMMs."""
+
+    def __init__(self, down_w: torch.Tensor, down_b: torch.Tensor, up_w: torch.Tensor, activation: str):
+        super().__init__()
+        self.down_w = nn.Parameter(down_w.detach().clone(), requires_grad=False)  # (d, r)
+        self.down_b = nn.Parameter(down_b.detach().clone(), requires_grad=False)  # (r,)
+        self.up_w = nn.Parameter(up_w.detach().clone(), requires_grad=False)  # (r, d)
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, d)
+        h = self.act(torch.addmm(self.down_b, x2, self.down_w))  # (N, r)
+        return torch.addmm(x2, h, self.up_w).reshape(shape)  # x + h W_up
+
+
+def _bias_node(x: fx.Node) -> fx.Node | None:
+    """The `get_attr` of the bias that the projection producing `x` adds (through reshapes), if any."""
+    while x.op == "call_function" and x.target in RESHAPES and len(x.users) == 1:
+        x = x.args[0]
+    if x.op != "call_function":
+        return None
+    bias = None
+    if x.target is aten.linear.default and len(x.args) > 2:
+        bias = x.args[2]
+    elif x.target is aten.addmm.default:
+        bias = x.args[0]
+    if isinstance(bias, fx.Node) and bias.op == "get_attr" and len(bias.users) == 1:
+        return bias
+    return None
+
+
+def fuse_bottlenecks(gm: fx.GraphModule) -> int:
+    """Fold each bottleneck's up-bias into its projection's bias and make it a FusedBottleneck (in place).
+
+    A bottleneck whose input is not a biased projection used by the adapter alone is left as it is.
+    Returns how many were fused.
+    """
+    from surgery.merge import adapter_nodes
+
+    fused = 0
+    for node in adapter_nodes(gm):
+        module = gm.get_submodule(str(node.target))
+        x = node.args[0]
+        if type(module) is not Bottleneck or len(x.users) != 1:
+            continue
+        bias_node = _bias_node(x)
+        if bias_node is None:
+            continue
+        bias = gm.get_parameter(str(bias_node.target))
+        with torch.no_grad():
+            bias += module.up_b
+            down_b = module.down_b - module.up_b @ module.down_w
+        gm.add_submodule(str(node.target), FusedBottleneck(module.down_w, down_b, module.up_w, module.activation))
+        fused += 1
+    gm.graph.lint()
+    gm.recompile()
+    return fused
+
+
+def fused_copy(gm: fx.GraphModule, manifest: dict[str, Any] | None = None) -> fx.GraphModule | None:
+    """A copy of `gm` with its bottlenecks fused for export, or None when there is nothing to fuse.
+
+    `manifest` (of a reloaded .adapted.pt2, whose adapters are inlined) says where the adapters are.
+    """
+    from surgery.merge import adapter_nodes, lift_adapters
+
+    lifted = any(isinstance(gm.get_submodule(str(n.target)), Bottleneck) for n in adapter_nodes(gm))
+    inlined = (
+        manifest is not None
+        and manifest.get("adapter", {}).get("method") in BOTTLENECK_METHODS
+        and not {"merged", "route"} & set(manifest)
+    )
+    if not lifted and not inlined:
+        return None
+    out = copy.deepcopy(gm)
+    if not lifted:
+        lift_adapters(out, spec_from_json(manifest["adapter"]), [Site.from_json(s) for s in manifest["sites"]])
+    return out if fuse_bottlenecks(out) else None

@@ -1,0 +1,60 @@
+"""The export-time bottleneck rewrite: exact against the unfused model, and applied only where it is exact."""
+
+from __future__ import annotations
+
+import collections
+
+import onnx
+import torch
+
+from exporters.onnx import export_onnx
+from surgery.adapters import AdapterSpec, stand_in_weights
+from surgery.fuse import FusedBottleneck, fuse_bottlenecks, fused_copy
+from surgery.pipeline import adapt, open_model
+from tests.conftest import make_adapted
+
+
+def _outputs(captured, gm):
+    tensors = captured.signature.examples({"batch": 3, "seq": 21}, seed=4, pad=True)
+    with torch.no_grad():
+        return captured.signature.call(gm, tensors)
+
+
+def test_fused_copy_computes_the_adapted_model_and_leaves_it_untouched(minilm):
+    adapt(minilm, AdapterSpec("houlsby", r=8, activation="gelu"))
+    stand_in_weights(minilm.gm)
+    bias_before = minilm.gm.get_parameter("encoder.layer.0.attention.output.dense.bias").clone()
+    fused = fused_copy(minilm.gm)
+    assert fused is not None
+    assert sum(isinstance(m, FusedBottleneck) for m in fused.modules()) == 12
+    for want, got in zip(_outputs(minilm, minilm.gm), _outputs(minilm, fused)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert torch.equal(minilm.gm.get_parameter("encoder.layer.0.attention.output.dense.bias"), bias_before)
+
+
+def test_reloaded_pt2_exports_fused_and_matches_torch(tmp_path, minilm_base):
+    adapted = make_adapted(minilm_base, tmp_path, 8)
+    result = export_onnx(adapted.gm, adapted.signature, tmp_path / "m.onnx", manifest=adapted.manifest)
+    assert result.parity.max_abs_diff < 1e-4
+    ops = collections.Counter(n.op_type for n in onnx.load(str(result.path)).graph.node)
+    assert ops["Gemm"] == 24 + 1  # two per adapter, and the pooler
+
+
+def test_projections_without_bias_are_left_unfused(tmp_path, small_config):
+    adapted = make_adapted(open_model(str(small_config("llama"))), tmp_path, 4)  # o_proj, down_proj: no bias
+    assert fused_copy(adapted.gm, adapted.manifest) is None
+    result = export_onnx(adapted.gm, adapted.signature, tmp_path / "l.onnx", manifest=adapted.manifest)
+    assert result.parity.max_abs_diff < 1e-4
+
+
+def test_gpt2_conv1d_projections_fuse(small_config):
+    captured = open_model(str(small_config("gpt2")))
+    adapt(captured, AdapterSpec("pfeiffer", r=4))
+    stand_in_weights(captured.gm)
+    reference = _outputs(captured, captured.gm)
+    import copy
+
+    gm = copy.deepcopy(captured.gm)
+    assert fuse_bottlenecks(gm) == 2
+    for want, got in zip(reference, _outputs(captured, gm)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
