@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 
 from benchmarks.latency import alternate, machine
 from exporters.onnx import export_onnx
-from surgery.adapters import LoraSpec
+from surgery.adapters import LoraSpec, stand_in_weights
 from surgery.merge import merge_model
 from surgery.pipeline import adapt, open_model
 
@@ -32,11 +31,7 @@ def run(r: str, targets: str, runs: int, threads: int, seq: int) -> dict:
     base = open_model("minilm")
     lora = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
     report = adapt(lora, LoraSpec.parse(r, targets))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in lora.gm.named_parameters():
-            if name.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    stand_in_weights(lora.gm, seed=1)
     folder = Path(tempfile.mkdtemp(prefix="merge-bench-"))
     exports = {"lora_unmerged": export_onnx(lora.gm, lora.signature, folder / "lora.onnx")}
     merged, _ = merge_model(lora, report.sites)

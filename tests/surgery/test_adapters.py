@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from surgery.adapters import AdapterSpec, LoRA, LoraSpec, Parallel, parse_spec
+from surgery.adapters import AdapterSpec, LoRA, LoraSpec, Parallel, parse_spec, stand_in_weights
 from surgery.errors import SurgeryError
 from surgery.pipeline import adapt, open_model
 
@@ -17,14 +17,6 @@ def _outputs(captured, seed=0):
     tensors = captured.signature.examples({"batch": 3, "seq": 24}, seed=seed, pad=True)
     with torch.no_grad():
         return captured.signature.call(captured.gm, tensors)[0]
-
-
-def _train_stand_in(gm, std=0.05):
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in gm.named_parameters():
-            if name.startswith("adapters.") and name.rsplit(".", 1)[1] in ("lora_B", "up_w", "up_b"):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +48,7 @@ def test_identity_at_insertion_then_the_adapter_acts(minilm_base, gpt2_base, whi
     assert len(report.sites) == per_layer * layers
     before = _outputs(base)
     assert torch.equal(_outputs(captured), before)
-    _train_stand_in(captured.gm)
+    stand_in_weights(captured.gm, seed=1)
     assert (_outputs(captured) - before).abs().max() > 1e-3
     assert {n for n, p in captured.gm.named_parameters() if p.requires_grad} == {
         n for n, _ in captured.gm.named_parameters() if n.startswith("adapters.")
@@ -112,7 +104,7 @@ def test_lora_adapted_model_saves_and_reloads(tmp_path, gpt2_base):
     captured = _copy(gpt2_base)
     spec = LoraSpec({"q": 4, "v": 4}, alpha=8)
     report = adapt(captured, spec)
-    _train_stand_in(captured.gm)
+    stand_in_weights(captured.gm, seed=1)
     meta = save_adapted(tmp_path / "m.adapted.pt2", captured, spec, report)
     assert meta["adapter"] == {"method": "lora", "r": {"q": 4, "v": 4}, "alpha": 8, "targets": ["q", "v"], "activation": None}
     assert meta["sites"][0]["part"] == [0, 3] or meta["sites"][0]["part"] == (0, 3)

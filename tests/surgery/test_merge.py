@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from exporters.onnx import export_onnx
-from surgery.adapters import AdapterSpec, LoraSpec
+from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
 from surgery.bundle import save_adapted
 from surgery.errors import SurgeryError
 from surgery.merge import (
@@ -42,19 +42,10 @@ def _nodes(gm):
     return [(n.op, str(n.target)) for n in gm.graph.nodes]
 
 
-def _train_stand_in(gm, seed=1, std=0.05):
-    """Non-zero adapter weights (every tensor, biases too), so that merges have something to fold."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in gm.named_parameters():
-            if name.startswith("adapters."):
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 def _adapted(base, spec, seed=1):
     captured = _copy(base)
     report = adapt(captured, spec)
-    _train_stand_in(captured.gm, seed)
+    stand_in_weights(captured.gm, seed)
     return captured, report
 
 
