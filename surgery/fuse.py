@@ -45,6 +45,7 @@ class FusedBottleneck(nn.Module):
         self.down_w = nn.Parameter(down_w.detach().clone(), requires_grad=False)  # (d, r)
         self.down_b = nn.Parameter(down_b.detach().clone(), requires_grad=False)  # (r,)
         self.up_w = nn.Parameter(up_w.detach().clone(), requires_grad=False)  # (r, d)
+        self.activation = activation
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., d)
@@ -52,6 +53,20 @@ class FusedBottleneck(nn.Module):
         x2 = x.reshape(-1, shape[-1])  # (N, d)
         h = self.act(torch.addmm(self.down_b, x2, self.down_w))  # (N, r)
         return torch.addmm(x2, h, self.up_w).reshape(shape)  # x + h W_up
+
+
+class KernelBottleneck(FusedBottleneck):
+    """A FusedBottleneck as one call of the custom op `surgery::bottleneck` (surgery/kernels.py).
+
+    On CUDA with Triton the op is one kernel launch instead of three (addmm, σ, addmm): at batch 1 the
+    adapter's cost on a GPU is launch latency, not arithmetic. Elsewhere the op runs FusedBottleneck's
+    three torch ops. A program exported with it needs `import surgery.kernels` before `torch.export.load`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import surgery.kernels  # noqa: F401  registers torch.ops.surgery.bottleneck
+
+        return torch.ops.surgery.bottleneck(x, self.down_w, self.down_b, self.up_w, self.activation)
 
 
 def _bias_node(x: fx.Node) -> fx.Node | None:
@@ -70,12 +85,14 @@ def _bias_node(x: fx.Node) -> fx.Node | None:
     return None
 
 
-def fuse_bottlenecks(gm: fx.GraphModule) -> int:
+def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False) -> int:
     """Fold each bottleneck's up-bias into its projection's bias and make it a FusedBottleneck (in place).
 
+    With `kernel`, a KernelBottleneck (one custom op) instead.
     A bottleneck whose input is not a biased projection used by the adapter alone is left as it is.
     Returns how many were fused.
     """
+
     from surgery.merge import adapter_nodes
 
     fused = 0
@@ -91,17 +108,19 @@ def fuse_bottlenecks(gm: fx.GraphModule) -> int:
         with torch.no_grad():
             bias += module.up_b
             down_b = module.down_b - module.up_b @ module.down_w
-        gm.add_submodule(str(node.target), FusedBottleneck(module.down_w, down_b, module.up_w, module.activation))
+        kind = KernelBottleneck if kernel else FusedBottleneck
+        gm.add_submodule(str(node.target), kind(module.down_w, down_b, module.up_w, module.activation))
         fused += 1
     gm.graph.lint()
     gm.recompile()
     return fused
 
 
-def fused_copy(gm: fx.GraphModule, manifest: dict[str, Any] | None = None) -> fx.GraphModule | None:
+def fused_copy(gm: fx.GraphModule, manifest: dict[str, Any] | None = None, kernel: bool = False) -> fx.GraphModule | None:
     """A copy of `gm` with its bottlenecks fused for export, or None when there is nothing to fuse.
 
-    `manifest` (of a reloaded .adapted.pt2, whose adapters are inlined) says where the adapters are.
+    `manifest` (of a reloaded .adapted.pt2, whose adapters are inlined) says where the adapters are;
+    `kernel` makes them KernelBottlenecks (for torch on CUDA; ONNX export takes the plain fused form).
     """
     from surgery.merge import adapter_nodes, lift_adapters
 
@@ -116,4 +135,4 @@ def fused_copy(gm: fx.GraphModule, manifest: dict[str, Any] | None = None) -> fx
     out = copy.deepcopy(gm)
     if not lifted:
         lift_adapters(out, spec_from_json(manifest["adapter"]), [Site.from_json(s) for s in manifest["sites"]])
-    return out if fuse_bottlenecks(out) else None
+    return out if fuse_bottlenecks(out, kernel) else None

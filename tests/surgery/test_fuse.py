@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 import onnx
+import pytest
 import torch
 
 from exporters.onnx import export_onnx
@@ -58,3 +59,41 @@ def test_gpt2_conv1d_projections_fuse(small_config):
     assert fuse_bottlenecks(gm) == 2
     for want, got in zip(reference, _outputs(captured, gm)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_kernel_form_matches_and_survives_export_and_reload(tmp_path, small_config):
+    """The one-op form (`surgery::bottleneck`; its CPU implementation here) computes the adapted model, and a
+    program exported with it saves, reloads and runs."""
+    from surgery.capture import export_program
+    from surgery.fuse import KernelBottleneck
+
+    adapted = make_adapted(open_model(str(small_config("gpt2"))), tmp_path, 4)
+    gm = fused_copy(adapted.gm, adapted.manifest, kernel=True)
+    assert sum(isinstance(m, KernelBottleneck) for m in gm.modules()) == 4
+    reference = _outputs(adapted, adapted.gm)
+    for want, got in zip(reference, _outputs(adapted, gm)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    program = export_program(gm, adapted.signature, "kernel form")
+    assert sum(n.target is torch.ops.surgery.bottleneck.default for n in program.graph.nodes) == 4
+    torch.export.save(program, tmp_path / "k.pt2")
+    for want, got in zip(reference, _outputs(adapted, torch.export.load(tmp_path / "k.pt2").module())):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_kernel_form_on_cuda_matches_the_cpu_model(tmp_path, small_config):
+    """GPT-2 (small config) with Houlsby adapters: the fused Triton kernels on CUDA against the unfused model on CPU."""
+    from torch.export.passes import move_to_device_pass
+
+    from surgery.capture import export_program
+
+    adapted = make_adapted(open_model(str(small_config("gpt2"))), tmp_path, 4)
+    gm = fused_copy(adapted.gm, adapted.manifest, kernel=True)
+    on_gpu = move_to_device_pass(export_program(gm, adapted.signature, "kernel form"), "cuda").module()
+    tensors = adapted.signature.examples({"batch": 3, "seq": 21}, seed=4, pad=True)
+    with torch.no_grad():
+        want = adapted.signature.call(adapted.gm, tensors)
+        got = adapted.signature.call(on_gpu, [t.cuda() for t in tensors])
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-4, atol=1e-4)
