@@ -1,6 +1,6 @@
 """GPU latency of MiniLM, base against Houlsby r=8: torch CUDA eager, ONNX Runtime CUDA, TensorRT (each where present).
 
-    python -m benchmarks.gpu_latency [--runs 100] [--precision fp32|fp16] [--out out/gpu_latency]
+    python -m benchmarks.gpu_latency [--model minilm|minilm-random] [--runs 100] [--precision fp32|fp16] [--out out/gpu_latency]
 
 Batch 1, sequence 128. Within a backend the base and the adapted model are timed call by call in turn (see
 benchmarks/latency.py), so their ratio is what to read. Every call includes its host-device copies (torch:
@@ -21,15 +21,16 @@ from pathlib import Path
 import torch
 
 from benchmarks.latency import machine, on_device, time_interleaved
+from benchmarks.variants import open_builtin
 from surgery.adapters import AdapterSpec, stand_in_weights
 from surgery.capture import export_program
-from surgery.pipeline import adapt, open_model
+from surgery.pipeline import adapt
 
 SIZES = {"batch": 1, "seq": 128}
 
 
-def _models():
-    base = open_model("minilm")
+def _models(model: str, work: Path):
+    base = open_builtin(model, work)
     adapted = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
     adapt(adapted, AdapterSpec("houlsby", r=8))
     stand_in_weights(adapted.gm)
@@ -87,6 +88,7 @@ def main() -> None:
     from exporters.onnx import export_onnx
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", help="minilm (needs its package) or minilm-random (same shape)")
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     parser.add_argument("--out", type=Path, default=Path("out/gpu_latency"))
@@ -95,7 +97,7 @@ def main() -> None:
         raise SystemExit("no CUDA GPU visible to torch: install a CUDA build of torch (see README) on a GPU machine")
     args.out.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="gpu-latency-"))
-    models = _models()
+    models = _models(args.model, folder)
     sig = models["base"].signature
     feeds = {n: t.numpy() for n, t in zip(sig.names, sig.examples(SIZES, seed=1))}
     onnx_paths = {name: export_onnx(m.gm, m.signature, folder / f"{name}.onnx").path for name, m in models.items()}
@@ -118,7 +120,7 @@ def main() -> None:
                 report["missing"][backend] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
                 continue
             report["backends"][backend] = [t.to_json() for t in timings]
-    lines = [f"# GPU latency, MiniLM batch 1 seq 128 ({report['machine']['gpu']})", "",
+    lines = [f"# GPU latency, {args.model} batch 1 seq 128 ({report['machine']['gpu']})", "",
              "| backend | model | median ms | p10 | p90 | adapted / base |", "|---|---|---|---|---|---|"]
     for backend, timings in report["backends"].items():
         for t in timings:

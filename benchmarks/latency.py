@@ -65,6 +65,7 @@ def machine() -> dict[str, str]:
         "gpu": gpu,
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "fp32_matmul": torch.get_float32_matmul_precision(),  # "highest": no TF32 on a GPU
         "onnxruntime": onnxruntime.__version__,
     }
 
@@ -165,7 +166,10 @@ class Worker:
         # PASSIVE: an idle worker's OpenMP threads sleep instead of spinning on the core the next worker needs
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
-        self._read()  # "ready"
+
+    def wait_ready(self) -> None:
+        """Block until the worker has loaded its model (workers load in parallel; timing starts after all)."""
+        self._read()
 
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline()
@@ -194,6 +198,7 @@ def run_grid(
     threads: int = 2,
     on_round: Callable[[], None] | None = None,
     on_skip: Callable[[str, str], None] | None = None,
+    on_point: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
     """Time every (artifact, backend) on every grid point, interleaved round by round across processes."""
     workers: list[Worker] = []
@@ -210,6 +215,8 @@ def run_grid(
     info = machine()
     rows: list[Row] = []
     try:
+        for w in workers:
+            w.wait_ready()
         for batch, seq in grid:
             times: dict[int, list[float]] = {i: [] for i in range(len(workers))}
             for k in range(warmup + rounds):
@@ -224,14 +231,20 @@ def run_grid(
                 p90, p99 = np.percentile(ts, [90, 99])
                 rows.append(Row(model, w.artifact.variant, w.backend, batch, seq, float(np.median(ts)), float(p90), float(p99),
                                 float(ts.min()), float(ts.max()), len(ts), None, threads, info))
+            _overheads(rows)
+            if on_point:  # e.g. write the reports so far: a long grid cut short keeps its finished points
+                on_point(rows)
     finally:
         for w in workers:
             w.close()
+    return rows
+
+
+def _overheads(rows: list[Row]) -> None:
     base = {(r.backend, r.batch, r.seq): r.median_ms for r in rows if r.variant == "base"}
     for r in rows:
         ref = base.get((r.backend, r.batch, r.seq))
         r.overhead = None if ref is None else r.median_ms / ref - 1
-    return rows
 
 
 def write_reports(rows: list[Row], out: Path, title: str) -> dict[str, Path]:
@@ -272,9 +285,9 @@ def _plot(rows: list[Row], path: Path, title: str) -> None:
         xs = [i + j * width for i, g in enumerate(groups) if g in by]
         ax1.bar(xs, [by[g].median_ms for g in groups if g in by], width, label=v)
         ax2.bar(xs, [100 * (by[g].overhead or 0) for g in groups if g in by], width, label=v)
-    labels = [f"{b}\n{n}x{s}" for b, n, s in groups]
+    labels = [f"{b.replace('torch-cuda-', 'cuda-')}\n{n}x{s}" for b, n, s in groups]
     for ax, ylabel in ((ax1, "median latency (ms)"), (ax2, "overhead vs base (%)")):
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], labels, fontsize=8)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], labels, fontsize=7, rotation=30, ha="right")
         ax.set_ylabel(ylabel)
     ax2.axhline(0, color="black", linewidth=0.8)
     ax1.legend(fontsize=8)
@@ -297,9 +310,14 @@ def _worker(artifact: Artifact, backend: str, threads: int) -> None:
     sig = Signature.from_json(json.loads(Path(artifact.signature).read_text()))
     run = _runner(artifact, backend, threads, sig)
     print(json.dumps({"ready": True}), flush=True)
+    calls: dict[tuple[int, int], Callable[[], Any]] = {}  # one set of inputs (and CUDA graph) per grid point
     for line in sys.stdin:
         req = json.loads(line)
-        call = run(sig, {"batch": req["batch"], "seq": req["seq"]})
+        key = (req["batch"], req["seq"])
+        if key not in calls:
+            calls.clear()  # the previous grid point's graph and buffers go before the next is made
+            calls[key] = run(sig, {"batch": key[0], "seq": key[1]})
+        call = calls[key]
         times = []
         for _ in range(req["calls"]):
             t0 = time.perf_counter()
@@ -347,6 +365,8 @@ def _runner(artifact: Artifact, backend: str, threads: int, sig: Any) -> Callabl
             return partial(session.run, None, feeds, options)
 
         return ort_call
+
+    import surgery.kernels  # noqa: F401  a houlsby-kernel program calls torch.ops.surgery.bottleneck
 
     device = "cuda" if backend.startswith("torch-cuda") else "cpu"
     module = on_device(torch.export.load(artifact.pt2), device)
@@ -439,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_libraries()
     p = argparse.ArgumentParser(description="Latency of base and adapted variants, each in its own process, interleaved.")
-    p.add_argument("--model", default="minilm", help="minilm (pretrained), gpt2-medium (random weights), or a source path")
+    p.add_argument("--model", default="minilm", help="minilm (pretrained), minilm-random or gpt2-medium (random weights), or a source path")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--backends", default="torch,ort", help=f"comma-separated, from: {', '.join(BACKENDS)}")
     p.add_argument("--grid", default="default", help="tiny, default (1x128), paper (1x128,16x256,32x512), or BxS,...")
@@ -448,6 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calls", type=int, default=5, help="timed calls per worker per round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("out/bench"))
+    p.add_argument("--work", type=Path, help="where the exported variants go (default: OUT/artifacts)")
     a = p.parse_args(argv)
     from rich.console import Console
     from rich.progress import Progress
@@ -457,14 +478,16 @@ def main(argv: list[str] | None = None) -> None:
     backends = a.backends.split(",")
     with console.status(f"exporting variants of {a.model} ..."):
         onnx = any(b.startswith("ort") for b in backends)
-        artifacts = prepare(a.model, a.variants.split(","), a.out / "artifacts", r=a.r, onnx=onnx)
+        artifacts = prepare(a.model, a.variants.split(","), a.work or a.out / "artifacts", r=a.r, onnx=onnx)
     n_rounds = len(grid) * (a.rounds + 2)
     with Progress(console=console) as progress:
         task = progress.add_task("timing", total=n_rounds)
+        title = f"{a.model}: adapter latency, r={a.r}"
         rows = run_grid(a.model, artifacts, backends, grid, a.rounds, a.calls, 2, a.threads,
                         on_round=lambda: progress.advance(task),
-                        on_skip=lambda b, why: console.print(f"[yellow]skipping backend {b}: {why}[/]"))
-    paths = write_reports(rows, a.out, f"{a.model}: adapter latency, r={a.r}")
+                        on_skip=lambda b, why: console.print(f"[yellow]skipping backend {b}: {why}[/]"),
+                        on_point=lambda done: write_reports(done, a.out, title))
+    paths = write_reports(rows, a.out, title)
     print(paths["md"].read_text())
     console.print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")
 

@@ -3,7 +3,9 @@
 | variant | torch (.pt2) | ONNX Runtime (.onnx) |
 |---|---|---|
 | base | the captured base model | baked export of it |
-| houlsby, pfeiffer | adapted, stand-in weights | baked export |
+| houlsby, pfeiffer | adapted, stand-in weights | baked export (bottlenecks fused, see surgery/fuse.py) |
+| houlsby-fused | houlsby with its bottlenecks fused as the baked ONNX has them (addmm, σ, addmm) | - (houlsby's ONNX is it) |
+| houlsby-kernel | the same, each bottleneck one `surgery::bottleneck` op (one Triton kernel on CUDA) | - |
 | swappable | - | swappable export with the houlsby pack active |
 | swappable-none | - | the same export with no pack |
 | routed | two houlsby adapters, rows alternate between them and the base | routed export |
@@ -27,14 +29,18 @@ from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
 from surgery.bundle import save_adapted
 from surgery.capture import Captured, export_program
 from surgery.errors import SurgeryError
+from surgery.fuse import fused_copy
 from surgery.merge import merge_model
 from surgery.packs import pack_from_model, save_pack
 from surgery.pipeline import adapt, open_model
 from surgery.route import route, strip_adapters
 
-VARIANTS = ("base", "houlsby", "pfeiffer", "swappable", "swappable-none", "routed", "lora", "lora-merged")
+VARIANTS = ("base", "houlsby", "houlsby-fused", "houlsby-kernel", "pfeiffer", "swappable", "swappable-none", "routed", "lora", "lora-merged")
+# random weights, which latency does not depend on; minilm-random is MiniLM's shape for machines without its package
 BUILTIN = {
     "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257),
+    "minilm-random": dict(model_type="bert", num_hidden_layers=6, hidden_size=384, num_attention_heads=12,
+                          intermediate_size=1536, vocab_size=30522, max_position_embeddings=512),
 }
 
 
@@ -89,11 +95,16 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
         variants = [v for v in variants if v not in ("swappable", "swappable-none")]
     if "base" in variants:
         out.append(Artifact("base", _save_program(base, work / "base.pt2"), to_onnx(base, "base"), signature=sig))
-    houlsby = _adapted(base, work, "houlsby", r, 0) if {"houlsby", "swappable", "swappable-none", "routed"} & set(variants) else None
+    uses_houlsby = {"houlsby", "houlsby-fused", "houlsby-kernel", "swappable", "swappable-none", "routed"}
+    houlsby = _adapted(base, work, "houlsby", r, 0) if uses_houlsby & set(variants) else None
     for method in ("houlsby", "pfeiffer"):
         if method in variants:
             m = houlsby if method == "houlsby" else _adapted(base, work, method, r, 0)
             out.append(Artifact(method, m.source.path, to_onnx(m, method), signature=sig))
+    for name in ("houlsby-fused", "houlsby-kernel"):
+        if name in variants:
+            fused = dataclasses.replace(houlsby, gm=fused_copy(houlsby.gm, houlsby.manifest, kernel=name == "houlsby-kernel"))
+            out.append(Artifact(name, _save_program(fused, work / f"{name}.pt2"), None, signature=sig))
     if {"swappable", "swappable-none"} & set(variants):
         onnx_path = str(export_swappable(houlsby, work / "swappable.onnx").path)
         pack = str(save_pack(pack_from_model(houlsby.gm.state_dict(), houlsby.manifest), work / "houlsby.onnx_adapter"))
