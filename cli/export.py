@@ -2,6 +2,7 @@
 
 Baked (default): adapter weights as initializers. `--swappable`: adapter slots that packs fill at run time.
 `--route`: several adapted models' adapters in one graph, chosen per batch row by an `adapter_id` input.
+`--fused-pt2`: not ONNX but a torch.export program whose bottlenecks are one Triton kernel each on CUDA.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import InputDtype, InputShape, Json, Output, Trust, emit_json, out, step
+from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.swappable import export_routed, export_swappable
 from exporters.tensorrt import TensorRTMissing, build_engine, parse_shapes, prepare_trt
@@ -30,6 +32,7 @@ def export(
     onnx: Annotated[bool, typer.Option("--onnx", help="Export ONNX (the default; --trt adds an engine).")] = True,
     swappable: Annotated[bool, typer.Option("--swappable", help="Adapter slots for packs, chosen per run.")] = False,
     route: Annotated[bool, typer.Option("--route", help="Stack several models' adapters; adapter_id input per row.")] = False,
+    fused_pt2: Annotated[bool, typer.Option("--fused-pt2", help="A .pt2 for torch on CUDA: one Triton kernel per bottleneck (replay it in a CUDA graph).")] = False,
     output: Output = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Largest |ORT - torch| accepted (fp32).")] = 1e-4,
     trt: Annotated[bool, typer.Option("--trt", help="TensorRT engine (-o X.plan); without TensorRT: the ONNX and trtexec command, exit 2.")] = False,
@@ -55,6 +58,10 @@ def export(
         return _export_trt(sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance, json)
     if shapes or fp16 or bf16 or max_r is not None or timing_cache:
         raise SurgeryError("--shapes, --fp16, --bf16, --max-r and --timing-cache are engine options; add --trt")
+    if fused_pt2:
+        if swappable or route or triton_repo:
+            raise SurgeryError("--fused-pt2 writes a torch program; --swappable, --route and --triton-repo are ONNX exports")
+        return _export_fused_pt2(sources[0], output, tolerance, trust, input_shape, input_dtype, json)
     if triton_repo and (swappable or route):
         raise SurgeryError("--triton-repo takes a baked model (plain ONNX or --trt); Triton cannot feed adapter slots")
     suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
@@ -81,6 +88,19 @@ def export(
         out.print(f"{data['adapter_tensors']} adapter slots; no pack = base model, own pack = adapted model: both checked")
     if route:
         out.print(f"{len(data['route'])} adapters stacked at rank {data['padded_rank']}; rows checked with ids {data['checked_ids']}")
+
+
+def _export_fused_pt2(source, output, tolerance, trust, input_shape, input_dtype, json) -> None:
+    path = check_output(output or default_output(source, ".fused.pt2"))
+    with step(f"load {source or 'minilm'}"):
+        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
+    with step(f"export {path} and check it against the adapted model"):
+        result = export_kernel_program(captured, path, tolerance=tolerance)
+    if json:
+        emit_json(result.to_json())
+        return
+    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {result.kernels} bottlenecks, one surgery::bottleneck op each")
+    out.print(f"max |fused - adapted| = {result.max_abs_diff:.2e} (tolerance {result.tolerance:g}); load it after `import surgery.kernels`")
 
 
 def _export_trt(source, opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance, json) -> None:

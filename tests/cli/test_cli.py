@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,24 @@ def test_swappable_export_pack_and_run(adapted, cli):
     (folder / "broken.onnx_adapter").write_bytes(b"\x00" * 64)
     bad = cli("run", "sw.onnx", "--adapter", "broken.onnx_adapter", cwd=folder)
     assert bad.code == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
+
+
+def test_export_fused_pt2_is_checked_and_reloads(adapted, cli, tmp_path):
+    folder, _ = adapted
+    run = cli("export", folder / "minilm.adapted.pt2", "--fused-pt2", "-o", tmp_path / "m.fused.pt2", "--json")
+    assert run.code == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["kernels"] == 12 and 0 <= data["max_abs_diff"] <= data["tolerance"] == 1e-4
+    check = (
+        "import sys, torch, surgery.kernels\n"
+        "p = torch.export.load(sys.argv[1])\n"
+        "print(sum(n.target is torch.ops.surgery.bottleneck.default for n in p.graph.nodes))\n"
+    )
+    p = subprocess.run([sys.executable, "-c", check, str(tmp_path / "m.fused.pt2")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.split()[-1] == "12", p.stderr
+
+
+def test_export_fused_pt2_of_a_base_model_fails_cleanly(cli, tmp_path):
+    run = cli("export", "minilm", "--fused-pt2", "-o", tmp_path / "b.fused.pt2")
+    assert run.code == 2 and "no bottleneck adapter" in run.stderr and "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,64 @@
+"""A torch.export program for torch on CUDA whose bottleneck adapters are one `surgery::bottleneck` op each.
+
+On an NVIDIA GPU each op is one Triton kernel (surgery/kernels.py) instead of three launches; replayed in a CUDA
+graph this cut Houlsby r=8's overhead on GPT-2 medium (batch 1, seq 128, fp32, H200) from +17.3% to +8.0%
+(benchmarks/README.md). Run it eagerly and the kernel's Python launch costs more than it saves: capture it in
+a CUDA graph (`torch.cuda.graphs`) or use the plain program. Load it after `import surgery.kernels`, which
+registers the op. Written only if the saved program, reloaded, matches the unfused model in torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporters.verify import check_sizes, compare_outputs, mask_of
+from surgery.capture import Captured, export_program
+from surgery.errors import SurgeryError
+from surgery.fuse import KernelBottleneck, fused_copy
+from surgery.io import atomic_output
+
+
+@dataclass(frozen=True)
+class KernelProgram:
+    path: Path
+    kernels: int  # bottlenecks now one op each
+    max_abs_diff: float  # reloaded program against the unfused model, over check_sizes shapes
+    tolerance: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "kernels": self.kernels, "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance}
+
+
+def export_kernel_program(captured: Captured, path: str | Path, tolerance: float = 1e-4) -> KernelProgram:
+    import surgery.kernels  # noqa: F401  the op must exist to reload the program
+
+    gm = fused_copy(captured.gm, captured.manifest, kernel=True)
+    if gm is None:
+        raise SurgeryError(
+            f"{captured.source.name}: no bottleneck adapter after a biased projection to fuse; "
+            "--fused-pt2 takes a houlsby or pfeiffer model from `surgery insert`"
+        )
+    kernels = sum(isinstance(m, KernelBottleneck) for m in gm.modules())
+    program = export_program(gm, captured.signature, str(path))
+    sig = captured.signature
+    with atomic_output(path) as tmp:
+        torch.export.save(program, tmp)
+        reloaded = torch.export.load(tmp).module()
+        worst = 0.0
+        for k, sizes in enumerate(check_sizes(sig)):
+            tensors = sig.examples(sizes, seed=k, pad=True)
+            with torch.no_grad():
+                want = sig.call(captured.gm, tensors)
+                got = [t.numpy() for t in sig.call(reloaded, tensors)]
+            names = list(sig.outputs) or [f"output {i}" for i in range(len(want))]
+            worst = max(worst, *compare_outputs(names, got, want, mask_of(sig, tensors)).values())
+        if not worst <= tolerance:
+            raise SurgeryError(
+                f"{path}: the fused program differs from the adapted model by {worst:.2e} (> --tolerance {tolerance:g}); "
+                "nothing written"
+            )
+    return KernelProgram(Path(path), kernels, worst, tolerance)
