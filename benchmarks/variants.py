@@ -128,8 +128,11 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
     return out
 
 
-def prepare_adapted(source: str, work: Path) -> list[Artifact]:
-    """`surgery bench SOURCE`: the adapted model, its base (adapters stripped) and, for bottlenecks, swappable."""
+def prepare_adapted(source: str, work: Path, kernel: bool = False) -> list[Artifact]:
+    """`surgery bench SOURCE`: the adapted model, its base (adapters stripped) and, for bottlenecks, swappable.
+
+    With `kernel` (for torch on CUDA), also bottlenecks as one Triton kernel each: `export --fused-pt2`'s program.
+    """
     work.mkdir(parents=True, exist_ok=True)
     adapted = open_model(source)
     if adapted.manifest is None:
@@ -145,4 +148,9 @@ def prepare_adapted(source: str, work: Path) -> list[Artifact]:
         onnx_path = str(export_swappable(adapted, work / "swappable.onnx").path)
         pack = str(save_pack(pack_from_model(adapted.gm.state_dict(), adapted.manifest), work / "adapted.onnx_adapter"))
         out.append(Artifact("swappable", None, onnx_path, pack=pack, signature=sig))
+        if kernel:
+            from exporters.kernel_program import export_kernel_program
+
+            fused = export_kernel_program(adapted, work / "adapted.fused.pt2").path
+            out.append(Artifact("fused-pt2", str(fused), None, signature=sig))
     return out

@@ -34,10 +34,12 @@ def bench(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.md, results.json, results.png.")] = Path("out/bench"),
     json: Json = False,
 ) -> None:
-    """Time base, adapted and swappable variants across a grid; write Markdown, JSON and a PNG plot."""
+    """Time base, adapted and swappable variants (and, on torch CUDA, the --fused-pt2 program) across a grid;
+    write Markdown, JSON and a PNG plot."""
     grid = list(product(_ints(batch, "--batch"), _ints(seq, "--seq")))
     with step(f"export the variants of {source}"):
-        artifacts = prepare_adapted(source, out_dir / "artifacts")
+        cuda = any(b.startswith("torch-cuda") for b in backends.split(","))
+        artifacts = prepare_adapted(source, out_dir / "artifacts", kernel=cuda)
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("timing", total=len(grid) * (rounds + 2))
         rows = run_grid(source, artifacts, backends.split(","), grid, rounds, calls, 2, threads,
