@@ -16,7 +16,8 @@ REPORTS=${REPORTS:-out}
 MODEL=${MODEL:-minilm}
 WORK=${WORK:-$(mktemp -d)}
 mkdir -p "$REPORTS"
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+$PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''); sys.exit(not torch.cuda.is_available())" \
+    || { echo "gpu_check: torch sees no CUDA GPU; run it on a GPU machine with a CUDA build of torch"; exit 2; }
 $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed (no fused bottleneck kernel)"
 $PY -c "import tensorrt; print('tensorrt', tensorrt.__version__)" 2>/dev/null || echo "tensorrt: not installed (trt tests and benchmarks skip)"
 timeout 80 $PY -m pytest -q -rs -p no:cacheprovider -m "trt or gpu" tests
