@@ -52,6 +52,11 @@ def output_names(outputs: Any) -> list[str]:
 
 def onnx_program(gm: fx.GraphModule, signature: Signature, what: str) -> Any:
     """`torch.onnx.export` (dynamo, opset 20) of `gm` over the signature's dynamic axes: an ONNXProgram."""
+    if any(n.op == "call_function" and "surgery.bottleneck" in str(n.target) for n in gm.graph.nodes):
+        raise SurgeryError(
+            f"{what}: this program calls surgery::bottleneck (written by `export --fused-pt2` for torch on CUDA), "
+            "which ONNX has no op for; export the .adapted.pt2 it came from (baked ONNX fuses bottlenecks its own way)"
+        )
     examples = signature.examples()
     args, kwargs = signature.export_args(examples)
     names = list(signature.outputs)

@@ -218,6 +218,8 @@ def _file_kind(path: Path) -> str:
 
 
 def _load_pt2(path: Path, name: str) -> Loaded:
+    import surgery.kernels  # noqa: F401  registers surgery::bottleneck, which `export --fused-pt2` programs call
+
     extra = {MANIFEST: ""}
     try:
         program = torch.export.load(path, extra_files=extra)

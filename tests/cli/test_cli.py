@@ -162,6 +162,9 @@ def test_export_fused_pt2_is_checked_and_reloads(adapted, cli, tmp_path):
     )
     p = subprocess.run([sys.executable, "-c", check, str(tmp_path / "m.fused.pt2")], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.split()[-1] == "12", p.stderr
+    assert cli("inspect", tmp_path / "m.fused.pt2", "--json").code == 0  # the loader knows the op
+    run = cli("export", tmp_path / "m.fused.pt2", "--onnx", "-o", tmp_path / "f.onnx")
+    assert run.code == 2 and "surgery::bottleneck" in run.stderr and not (tmp_path / "f.onnx").exists()
 
 
 def test_export_fused_pt2_of_a_base_model_fails_cleanly(cli, tmp_path):
