@@ -160,7 +160,7 @@ def test_export_fused_pt2_is_checked_and_reloads(adapted, cli, tmp_path):
         "p = torch.export.load(sys.argv[1])\n"
         "print(sum(n.target is torch.ops.surgery.bottleneck.default for n in p.graph.nodes))\n"
     )
-    p = subprocess.run([sys.executable, "-c", check, str(tmp_path / "m.fused.pt2")], capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", check, str(tmp_path / "m.fused.pt2")], capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0 and p.stdout.split()[-1] == "12", p.stderr
     assert cli("inspect", tmp_path / "m.fused.pt2", "--json").code == 0  # the loader knows the op
     run = cli("export", tmp_path / "m.fused.pt2", "--onnx", "-o", tmp_path / "f.onnx")
