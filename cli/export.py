@@ -100,7 +100,7 @@ def _export_fused_pt2(source, output, tolerance, trust, input_shape, input_dtype
         emit_json(result.to_json())
         return
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {result.kernels} bottlenecks, one surgery::bottleneck op each")
-    out.print(f"max |fused - adapted| = {result.max_abs_diff:.2e} (tolerance {result.tolerance:g}); load it after `import surgery.kernels`")
+    out.print(f"max |fused - adapted| = {result.parity.max_abs_diff:.2e} (tolerance {result.parity.tolerance:g}); load it after `import surgery.kernels`")
 
 
 def _export_trt(source, opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance, json) -> None:

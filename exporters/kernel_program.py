@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from exporters.verify import check_sizes, compare_outputs, mask_of
+from exporters.verify import Parity, check_program
 from surgery.capture import Captured, export_program
 from surgery.errors import SurgeryError
 from surgery.fuse import KernelBottleneck, fused_copy
@@ -26,11 +26,10 @@ from surgery.io import atomic_output
 class KernelProgram:
     path: Path
     kernels: int  # bottlenecks now one op each
-    max_abs_diff: float  # reloaded program against the unfused model, over check_sizes shapes
-    tolerance: float
+    parity: Parity  # the reloaded program against the unfused adapted model
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": str(self.path), "kernels": self.kernels, "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance}
+        return {"path": str(self.path), "kernels": self.kernels, **self.parity.to_json()}
 
 
 def export_kernel_program(captured: Captured, path: str | Path, tolerance: float = 1e-4) -> KernelProgram:
@@ -44,21 +43,12 @@ def export_kernel_program(captured: Captured, path: str | Path, tolerance: float
         )
     kernels = sum(isinstance(m, KernelBottleneck) for m in gm.modules())
     program = export_program(gm, captured.signature, str(path))
-    sig = captured.signature
     with atomic_output(path) as tmp:
         torch.export.save(program, tmp)
-        reloaded = torch.export.load(tmp).module()
-        worst = 0.0
-        for k, sizes in enumerate(check_sizes(sig)):
-            tensors = sig.examples(sizes, seed=k, pad=True)
-            with torch.no_grad():
-                want = sig.call(captured.gm, tensors)
-                got = [t.numpy() for t in sig.call(reloaded, tensors)]
-            names = list(sig.outputs) or [f"output {i}" for i in range(len(want))]
-            worst = max(worst, *compare_outputs(names, got, want, mask_of(sig, tensors)).values())
-        if not worst <= tolerance:
+        parity = check_program(torch.export.load(tmp).module(), captured.gm, captured.signature, tolerance)
+        if not parity.ok:
             raise SurgeryError(
-                f"{path}: the fused program differs from the adapted model by {worst:.2e} (> --tolerance {tolerance:g}); "
-                "nothing written"
+                f"{path}: the fused program differs from the adapted model by {parity.max_abs_diff:.2e} "
+                f"(> --tolerance {tolerance:g}) at {parity.worst}; nothing written"
             )
-    return KernelProgram(Path(path), kernels, worst, tolerance)
+    return KernelProgram(Path(path), kernels, parity)

@@ -7,6 +7,7 @@ Positions that padding hides (mask 0) are left out: what a model computes there 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,18 +78,6 @@ def feeds(session: Any, signature: Signature, tensors: list[torch.Tensor]) -> di
     return {n: t.numpy() for n, t in zip(signature.names, tensors) if n in wanted}
 
 
-def compare(
-    session: Any, module: Any, signature: Signature, sizes: dict[str, int], seed: int = 0, run_options: Any = None
-) -> dict[str, float]:
-    """Max |ORT - torch| per output on one padded batch of the given sizes."""
-    tensors = signature.examples(sizes, seed=seed, pad=True)
-    with torch.no_grad():
-        expected = pytree.tree_leaves(signature.call(module, tensors))
-    got = session.run(None, feeds(session, signature, tensors), run_options)
-    names = [o.name for o in session.get_outputs()]
-    return compare_outputs(names, got, expected, mask_of(signature, tensors))
-
-
 def compare_outputs(
     names: list[str], got: list[np.ndarray], expected: list[torch.Tensor], mask: np.ndarray | None
 ) -> dict[str, float]:
@@ -131,10 +120,39 @@ def check_session(
     run_options: Any = None,
 ) -> Parity:
     """`check_onnx` on a live session, with `run_options` (an active adapter, say)."""
+    names = [o.name for o in session.get_outputs()]
+    return check_runner(lambda t: (names, session.run(None, feeds(session, signature, t), run_options)), module, signature, tolerance, sizes)
+
+
+def check_program(program: Any, module: Any, signature: Signature, tolerance: float = 1e-4) -> Parity:
+    """Compare another torch module (a saved and reloaded program, say) with `module`, as `check_onnx` does ORT."""
+    names = list(signature.outputs)
+
+    def run(tensors: list[torch.Tensor]) -> tuple[list[str], list[np.ndarray]]:
+        with torch.no_grad():
+            got = [t.numpy() for t in pytree.tree_leaves(signature.call(program, tensors))]
+        return names or [f"output {i}" for i in range(len(got))], got
+
+    return check_runner(run, module, signature, tolerance)
+
+
+def check_runner(
+    run: Callable[[list[torch.Tensor]], tuple[list[str], list[np.ndarray]]],
+    module: Any,
+    signature: Signature,
+    tolerance: float,
+    sizes: list[dict[str, int]] | None = None,
+) -> Parity:
+    """`run` (input tensors -> output names and arrays) against the torch module, per output, on padded batches of
+    `sizes` (default: `check_sizes`), seeds 1, 2, ...; the worst difference and where it was."""
     sizes = sizes or check_sizes(signature)
     worst, worst_at, per_output = 0.0, "", {}
     for k, s in enumerate(sizes):
-        for name, d in compare(session, module, signature, s, seed=k + 1, run_options=run_options).items():
+        tensors = signature.examples(s, seed=k + 1, pad=True)
+        with torch.no_grad():
+            expected = pytree.tree_leaves(signature.call(module, tensors))
+        names, got = run(tensors)
+        for name, d in compare_outputs(names, got, expected, mask_of(signature, tensors)).items():
             per_output[name] = max(per_output.get(name, 0.0), d)
             if d >= worst:
                 worst, worst_at = d, f"output {name}, shape {s}"
@@ -154,19 +172,10 @@ def check_engine(
     """Run a TensorRT engine (Polygraphy's TrtRunner) on padded batches and compare with torch per output."""
     from exporters.tensorrt import engine_runner
 
-    tolerance = ENGINE_TOLERANCE[precision]
-    sizes = sizes or check_sizes(signature)
-    worst, worst_at, per_output = 0.0, "", {}
+    def run(tensors: list[torch.Tensor]) -> tuple[list[str], list[np.ndarray]]:
+        wanted = set(runner.get_input_metadata().keys())  # an unused input may have been dropped
+        got = runner.infer(feed_dict={n: t.numpy() for n, t in zip(signature.names, tensors) if n in wanted})
+        return list(got), [np.asarray(v) for v in got.values()]
+
     with engine_runner(engine) as runner:
-        for k, s in enumerate(sizes):
-            tensors = signature.examples(s, seed=k + 1, pad=True)
-            with torch.no_grad():
-                expected = pytree.tree_leaves(signature.call(module, tensors))
-            wanted = set(runner.get_input_metadata().keys())  # an unused input may have been dropped
-            got = runner.infer(feed_dict={n: t.numpy() for n, t in zip(signature.names, tensors) if n in wanted})
-            names = list(got)
-            for name, d in compare_outputs(names, [np.asarray(got[n]) for n in names], expected, mask_of(signature, tensors)).items():
-                per_output[name] = max(per_output.get(name, 0.0), d)
-                if d >= worst:
-                    worst, worst_at = d, f"output {name}, shape {s}"
-    return Parity(max_abs_diff=worst, tolerance=tolerance, shapes=sizes, worst=worst_at, per_output=per_output)
+        return check_runner(run, module, signature, ENGINE_TOLERANCE[precision], sizes)
