@@ -15,8 +15,6 @@ Writes JSON and Markdown beside the printed table.
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import statistics
 import tempfile
@@ -28,22 +26,14 @@ from exporters.onnx import export_onnx
 from exporters.runtime import AdaptedSession
 from exporters.swappable import export_swappable
 from exporters.verify import ort_session
-from surgery.adapters import AdapterSpec, stand_in_weights
-from surgery.bundle import save_adapted
+from surgery.adapters import AdapterSpec
 from surgery.packs import pack_from_model, save_pack
-from surgery.pipeline import adapt, open_model
+from surgery.pipeline import open_model, stand_in_adapted
 
 
 def _task_models(folder: Path, count: int = 3, r: int = 8):
     base = open_model("minilm")
-    models = []
-    for seed in range(count):
-        captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
-        report = adapt(captured, AdapterSpec(r=r), seed=seed)
-        stand_in_weights(captured.gm, seed=seed)
-        save_adapted(folder / f"task{seed}.adapted.pt2", captured, AdapterSpec(r=r), report)
-        models.append(open_model(str(folder / f"task{seed}.adapted.pt2")))
-    return base, models
+    return base, [stand_in_adapted(base, AdapterSpec(r=r), folder / f"task{seed}.adapted.pt2", seed) for seed in range(count)]
 
 
 def main() -> None:

@@ -26,13 +26,12 @@ from benchmarks.latency import Artifact
 from exporters.onnx import export_onnx
 from exporters.swappable import export_swappable
 from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
-from surgery.bundle import save_adapted
 from surgery.capture import Captured, export_program
 from surgery.errors import SurgeryError
 from surgery.fuse import fused_copy
 from surgery.merge import merge_model
 from surgery.packs import pack_from_model, save_pack
-from surgery.pipeline import adapt, open_model
+from surgery.pipeline import adapt, open_model, stand_in_adapted
 from surgery.route import route, strip_adapters
 
 VARIANTS = ("base", "houlsby", "houlsby-fused", "houlsby-kernel", "pfeiffer", "swappable", "swappable-none", "routed", "lora", "lora-merged")
@@ -67,13 +66,7 @@ def _save_program(captured: Captured, path: Path) -> str:
 
 
 def _adapted(base: Captured, work: Path, method: str, r: int, seed: int) -> Captured:
-    captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
-    spec = AdapterSpec(method, r=r)
-    report = adapt(captured, spec, seed=seed)
-    stand_in_weights(captured.gm, seed=seed)
-    path = work / f"{method}{seed}.adapted.pt2"
-    save_adapted(path, captured, spec, report)
-    return open_model(str(path))
+    return stand_in_adapted(base, AdapterSpec(method, r=r), work / f"{method}{seed}.adapted.pt2", seed)
 
 
 def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool = True) -> list[Artifact]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from surgery.adapters import AdapterSpec, LoraSpec
+from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
+from surgery.bundle import save_adapted
 from surgery.capture import Captured, capture
 from surgery.errors import SurgeryError
 from surgery.insert import InsertReport, insert_adapters, sites_for
@@ -31,6 +34,18 @@ def adapt(captured: Captured, spec: AdapterSpec | LoraSpec, seed: int = 0) -> In
     sites = sites_for(captured.gm, captured.source.model_type, spec)
     torch.manual_seed(seed)  # the down-projections' random init repeats run to run
     return insert_adapters(captured.gm, sites, spec)
+
+
+def stand_in_adapted(
+    base: Captured, spec: AdapterSpec | LoraSpec, path: str | Path, seed: int = 0, weights_seed: int | None = None
+) -> Captured:
+    """An adapted copy of `base` with stand-in adapter weights (`stand_in_weights`, seeded `weights_seed`,
+    default `seed`), saved to `path` as an .adapted.pt2 and reopened, as a trained model would arrive."""
+    captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
+    report = adapt(captured, spec, seed=seed)
+    stand_in_weights(captured.gm, seed=seed if weights_seed is None else weights_seed)
+    save_adapted(path, captured, spec, report)
+    return open_model(str(path))
 
 
 def default_output(source: str | None, suffix: str) -> Path:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from surgery.capture import Captured
-from surgery.pipeline import open_model
+from surgery.pipeline import open_model, stand_in_adapted
 
 SURGERY = [sys.executable, "-m", "cli.main"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,17 +38,9 @@ def minilm(minilm_base: Captured) -> Captured:
 def make_adapted(base: Captured, folder: Path, r: int = 8, seed: int = 0, spec=None) -> Captured:
     """An adapted copy of `base` with distinct stand-in adapter weights, saved as .adapted.pt2 and reopened,
     as a user's trained model would arrive."""
-    from surgery.adapters import AdapterSpec, stand_in_weights
-    from surgery.bundle import save_adapted
-    from surgery.pipeline import adapt
+    from surgery.adapters import AdapterSpec
 
-    captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
-    spec = spec or AdapterSpec("houlsby", r=r)
-    report = adapt(captured, spec, seed=seed)
-    stand_in_weights(captured.gm, seed=100 + seed)
-    path = folder / f"m{r}_{seed}.adapted.pt2"
-    save_adapted(path, captured, spec, report)
-    return open_model(str(path))
+    return stand_in_adapted(base, spec or AdapterSpec("houlsby", r=r), folder / f"m{r}_{seed}.adapted.pt2", seed, 100 + seed)
 
 
 class TinyBlock(nn.Module):
