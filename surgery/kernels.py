@@ -29,19 +29,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from surgery.adapters import ACTIVATIONS as ADAPTER_ACTIVATIONS
+
 try:  # optional: without triton (CI, CPU-only installs) the op runs the reference everywhere
     import triton
     import triton.language as tl
 except ImportError:
     triton = None
 
+# the adapters' activations, and GELU's tanh approximation (the kernel's _act knows each by name)
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "relu": F.relu,
-    "gelu": F.gelu,
+    **ADAPTER_ACTIVATIONS,
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
-    "silu": F.silu,
-    "tanh": torch.tanh,
-    "identity": lambda t: t,
 }
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
