@@ -57,9 +57,11 @@ def _ort_calls(onnx_paths, feeds):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return None, "onnxruntime has no CUDAExecutionProvider (pip install 'surgery[gpu]')"
+    from exporters.verify import ort_session
+
     calls = {}
     for name, path in onnx_paths.items():
-        session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
+        session = ort_session(path, providers=("CUDAExecutionProvider",))
         wanted = {i.name for i in session.get_inputs()}
         calls[name] = partial(session.run, None, {k: v for k, v in feeds.items() if k in wanted})
     return calls, None

@@ -340,22 +340,17 @@ def _runner(artifact: Artifact, backend: str, threads: int, sig: Any) -> Callabl
     import torch
 
     if backend.startswith("ort"):
+        from exporters.verify import CPU, CUDA, ort_session
+
+        providers = CUDA if backend == "ort-cuda" else CPU
         if artifact.pack:
             from exporters.runtime import AdaptedSession
 
-            adapted = AdaptedSession(artifact.onnx, threads=threads, spinning=False)
+            adapted = AdaptedSession(artifact.onnx, threads=threads, spinning=False, providers=providers)
             adapted.load("pack", artifact.pack)
             session, options = adapted.session, adapted.run_options("pack")
         else:
-            from exporters.verify import ort_session
-
-            session, options = ort_session(artifact.onnx, threads=threads, spinning=False), None
-            if backend == "ort-cuda":
-                import onnxruntime as ort
-
-                opts = ort.SessionOptions()
-                opts.log_severity_level = 3
-                session = ort.InferenceSession(artifact.onnx, opts, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            session, options = ort_session(artifact.onnx, threads=threads, spinning=False, providers=providers), None
         wanted = {i.name for i in session.get_inputs()}
         owner = adapted if artifact.pack else session  # the AdaptedSession keeps the pack's memory alive
 

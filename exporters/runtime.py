@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.verify import ort_session
+from exporters.verify import CPU, ort_session
 from surgery.errors import SurgeryError
 from surgery.packs import Pack, check_pack, load_pack, save_pack
 
@@ -32,9 +32,9 @@ META_ADAPTER = "surgery.adapter"  # JSON of the adapter spec
 class AdaptedSession:
     """A swappable ONNX model and the adapter packs loaded into it."""
 
-    def __init__(self, path: str | Path, threads: int = 2, spinning: bool = True):
+    def __init__(self, path: str | Path, threads: int = 2, spinning: bool = True, providers: tuple[str, ...] = CPU):
         self.path = Path(path)
-        self.session = ort_session(self.path, threads=threads, spinning=spinning)
+        self.session = ort_session(self.path, threads=threads, spinning=spinning, providers=providers)
         meta = self.session.get_modelmeta().custom_metadata_map
         if META_FINGERPRINT not in meta:
             raise SurgeryError(f"{path}: not a swappable export (no adapter slots); export it with --swappable")

@@ -47,8 +47,13 @@ class Parity:
         }
 
 
-def ort_session(path: str | Path, threads: int = 2, spinning: bool = True) -> Any:
-    """A CPU ONNX Runtime session with a fixed thread count (and, for alternated timing, no spinning)."""
+CPU = ("CPUExecutionProvider",)
+CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")  # ops without a CUDA kernel fall back to the CPU
+
+
+def ort_session(path: str | Path, threads: int = 2, spinning: bool = True, providers: tuple[str, ...] = CPU) -> Any:
+    """An ONNX Runtime session (CPU unless `providers` says otherwise) with a fixed thread count (and, for
+    alternated timing, no spinning)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -57,7 +62,7 @@ def ort_session(path: str | Path, threads: int = 2, spinning: bool = True) -> An
     opts.log_severity_level = 3
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=list(providers))
 
 
 def check_sizes(signature: Signature) -> list[dict[str, int]]:
