@@ -26,7 +26,6 @@ Documentation followed (TensorRT 10.x):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import shlex
@@ -49,6 +48,7 @@ from exporters.verify import CHECK_SIZES, Parity, check_onnx
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.io import atomic_output
+from surgery.load import sha256_of
 from surgery.packs import BOTTLENECK_SHAPES, Pack, check_pack, fingerprint, load_pack, pack_from_model
 from surgery.signature import Signature
 from surgery.sites import ADAPTER_ROOT
@@ -319,14 +319,6 @@ def gpu_name() -> str:
     return "unknown"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sidecar_path(engine: str | Path) -> Path:
     return Path(str(engine) + SIDECAR_SUFFIX)
 
@@ -383,7 +375,7 @@ def build_engine(plan: TrtPlan) -> dict[str, Any]:
         "precision": plan.precision,
         "profiles": [{n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in plan.shapes.items()}],
         "source_onnx": str(plan.onnx),
-        "source_sha256": sha256(plan.onnx),
+        "source_sha256": sha256_of(plan.onnx),
         "refittable": plan.refit,
         "max_r": plan.max_r,
         "onnx_meta": plan.meta,
