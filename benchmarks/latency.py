@@ -364,6 +364,9 @@ def _runner(artifact: Artifact, backend: str, threads: int, sig: Any) -> Callabl
     import surgery.kernels  # noqa: F401  a houlsby-kernel program calls torch.ops.surgery.bottleneck
 
     device = "cuda" if backend.startswith("torch-cuda") else "cpu"
+    from surgery.safe_files import check_pt2
+
+    check_pt2(artifact.pt2, str(artifact.pt2))  # the same check as every .pt2 this tool opens
     module = on_device(torch.export.load(artifact.pt2), device)
 
     def torch_call(sig: Any, sizes: dict[str, int]) -> Callable[[], Any]:

@@ -23,7 +23,9 @@ Source = Annotated[
     typer.Argument(help="A Hugging Face model folder, a config.json (random weights), a .pt2, a .pt (with --trust), or 'minilm' (default)."),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-Trust = Annotated[bool, typer.Option("--trust", help="Allow unpickling a .pt file: that runs code from the file.")]
+Trust = Annotated[
+    bool, typer.Option("--trust", help="Run code from a model file you trust: unpickle a .pt, or a .pt2 that holds more than tensors.")
+]
 InputShape = Annotated[
     Optional[list[str]],
     typer.Option("--input-shape", help="Input shape of a plain nn.Module, e.g. batch,seq,64 (names are dynamic axes). Once per input."),

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Json, Output, emit_json, out, step
+from cli.common import Json, Output, Trust, emit_json, out, step
 from surgery.bundle import save_adapted
 from surgery.io import check_output
 from surgery.peft_import import import_peft as import_folder
@@ -18,11 +18,12 @@ def import_peft(
     base: Annotated[str, typer.Option("--base", help="The base model it was trained on: a HF folder, a config.json, or 'minilm'.")] = "minilm",
     output: Output = None,
     json: Json = False,
+    trust: Trust = False,
 ) -> None:
     """Import a PEFT LoRA adapter: the adapted model computes what PEFT's forward does."""
     path = check_output(output or default_output(folder, ".adapted.pt2"))
     with step(f"load and capture {base}"):
-        captured = open_model(base)
+        captured = open_model(base, trust=trust)
     with step(f"insert the LoRA of {folder}"):
         spec, report, extra = import_folder(captured, folder)
     with step(f"save {path}"):

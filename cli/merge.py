@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Json, Output, emit_json, out, step
+from cli.common import Json, Output, Trust, emit_json, out, step
 from surgery.bundle import save_adapted
 from surgery.errors import SurgeryError
 from surgery.io import check_output
@@ -26,7 +26,7 @@ Unmerge = Annotated[bool, typer.Option("--unmerge", help="A merged LoRA model ba
 
 def merge(
     sources: Sources, output: Output = None, stack: Stack = False, average: Average = None, unmerge: Unmerge = False,
-    json: Json = False,
+    json: Json = False, trust: Trust = False,
 ) -> None:
     """Merge LoRA and linear adapters into the base weights (zero added latency), or compose adapted models."""
     modes = [m for m, on in (("--stack", stack), ("--average", average is not None), ("--unmerge", unmerge)) if on]
@@ -41,11 +41,11 @@ def merge(
     suffix = ".stacked.pt2" if stack else ".averaged.pt2" if weights else ".unmerged.pt2" if unmerge else ".merged.pt2"
     path = check_output(output or default_output(sources[0], suffix))
     if unmerge:
-        _unmerge(sources[0], path, json)
+        _unmerge(sources[0], path, json, trust)
     elif several:
-        _combine(sources, path, weights, json)
+        _combine(sources, path, weights, json, trust)
     else:
-        _merge(sources[0], path, json)
+        _merge(sources[0], path, json, trust)
 
 
 def _weights(text: str, n: int) -> list[float]:
@@ -58,9 +58,9 @@ def _weights(text: str, n: int) -> list[float]:
     return weights
 
 
-def _merge(source: str, path: Path, json: bool) -> None:
+def _merge(source: str, path: Path, json: bool, trust: bool) -> None:
     with step(f"load {source} and lift its adapters"):
-        captured, spec, sites = open_adapted(source)
+        captured, spec, sites = open_adapted(source, trust)
     with step("merge the adapters into the base weights"):
         result, loras = merge_model(captured, sites)
     report = adapted_report(captured.gm, sites)
@@ -78,9 +78,9 @@ def _merge(source: str, path: Path, json: bool) -> None:
     out.print(f"wrote {path}")
 
 
-def _unmerge(source: str, path: Path, json: bool) -> None:
+def _unmerge(source: str, path: Path, json: bool, trust: bool) -> None:
     with step(f"load {source} and take its LoRA out of the weights"):
-        captured, spec, sites, diff = unmerge_model(source)
+        captured, spec, sites, diff = unmerge_model(source, trust)
     report = adapted_report(captured.gm, sites)
     with step(f"save {path}"):
         save_adapted(path, captured, spec, report)
@@ -91,10 +91,10 @@ def _unmerge(source: str, path: Path, json: bool) -> None:
     out.print(f"wrote {path}")
 
 
-def _combine(sources: list[str], path: Path, weights: list[float] | None, json: bool) -> None:
+def _combine(sources: list[str], path: Path, weights: list[float] | None, json: bool, trust: bool) -> None:
     how = "stack" if weights is None else f"average with weights {weights}"
     with step(f"load {len(sources)} models, lift their adapters, {how}"):
-        captured, spec, sites, extra = combine_models(sources, weights)
+        captured, spec, sites, extra = combine_models(sources, weights, trust)
     report = adapted_report(captured.gm, sites)
     with step(f"save {path}"):
         save_adapted(path, captured, spec, report, extra=extra)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Json, Output, emit_json, out, step
+from cli.common import Json, Output, Trust, emit_json, out, step
 from surgery.errors import SurgeryError
 from surgery.packs import SUFFIXES, load_pack, pack_from_model, save_pack
 from surgery.pipeline import default_output, open_model
@@ -17,6 +17,7 @@ def pack(
     source: Annotated[str, typer.Argument(help="An .adapted.pt2, or a pack to convert to the other format.")],
     output: Output = None,
     json: Json = False,
+    trust: Trust = False,
 ) -> None:
     """Write the adapter pack of an adapted model (or convert a pack between formats)."""
     path = Path(output) if output else default_output(source, ".onnx_adapter")
@@ -24,7 +25,7 @@ def pack(
         result = load_pack(source)
     else:
         with step(f"load {source}"):
-            captured = open_model(source)
+            captured = open_model(source, trust=trust)
         if captured.manifest is None:
             raise SurgeryError(f"{source} is not an adapted model; run `surgery insert` first, then pack its output")
         result = pack_from_model(captured.gm.state_dict(), captured.manifest)

@@ -8,11 +8,12 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from cli.common import Json, emit_json, out
+from cli.common import Json, Trust, emit_json, out
 from exporters.runtime import AdaptedSession
 from exporters.verify import ort_session
 from surgery.errors import SurgeryError
 from surgery.io import atomic_output
+from surgery.safe_files import check_onnx_data
 
 
 def _inputs(session, input_file: Optional[Path], shape: str) -> dict[str, np.ndarray]:
@@ -49,7 +50,7 @@ def _inputs(session, input_file: Optional[Path], shape: str) -> dict[str, np.nda
 ENGINE_SUFFIXES = (".plan", ".engine")
 
 
-def _run_engine(model: Path, adapter, input_file, shape, against, json):
+def _run_engine(model: Path, adapter, input_file, shape, against, json, trust=False):
     """A TensorRT engine through Polygraphy's TrtRunner; with --against, a parity check against torch instead."""
     from exporters.tensorrt import read_sidecar, run_engine
 
@@ -60,7 +61,7 @@ def _run_engine(model: Path, adapter, input_file, shape, against, json):
         from exporters.verify import check_engine
         from surgery.pipeline import open_model
 
-        captured = open_model(against)
+        captured = open_model(against, trust=trust)
         parity = check_engine(model, captured.gm, captured.signature, sidecar["precision"])
         if json:
             emit_json({"engine": str(model), "against": against, "precision": sidecar["precision"], **parity.to_json()})
@@ -69,6 +70,7 @@ def _run_engine(model: Path, adapter, input_file, shape, against, json):
         if not parity.ok:
             raise SurgeryError(f"{model} differs from {against} by {parity.max_abs_diff:.3g}, above {parity.tolerance:g}")
         return None, None
+    check_onnx_data(sidecar["source_onnx"])
     feeds = _inputs(ort_session(sidecar["source_onnx"]), input_file, shape)
     outputs = run_engine(model, feeds)
     return list(outputs), list(outputs.values())
@@ -82,12 +84,13 @@ def run(
     save: Annotated[Optional[Path], typer.Option("--save", help="Write the outputs to this .npz.")] = None,
     against: Annotated[Optional[str], typer.Option("--against", help="A TensorRT engine: compare it with this model in torch.")] = None,
     json: Json = False,
+    trust: Trust = False,
 ) -> None:
     """Run an exported model (ONNX Runtime) or a TensorRT engine (.plan) and show its outputs."""
     if not model.is_file():
         raise SurgeryError(f"{model}: no such file; give an ONNX model or a TensorRT engine (.plan)")
     if model.suffix in ENGINE_SUFFIXES:
-        names, results = _run_engine(model, adapter, input_file, shape, against, json)
+        names, results = _run_engine(model, adapter, input_file, shape, against, json, trust)
         if names is None:
             return
     elif against is not None:
@@ -99,6 +102,7 @@ def run(
         results = session.run(feeds, adapter=adapter.name)
         names = [o.name for o in session.session.get_outputs()]
     else:
+        check_onnx_data(model)  # before ONNX Runtime opens it: external data stays beside the model
         plain = ort_session(model)
         feeds = _inputs(plain, input_file, shape)
         wanted = {i.name for i in plain.get_inputs()}

@@ -20,6 +20,7 @@ from surgery.capture import Captured, export_program
 from surgery.errors import SurgeryError
 from surgery.fuse import KernelBottleneck, fused_copy
 from surgery.io import atomic_output
+from surgery.safe_files import check_pt2
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ def export_kernel_program(captured: Captured, path: str | Path, tolerance: float
     program = export_program(gm, captured.signature, str(path))
     with atomic_output(path) as tmp:
         torch.export.save(program, tmp)
+        check_pt2(tmp, str(path))  # what this tool writes must open without --trust
         parity = check_program(torch.export.load(tmp).module(), captured.gm, captured.signature, tolerance)
         if not parity.ok:
             raise SurgeryError(

@@ -23,6 +23,7 @@ import numpy as np
 from exporters.verify import CPU, ort_session
 from surgery.errors import SurgeryError
 from surgery.packs import Pack, check_pack, load_pack, save_pack
+from surgery.safe_files import check_name, check_onnx_data
 
 META_FINGERPRINT = "surgery.fingerprint"
 META_SITES = "surgery.sites"  # JSON {site path: width}
@@ -34,6 +35,7 @@ class AdaptedSession:
 
     def __init__(self, path: str | Path, threads: int = 2, spinning: bool = True, providers: tuple[str, ...] = CPU):
         self.path = Path(path)
+        check_onnx_data(self.path)  # before ONNX Runtime opens it: external data stays beside the model
         self.session = ort_session(self.path, threads=threads, spinning=spinning, providers=providers)
         meta = self.session.get_modelmeta().custom_metadata_map
         if META_FINGERPRINT not in meta:
@@ -54,6 +56,7 @@ class AdaptedSession:
         """Check a pack against this export and make it available as `name`."""
         import onnxruntime as ort
 
+        check_name(name, "pack name")
         label = f"pack {name!r}" + (f" ({pack})" if not isinstance(pack, Pack) else "")
         loaded = pack if isinstance(pack, Pack) else load_pack(pack)
         check_pack(loaded, self.fingerprint, self.widths, name=label)

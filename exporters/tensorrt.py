@@ -329,7 +329,13 @@ def read_sidecar(engine: str | Path) -> dict[str, Any]:
         raise SurgeryError(f"{engine}: no such engine file")
     if not path.is_file():
         raise SurgeryError(f"{engine}: its sidecar {path.name} is missing; rebuild with `surgery export --trt`")
-    return json.loads(path.read_text())
+    try:
+        sidecar = json.loads(path.read_text())
+    except (ValueError, RecursionError) as exc:
+        raise SurgeryError(f"{engine}: its sidecar {path.name} is not JSON ({exc}); rebuild with `surgery export --trt`") from exc
+    if not isinstance(sidecar, dict):
+        raise SurgeryError(f"{engine}: its sidecar {path.name} is not a JSON object; rebuild with `surgery export --trt`")
+    return sidecar
 
 
 def _write_engine(path: Path, data: bytes, sidecar: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import onnx
 
 from surgery.errors import SurgeryError
+from surgery.safe_files import check_name
 from surgery.signature import BATCH, Signature
 
 # ONNX element type -> Triton data type
@@ -60,6 +61,7 @@ def write_triton_repo(
     repo: str | Path, model_file: str | Path, onnx_path: str | Path, signature: Signature, name: str, max_batch: int | None = None
 ) -> TritonRepo:
     """Write DIR/NAME/config.pbtxt and copy `model_file` (.onnx or .plan) to DIR/NAME/1/; `onnx_path` gives the I/O."""
+    check_name(name, "Triton model name")
     model_file = Path(model_file)
     if model_file.suffix not in PLATFORMS:
         raise SurgeryError(f"--triton-repo takes a .onnx or .plan model, not {model_file.name}")

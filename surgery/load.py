@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from surgery.errors import SurgeryError
+from surgery.safe_files import check_pt2, read_config
 from surgery.signature import Axis, InputSpec, Signature, parse_input_shape
 
 DEFAULT_MODEL = "minilm"
@@ -78,7 +79,7 @@ def load(
         return _load_hf_config(path, name)
     kind = _file_kind(path)
     if kind == "pt2":
-        return _load_pt2(path, name)
+        return _load_pt2(path, name, trust)
     if kind in ("torch-zip", "pickle"):
         return _load_pickled(path, name, trust, input_shapes, input_dtype)
     raise SurgeryError(
@@ -139,6 +140,7 @@ def _load_hf_config(path: Path, name: str) -> Loaded:
 
 
 def _read_config(path: Path, name: str, auto_config: Any) -> Any:
+    read_config(path, name)  # size, depth, and no auto_map remote code
     try:
         return auto_config.from_pretrained(path)
     except (ValueError, OSError, json.JSONDecodeError) as exc:
@@ -217,9 +219,10 @@ def _file_kind(path: Path) -> str:
     return "other"
 
 
-def _load_pt2(path: Path, name: str) -> Loaded:
+def _load_pt2(path: Path, name: str, trust: bool = False) -> Loaded:
     import surgery.kernels  # noqa: F401  registers surgery::bottleneck, which `export --fused-pt2` programs call
 
+    check_pt2(path, name, trust)  # before torch.export.load: it unpickles, evals and execs what the archive holds
     extra = {MANIFEST: ""}
     try:
         program = torch.export.load(path, extra_files=extra)

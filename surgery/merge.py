@@ -385,12 +385,12 @@ class MergeResult:
         }
 
 
-def open_adapted(source: str) -> tuple[Any, AdapterSpec | LoraSpec, list[Site]]:
+def open_adapted(source: str, trust: bool = False) -> tuple[Any, AdapterSpec | LoraSpec, list[Site]]:
     """An adapted `.pt2` written by this tool, its spec and sites, with its adapters lifted to modules."""
     from surgery.adapters import spec_from_json
     from surgery.pipeline import open_model
 
-    captured = open_model(source)
+    captured = open_model(source, trust=trust)
     m = captured.manifest
     if m is None:
         raise SurgeryError(f"{source} is not an adapted model (no surgery manifest); adapt it first with `surgery insert`")
@@ -460,13 +460,13 @@ def read_pack(path: str) -> dict[str, torch.Tensor]:
         return load(base64.b64decode(zf.read(names[0])))
 
 
-def unmerge_model(source: str) -> tuple[Any, LoraSpec, list[Site], float]:
+def unmerge_model(source: str, trust: bool = False) -> tuple[Any, LoraSpec, list[Site], float]:
     """A merged LoRA .pt2 back to its adapted model (in memory), with its spec and sites, and the largest
     |unmerge(merge(W)) − W| that `merge_model` measured when it merged (the same arithmetic as here)."""
     from surgery.adapters import spec_from_json
     from surgery.pipeline import open_model
 
-    captured = open_model(source)
+    captured = open_model(source, trust=trust)
     m = captured.manifest
     if m is None or "merged" not in m:
         raise SurgeryError(f"{source} is not a merged model; --unmerge takes the output of `surgery merge`")
@@ -495,13 +495,15 @@ def adapted_report(gm: fx.GraphModule, sites: list[Site]) -> InsertReport:
     return InsertReport(list(sites), adapters, sum(p.numel() for _, p in params))
 
 
-def combine_models(sources: list[str], weights: list[float] | None) -> tuple[Any, Any, list[Site], dict[str, Any]]:
+def combine_models(
+    sources: list[str], weights: list[float] | None, trust: bool = False
+) -> tuple[Any, Any, list[Site], dict[str, Any]]:
     """Several adapted .pt2 of one base as one model: stacked (`weights` None) or averaged with `weights`.
 
     Returns the model (the first source's, rewritten), its spec, its sites and the manifest keys that say
     what was combined and how.
     """
-    opened = [open_adapted(source) for source in sources]
+    opened = [open_adapted(source, trust) for source in sources]
     check_same_base([c.manifest for c, _, _ in opened], sources)
     first, spec, sites = opened[0]
     if weights is None:

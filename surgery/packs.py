@@ -26,6 +26,7 @@ import torch
 
 from surgery.errors import SurgeryError
 from surgery.io import atomic_output
+from surgery.safe_files import check_safetensors
 from surgery.sites import ADAPTER_ROOT
 
 PACK_FORMAT = 1
@@ -127,6 +128,7 @@ def load_pack(path: str | Path) -> Pack:
 def _load_safetensors(path: Path) -> Pack:
     from safetensors import SafetensorError, safe_open
 
+    check_safetensors(path)  # a header that lies about its length or offsets is refused before it is parsed
     try:
         with safe_open(str(path), framework="pt") as f:
             info = json.loads((f.metadata() or {}).get(META_KEY, "null"))

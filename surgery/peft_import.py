@@ -1,5 +1,8 @@
 """PEFT LoRA folders as adapted models: `adapter_config.json` + `adapter_model.safetensors` onto a captured base.
 
+An older folder's `adapter_model.bin` (a torch.save pickle) is read with `torch.load(weights_only=True)`, torch's
+restricted unpickler: tensors only, never code; anything else in it is refused.
+
 PEFT computes `y + (lora_alpha/r)·B(A(x))` with `A.weight` (r, d_in) and `B.weight` (d_out, r), whatever
 the base layer (an `nn.Linear`, or GPT-2's Conv1D with `fan_in_fan_out`, which only changes how PEFT merges).
 Here each adapted module becomes one LoRA site over its whole output, named by module path (`role` is the
@@ -13,7 +16,6 @@ trainable biases (`bias` other than "none"), `modules_to_save`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -25,21 +27,24 @@ from surgery.adapters import LoraSpec
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.insert import InsertReport, adapter_target, insert_adapters
+from surgery.safe_files import check_safetensors, read_config
 from surgery.sites import Site, _layer_index, _site, input_node, linear_modules
 
 PREFIX = "base_model.model."
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # in order of preference
 
 
 def read_peft(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The adapter config and tensors of a PEFT folder, after refusing what this tool does not support."""
     folder = Path(folder)
-    config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not config_path.is_file() or not weights_path.is_file():
+    config_path = folder / "adapter_config.json"
+    weights_path = next((p for p in (folder / n for n in WEIGHT_FILES) if p.is_file()), None)
+    if not config_path.is_file() or weights_path is None:
         raise SurgeryError(
             f"{folder}: not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors); "
             "save it with peft_model.save_pretrained(folder)"
         )
-    config = json.loads(config_path.read_text())
+    config = read_config(config_path, str(folder))
     kind = config.get("peft_type")
     if kind != "LORA":
         raise SurgeryError(f"{folder}: PEFT method {kind} is not supported; only LoRA (peft_type LORA) imports")
@@ -56,13 +61,35 @@ def read_peft(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
             f"{folder}: modules_to_save ({', '.join(config['modules_to_save'])}) are full copies of base modules; "
             "not supported, save the adapter without them"
         )
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(weights_path))
+    tensors = _read_tensors(weights_path)
     odd = [k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k)]
     if odd:
         raise SurgeryError(f"{folder}: tensors other than LoRA A/B on linear layers ({odd[0]}, ...) are not supported")
     return config, tensors
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of adapter_model.safetensors, or of adapter_model.bin through torch's restricted unpickler."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        check_safetensors(path)
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise SurgeryError(f"{path}: not a readable safetensors file ({exc}); save the adapter again") from exc
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # the restricted unpickler raises UnpicklingError; a damaged file anything
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SurgeryError(
+            f"{path}: refused, it is a pickle that holds more than tensors ({reason}); loading it would run code. "
+            "Save the adapter as safetensors (peft_model.save_pretrained(folder))"
+        ) from exc
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise SurgeryError(f"{path}: holds a {type(tensors).__name__}, not a dict of tensors; save the adapter again")
+    return tensors
 
 
 def _resolve(path: str, known: set[str]) -> str:
