@@ -22,6 +22,7 @@ from typing import Any
 import onnx
 
 from surgery.errors import SurgeryError
+from surgery.safe_files import check_onnx_data
 
 TABLE = Path(__file__).with_name("trt_onnx_operators.json")
 MAX_DIMS = 8  # nvinfer1::Dims::MAX_DIMS
@@ -85,6 +86,7 @@ def check_trt(path: str | Path) -> TrtCheck:
     path = Path(path)
     if not path.is_file():
         raise SurgeryError(f"{path}: no such ONNX file")
+    check_onnx_data(path)  # before onnx.load reads external data: it must lie beside the model
     try:
         model = onnx.load(str(path))
         model = onnx.shape_inference.infer_shapes(model)

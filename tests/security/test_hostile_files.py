@@ -200,10 +200,13 @@ EXTERNAL = [
 @pytest.mark.parametrize("location, words, subprocess", EXTERNAL, ids=[e[0] for e in EXTERNAL])
 def test_onnx_external_data_must_stay_beside_the_model(location, words, subprocess, tmp_path, cli):
     from exporters.runtime import AdaptedSession
+    from exporters.trt_check import check_trt
 
     _onnx_with_external(tmp_path, location)
     with pytest.raises(SurgeryError, match=words):
         AdaptedSession(tmp_path / "m.onnx")
+    with pytest.raises(SurgeryError, match=words):
+        check_trt(tmp_path / "m.onnx")  # `surgery check-trt`
     if subprocess:
         before = sorted(p.name for p in tmp_path.rglob("*"))
         run = cli("run", "m.onnx", "--shape", "batch=1", cwd=tmp_path)
