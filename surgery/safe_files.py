@@ -21,6 +21,7 @@ become paths. Each refusal is a `SurgeryError` of one line that names the member
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import json
 import pickletools
@@ -114,7 +115,9 @@ def _raw_payloads(zf: zipfile.ZipFile, name: str) -> set[str]:
             config = json.loads(_read(zf, info, name))["config"]
             entries = [(e["path_name"], bool(e.get("use_pickle"))) for e in config.values()]
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-            raise SurgeryError(f"{name}: member {info.filename} is not a readable payload config ({exc}); {_how(False)}") from exc
+            raise SurgeryError(
+                f"{name}: member {info.filename} is not a readable payload config ({exc}); {_how(False)}"
+            ) from exc
         folder = f"data/{m.group(1)}/"
         for path_name, pickled in entries:
             tensor = m.group(1) == "weights" or str(path_name).startswith("tensor_")
@@ -146,21 +149,24 @@ def _pt2_member(data: bytes, record: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------- pickles
 
-_STRING_OPS = {
-    "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8",
-}
+_STRING_OPS = frozenset(
+    """
+    STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8
+    """.split()
+)
 _NEUTRAL_OPS = {"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"}
 _GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
 
 
-def allowed_globals() -> set[str]:
+@functools.cache
+def allowed_globals() -> frozenset[str]:
     """The globals `torch.load(weights_only=True)` accepts: tensors, storages, dtypes, OrderedDict, ..."""
     from torch import _weights_only_unpickler
 
-    return set(_weights_only_unpickler._get_allowed_globals())
+    return frozenset(_weights_only_unpickler._get_allowed_globals())
 
 
-def scan_pickles(data: bytes, allowed: set[str] | None = None) -> str | None:
+def scan_pickles(data: bytes, allowed: frozenset[str] | None = None) -> str | None:
     """Scan `data` as a sequence of pickles, opcode by opcode, without unpickling it.
 
     Returns what the first forbidden opcode would do ("calls os.system"), or None when every global named is
@@ -186,7 +192,7 @@ class _NotAPickle(Exception):
     pass
 
 
-def _scan_one(stream: IO[bytes], allowed: set[str], strict: bool) -> str | None:
+def _scan_one(stream: IO[bytes], allowed: frozenset[str], strict: bool) -> str | None:
     stack: list[Any] = []  # strings where known, None where not
     memo: dict[Any, Any] = {}
     proto = 0
@@ -229,7 +235,7 @@ def _scan_one(stream: IO[bytes], allowed: set[str], strict: bool) -> str | None:
     raise _NotAPickle
 
 
-def _refused(module: str, attr: str, allowed: set[str], proto: int, strict: bool) -> str | None:
+def _refused(module: str, attr: str, allowed: frozenset[str], proto: int, strict: bool) -> str | None:
     full = f"{module}.{attr}"
     if full in allowed:
         return None
@@ -243,20 +249,36 @@ def _refused(module: str, attr: str, allowed: set[str], proto: int, strict: bool
 # ---------------------------------------------------------------------------------------------------- programs
 
 # What the graph's symbolic expressions may call (sympy's srepr constructors and torch's sympy functions).
-SYMPY_CALLS = {
-    "Symbol", "Integer", "Float", "Rational", "Add", "Mul", "Pow", "Mod", "Max", "Min", "Abs", "Eq", "Ne", "Lt",
-    "Le", "Gt", "Ge", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan", "Equality", "Unequality",
-    "And", "Or", "Not", "Piecewise", "ExprCondPair", "true", "false", "oo", "floor", "ceiling", "sqrt",
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
-    "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "TruncToFloat", "TruncToInt",
-    "RoundToInt", "RoundDecimal", "ToFloat", "OpaqueUnaryFn_sqrt", "BitwiseFn_bitwise_and", "BitwiseFn_bitwise_or",
-    "IsNonOverlappingAndDenseIndicator", "Identity", "Integer", "S", "One", "Zero", "NegativeOne", "Half",
-}
+SYMPY_CALLS = frozenset(
+    """
+    Symbol Integer Float Rational Add Mul Pow Mod Max Min Abs Eq Ne Lt Le Gt Ge StrictLessThan StrictGreaterThan
+    LessThan GreaterThan Equality Unequality And Or Not Piecewise ExprCondPair true false oo floor ceiling sqrt
+    FloorDiv ModularIndexing Where PythonMod CleanDiv CeilToInt FloorToInt CeilDiv LShift RShift PowByNatural
+    FloatPow FloatTrueDiv IntTrueDiv TruncToFloat TruncToInt RoundToInt RoundDecimal ToFloat OpaqueUnaryFn_sqrt
+    BitwiseFn_bitwise_and BitwiseFn_bitwise_or IsNonOverlappingAndDenseIndicator Identity One Zero NegativeOne
+    Half
+    """.split()
+)
 GUARD_METHODS = {"size", "stride", "storage_offset", "dim", "numel", "isnan", "isinf", "trunc", "floor", "ceil"}
 GUARD_NAMES = {"L", "math", "inf", "True", "False", "None"}
 _EXPR_NODES = (
-    ast.Expression, ast.Call, ast.Name, ast.Constant, ast.keyword, ast.BinOp, ast.UnaryOp, ast.BoolOp, ast.Compare,
-    ast.Load, ast.operator, ast.unaryop, ast.boolop, ast.cmpop, ast.Subscript, ast.Attribute, ast.Tuple,
+    ast.Expression,
+    ast.Call,
+    ast.Name,
+    ast.Constant,
+    ast.keyword,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.BoolOp,
+    ast.Compare,
+    ast.Load,
+    ast.operator,
+    ast.unaryop,
+    ast.boolop,
+    ast.cmpop,
+    ast.Subscript,
+    ast.Attribute,
+    ast.Tuple,
 )
 
 
@@ -325,13 +347,14 @@ def _program_json(data: bytes) -> str | None:
     return None
 
 
-def _sym_op_names() -> set[str]:
+@functools.cache
+def _sym_op_names() -> frozenset[str]:
     from torch._export.serde import serialize
 
-    return {f"{t.__module__}.{t.__name__}" for t in serialize._SYM_OPS}
+    return frozenset(f"{t.__module__}.{t.__name__}" for t in serialize._SYM_OPS)
 
 
-def _operator_target(target: str, sym_ops: set[str]) -> bool:
+def _operator_target(target: str, sym_ops: frozenset[str]) -> bool:
     if target in sym_ops:
         return True
     parts = target.split(".")
@@ -376,7 +399,8 @@ def check_safetensors(path: str | Path, name: str | None = None) -> None:
         ok = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
         if not ok or not 0 <= offsets[0] <= offsets[1] <= data:
             raise SurgeryError(
-                f"{name}: tensor {tensor} lies outside the file's {data:,} data bytes ({offsets}); the file is damaged or forged"
+                f"{name}: tensor {tensor} lies outside the file's {data:,} data bytes ({offsets}); "
+                "the file is damaged or forged"
             )
 
 
@@ -385,7 +409,9 @@ def read_config(path: str | Path, name: str) -> dict[str, Any]:
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_JSON_BYTES:
-        raise SurgeryError(f"{name}: {path.name} is {size:,} bytes, absurd for a model config (at most {MAX_JSON_BYTES:,})")
+        raise SurgeryError(
+            f"{name}: {path.name} is {size:,} bytes, absurd for a model config (at most {MAX_JSON_BYTES:,})"
+        )
     text = path.read_bytes()
     depth = deepest = 0
     for ch in text:  # before json.loads, which recurses once per level
@@ -395,7 +421,9 @@ def read_config(path: str | Path, name: str) -> dict[str, Any]:
         elif ch in b"]}":
             depth -= 1
     if deepest > MAX_JSON_DEPTH:
-        raise SurgeryError(f"{name}: {path.name} nests {deepest} levels deep, absurd for a model config (at most {MAX_JSON_DEPTH})")
+        raise SurgeryError(
+            f"{name}: {path.name} nests {deepest} levels deep, absurd for a model config (at most {MAX_JSON_DEPTH})"
+        )
     try:
         config = json.loads(text)
     except ValueError as exc:
@@ -431,10 +459,14 @@ def check_onnx_data(path: str | Path) -> None:
                 "refused: an ONNX file may only read data beside it"
             )
         if not target.is_file():
-            raise SurgeryError(f"{path}: tensor {tensor.name} needs external data {where}, which is missing beside the model")
+            raise SurgeryError(
+                f"{path}: tensor {tensor.name} needs external data {where}, which is missing beside the model"
+            )
         end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
         if end > target.stat().st_size:
-            raise SurgeryError(f"{path}: tensor {tensor.name} reads {where} up to byte {end:,}, beyond its {target.stat().st_size:,}")
+            raise SurgeryError(
+                f"{path}: tensor {tensor.name} reads {where} up to byte {end:,}, beyond its {target.stat().st_size:,}"
+            )
 
 
 def _onnx_tensors(graph: Any) -> Iterator[Any]:
@@ -458,7 +490,7 @@ def check_name(name: str, what: str) -> str:
     """A name that becomes a file or folder name: no separators, no `..`, nothing hidden, not empty."""
     if not name or "/" in name or "\\" in name or "\x00" in name or name.startswith(".") or ":" in name:
         raise SurgeryError(
-            f"{what} {name!r} cannot be used: it becomes a file or folder name, so no '/', '\\', ':', leading '.' or '..'; "
-            "choose a plain name such as model_a"
+            f"{what} {name!r} cannot be used: it becomes a file or folder name, so no '/', '\\', ':', "
+            "leading '.' or '..'; choose a plain name such as model_a"
         )
     return name

@@ -10,8 +10,14 @@ from surgery.adapters import AdapterSpec, LoraSpec
 from surgery.capture import Captured
 from surgery.pipeline import open_model, stand_in_adapted
 
-BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100,
-            max_position_embeddings=64)
+BERT = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "vocab_size": 100,
+    "max_position_embeddings": 64,
+}
 
 
 @pytest.fixture(scope="session")

@@ -77,9 +77,11 @@ def _expression(marker: Path):
     """A shape expression torch hands to sympy.sympify, which evaluates it with Python's eval."""
 
     def change(doc):
-        text = json.dumps(doc).replace(
-            "Symbol('", f"Add(__import__('os').system('touch {marker}'), Symbol('", 1
-        ).replace("integer=True)", "integer=True))", 1)
+        text = (
+            json.dumps(doc)
+            .replace("Symbol('", f"Add(__import__('os').system('touch {marker}'), Symbol('", 1)
+            .replace("integer=True)", "integer=True))", 1)
+        )
         doc.clear()
         doc.update(json.loads(text))
 
@@ -159,7 +161,10 @@ def test_zip_bomb_member_is_refused(adapted_pt2, tmp_path, cli):
 
     bomb = tmp_path / "bomb.adapted.pt2"
     bomb.write_bytes(adapted_pt2.read_bytes())
-    with zipfile.ZipFile(bomb, "a", zipfile.ZIP_DEFLATED) as zf, zf.open("small.adapted/extra/bomb", "w", force_zip64=True) as fh:
+    with (
+        zipfile.ZipFile(bomb, "a", zipfile.ZIP_DEFLATED) as zf,
+        zf.open("small.adapted/extra/bomb", "w", force_zip64=True) as fh,
+    ):
         zeros = bytes(1 << 20)
         for _ in range(400):
             fh.write(zeros)
@@ -179,9 +184,11 @@ def _onnx_with_external(folder: Path, location: str, write: bool = False) -> Pat
     for k, v in (("location", location), ("offset", "0"), ("length", "16")):
         weight.external_data.add(key=k, value=v)
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])], "g",
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [weight],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [weight],
     )
     path = folder / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -247,9 +254,15 @@ def test_safetensors_header_that_lies_is_refused(adapted_pt2, tmp_path, cli):
         with pytest.raises(SurgeryError, match=name):
             load_pack(tmp_path / name)
     engine = _fake_engine(tmp_path)
-    for args in (["inspect", "long.safetensors"], ["pack", "offsets.safetensors", "-o", "b.onnx_adapter"], ["swap", engine, "long.safetensors"]):
+    for args in (
+        ["inspect", "long.safetensors"],
+        ["pack", "offsets.safetensors", "-o", "b.onnx_adapter"],
+        ["swap", engine, "long.safetensors"],
+    ):
         before = sorted(p.name for p in tmp_path.rglob("*"))
-        refused(cli(*args, cwd=tmp_path), tmp_path, before, tmp_path / "none", args[-1] if args[0] == "swap" else args[1])
+        refused(
+            cli(*args, cwd=tmp_path), tmp_path, before, tmp_path / "none", args[-1] if args[0] == "swap" else args[1]
+        )
 
 
 def _shift_offsets(data: bytes, n: int) -> bytes:

@@ -13,7 +13,7 @@ from surgery.safe_files import scan_pickles
 from tests.security.hostile import Payload
 
 
-@pytest.mark.parametrize("protocol", range(0, pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 def test_a_payload_is_found_in_every_protocol(protocol, tmp_path):
     data = pickle.dumps(Payload(tmp_path / "M"), protocol=protocol)
     assert scan_pickles(data) == "calls posix.system"
