@@ -1,12 +1,20 @@
-"""What every command shares: option aliases, progress steps, output, and the user-error exit."""
+"""What every command shares: option aliases, progress steps, output, and how a failure ends the process.
+
+A `SurgeryError` (the user's to fix) is one `error:` line and exit 2. Any other exception is ours: one `error:`
+line naming the stage (the `step` that was running) and the model, the full traceback written to a log file in the
+temp folder whose path that line gives, and exit 1; `surgery --debug COMMAND` prints the traceback instead.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import platform
 import sys
+import tempfile
 import time
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +22,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from surgery.errors import SurgeryError
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -43,6 +54,10 @@ Rank = Annotated[
 Act = Annotated[str, typer.Option("--act", help="Activation σ of a bottleneck: relu, gelu, silu, tanh, identity (a linear adapter, mergeable).")]
 Alpha = Annotated[Optional[float], typer.Option("--alpha", help="lora: the delta is scaled by alpha/r (default alpha = r: scaling 1).")]
 Scale = Annotated[float, typer.Option("--scale", help="parallel: scale s of the branch, y + s·W_up σ(W_down x).")]
+TOLERANCE_HELP = "the parity check's absolute part: per output, max|a - torch| <= tolerance + rtol x max|torch|"
+RTOL_HELP = "the parity check's relative part: the share of each output's largest magnitude max|torch| allowed on top"
+Tolerance = Annotated[float, typer.Option("--tolerance", help=f"Accept {TOLERANCE_HELP}.")]
+Rtol = Annotated[float, typer.Option("--rtol", help=f"Accept {RTOL_HELP}.")]
 
 
 def quiet_libraries() -> None:
@@ -59,13 +74,71 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+class Run:
+    """What the process is doing, for the message of a failure: set by `--debug` and by each `step`."""
+
+    debug = False
+    stage: str | None = None
+
+
+@contextmanager
+def stage(label: str) -> Iterator[None]:
+    """Name what runs inside, for the error line of an internal failure (no output of its own)."""
+    Run.stage = label
+    yield
+    Run.stage = None
+
+
 @contextmanager
 def step(label: str) -> Iterator[None]:
     """A spinner while `label` runs, then a tick and the seconds it took (on stderr)."""
     start = time.perf_counter()
-    with err.status(f"{label} ..."):
+    with stage(label), err.status(f"{label} ..."):
         yield
     err.print(f"[green]✓[/] {label} [dim]({time.perf_counter() - start:.1f} s)[/]")
+
+
+def error_line(text: str) -> None:
+    err.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)  # escape: messages hold [brackets]
+
+
+def write_error_log(exc: BaseException, argv: list[str]) -> str:
+    """The traceback, the command line and the versions, in `surgery-error-<time>-<pid>.log` in the temp folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(tempfile.gettempdir(), f"surgery-error-{stamp}-{os.getpid()}.log")
+    versions = []
+    for module in ("torch", "transformers", "onnx", "onnxruntime"):
+        mod = sys.modules.get(module)
+        versions.append(f"{module} {getattr(mod, '__version__', 'not loaded')}")
+    with open(path, "w") as fh:
+        fh.write(f"command: surgery {' '.join(argv)}\nstage: {Run.stage or 'outside any step'}\n")
+        fh.write(f"python {platform.python_version()} on {platform.platform()}; {', '.join(versions)}\n\n")
+        fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return path
+
+
+def fail(exc: BaseException, command: str, model: str | None, argv: list[str]) -> int:
+    """Report an exception that escaped a command; return the exit code (2 for the user's error, 1 for ours)."""
+    if Run.debug:
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    if isinstance(exc, SurgeryError):
+        error_line(str(exc))
+        return 2
+    lines = str(exc).strip().splitlines()
+    what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    context = [f"stage {Run.stage!r}"] if Run.stage else []
+    context += [f"model {model}"] if model else []
+    where = f"internal error in surgery {command} ({', '.join(context) or 'before any stage'}): {what}"
+    if Run.debug:
+        error_line(f"{where}; traceback above")
+        return 1
+    try:
+        log = write_error_log(exc, argv)
+    except OSError as log_exc:
+        error_line(f"{where}; the traceback could not be written ({log_exc}): rerun with --debug to see it")
+        return 1
+    error_line(f"{where}; traceback in {log} (or rerun with surgery --debug)")
+    return 1
 
 
 def emit_json(data: dict[str, Any]) -> None:

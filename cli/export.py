@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import InputDtype, InputShape, Json, Output, Trust, emit_json, out, step
+from cli.common import InputDtype, InputShape, Json, Output, Rtol, Tolerance, Trust, emit_json, out, step
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.swappable import export_routed, export_swappable
@@ -19,6 +19,7 @@ from exporters.tensorrt import TensorRTMissing, build_engine, parse_shapes, prep
 from exporters.triton import write_triton_repo
 from surgery.errors import SurgeryError
 from surgery.io import check_output
+from surgery.parity import ATOL, RTOL
 from surgery.pipeline import default_output, open_model
 
 Sources = Annotated[
@@ -34,7 +35,8 @@ def export(
     route: Annotated[bool, typer.Option("--route", help="Stack several models' adapters; adapter_id input per row.")] = False,
     fused_pt2: Annotated[bool, typer.Option("--fused-pt2", help="A .pt2 for torch on CUDA: one Triton kernel per bottleneck (replay it in a CUDA graph).")] = False,
     output: Output = None,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest |ORT - torch| accepted (fp32).")] = 1e-4,
+    tolerance: Tolerance = ATOL,
+    rtol: Rtol = RTOL,
     trt: Annotated[bool, typer.Option("--trt", help="TensorRT engine (-o X.plan); without TensorRT: the ONNX and trtexec command, exit 2.")] = False,
     shapes: Annotated[Optional[str], typer.Option("--shapes", help="Engine profile per axis, e.g. batch=1:8:64,seq=16:128:512 (MIN:OPT:MAX).")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Engine in fp16 (tolerance 2e-2).")] = False,
@@ -55,13 +57,16 @@ def export(
         raise SurgeryError(f"{len(sources)} models given; export takes one, or several with --route")
     if trt:
         opener = lambda: open_model(sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype)  # noqa: E731
-        return _export_trt(sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance, json)
+        return _export_trt(
+            sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance,
+            rtol, json,
+        )  # fmt: skip
     if shapes or fp16 or bf16 or max_r is not None or timing_cache:
         raise SurgeryError("--shapes, --fp16, --bf16, --max-r and --timing-cache are engine options; add --trt")
     if fused_pt2:
         if swappable or route or triton_repo:
             raise SurgeryError("--fused-pt2 writes a torch program; --swappable, --route and --triton-repo are ONNX exports")
-        return _export_fused_pt2(sources[0], output, tolerance, trust, input_shape, input_dtype, json)
+        return _export_fused_pt2(sources[0], output, tolerance, rtol, trust, input_shape, input_dtype, json)
     if triton_repo and (swappable or route):
         raise SurgeryError("--triton-repo takes a baked model (plain ONNX or --trt); Triton cannot feed adapter slots")
     suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
@@ -70,11 +75,12 @@ def export(
         models = [open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype) for s in sources]
     with step(f"export {path} and check it against torch"):
         if route:
-            result = export_routed(models, path, tolerance=tolerance)
+            result = export_routed(models, path, tolerance=tolerance, rtol=rtol)
         elif swappable:
-            result = export_swappable(models[0], path, tolerance=tolerance)
+            result = export_swappable(models[0], path, tolerance=tolerance, rtol=rtol)
         else:
-            result = export_onnx(models[0].gm, models[0].signature, path, tolerance=tolerance, manifest=models[0].manifest)
+            m = models[0]
+            result = export_onnx(m.gm, m.signature, path, tolerance=tolerance, rtol=rtol, manifest=m.manifest)
     data = result.to_json()
     if triton_repo:
         repo = write_triton_repo(triton_repo, path, path, models[0].signature, path.name.split(".")[0])
@@ -83,27 +89,37 @@ def export(
         emit_json(data)
         return
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
-    out.print(f"max |ORT - torch| = {data['max_abs_diff']:.2e} (tolerance {data['tolerance']:g})")
+    out.print(
+        f"max |ORT - torch| = {data['max_abs_diff']:.2e}, {data['max_rel_diff']:.2e} of max|torch| "
+        f"(--tolerance {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
+    )
     if swappable:
         out.print(f"{data['adapter_tensors']} adapter slots; no pack = base model, own pack = adapted model: both checked")
     if route:
         out.print(f"{len(data['route'])} adapters stacked at rank {data['padded_rank']}; rows checked with ids {data['checked_ids']}")
 
 
-def _export_fused_pt2(source, output, tolerance, trust, input_shape, input_dtype, json) -> None:
+def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input_dtype, json) -> None:
     path = check_output(output or default_output(source, ".fused.pt2"))
     with step(f"load {source or 'minilm'}"):
         captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
     with step(f"export {path} and check it against the adapted model"):
-        result = export_kernel_program(captured, path, tolerance=tolerance)
+        result = export_kernel_program(captured, path, tolerance=tolerance, rtol=rtol)
     if json:
         emit_json(result.to_json())
         return
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {result.kernels} bottlenecks, one surgery::bottleneck op each")
-    out.print(f"max |fused - adapted| = {result.parity.max_abs_diff:.2e} (tolerance {result.parity.tolerance:g}); load it after `import surgery.kernels`")
+    p = result.parity
+    out.print(
+        f"max |fused - adapted| = {p.max_abs_diff:.2e}, {p.max_rel_diff:.2e} of max|torch| (--tolerance {p.atol:g} "
+        f"+ --rtol {p.rtol:g} x max|torch|); load it after `import surgery.kernels`"
+    )
 
 
-def _export_trt(source, opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance, json) -> None:
+def _export_trt(
+    source, opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance, rtol,
+    json,
+) -> None:  # fmt: skip
     """--trt: the TensorRT-ready ONNX and trtexec command, then the engine (exit 2 where TensorRT is missing)."""
     if route:
         raise SurgeryError("--route exports ONNX only; TensorRT engines are baked or --swappable")
@@ -117,7 +133,10 @@ def _export_trt(source, opener, output, swappable, route, shapes, fp16, bf16, ma
     with step(f"load {source or 'minilm'}"):
         captured = opener()
     with step("export the TensorRT-ready ONNX and check it against torch"):
-        plan = prepare_trt(captured, path, precision=precision, shapes=ranges, max_r=max_r, timing_cache=timing_cache, tolerance=tolerance)
+        plan = prepare_trt(
+            captured, path, precision=precision, shapes=ranges, max_r=max_r, timing_cache=timing_cache,
+            tolerance=tolerance, rtol=rtol,
+        )  # fmt: skip
     name = path.name.split(".")[0]
     try:
         with step(f"build {path} ({precision}{', refittable' if swappable else ''})"):

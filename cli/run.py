@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from cli.common import Json, Trust, emit_json, out
+from cli.common import RTOL_HELP, TOLERANCE_HELP, Json, Trust, emit_json, out, stage
+from exporters.inputs import check_feeds, graph_inputs, vocab_size
 from exporters.runtime import AdaptedSession
 from exporters.verify import ort_session
 from surgery.errors import SurgeryError
@@ -16,16 +17,20 @@ from surgery.io import atomic_output
 from surgery.safe_files import check_onnx_data
 
 
-def _inputs(session, input_file: Optional[Path], shape: str) -> dict[str, np.ndarray]:
-    """Inputs from an .npz (arrays by input name), or random token ids and a full mask of `shape`."""
+def _inputs(session, input_file: Optional[Path], shape: str, onnx_path: Path) -> dict[str, np.ndarray]:
+    """Inputs from an .npz (arrays by input name), or random token ids and a full mask of `shape`; checked against
+    the graph's inputs and vocabulary (`exporters/inputs.py`) before ONNX Runtime sees them."""
+    vocab = vocab_size(onnx_path)
     if input_file is not None:
         if not input_file.is_file():
             raise SurgeryError(f"--input {input_file}: no such file; give an .npz with one array per input name")
         try:
             with np.load(input_file) as data:
-                return {k: data[k] for k in data.files}
+                feeds = {k: data[k] for k in data.files}
         except (ValueError, OSError) as exc:
             raise SurgeryError(f"--input {input_file}: not a readable .npz ({exc})") from exc
+        check_feeds(feeds, graph_inputs(session), vocab, f"--input {input_file}")
+        return feeds
     try:
         sizes = dict((k, int(v)) for k, v in (kv.split("=") for kv in shape.split(",")))
     except ValueError as exc:
@@ -43,14 +48,16 @@ def _inputs(session, input_file: Optional[Path], shape: str) -> dict[str, np.nda
         elif i.name == "adapter_id":
             feeds[i.name] = np.zeros(dims, dtype=np.int64)
         else:
-            feeds[i.name] = rng.integers(0, 1000, dims, dtype=np.int64)
+            feeds[i.name] = rng.integers(0, min(vocab or 1000, 1000), dims, dtype=np.int64)
+    check_feeds(feeds, graph_inputs(session), vocab, f"--shape {shape}")
     return feeds
 
 
 ENGINE_SUFFIXES = (".plan", ".engine")
+BY = " (default: by the engine's precision)."
 
 
-def _run_engine(model: Path, adapter, input_file, shape, against, json, trust=False):
+def _run_engine(model: Path, adapter, input_file, shape, against, tolerance, rtol, json, trust=False):
     """A TensorRT engine through Polygraphy's TrtRunner; with --against, a parity check against torch instead."""
     from exporters.tensorrt import read_sidecar, run_engine
 
@@ -58,20 +65,23 @@ def _run_engine(model: Path, adapter, input_file, shape, against, json, trust=Fa
         raise SurgeryError(f"engines hold their adapters; refit one in place with `surgery swap {model} {adapter}`")
     sidecar = read_sidecar(model)
     if against is not None:
-        from exporters.verify import check_engine
+        from exporters.tensorrt import check_engine
         from surgery.pipeline import open_model
 
         captured = open_model(against, trust=trust)
-        parity = check_engine(model, captured.gm, captured.signature, sidecar["precision"])
+        parity = check_engine(model, captured.gm, captured.signature, sidecar["precision"], atol=tolerance, rtol=rtol)
         if json:
             emit_json({"engine": str(model), "against": against, "precision": sidecar["precision"], **parity.to_json()})
         else:
-            out.print(f"max |TensorRT - torch| = {parity.max_abs_diff:.2e} (tolerance {parity.tolerance:g}, {sidecar['precision']}) at {parity.worst}")
+            out.print(f"max |TensorRT - torch| ({sidecar['precision']}): {parity.summary()}")
         if not parity.ok:
-            raise SurgeryError(f"{model} differs from {against} by {parity.max_abs_diff:.3g}, above {parity.tolerance:g}")
+            raise SurgeryError(
+                f"{model} differs from {against} by more than --tolerance + --rtol x max|torch| allow: "
+                f"{parity.summary()}"
+            )
         return None, None
     check_onnx_data(sidecar["source_onnx"])
-    feeds = _inputs(ort_session(sidecar["source_onnx"]), input_file, shape)
+    feeds = _inputs(ort_session(sidecar["source_onnx"]), input_file, shape, Path(sidecar["source_onnx"]))
     outputs = run_engine(model, feeds)
     return list(outputs), list(outputs.values())
 
@@ -83,6 +93,10 @@ def run(
     shape: Annotated[str, typer.Option("--shape", help="Random inputs of this size when no --input.")] = "batch=1,seq=128",
     save: Annotated[Optional[Path], typer.Option("--save", help="Write the outputs to this .npz.")] = None,
     against: Annotated[Optional[str], typer.Option("--against", help="A TensorRT engine: compare it with this model in torch.")] = None,
+    tolerance: Annotated[
+        Optional[float], typer.Option("--tolerance", help=f"With --against, {TOLERANCE_HELP}{BY}")
+    ] = None,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help=f"With --against, {RTOL_HELP}{BY}")] = None,
     json: Json = False,
     trust: Trust = False,
 ) -> None:
@@ -90,23 +104,30 @@ def run(
     if not model.is_file():
         raise SurgeryError(f"{model}: no such file; give an ONNX model or a TensorRT engine (.plan)")
     if model.suffix in ENGINE_SUFFIXES:
-        names, results = _run_engine(model, adapter, input_file, shape, against, json, trust)
+        names, results = _run_engine(model, adapter, input_file, shape, against, tolerance, rtol, json, trust)
         if names is None:
             return
-    elif against is not None:
-        raise SurgeryError("--against compares a TensorRT engine with torch; ONNX exports are checked against torch when written")
+    elif against is not None or tolerance is not None or rtol is not None:
+        raise SurgeryError(
+            "--against (and its --tolerance, --rtol) compares a TensorRT engine with torch; "
+            "ONNX exports are checked against torch when written"
+        )
     elif adapter is not None:
-        session = AdaptedSession(model)
-        session.load(adapter.name, adapter)
-        feeds = _inputs(session.session, input_file, shape)
-        results = session.run(feeds, adapter=adapter.name)
+        with stage(f"open {model} in ONNX Runtime with pack {adapter}"):
+            session = AdaptedSession(model)
+            session.load(adapter.name, adapter)
+            feeds = _inputs(session.session, input_file, shape, model)
+        with stage(f"run {model} in ONNX Runtime with pack {adapter}"):
+            results = session.run(feeds, adapter=adapter.name)
         names = [o.name for o in session.session.get_outputs()]
     else:
         check_onnx_data(model)  # before ONNX Runtime opens it: external data stays beside the model
-        plain = ort_session(model)
-        feeds = _inputs(plain, input_file, shape)
+        with stage(f"open {model} in ONNX Runtime"):
+            plain = ort_session(model)
+            feeds = _inputs(plain, input_file, shape, model)
         wanted = {i.name for i in plain.get_inputs()}
-        results = plain.run(None, {k: v for k, v in feeds.items() if k in wanted})
+        with stage(f"run {model} in ONNX Runtime"):
+            results = plain.run(None, {k: v for k, v in feeds.items() if k in wanted})
         names = [o.name for o in plain.get_outputs()]
     if save is not None:
         with atomic_output(save) as tmp:

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from exporters.verify import Parity, check_program
+from exporters.verify import check_program
 from surgery.capture import Captured, export_program
 from surgery.errors import SurgeryError
 from surgery.fuse import KernelBottleneck, fused_copy
 from surgery.io import atomic_output
+from surgery.parity import ATOL, RTOL, Parity
 from surgery.safe_files import check_pt2
 
 
@@ -33,7 +34,9 @@ class KernelProgram:
         return {"path": str(self.path), "kernels": self.kernels, **self.parity.to_json()}
 
 
-def export_kernel_program(captured: Captured, path: str | Path, tolerance: float = 1e-4) -> KernelProgram:
+def export_kernel_program(
+    captured: Captured, path: str | Path, tolerance: float = ATOL, rtol: float = RTOL
+) -> KernelProgram:
     import surgery.kernels  # noqa: F401  the op must exist to reload the program
 
     gm = fused_copy(captured.gm, captured.manifest, kernel=True)
@@ -47,10 +50,10 @@ def export_kernel_program(captured: Captured, path: str | Path, tolerance: float
     with atomic_output(path) as tmp:
         torch.export.save(program, tmp)
         check_pt2(tmp, str(path))  # what this tool writes must open without --trust
-        parity = check_program(torch.export.load(tmp).module(), captured.gm, captured.signature, tolerance)
+        parity = check_program(torch.export.load(tmp).module(), captured.gm, captured.signature, tolerance, rtol)
         if not parity.ok:
             raise SurgeryError(
-                f"{path}: the fused program differs from the adapted model by {parity.max_abs_diff:.2e} "
-                f"(> --tolerance {tolerance:g}) at {parity.worst}; nothing written"
+                f"{path}: the fused program differs from the adapted model by more than --tolerance + --rtol x "
+                f"max|torch| allow: {parity.summary()}; nothing written"
             )
     return KernelProgram(Path(path), kernels, parity)

@@ -17,10 +17,11 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from exporters.verify import Parity, check_onnx
+from exporters.verify import check_onnx
 from surgery.errors import SurgeryError
 from surgery.fuse import fused_copy
 from surgery.io import atomic_output
+from surgery.parity import ATOL, RTOL, Parity
 from surgery.signature import Signature
 
 OPSET = 20
@@ -104,8 +105,8 @@ def check_model(path: Path, what: str) -> None:
 def refuse_mismatch(parity: Parity, what: str, case: str = "") -> None:
     if not parity.ok:
         raise SurgeryError(
-            f"{what}: ONNX Runtime differs from torch{case} by {parity.max_abs_diff:.3g} "
-            f"(tolerance {parity.tolerance:g}) at {parity.worst}; nothing was written"
+            f"{what}: ONNX Runtime differs from torch{case} by more than --tolerance + --rtol x max|torch| allow: "
+            f"{parity.summary()}; nothing was written"
         )
 
 
@@ -114,7 +115,8 @@ def export_onnx(
     signature: Signature,
     path: str | Path,
     *,
-    tolerance: float = 1e-4,
+    tolerance: float = ATOL,
+    rtol: float = RTOL,
     manifest: dict[str, Any] | None = None,
     fuse: bool = True,
 ) -> OnnxExport:
@@ -129,6 +131,6 @@ def export_onnx(
         onnx.save(lean_proto(onnx_program(exported, signature, str(path))), str(tmp))
         seconds = time.perf_counter() - start
         check_model(tmp, str(path))
-        parity = check_onnx(tmp, gm, signature, tolerance=tolerance)
+        parity = check_onnx(tmp, gm, signature, tolerance=tolerance, rtol=rtol)
         refuse_mismatch(parity, str(path))
     return OnnxExport(path=Path(path), parity=parity, seconds=seconds)

@@ -22,15 +22,15 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
-from torch.utils import _pytree as pytree
 
 from exporters.onnx import check_model, lean_proto, onnx_program, refuse_mismatch
 from exporters.runtime import META_ADAPTER, META_FINGERPRINT, META_SITES, AdaptedSession
-from exporters.verify import Parity, check_session, compare_outputs, feeds, mask_of, ort_session
+from exporters.verify import check_session, feeds, ort_session
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.io import atomic_output
 from surgery.packs import BOTTLENECK_SHAPES, fingerprint, pack_from_model
+from surgery.parity import ATOL, RTOL, Parity, compare, mask_of, outputs_of
 from surgery.route import route
 from surgery.sites import ADAPTER_ROOT
 
@@ -52,7 +52,9 @@ class SwappableExport:
             "adapter_tensors": self.slots,
             "export_seconds": round(self.seconds, 2),
             "max_abs_diff": max(self.base_parity.max_abs_diff, self.pack_parity.max_abs_diff),
+            "max_rel_diff": max(self.base_parity.max_rel_diff, self.pack_parity.max_rel_diff),
             "tolerance": self.pack_parity.tolerance,
+            "rtol": self.pack_parity.rtol,
             "no_pack": self.base_parity.to_json(),
             "own_pack": self.pack_parity.to_json(),
         }
@@ -104,7 +106,9 @@ def _with_adapters(gm: torch.nn.Module, fill: str, seed: int = 0) -> torch.nn.Mo
     return out
 
 
-def export_swappable(captured: Captured, path: str | Path, *, tolerance: float = 1e-4) -> SwappableExport:
+def export_swappable(
+    captured: Captured, path: str | Path, *, tolerance: float = ATOL, rtol: float = RTOL
+) -> SwappableExport:
     """Export an adapted model with adapter slots, verify no-pack = base and own-pack = adapted, then write."""
     if captured.manifest is None:
         raise SurgeryError(f"{captured.source.name}: --swappable needs an adapted model; run `surgery insert` first")
@@ -117,10 +121,14 @@ def export_swappable(captured: Captured, path: str | Path, *, tolerance: float =
         seconds = time.perf_counter() - start
         check_model(tmp, what)
         session = AdaptedSession(tmp)
-        base_parity = check_session(session.session, _with_adapters(captured.gm, "base"), captured.signature, tolerance)
+        base = _with_adapters(captured.gm, "base")
+        base_parity = check_session(session.session, base, captured.signature, tolerance, rtol=rtol)
         refuse_mismatch(base_parity, what, " with no pack active")
         session.load("own", pack_from_model(captured.gm.state_dict(), captured.manifest))
-        pack_parity = check_session(session.session, captured.gm, captured.signature, tolerance, run_options=session.run_options("own"))
+        own = session.run_options("own")
+        pack_parity = check_session(
+            session.session, captured.gm, captured.signature, tolerance, run_options=own, rtol=rtol
+        )
         refuse_mismatch(pack_parity, what, " with the model's own pack active")
     return SwappableExport(Path(path), base_parity, pack_parity, slots, seconds)
 
@@ -141,31 +149,42 @@ class RoutedExport:
             "padded_rank": self.rank,
             "checked_ids": self.ids,
             "max_abs_diff": max(self.parity.max_abs_diff, self.rows.max_abs_diff),
+            "max_rel_diff": max(self.parity.max_rel_diff, self.rows.max_rel_diff),
             "tolerance": self.rows.tolerance,
+            "rtol": self.rows.rtol,
+            "parity": self.parity.to_json(),
             "rows": self.rows.to_json(),
         }
 
 
-def check_rows(session: Any, routed: Captured, models: list[Captured], ids: list[int], tolerance: float, seq: int = 37) -> Parity:
+def check_rows(
+    session: Any,
+    routed: Captured,
+    models: list[Captured],
+    ids: list[int],
+    tolerance: float,
+    seq: int = 37,
+    rtol: float = RTOL,
+) -> Parity:
     """Row b of the routed ONNX output against model ids[b] in torch (the base model where ids[b] = -1)."""
     sizes = {"batch": len(ids), "seq": seq}
     sig = models[0].signature
     tensors = sig.examples(sizes, seed=7, pad=True)
     per_model = {}
-    with torch.no_grad():
-        for i in sorted(set(ids)):
-            module = _with_adapters(models[0].gm, "base") if i < 0 else models[i].gm
-            per_model[i] = pytree.tree_leaves(sig.call(module, tensors))
+    for i in sorted(set(ids)):
+        per_model[i] = outputs_of(_with_adapters(models[0].gm, "base") if i < 0 else models[i].gm, sig, tensors)
     expected = [torch.stack([per_model[i][k][b] for b, i in enumerate(ids)]) for k in range(len(per_model[ids[0]]))]
     all_tensors = tensors + [torch.tensor(ids, dtype=torch.int64)]
     got = session.run(None, feeds(session, routed.signature, all_tensors))
     names = [o.name for o in session.get_outputs()]
-    diffs = compare_outputs(names, got, expected, mask_of(sig, tensors))
-    worst = max(diffs, key=diffs.get)
-    return Parity(diffs[worst], tolerance, [sizes], f"output {worst}, ids {ids}", diffs)
+    mask = mask_of(sig, tensors)
+    rows = compare(expected, got, atol=tolerance, rtol=rtol, names=names, mask=mask, where=f"ids {ids}")
+    return Parity(rows.atol, rows.rtol, rows.outputs, [sizes], rows.worst)
 
 
-def export_routed(models: list[Captured], path: str | Path, *, tolerance: float = 1e-4) -> RoutedExport:
+def export_routed(
+    models: list[Captured], path: str | Path, *, tolerance: float = ATOL, rtol: float = RTOL
+) -> RoutedExport:
     """One ONNX model with every model's adapters and an `adapter_id` input, verified row by row."""
     what = str(path)
     routed, report = route(models)
@@ -175,8 +194,8 @@ def export_routed(models: list[Captured], path: str | Path, *, tolerance: float 
         onnx.save(lean_proto(onnx_program(routed.gm, routed.signature, what)), str(tmp))
         check_model(tmp, what)
         session = ort_session(tmp)
-        parity = check_session(session, routed.gm, routed.signature, tolerance)
+        parity = check_session(session, routed.gm, routed.signature, tolerance, rtol=rtol)
         refuse_mismatch(parity, what)
-        rows = check_rows(session, routed, models, ids, tolerance)
+        rows = check_rows(session, routed, models, ids, tolerance, rtol=rtol)
         refuse_mismatch(rows, what, f" row by row against the source models (ids {ids})")
     return RoutedExport(Path(path), parity, rows, ids, [m.source.name for m in models], report.rank)

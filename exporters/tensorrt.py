@@ -44,12 +44,13 @@ from onnx import numpy_helper
 from exporters.onnx import check_model, export_onnx, onnx_program, refuse_mismatch
 from exporters.runtime import META_ADAPTER, META_FINGERPRINT, META_SITES
 from exporters.swappable import _with_adapters, adapter_widths
-from exporters.verify import CHECK_SIZES, Parity, check_onnx
+from exporters.verify import check_onnx
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.io import atomic_output
 from surgery.load import sha256_of
 from surgery.packs import BOTTLENECK_SHAPES, Pack, check_pack, fingerprint, load_pack, pack_from_model
+from surgery.parity import ATOL, CHECK_SIZES, RTOL, Parity, check
 from surgery.signature import Signature
 from surgery.sites import ADAPTER_ROOT
 
@@ -275,7 +276,8 @@ def prepare_trt(
     shapes: dict[str, AxisRange] | None = None,
     max_r: int | None = None,
     timing_cache: str | Path | None = None,
-    tolerance: float = 1e-4,
+    tolerance: float = ATOL,
+    rtol: float = RTOL,
 ) -> TrtPlan:
     """Write the TensorRT-ready ONNX beside `engine` (verified in ONNX Runtime) and the trtexec command file."""
     if precision not in PRECISIONS:
@@ -292,14 +294,16 @@ def prepare_trt(
         max_r=max_r,
     )
     if max_r is None:
-        plan.parity = export_onnx(captured.gm, captured.signature, onnx_path, tolerance=tolerance, manifest=captured.manifest).parity
+        plan.parity = export_onnx(
+            captured.gm, captured.signature, onnx_path, tolerance=tolerance, rtol=rtol, manifest=captured.manifest
+        ).parity
     else:
         proto = refittable_onnx(captured, max_r)
         weight_names(proto)
         with atomic_output(onnx_path) as tmp:
             onnx.save(proto, str(tmp))
             check_model(tmp, str(onnx_path))
-            plan.parity = check_onnx(tmp, captured.gm, captured.signature, tolerance=tolerance)
+            plan.parity = check_onnx(tmp, captured.gm, captured.signature, tolerance=tolerance, rtol=rtol)
             refuse_mismatch(plan.parity, str(onnx_path), f" with the adapters zero-padded to rank {max_r}")
         plan.meta = {p.key: p.value for p in proto.metadata_props}
     plan.command_file = _write_command(plan)
@@ -444,3 +448,39 @@ def run_engine(engine_path: str | Path, feeds: dict[str, np.ndarray]) -> dict[st
     """Run an engine once on host arrays; outputs by name (`TrtRunner.infer` copies in and out)."""
     with engine_runner(engine_path) as runner:
         return {k: np.asarray(v) for k, v in runner.infer(feed_dict=feeds).items()}
+
+
+# Largest |engine - torch| accepted by engine precision, as (atol, rtol x max|torch|). fp32 engines are built with TF32
+# off, yet GPU kernels order their reductions differently from torch on the CPU (ONNX Runtime on the CPU measures about
+# 3e-6 on MiniLM); fp16 keeps 10 mantissa bits (unit roundoff 4.9e-4) and bf16 7 (3.9e-3), compounded over the layers.
+# These are starting points: they have not yet been measured against a real engine.
+ENGINE_TOLERANCE = {"fp32": (1e-3, RTOL), "fp16": (2e-2, 1e-2), "bf16": (1e-1, 5e-2)}
+
+
+def check_engine(
+    engine: str | Path,
+    module: Any,
+    signature: Signature,
+    precision: str,
+    sizes: list[dict[str, int]] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> Parity:
+    """Run a TensorRT engine (Polygraphy's TrtRunner) on padded batches and compare with torch per output, within
+    the precision's `ENGINE_TOLERANCE` unless `atol`/`rtol` say otherwise."""
+    default_atol, default_rtol = ENGINE_TOLERANCE[precision]
+
+    def run(tensors: list[torch.Tensor]) -> tuple[list[str], list[np.ndarray]]:
+        wanted = set(runner.get_input_metadata().keys())  # an unused input may have been dropped
+        got = runner.infer(feed_dict={n: t.numpy() for n, t in zip(signature.names, tensors) if n in wanted})
+        return list(got), [np.asarray(v) for v in got.values()]
+
+    with engine_runner(engine) as runner:
+        return check(
+            run,
+            module,
+            signature,
+            atol=default_atol if atol is None else atol,
+            rtol=default_rtol if rtol is None else rtol,
+            sizes=sizes,
+        )

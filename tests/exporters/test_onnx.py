@@ -3,6 +3,7 @@ guarantee that a failed check writes nothing."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
@@ -48,7 +49,7 @@ def test_minilm_export_runs_across_the_dynamic_range(minilm_onnx, batch, seq):
 def test_failed_check_writes_nothing(tmp_path, minilm_base):
     path = tmp_path / "strict.onnx"
     with pytest.raises(SurgeryError, match="nothing was written"):
-        export_onnx(minilm_base.gm, minilm_base.signature, path, tolerance=0.0)
+        export_onnx(minilm_base.gm, minilm_base.signature, path, tolerance=0.0, rtol=0.0)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -68,3 +69,66 @@ def test_graph_rule_model_exports_with_parity(tmp_path, tiny_pt2):
     stand_in_weights(captured.gm)
     result = export_onnx(captured.gm, captured.signature, tmp_path / "tiny.onnx")
     assert result.parity.max_abs_diff < 1e-4
+
+
+def _rewrite_initializer(src, dst, name, change) -> None:
+    """Copy the ONNX model `src` to `dst` with the initializer `name` replaced by `change(array)`."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(src))
+    (init,) = [i for i in model.graph.initializer if i.name == name]
+    init.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(init).copy()), name))
+    onnx.save(model, str(dst))
+
+
+def _largest_weight(path) -> str:
+    """The name of the biggest 2-D base weight (not an adapter's, not an embedding table) in an ONNX file."""
+    model = onnx.load(str(path), load_external_data=False)
+    weights = [i for i in model.graph.initializer if len(i.dims) == 2 and not i.name.startswith("adapters.")]
+    weights = [i for i in weights if i.dims[0] != 30522 and min(i.dims) > 16]  # 30522: MiniLM's vocabulary
+    return max(weights, key=lambda i: i.dims[0] * i.dims[1]).name
+
+
+@pytest.mark.parametrize(
+    "case, change",
+    [
+        ("one weight matrix x1.01", lambda w: w * np.float32(1.01)),
+        ("5 entries of one weight matrix +0.1", lambda w: _poke(w, 5, 0.1)),
+    ],
+)
+def test_a_corrupted_initializer_fails_with_the_default_tolerances(minilm_onnx, tmp_path, case, change):
+    """Measured on this model: such a change moves the output by 1.8e-3 and 2.4e-3 of its scale; a correct export
+    by 5e-7 (README "Parity"). The defaults (atol 1e-4 + rtol 1e-4 x max|torch|) sit between."""
+    result, captured = minilm_onnx
+    assert result.parity.ok and result.parity.max_rel_diff < 1e-5
+    bad = tmp_path / "corrupt.onnx"
+    _rewrite_initializer(result.path, bad, _largest_weight(result.path), change)
+    parity = check_onnx(bad, captured.gm, captured.signature)
+    assert not parity.ok, parity.summary()
+    assert parity.max_rel_diff > 5 * parity.rtol  # not a near miss
+
+
+def _poke(w: np.ndarray, n: int, eps: float) -> np.ndarray:
+    flat = w.reshape(-1)
+    flat[np.random.default_rng(0).choice(flat.size, n, replace=False)] += np.float32(eps)
+    return w
+
+
+def test_an_adapter_changed_after_capture_fails_with_the_default_tolerances(minilm_onnx, tmp_path):
+    import copy
+
+    import torch
+
+    result, captured = minilm_onnx
+    site = "adapters.encoder.layer.3.output.dense"
+    # in torch, after the export: the ONNX file keeps the old up-projection
+    gm = copy.deepcopy(captured.gm)
+    with torch.no_grad():
+        gm.get_parameter(f"{site}.up_w").mul_(1.1)
+    parity = check_onnx(result.path, gm, captured.signature)
+    assert not parity.ok, parity.summary()
+    # in the ONNX file: one adapter tensor rewritten, torch unchanged
+    bad = tmp_path / "adapter-changed.onnx"
+    _rewrite_initializer(result.path, bad, f"{site}.down_w", lambda w: w * np.float32(1.1))
+    parity = check_onnx(bad, captured.gm, captured.signature)
+    assert not parity.ok, parity.summary()
