@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+
+from surgery.quiet import quiet_libraries  # noqa: F401  (moved down: benchmarks use it too)
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -41,20 +40,6 @@ Rank = Annotated[
 Act = Annotated[str, typer.Option("--act", help="Activation σ of a bottleneck: relu, gelu, silu, tanh, identity (a linear adapter, mergeable).")]
 Alpha = Annotated[Optional[float], typer.Option("--alpha", help="lora: the delta is scaled by alpha/r (default alpha = r: scaling 1).")]
 Scale = Annotated[float, typer.Option("--scale", help="parallel: scale s of the branch, y + s·W_up σ(W_down x).")]
-
-
-def quiet_libraries() -> None:
-    """torch.onnx and transformers log and warn at length; the user wants our lines only."""
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("torch", "transformers", "onnxscript", "onnx_ir", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 @contextmanager
