@@ -53,6 +53,7 @@ def serve(artifact: Artifact, backend: str, threads: int, mode: str = "default")
         sig = Signature.from_json(json.loads(Path(artifact.signature).read_text()))
         run = _runner(artifact, backend, threads, sig, mode)
     except Exception as exc:  # reported to the parent, which drops this case and goes on with the others
+        traceback.print_exc(file=sys.stderr)
         _reply({"error": _why(exc)})
         return
     _reply({"ready": True})
@@ -67,6 +68,7 @@ def serve(artifact: Artifact, backend: str, threads: int, mode: str = "default")
                 for _ in range(WARMUP):
                     calls[key]()
             except Exception as exc:
+                traceback.print_exc(file=sys.stderr)  # the whole story on the worker's stderr, one line to the parent
                 _reply({"error": _why(exc)})
                 return
         call = calls[key]
@@ -114,20 +116,21 @@ def _runner(
     module = on_device(torch.export.load(artifact.pt2), device)
     compiled = compile_mode(backend, mode)
     inductor_graphs = compiled in ("reduce-overhead", "max-autotune")
+    inference = compiled is None  # torch.compile runs under no_grad: Dynamo's fake tensors and inference tensors mix badly
     if compiled is not None:
         module = torch.compile(module, mode=compiled, dynamic=False)
 
     def torch_call(sig: Any, sizes: dict[str, int]) -> Callable[[], Any]:
         tensors = [t.to(device) for t in _inputs(sig, sizes)]
         if device == "cpu":
-            return lambda: _no_grad_call(sig, module, tensors)
+            return lambda: _no_grad_call(sig, module, tensors, inference)
         if backend == "torch-cuda-graphs":
             return _cuda_graph(sig, module, tensors)
 
         def cuda_call() -> Any:
             if inductor_graphs:  # a new step: the last call's outputs (in Inductor's graph pool) are dead
                 torch.compiler.cudagraph_mark_step_begin()
-            out = _no_grad_call(sig, module, tensors)
+            out = _no_grad_call(sig, module, tensors, inference)
             torch.cuda.synchronize()
             return out
 
@@ -166,16 +169,20 @@ def on_device(program: Any, device: str) -> Any:
     module is not enough; torch.export's `move_to_device_pass` rewrites those too.
     """
     if device != "cpu":
+        import torch
         from torch.export.passes import move_to_device_pass
 
+        if device == "cuda":  # with its index: the graph's _assert_tensor_metadata(device=...) must equal cuda:0
+            device = f"cuda:{torch.cuda.current_device()}"
         program = move_to_device_pass(program, device)
     return program.module()
 
 
-def _no_grad_call(sig: Any, module: Any, tensors: list[Any]) -> Any:
+def _no_grad_call(sig: Any, module: Any, tensors: list[Any], inference: bool = True) -> Any:
+    """One forward pass without autograd: under inference_mode, or no_grad (`inference=False`, for torch.compile)."""
     import torch
 
-    with torch.inference_mode():
+    with torch.inference_mode() if inference else torch.no_grad():
         return sig.call(module, tensors)
 
 
