@@ -5,8 +5,9 @@
 # Steps, most important first; each is capped with `timeout` at what is left of BUDGET_S, so a slow step costs the
 # later ones, never the whole run (the harness rewrites its reports after each grid point):
 #   1. GPT-2 medium (random weights, fp32, TF32 off), batch 1 x seq 128: base, houlsby, houlsby-kernel,
-#      houlsby-folded, lora-merged under torch CUDA eager, CUDA graphs, torch.compile (Inductor, mode "default")
-#      and torch.compile with CUDA graphs ("reduce-overhead"); 20 worker processes, compile time excluded.
+#      lora-merged under torch CUDA eager, CUDA graphs, torch.compile (Inductor, mode "default") and torch.compile
+#      with CUDA graphs ("reduce-overhead"); 16 worker processes, compile time excluded. (houlsby-folded measured
+#      slower than plain in a CUDA graph on an H200, so it is left out here; add it to VARIANTS to measure it.)
 #   2. the `gpu` tests (the Triton kernel against the CPU reference)
 #   3. MODEL (MiniLM) at batch 1 x seq 128, the same variants and backends
 #   4. the LoRA paper's grid (16x256, 32x512) on GPT-2 medium, CUDA graphs: base, houlsby, houlsby-kernel
@@ -41,7 +42,7 @@ $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.cuda.
     || { echo "gpu_check: torch sees no CUDA GPU; run it on a GPU machine with a CUDA build of torch"; exit 2; }
 $PY -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed (no fused bottleneck kernel)"
 $PY -c "import tensorrt; print('tensorrt', tensorrt.__version__)" 2>/dev/null || echo "tensorrt: not installed (trt tests and benchmarks skip)"
-VARIANTS=base,houlsby,houlsby-kernel,houlsby-folded,lora-merged
+VARIANTS=base,houlsby,houlsby-kernel,lora-merged
 BACKENDS=torch-cuda,torch-cuda-graphs,torch-cuda-compile,torch-cuda-compile-graphs
 COMMON="--grid 1x128 --variants $VARIANTS --backends $BACKENDS --compile-mode $COMPILE_MODE --build-timeout $BUILD_S --target 3"
 run 330 $PY -m benchmarks.latency --model gpt2-medium $COMMON --rounds 12 --calls 10 \

@@ -116,7 +116,7 @@ def _runner(
     module = on_device(torch.export.load(artifact.pt2), device)
     compiled = compile_mode(backend, mode)
     inductor_graphs = compiled in ("reduce-overhead", "max-autotune")
-    inference = compiled is None  # torch.compile runs under no_grad: Dynamo's fake tensors and inference tensors mix badly
+    inference = compiled is None  # torch.compile cases run under no_grad, the usual way to compile for inference
     if compiled is not None:
         module = torch.compile(module, mode=compiled, dynamic=False)
 
