@@ -241,10 +241,10 @@ def format_overhead(row: Row) -> str:
 def markdown(rows: list[Row], title: str, target: float | None = None) -> str:
     """The report's table: one row per case and grid point, with the overhead's interval (and the target's verdict)."""
     m = rows[0].machine if rows else machine()
-    lines = [f"# {title}", "",
-             f"{m['cpu']} ({m['cores']} cores), GPU {m['gpu']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
-             f"{rows[0].threads if rows else '?'} threads; each case in its own process, interleaved. Overhead: median "
-             f"over the base's median - 1, with a {100 * LEVEL:.0f}% interval from the paired per-round ratios.", ""]
+    setting = (f"{m['cpu']} ({m['cores']} cores), GPU {m['gpu']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
+               f"{rows[0].threads if rows else '?'} threads; each case in its own process, interleaved. Overhead: "
+               f"median over the base's median - 1, with a {100 * LEVEL:.0f}% interval from the paired per-round ratios.")
+    lines = [f"# {title}", "", setting, ""]
     head = "| backend | batch x seq | variant | median ms | p90 | p99 | min-max | overhead vs base [95% CI] |"
     rule = "|---|---|---|---|---|---|---|---|"
     if target is not None:
@@ -289,8 +289,8 @@ def _plot(rows: list[Row], path: Path, title: str) -> None:
         xs = [i + j * width for i, g in enumerate(groups) if g in by]
         ax1.bar(xs, [by[g].median_ms for g in groups if g in by], width, label=v)
         over = [100 * (by[g].overhead or 0) for g in groups if g in by]
-        err = [[100 * ((by[g].overhead or 0) - by[g].overhead_ci[0]), 100 * (by[g].overhead_ci[1] - (by[g].overhead or 0))]
-               if by[g].overhead_ci else [0, 0] for g in groups if g in by]
+        err = [[100 * ((r.overhead or 0) - r.overhead_ci[0]), 100 * (r.overhead_ci[1] - (r.overhead or 0))]
+               if r.overhead_ci else [0, 0] for r in (by[g] for g in groups if g in by)]
         ax2.bar(xs, over, width, label=v, yerr=np.asarray(err).T if err else None, capsize=2)
     labels = [f"{b.replace('torch-cuda-', 'cuda-')}\n{n}x{s}" for b, n, s in groups]
     for ax, ylabel in ((ax1, "median latency (ms)"), (ax2, "overhead vs base (%), 95% CI")):

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     from surgery.quiet import quiet_libraries
 
     quiet_libraries()
-    p = argparse.ArgumentParser(description="Latency of base and adapted variants, each in its own process, interleaved.")
+    p = argparse.ArgumentParser(description="Latency of base and adapted variants, each in its own process, "
+                                            "interleaved.")
     p.add_argument("--model", default="minilm",
                    help="minilm (pretrained), minilm-random or gpt2-medium (random weights), or a source path")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")

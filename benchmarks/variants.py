@@ -122,7 +122,8 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
     if "houlsby-folded" in variants:
         gm = folded_copy(houlsby.gm, houlsby.manifest)
         if gm is None:
-            raise SurgeryError(f"houlsby-folded: {model}'s adapted projections have no bias to fold into; leave the variant out")
+            raise SurgeryError(f"houlsby-folded: {model}'s adapted projections have no bias to fold into; "
+                               "leave the variant out")
         folded = dataclasses.replace(houlsby, gm=gm)
         out.append(Artifact("houlsby-folded", _save_program(folded, work / "houlsby-folded.pt2"), None, signature=sig))
     if {"swappable", "swappable-none"} & set(variants):

@@ -11,7 +11,7 @@ A failure while loading or building answers `{"error": "..."}` and the worker ex
 |---|---|
 | torch, torch-cuda | the exported program's module, eager (CPU, or CUDA with a synchronize per call) |
 | torch-cuda-graphs | one forward captured as a CUDA graph per shape, replayed |
-| torch-compile, torch-cuda-compile | `torch.compile(module, mode=COMPILE_MODES[m][0], dynamic=False)` (Inductor; C++ on CPU) |
+| torch-compile, torch-cuda-compile | `torch.compile(module, mode=COMPILE_MODES[m][0], dynamic=False)`, C++ on CPU |
 | torch-cuda-compile-graphs | the same with Inductor's CUDA graphs (`reduce-overhead`, or `max-autotune`) |
 | ort, ort-cuda | an ONNX Runtime session (spinning off), or the swappable session with its pack |
 """
@@ -32,7 +32,10 @@ from benchmarks.variants import Artifact
 
 WARMUP = 5  # untimed calls when a shape's call is built: compiles, autotunes and records Inductor's graphs
 # --compile-mode: the torch.compile mode of the plain backends and of the -graphs backends
-COMPILE_MODES = {"default": ("default", "reduce-overhead"), "max-autotune": ("max-autotune-no-cudagraphs", "max-autotune")}
+COMPILE_MODES = {
+    "default": ("default", "reduce-overhead"),
+    "max-autotune": ("max-autotune-no-cudagraphs", "max-autotune"),
+}
 
 
 def compile_mode(backend: str, mode: str) -> str | None:
@@ -52,7 +55,7 @@ def serve(artifact: Artifact, backend: str, threads: int, mode: str = "default")
     try:
         sig = Signature.from_json(json.loads(Path(artifact.signature).read_text()))
         run = _runner(artifact, backend, threads, sig, mode)
-    except Exception as exc:  # reported to the parent, which drops this case and goes on with the others
+    except Exception as exc:  # noqa: BLE001  any failure is reported to the parent, which drops this case
         traceback.print_exc(file=sys.stderr)
         _reply({"error": _why(exc)})
         return
@@ -67,7 +70,7 @@ def serve(artifact: Artifact, backend: str, threads: int, mode: str = "default")
                 calls[key] = run(sig, {"batch": key[0], "seq": key[1]})
                 for _ in range(WARMUP):
                     calls[key]()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  likewise: compile and capture fail in many ways
                 traceback.print_exc(file=sys.stderr)  # the whole story on the worker's stderr, one line to the parent
                 _reply({"error": _why(exc)})
                 return

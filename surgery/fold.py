@@ -102,7 +102,7 @@ def fold_bottlenecks(gm: fx.GraphModule) -> int:
             x_part = gm.graph.call_function(aten.slice.Tensor, (proj, -1, 0, d))
         with gm.graph.inserting_after(x_part):
             z_part = gm.graph.call_function(aten.slice.Tensor, (proj, -1, d, d + r))
-        proj.replace_all_uses_with(x_part, delete_user_cb=lambda user: user not in (x_part, z_part))
+        proj.replace_all_uses_with(x_part, delete_user_cb=lambda user, new=(x_part, z_part): user not in new)
         gm.add_submodule(str(node.target), FoldedBottleneck(module.up_w, module.activation))
         node.args = (node.args[0], z_part)
         folded += 1

@@ -68,7 +68,7 @@ def test_torch_compile_backend_runs_every_torch_form(tmp_path, small_config):
         [sys.executable, "-m", "benchmarks.latency", "--model", str(small_config("gpt2")), "--grid", "1x16",
          "--variants", "base,houlsby-kernel,houlsby-folded", "--backends", "torch-compile",
          "--rounds", "3", "--calls", "2", "--threads", "1", "--target", "3", "--build-timeout", "500",
-         "--out", str(out)], capture_output=True, text=True, timeout=900)
+         "--out", str(out)], check=False, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipping" not in proc.stderr, proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
