@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-from benchmarks.latency import Timing, alternate, machine
+from benchmarks.timing import Timing, alternate, machine
 from exporters.onnx import OnnxExport, export_onnx
 from surgery.adapters import AdapterSpec, stand_in_weights
 from surgery.bundle import save_adapted

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.latency import machine, on_device, time_interleaved
+from benchmarks.timing import machine, time_interleaved
 from benchmarks.variants import open_builtin
+from benchmarks.worker import on_device
 from surgery.adapters import AdapterSpec, stand_in_weights
 from surgery.capture import export_program
 from surgery.pipeline import adapt

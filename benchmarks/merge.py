@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from benchmarks.latency import alternate, machine
+from benchmarks.timing import alternate, machine
 from exporters.onnx import export_onnx
 from surgery.adapters import LoraSpec, stand_in_weights
 from surgery.merge import merge_model

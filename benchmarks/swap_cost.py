@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.latency import machine, time_interleaved
+from benchmarks.timing import machine, time_interleaved
 from exporters.onnx import export_onnx
 from exporters.runtime import AdaptedSession
 from exporters.swappable import export_swappable

@@ -6,6 +6,7 @@
 | houlsby, pfeiffer | adapted, stand-in weights | baked export (bottlenecks fused, see surgery/fuse.py) |
 | houlsby-fused | houlsby with its bottlenecks fused as the baked ONNX has them (addmm, σ, addmm) | - (houlsby's ONNX is it) |
 | houlsby-kernel | the same, each bottleneck one `surgery::bottleneck` op (one Triton kernel on CUDA) | - |
+| houlsby-folded | houlsby with each down-projection folded into the GEMM before it (surgery/fold.py) | - |
 | swappable | - | swappable export with the houlsby pack active |
 | swappable-none | - | the same export with no pack |
 | routed | two houlsby adapters, rows alternate between them and the base | routed export |
@@ -18,23 +19,43 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.latency import Artifact
 from exporters.onnx import export_onnx
 from exporters.swappable import export_swappable
 from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
 from surgery.capture import Captured, export_program
 from surgery.errors import SurgeryError
+from surgery.fold import folded_copy
 from surgery.fuse import fused_copy
 from surgery.merge import merge_model
 from surgery.packs import pack_from_model, save_pack
 from surgery.pipeline import adapt, open_model, stand_in_adapted
 from surgery.route import route, strip_adapters
 
-VARIANTS = ("base", "houlsby", "houlsby-fused", "houlsby-kernel", "pfeiffer", "swappable", "swappable-none", "routed", "lora", "lora-merged")
+
+@dataclass(frozen=True)
+class Artifact:
+    """What one variant's workers load (the contract between `prepare` and `benchmarks/worker.py`):
+    a .pt2 (torch backends), an ONNX (ONNX Runtime), a pack (swappable), the Signature's JSON (to make inputs)."""
+
+    variant: str
+    pt2: str | None
+    onnx: str | None
+    pack: str | None = None
+    signature: str | None = None
+
+    def to_json(self) -> dict[str, str | None]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, str | None]) -> Artifact:
+        return cls(**data)
+
+VARIANTS = ("base", "houlsby", "houlsby-fused", "houlsby-kernel", "houlsby-folded", "pfeiffer", "swappable", "swappable-none", "routed", "lora", "lora-merged")
 # random weights, which latency does not depend on; minilm-random is MiniLM's shape for machines without its package
 BUILTIN = {
     "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257),
@@ -88,7 +109,7 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
         variants = [v for v in variants if v not in ("swappable", "swappable-none")]
     if "base" in variants:
         out.append(Artifact("base", _save_program(base, work / "base.pt2"), to_onnx(base, "base"), signature=sig))
-    uses_houlsby = {"houlsby", "houlsby-fused", "houlsby-kernel", "swappable", "swappable-none", "routed"}
+    uses_houlsby = {"houlsby", "houlsby-fused", "houlsby-kernel", "houlsby-folded", "swappable", "swappable-none", "routed"}
     houlsby = _adapted(base, work, "houlsby", r, 0) if uses_houlsby & set(variants) else None
     for method in ("houlsby", "pfeiffer"):
         if method in variants:
@@ -98,6 +119,13 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
         if name in variants:
             fused = dataclasses.replace(houlsby, gm=fused_copy(houlsby.gm, houlsby.manifest, kernel=name == "houlsby-kernel"))
             out.append(Artifact(name, _save_program(fused, work / f"{name}.pt2"), None, signature=sig))
+    if "houlsby-folded" in variants:
+        gm = folded_copy(houlsby.gm, houlsby.manifest)
+        if gm is None:
+            raise SurgeryError(f"houlsby-folded: {model}'s adapted projections have no bias to fold into; "
+                               "leave the variant out")
+        folded = dataclasses.replace(houlsby, gm=gm)
+        out.append(Artifact("houlsby-folded", _save_program(folded, work / "houlsby-folded.pt2"), None, signature=sig))
     if {"swappable", "swappable-none"} & set(variants):
         onnx_path = str(export_swappable(houlsby, work / "swappable.onnx").path)
         pack = str(save_pack(pack_from_model(houlsby.gm.state_dict(), houlsby.manifest), work / "houlsby.onnx_adapter"))

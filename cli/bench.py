@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.progress import Progress
 
-from benchmarks.latency import run_grid, write_reports
+from benchmarks.harness import BACKENDS, run_grid, write_reports
 from benchmarks.variants import prepare_adapted
 from cli.common import Json, emit_json, err, out, step
 from surgery.errors import SurgeryError
@@ -25,7 +25,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 def bench(
     source: Annotated[str, typer.Argument(help="An .adapted.pt2 from `surgery insert`.")],
-    backends: Annotated[str, typer.Option("--backends", help="torch, ort, torch-cuda, torch-cuda-graphs, ort-cuda, trt")] = "torch,ort",
+    backends: Annotated[str, typer.Option("--backends", help=", ".join(BACKENDS))] = "torch,ort",
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1",
     seq: Annotated[str, typer.Option("--seq", help="Sequence lengths, comma-separated.")] = "128",
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds after 2 warm-up rounds.")] = 10,
@@ -44,7 +44,7 @@ def bench(
         task = progress.add_task("timing", total=len(grid) * (rounds + 2))
         rows = run_grid(source, artifacts, backends.split(","), grid, rounds, calls, 2, threads,
                         on_round=lambda: progress.advance(task),
-                        on_skip=lambda b, why: err.print(f"[yellow]skipping backend {b}: {why}[/]"))
+                        on_skip=lambda b, why: err.print(f"[yellow]skipping {b}: {why}[/]"))
     paths = write_reports(rows, out_dir, f"{Path(source).name}: latency against its base")
     if json:
         emit_json({"results": [asdict(r) for r in rows], "reports": {k: str(v) for k, v in paths.items()}})

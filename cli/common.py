@@ -8,14 +8,12 @@ temp folder whose path that line gives, and exit 1; `surgery --debug COMMAND` pr
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import sys
 import tempfile
 import time
 import traceback
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Optional
@@ -25,6 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from surgery.errors import SurgeryError
+
+from surgery.quiet import quiet_libraries  # noqa: F401  (moved down: benchmarks use it too)
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -58,20 +58,6 @@ TOLERANCE_HELP = "the parity check's absolute part: per output, max|a - torch| <
 RTOL_HELP = "the parity check's relative part: the share of each output's largest magnitude max|torch| allowed on top"
 Tolerance = Annotated[float, typer.Option("--tolerance", help=f"Accept {TOLERANCE_HELP}.")]
 Rtol = Annotated[float, typer.Option("--rtol", help=f"Accept {RTOL_HELP}.")]
-
-
-def quiet_libraries() -> None:
-    """torch.onnx and transformers log and warn at length; the user wants our lines only."""
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("torch", "transformers", "onnxscript", "onnx_ir", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 class Run:
