@@ -24,11 +24,12 @@ def import_peft(
     with step(f"load and capture {base}"):
         captured = open_model(base)
     with step(f"insert the LoRA of {folder}"):
-        spec, report, extra = import_folder(captured, folder)
+        spec, report, peft = import_folder(captured, folder)
     with step(f"save {path}"):
-        save_adapted(path, captured, spec, report, extra=extra)
+        manifest = save_adapted(path, captured, spec, report, peft=peft)
     if json:
-        emit_json({"output": str(path), "sites": [s.path for s in report.sites], "ranks": spec.ranks, "trainable_params": report.trainable, **extra})
+        emit_json({"output": str(path), "sites": [s.path for s in report.sites], "ranks": spec.ranks,
+                   "trainable_params": report.trainable, "peft": manifest.to_json()["peft"]})
         return
     out.print(f"{len(report.sites)} LoRA sites, {report.trainable:,} parameters, ranks {sorted(set(spec.ranks.values()))}")
     out.print(f"wrote {path}")

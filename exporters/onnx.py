@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
@@ -22,6 +22,9 @@ from surgery.errors import SurgeryError
 from surgery.fuse import fused_copy
 from surgery.io import atomic_output
 from surgery.signature import Signature
+
+if TYPE_CHECKING:
+    from surgery.bundle import Manifest
 
 OPSET = 20
 
@@ -115,7 +118,7 @@ def export_onnx(
     path: str | Path,
     *,
     tolerance: float = 1e-4,
-    manifest: dict[str, Any] | None = None,
+    manifest: Manifest | None = None,
     fuse: bool = True,
 ) -> OnnxExport:
     """Export `gm` to ONNX at `path` with dynamic axes, verify it in ONNX Runtime, then move it into place.

@@ -11,21 +11,15 @@ import torch
 
 from exporters.onnx import export_onnx
 from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
-from surgery.bundle import save_adapted
+from surgery.bundle import Manifest, save_adapted
+from surgery.sites import Site
 from surgery.errors import SurgeryError
-from surgery.merge import (
-    adapter_nodes,
-    average_adapters,
-    check_same_base,
-    lift_adapters,
-    merge_adapters,
-    merge_model,
-    stack_adapters,
-    unmerge_lora,
-)
-from surgery.pipeline import adapt, open_model
+from surgery.graph import adapter_nodes, lift_adapters
+from surgery.merge import average_adapters, merge_adapters, stack_adapters, unmerge_lora
+from surgery.pipeline import adapt, check_same_base, merge_model, open_model
 
 ATOL = 1e-5  # fp32: merged against unmerged
+SITE = Site("encoder.layer.0.output.dense", 0, "ffn_out", 384, "linear_5")
 
 
 def _copy(base):
@@ -232,13 +226,13 @@ def test_averaging_different_shapes_or_methods_is_refused(minilm_base, second, m
 
 
 def test_stacking_models_of_different_bases_is_refused(minilm_base, gpt2_base):
-    manifests = [{"source": c.source.to_json()} for c in (minilm_base, gpt2_base)]
+    manifests = [Manifest(c.source, AdapterSpec(), (SITE,), 0, 1, c.signature) for c in (minilm_base, gpt2_base)]
     with pytest.raises(SurgeryError, match="different base models"):
         check_same_base(manifests, ["a.adapted.pt2", "b.adapted.pt2"])
 
 
 def test_unmerge_of_a_model_that_is_not_merged_is_refused(tmp_path, gpt2_base):
-    from surgery.merge import unmerge_model
+    from surgery.pipeline import unmerge_model
 
     spec = LoraSpec({"q": 4})
     captured, report = _adapted(gpt2_base, spec)
