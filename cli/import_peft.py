@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cli.common import Json, Output, emit_json, out, step
-from surgery.bundle import save_adapted
+from surgery.bundle import SUFFIX, save_adapted
 from surgery.io import check_output
 from surgery.peft_import import import_peft as import_folder
 from surgery.pipeline import default_output, open_model
@@ -20,7 +20,7 @@ def import_peft(
     json: Json = False,
 ) -> None:
     """Import a PEFT LoRA adapter: the adapted model computes what PEFT's forward does."""
-    path = check_output(output or default_output(folder, ".adapted.pt2"))
+    path = check_output(output or default_output(folder, SUFFIX))
     with step(f"load and capture {base}"):
         captured = open_model(base)
     with step(f"insert the LoRA of {folder}"):

@@ -82,7 +82,8 @@ def _show_manifest(manifest: Manifest, json: bool) -> None:
         what = f"r={a.r} activation={a.activation}"
     out.print(f"[bold]adapted model[/] (surgery {manifest.version}): {a.method} {what}")
     if manifest.merged is not None:
-        out.print(f"  merged into the base weights: {manifest.merged.merged} adapters ({', '.join(manifest.merged.kinds)})")
+        merged = manifest.merged
+        out.print(f"  merged into the base weights: {merged.merged} adapters ({', '.join(merged.kinds)})")
     out.print(f"  source {src.name} ({src.model_type}), sha256 {src.sha256[:12]}")
     share = 100 * manifest.trainable / manifest.total
     out.print(f"  trainable {manifest.trainable:,} of {manifest.total:,} parameters ({share:.2f}%)")

@@ -82,9 +82,12 @@ class SwappableMeta:
             max_rank = int(meta[cls.MAX_RANK]) if cls.MAX_RANK in meta else None
             slots = cls(int(meta[cls.FINGERPRINT]), widths, adapter, max_rank)  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise SurgeryError(f"{where}: damaged swappable metadata ({type(exc).__name__}: {exc}); export it again") from exc
+            raise SurgeryError(
+                f"{where}: damaged swappable metadata ({type(exc).__name__}: {exc}); export it again"
+            ) from exc
         if not isinstance(slots.adapter, AdapterSpec):
-            raise SurgeryError(f"{where}: the slots are for {slots.adapter.method} adapters, not bottlenecks; export it again")
+            method = slots.adapter.method
+            raise SurgeryError(f"{where}: the slots are for {method} adapters, not bottlenecks; export it again")
         return slots
 
 

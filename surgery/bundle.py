@@ -149,7 +149,9 @@ class Manifest:
                 version=str(d["version"]),
                 merged=Merged(**{**merged, "kinds": tuple(merged["kinds"])}) if merged is not None else None,
                 stack=tuple(StackPart(**p) for p in d["stack"]) if "stack" in d else None,
-                average=Average(tuple(average["sources"]), tuple(average["weights"]), average["how"]) if average else None,
+                average=Average(tuple(average["sources"]), tuple(average["weights"]), average["how"])
+                if average
+                else None,
                 peft=Peft(**peft) if peft is not None else None,
                 route=tuple(d["route"]) if "route" in d else None,
             )
@@ -157,7 +159,9 @@ class Manifest:
             raise SurgeryError(f"{where}: damaged manifest ({type(exc).__name__}: {exc}); {_REMAKE}") from exc
 
 
-def adapted_manifest(captured: Captured, spec: AdapterSpec | LoraSpec | StackSpec, report: InsertReport, **extra: Any) -> Manifest:
+def adapted_manifest(
+    captured: Captured, spec: AdapterSpec | LoraSpec | StackSpec, report: InsertReport, **extra: Any
+) -> Manifest:
     """The manifest of `captured` adapted by `spec` as `report` says; `extra`: merged, stack, average or peft."""
     return Manifest(
         source=captured.source,

@@ -93,10 +93,14 @@ def _group_args(target: str, group: list[fx.Node], site: Site) -> tuple[fx.Node,
     """An inlined adapter's output node and the arguments its module takes: (x,) or (x, y)."""
     members = set(group)
     outs = [n for n in group if any(u not in members for u in n.users)]
-    external = list(dict.fromkeys(a for n in group for a in n.all_input_nodes if a not in members and a.op != "get_attr"))
+    external = list(
+        dict.fromkeys(a for n in group for a in n.all_input_nodes if a not in members and a.op != "get_attr")
+    )
     how = "was the .pt2 edited, or written by another tool? Re-create it with `surgery insert`"
     if len(outs) != 1:
-        raise SurgeryError(f"adapter {target}: {len(outs)} of its nodes feed the rest of the graph, expected one; {how}")
+        raise SurgeryError(
+            f"adapter {target}: {len(outs)} of its nodes feed the rest of the graph, expected one; {how}"
+        )
     out = outs[0]
     if site.input is None:
         if len(external) != 1:
@@ -105,7 +109,9 @@ def _group_args(target: str, group: list[fx.Node], site: Site) -> tuple[fx.Node,
     y = out.args[0]
     x = [a for a in external if a is not y]
     if not (isinstance(y, fx.Node) and y in external and len(x) == 1):
-        raise SurgeryError(f"adapter {target}: takes {len(external)} inputs, expected x and the output y + delta; {how}")
+        raise SurgeryError(
+            f"adapter {target}: takes {len(external)} inputs, expected x and the output y + delta; {how}"
+        )
     return out, (x[0], y)
 
 
@@ -136,4 +142,3 @@ def last_adapter_after(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
         if not nxt:
             return node
         node = nxt[0]
-

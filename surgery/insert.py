@@ -28,7 +28,7 @@ from torch import fx
 from surgery.adapters import METHODS, AdapterSpec, LoraSpec, make_adapter
 from surgery.errors import SurgeryError
 from surgery.graph import adapter_target, insert_after
-from surgery.sites import ADAPTER_ROOT, RESIDUAL, Site, find_sites, parallel_sites, projection_sites
+from surgery.sites import RESIDUAL, Site, find_sites, parallel_sites, projection_sites
 
 
 @dataclass(frozen=True)

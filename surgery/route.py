@@ -78,7 +78,9 @@ def _refuse_mismatch(first: Manifest, other: Manifest, name: str) -> None:
     ]
     for what, want, got in checks:
         if want != got:
-            raise SurgeryError(f"--route: {name} differs from the first model in its {what} ({want} vs {got}); routed models must share it")
+            raise SurgeryError(
+                f"--route: {name} differs from the first model in its {what} ({want} vs {got}); routed models must share it"
+            )
     if not isinstance(a, AdapterSpec) or a.method not in ("houlsby", "pfeiffer"):
         raise SurgeryError(f"--route takes bottleneck adapters; {a.method} is not one")
     assert isinstance(b, AdapterSpec)  # same method as a
@@ -90,7 +92,9 @@ def _refuse_mismatch(first: Manifest, other: Manifest, name: str) -> None:
     want, got = [s.path for s in first.sites], [s.path for s in other.sites]
     if want != got:
         detail = f"{len(want)} vs {len(got)} sites, first difference at {_first_diff(want, got)}"
-        raise SurgeryError(f"--route: {name} differs from the first model in its sites ({detail}); routed models must share it")
+        raise SurgeryError(
+            f"--route: {name} differs from the first model in its sites ({detail}); routed models must share it"
+        )
 
 
 def _first_diff(a: list[str], b: list[str]) -> str:

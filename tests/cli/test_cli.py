@@ -31,7 +31,8 @@ def trained(tmp_path_factory, minilm_base):
     from surgery.pipeline import stand_in_adapted
 
     folder = tmp_path_factory.mktemp("trained")
-    model = stand_in_adapted(minilm_base, AdapterSpec("houlsby", r=8), folder / "trained.adapted.pt2", seed=0, weights_seed=7)
+    spec = AdapterSpec("houlsby", r=8)
+    model = stand_in_adapted(minilm_base, spec, folder / "trained.adapted.pt2", seed=0, weights_seed=7)
     tensors = minilm_base.signature.examples({"batch": 3, "seq": 20}, seed=11, pad=True)
     np.savez(folder / "x.npz", **{n: t.numpy() for n, t in zip(minilm_base.signature.names, tensors)})
     with torch.no_grad():
@@ -131,6 +132,7 @@ BAD = [
     ("targets match nothing", lambda t: ["insert", "--targets", "zzz"], "matches none"),
     ("output folder missing", lambda t: ["insert", "-o", "no/such/dir/m.pt2"], "does not exist"),
     ("export output folder missing", lambda t: ["export", "-o", "no/such/dir/m.onnx"], "does not exist"),
+    ("--onnx with --fused-pt2", lambda t: ["export", "--onnx", "--fused-pt2", "-o", "m.pt2"], "two output formats"),
 ]
 
 
@@ -170,7 +172,9 @@ def test_swappable_export_pack_and_run(trained, cli):
     run = cli("pack", "a.onnx_adapter", "-o", "a.safetensors", "--json", cwd=folder)
     assert run.code == 0 and run.json["fingerprint"] == cli("inspect", "a.onnx_adapter", "--json", cwd=folder).json["fingerprint"]
     no_pack = cli("run", "sw.onnx", "--input", "x.npz", "--save", "base.npz", "--json", cwd=folder)
-    with_pack = cli("run", "sw.onnx", "--adapter", "a.safetensors", "--input", "x.npz", "--save", "a.npz", "--json", cwd=folder)
+    with_pack = cli(
+        "run", "sw.onnx", "--adapter", "a.safetensors", "--input", "x.npz", "--save", "a.npz", "--json", cwd=folder
+    )
     assert no_pack.code == 0 and with_pack.code == 0, (no_pack.stderr, with_pack.stderr)
     assert with_pack.json["outputs"]["last_hidden_state"]["shape"] == [3, 20, 384]
     got, got_base = np.load(folder / "a.npz")["last_hidden_state"], np.load(folder / "base.npz")["last_hidden_state"]

@@ -25,8 +25,8 @@ from exporters.tensorrt import (
     refit_weights,
     weight_names,
 )
-from exporters.trt_check import check_trt
 from exporters.triton import write_triton_repo
+from exporters.trt_check import check_trt
 from exporters.verify import check_onnx
 from surgery.errors import SurgeryError
 from surgery.packs import pack_from_model

@@ -30,7 +30,12 @@ def test_adapted_pt2_runs_in_plain_torch_and_keeps_its_manifest(tmp_path, minilm
     meta = save_adapted(path, minilm, spec, report)
     assert not list(tmp_path.glob(".*partial*"))
     assert (meta.trainable, meta.total) == (78_432, report.total)
-    assert meta.adapter == spec and meta.adapter.to_json() == {"method": "houlsby", "r": 8, "activation": "gelu", "targets": None}
+    assert meta.adapter == spec and meta.adapter.to_json() == {
+        "method": "houlsby",
+        "r": 8,
+        "activation": "gelu",
+        "targets": None,
+    }
     assert meta.source.name == "minilm" and len(meta.sites) == 12
 
     tensors = minilm.signature.examples({"batch": 3, "seq": 40}, seed=5, pad=True)
@@ -60,7 +65,9 @@ def test_a_manifest_of_the_previous_version_reads_and_round_trips(name):
     old = json.loads((OLD / f"{name}.json").read_text())
     m = read_manifest({"surgery.json": json.dumps(old)}, f"{name}.adapted.pt2")
     assert m.source.sha256 == old["source"]["sha256"] and len(m.sites) == len(old["sites"])
-    assert m.sites[0].path == old["sites"][0]["path"] and m.signature.names == [i["name"] for i in old["signature"]["inputs"]]
+    assert m.sites[0].path == old["sites"][0]["path"] and m.signature.names == [
+        i["name"] for i in old["signature"]["inputs"]
+    ]
     again = json.loads(json.dumps(m.to_json()))  # as written to the file
     if name == "stacked":  # a stack's adapter no longer invents r, activation and targets
         assert isinstance(m.adapter, StackSpec) and [p.r for p in m.adapter.parts] == [4, 4]
@@ -71,7 +78,10 @@ def test_a_manifest_of_the_previous_version_reads_and_round_trips(name):
 
 
 def test_the_previous_versions_extras_become_attributes():
-    read = {n: Manifest.from_json(json.loads((OLD / f"{n}.json").read_text())) for n in ("lora-merged", "averaged", "stacked", "parallel")}
+    read = {
+        n: Manifest.from_json(json.loads((OLD / f"{n}.json").read_text()))
+        for n in ("lora-merged", "averaged", "stacked", "parallel")
+    }
     merged = read["lora-merged"].merged
     assert merged.kinds == ("lora",) and merged.merged == 4 and merged.unmerge_max_abs_diff < 1e-6
     assert isinstance(read["lora-merged"].adapter, LoraSpec) and read["lora-merged"].adapter.ranks == {"q": 2, "v": 4}

@@ -12,11 +12,11 @@ import torch
 from exporters.onnx import export_onnx
 from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
 from surgery.bundle import Manifest, save_adapted
-from surgery.sites import Site
 from surgery.errors import SurgeryError
 from surgery.graph import adapter_nodes, lift_adapters
 from surgery.merge import average_adapters, merge_adapters, stack_adapters, unmerge_lora
 from surgery.pipeline import adapt, check_same_base, merge_model, open_model
+from surgery.sites import Site
 
 ATOL = 1e-5  # fp32: merged against unmerged
 SITE = Site("encoder.layer.0.output.dense", 0, "ffn_out", 384, "linear_5")
@@ -268,7 +268,9 @@ def _two_inputs(group, gm):
     first.args = (other, *first.args[1:])
 
 
-@pytest.mark.parametrize("edit, message", [(_two_outputs, "2 of its nodes feed the rest"), (_two_inputs, "takes 2 inputs")])
+@pytest.mark.parametrize(
+    "edit, message", [(_two_outputs, "2 of its nodes feed the rest"), (_two_inputs, "takes 2 inputs")]
+)
 def test_lifting_an_edited_adapter_is_refused_before_any_change(tmp_path, gpt2_base, edit, message):
     from surgery.sites import module_path
 
