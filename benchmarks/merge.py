@@ -23,8 +23,7 @@ import onnx
 from benchmarks.timing import alternate, machine
 from exporters.onnx import export_onnx
 from surgery.adapters import LoraSpec, stand_in_weights
-from surgery.merge import merge_model
-from surgery.pipeline import adapt, open_model
+from surgery.pipeline import adapt, merge_model, open_model
 
 
 def run(r: str, targets: str, runs: int, threads: int, seq: int) -> dict:

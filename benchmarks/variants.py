@@ -31,9 +31,8 @@ from surgery.capture import Captured, export_program
 from surgery.errors import SurgeryError
 from surgery.fold import folded_copy
 from surgery.fuse import fused_copy
-from surgery.merge import merge_model
 from surgery.packs import pack_from_model, save_pack
-from surgery.pipeline import adapt, open_model, stand_in_adapted
+from surgery.pipeline import adapt, merge_model, open_model, stand_in_adapted
 from surgery.route import route, strip_adapters
 
 
@@ -163,9 +162,9 @@ def prepare_adapted(source: str, work: Path, kernel: bool = False) -> list[Artif
     strip_adapters(base.gm, base.manifest)
     out = [
         Artifact("base", _save_program(base, work / "base.pt2"), str(export_onnx(base.gm, base.signature, work / "base.onnx").path), signature=sig),
-        Artifact(adapted.manifest["adapter"]["method"], source, str(export_onnx(adapted.gm, adapted.signature, work / "adapted.onnx", manifest=adapted.manifest).path), signature=sig),
+        Artifact(adapted.manifest.adapter.method, source, str(export_onnx(adapted.gm, adapted.signature, work / "adapted.onnx", manifest=adapted.manifest).path), signature=sig),
     ]
-    if adapted.manifest["adapter"]["method"] in ("houlsby", "pfeiffer"):  # the methods with swappable slots
+    if adapted.manifest.adapter.method in ("houlsby", "pfeiffer"):  # the methods with swappable slots
         onnx_path = str(export_swappable(adapted, work / "swappable.onnx").path)
         pack = str(save_pack(pack_from_model(adapted.gm.state_dict(), adapted.manifest), work / "adapted.onnx_adapter"))
         out.append(Artifact("swappable", None, onnx_path, pack=pack, signature=sig))

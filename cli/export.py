@@ -1,5 +1,6 @@
 """`surgery export`: adapted (or base) models to ONNX, verified against torch before anything is written.
 
+ONNX is the format unless `--fused-pt2` names another; `--onnx` says so explicitly.
 Baked (default): adapter weights as initializers. `--swappable`: adapter slots that packs fill at run time.
 `--route`: several adapted models' adapters in one graph, chosen per batch row by an `adapter_id` input.
 `--fused-pt2`: not ONNX but a torch.export program whose bottlenecks are one Triton kernel each on CUDA.
@@ -30,7 +31,7 @@ Sources = Annotated[
 
 def export(
     sources: Sources = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="Export ONNX (the default; --trt adds an engine).")] = True,
+    onnx: Annotated[bool, typer.Option("--onnx", help="ONNX: the format unless --fused-pt2 (--trt adds an engine).")] = False,
     swappable: Annotated[bool, typer.Option("--swappable", help="Adapter slots for packs, chosen per run.")] = False,
     route: Annotated[bool, typer.Option("--route", help="Stack several models' adapters; adapter_id input per row.")] = False,
     fused_pt2: Annotated[bool, typer.Option("--fused-pt2", help="A .pt2 for torch on CUDA: one Triton kernel per bottleneck (replay it in a CUDA graph).")] = False,
@@ -64,6 +65,8 @@ def export(
     if shapes or fp16 or bf16 or max_r is not None or timing_cache:
         raise SurgeryError("--shapes, --fp16, --bf16, --max-r and --timing-cache are engine options; add --trt")
     if fused_pt2:
+        if onnx:
+            raise SurgeryError("--onnx and --fused-pt2 are two output formats; choose one")
         if swappable or route or triton_repo:
             raise SurgeryError("--fused-pt2 writes a torch program; --swappable, --route and --triton-repo are ONNX exports")
         return _export_fused_pt2(sources[0], output, tolerance, rtol, trust, input_shape, input_dtype, json)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cli.common import Json, Output, Trust, emit_json, out, step
-from surgery.bundle import save_adapted
+from surgery.bundle import SUFFIX, save_adapted
 from surgery.io import check_output
 from surgery.peft_import import import_peft as import_folder
 from surgery.pipeline import default_output, open_model
@@ -21,15 +21,16 @@ def import_peft(
     trust: Trust = False,
 ) -> None:
     """Import a PEFT LoRA adapter: the adapted model computes what PEFT's forward does."""
-    path = check_output(output or default_output(folder, ".adapted.pt2"))
+    path = check_output(output or default_output(folder, SUFFIX))
     with step(f"load and capture {base}"):
         captured = open_model(base, trust=trust)
     with step(f"insert the LoRA of {folder}"):
-        spec, report, extra = import_folder(captured, folder)
+        spec, report, peft = import_folder(captured, folder)
     with step(f"save {path}"):
-        save_adapted(path, captured, spec, report, extra=extra)
+        manifest = save_adapted(path, captured, spec, report, peft=peft)
     if json:
-        emit_json({"output": str(path), "sites": [s.path for s in report.sites], "ranks": spec.ranks, "trainable_params": report.trainable, **extra})
+        emit_json({"output": str(path), "sites": [s.path for s in report.sites], "ranks": spec.ranks,
+                   "trainable_params": report.trainable, "peft": manifest.to_json()["peft"]})
         return
     out.print(f"{len(report.sites)} LoRA sites, {report.trainable:,} parameters, ranks {sorted(set(spec.ranks.values()))}")
     out.print(f"wrote {path}")

@@ -8,7 +8,7 @@ import typer
 
 from cli.common import Act, Alpha, InputDtype, InputShape, Json, Method, Output, Rank, Scale, Source, Targets, Trust, emit_json, out, step
 from surgery.adapters import AdapterSpec, parse_spec
-from surgery.bundle import save_adapted
+from surgery.bundle import SUFFIX, save_adapted
 from surgery.insert import houlsby_params
 from surgery.io import check_output
 from surgery.pipeline import adapt, default_output, open_model
@@ -31,7 +31,7 @@ def insert(
 ) -> None:
     """Insert adapters (bottlenecks x + W_up σ(W_down x), parallel, LoRA) at the chosen sites; the base stays frozen."""
     spec = parse_spec(method, r, act, targets, alpha, scale)
-    path = check_output(output or default_output(source, ".adapted.pt2"))
+    path = check_output(output or default_output(source, SUFFIX))
     with step(f"load and capture {source or 'minilm'}"):
         captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
     with step(f"insert {method} adapters, r={r}" + ("" if method == "lora" else f", σ={act}")):

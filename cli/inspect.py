@@ -7,6 +7,8 @@ from pathlib import Path
 from rich.table import Table
 
 from cli.common import InputDtype, InputShape, Json, Source, Targets, Trust, emit_json, out, step
+from surgery.adapters import LoraSpec, StackSpec
+from surgery.bundle import Manifest
 from surgery.errors import SurgeryError
 from surgery.packs import SUFFIXES, load_pack
 from surgery.pipeline import open_model
@@ -67,21 +69,29 @@ def inspect(
         out.print(f"linear modules: {', '.join(candidates) or 'none'}")
 
 
-def _show_manifest(manifest: dict, json: bool) -> None:
+def _show_manifest(manifest: Manifest, json: bool) -> None:
     if json:
-        emit_json(manifest)
+        emit_json(manifest.to_json())
         return
-    a, p, src = manifest["adapter"], manifest["params"], manifest["source"]
-    out.print(f"[bold]adapted model[/] (surgery {manifest['version']}): {a['method']} r={a.get('r')} activation={a.get('activation')}")
-    if "merged" in manifest:
-        out.print(f"  merged into the base weights: {manifest['merged']['merged']} adapters ({', '.join(manifest['merged']['kinds'])})")
-    out.print(f"  source {src['name']} ({src['model_type']}), sha256 {src['sha256'][:12]}")
-    out.print(f"  trainable {p['trainable']:,} of {p['total']:,} parameters ({100 * p['trainable'] / p['total']:.2f}%)")
-    table = Table(title=f"{len(manifest['sites'])} adapted sites")
+    a, src = manifest.adapter, manifest.source
+    if isinstance(a, StackSpec):
+        what = "of " + " + ".join(p.method for p in a.parts)
+    elif isinstance(a, LoraSpec):
+        what = f"r={a.ranks} alpha={a.alpha}"
+    else:
+        what = f"r={a.r} activation={a.activation}"
+    out.print(f"[bold]adapted model[/] (surgery {manifest.version}): {a.method} {what}")
+    if manifest.merged is not None:
+        merged = manifest.merged
+        out.print(f"  merged into the base weights: {merged.merged} adapters ({', '.join(merged.kinds)})")
+    out.print(f"  source {src.name} ({src.model_type}), sha256 {src.sha256[:12]}")
+    share = 100 * manifest.trainable / manifest.total
+    out.print(f"  trainable {manifest.trainable:,} of {manifest.total:,} parameters ({share:.2f}%)")
+    table = Table(title=f"{len(manifest.sites)} adapted sites")
     for col in ("layer", "role", "module", "width"):
         table.add_column(col)
-    for s in manifest["sites"]:
-        table.add_row(str(s["layer"]), s["role"], s["path"], str(s["width"]))
+    for s in manifest.sites:
+        table.add_row(str(s.layer), s.role, s.path, str(s.width))
     out.print(table)
 
 

@@ -11,8 +11,16 @@ from cli.common import Json, Output, Trust, emit_json, out, step
 from surgery.bundle import save_adapted
 from surgery.errors import SurgeryError
 from surgery.io import check_output
-from surgery.merge import PACK, adapted_report, combine_models, merge_model, open_adapted, pack_loras, unmerge_model
-from surgery.pipeline import default_output
+from surgery.pipeline import (
+    PACK,
+    adapted_report,
+    combine_models,
+    default_output,
+    merge_model,
+    open_adapted,
+    pack_loras,
+    unmerge_model,
+)
 
 Sources = Annotated[
     list[str], typer.Argument(help="Adapted .pt2 files written by `surgery insert` (one; several with --stack/--average).")
@@ -66,7 +74,7 @@ def _merge(source: str, path: Path, json: bool, trust: bool) -> None:
     report = adapted_report(captured.gm, sites)
     with step(f"save {path}"):
         files = {PACK: pack_loras(loras)} if loras else None
-        save_adapted(path, captured, spec, report, extra={"merged": result.to_json()}, files=files)
+        save_adapted(path, captured, spec, report, merged=result.manifest, files=files)
     data = {"output": str(path), **result.to_json()}
     if json:
         emit_json(data)
@@ -94,15 +102,19 @@ def _unmerge(source: str, path: Path, json: bool, trust: bool) -> None:
 def _combine(sources: list[str], path: Path, weights: list[float] | None, json: bool, trust: bool) -> None:
     how = "stack" if weights is None else f"average with weights {weights}"
     with step(f"load {len(sources)} models, lift their adapters, {how}"):
-        captured, spec, sites, extra = combine_models(sources, weights, trust)
-    report = adapted_report(captured.gm, sites)
+        combined = combine_models(sources, weights, trust)
+    report = adapted_report(combined.captured.gm, combined.sites)
     with step(f"save {path}"):
-        save_adapted(path, captured, spec, report, extra=extra)
-    data = {"output": str(path), "adapter": spec.to_json(), "sites": len(sites), "trainable_params": report.trainable, **extra}
+        manifest = save_adapted(
+            path, combined.captured, combined.spec, report, stack=combined.stack, average=combined.average
+        )
+    extra = {k: v for k, v in manifest.to_json().items() if k in ("stack", "average")}
+    data = {"output": str(path), "adapter": combined.spec.to_json(), "sites": len(combined.sites),
+            "trainable_params": report.trainable, **extra}
     if json:
         emit_json(data)
         return
-    out.print(f"{how}: {len(sites)} adapters, {report.trainable:,} parameters")
-    if weights is not None:
-        out.print(f"how: {extra['average']['how']}")
+    out.print(f"{how}: {len(combined.sites)} adapters, {report.trainable:,} parameters")
+    if combined.average is not None:
+        out.print(f"how: {combined.average.how}")
     out.print(f"wrote {path}")

@@ -29,8 +29,8 @@ def pack(
         if captured.manifest is None:
             raise SurgeryError(f"{source} is not an adapted model; run `surgery insert` first, then pack its output")
         result = pack_from_model(captured.gm.state_dict(), captured.manifest)
+    info = {"output": str(path), **result.describe()}  # describes (or refuses) the pack before writing it
     save_pack(result, path)
-    info = {"output": str(path), **result.describe()}
     if json:
         emit_json(info)
         return

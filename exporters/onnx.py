@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
@@ -23,6 +23,9 @@ from surgery.fuse import fused_copy
 from surgery.io import atomic_output
 from surgery.parity import ATOL, RTOL, Parity
 from surgery.signature import Signature
+
+if TYPE_CHECKING:
+    from surgery.bundle import Manifest
 
 OPSET = 20
 
@@ -117,7 +120,7 @@ def export_onnx(
     *,
     tolerance: float = ATOL,
     rtol: float = RTOL,
-    manifest: dict[str, Any] | None = None,
+    manifest: Manifest | None = None,
     fuse: bool = True,
 ) -> OnnxExport:
     """Export `gm` to ONNX at `path` with dynamic axes, verify it in ONNX Runtime, then move it into place.

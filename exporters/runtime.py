@@ -13,21 +13,18 @@ pack is converted once, at load, into ORT's format in a temporary folder that li
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from exporters.swappable import SwappableMeta
 from exporters.verify import CPU, ort_session
+from surgery.adapters import AdapterSpec
 from surgery.errors import SurgeryError
 from surgery.packs import Pack, check_pack, load_pack, save_pack
 from surgery.safe_files import check_name, check_onnx_data
-
-META_FINGERPRINT = "surgery.fingerprint"
-META_SITES = "surgery.sites"  # JSON {site path: width}
-META_ADAPTER = "surgery.adapter"  # JSON of the adapter spec
 
 
 class AdaptedSession:
@@ -37,12 +34,10 @@ class AdaptedSession:
         self.path = Path(path)
         check_onnx_data(self.path)  # before ONNX Runtime opens it: external data stays beside the model
         self.session = ort_session(self.path, threads=threads, spinning=spinning, providers=providers)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if META_FINGERPRINT not in meta:
-            raise SurgeryError(f"{path}: not a swappable export (no adapter slots); export it with --swappable")
-        self.fingerprint = int(meta[META_FINGERPRINT])
-        self.widths: dict[str, int] = json.loads(meta[META_SITES])
-        self.spec: dict[str, Any] = json.loads(meta[META_ADAPTER])
+        slots = SwappableMeta.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(path))
+        self.fingerprint = slots.fingerprint
+        self.widths: dict[str, int] = slots.widths
+        self.spec: AdapterSpec = slots.adapter
         self.inputs = [i.name for i in self.session.get_inputs() if not i.name.startswith("adapters.")]
         self._options: dict[str, Any] = {}
         self._keep: list[Any] = []  # LoraAdapter objects must outlive the RunOptions that name them

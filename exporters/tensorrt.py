@@ -42,20 +42,18 @@ import torch
 from onnx import numpy_helper
 
 from exporters.onnx import check_model, export_onnx, onnx_program, refuse_mismatch
-from exporters.runtime import META_ADAPTER, META_FINGERPRINT, META_SITES
-from exporters.swappable import _with_adapters, adapter_widths
+from exporters.swappable import SwappableMeta, _with_adapters
 from exporters.verify import check_onnx
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.io import atomic_output
 from surgery.load import sha256_of
-from surgery.packs import BOTTLENECK_SHAPES, Pack, check_pack, fingerprint, load_pack, pack_from_model
+from surgery.packs import BOTTLENECK_SHAPES, Pack, check_pack, load_pack, pack_from_model
 from surgery.parity import ATOL, CHECK_SIZES, RTOL, Parity, check
 from surgery.signature import Signature
 from surgery.sites import ADAPTER_ROOT
 
 INSTALL = "pip install 'surgery[trt]'"
-META_MAX_RANK = "surgery.max_rank"
 PRECISIONS = ("fp32", "fp16", "bf16")
 SIDECAR_SUFFIX = ".json"  # engine m.plan -> m.plan.json
 
@@ -202,11 +200,11 @@ def refit_weights(meta: dict[str, str], pack: Pack, what: str = "pack") -> dict[
     `meta` is the metadata of the refittable ONNX (also kept in the engine's sidecar). Refuses a pack made for
     another base/method/activation/sites, with missing, extra or misshapen tensors, or of a rank above max_r.
     """
-    if META_MAX_RANK not in meta:
+    slots = SwappableMeta.from_metadata(meta, what)
+    if slots.max_rank is None:
         raise SurgeryError(f"{what}: the engine is not refittable; build it with --swappable --max-r R")
-    max_r = int(meta[META_MAX_RANK])
-    check_pack(pack, int(meta[META_FINGERPRINT]), json.loads(meta[META_SITES]), max_rank=max_r, name=what)
-    return pad_pack(pack, max_r)
+    check_pack(pack, slots.fingerprint, slots.widths, max_rank=slots.max_rank, name=what)
+    return pad_pack(pack, slots.max_rank)
 
 
 def refittable_onnx(captured: Captured, max_r: int, pack: Pack | None = None) -> onnx.ModelProto:
@@ -218,18 +216,11 @@ def refittable_onnx(captured: Captured, max_r: int, pack: Pack | None = None) ->
     manifest = captured.manifest
     if manifest is None:
         raise SurgeryError(f"{captured.source.name}: --swappable needs an adapted model; run `surgery insert` first")
-    if manifest["adapter"]["method"] not in ("houlsby", "pfeiffer"):
-        raise SurgeryError(f"--swappable --trt takes bottleneck adapters; {manifest['adapter']['method']} is not one")
-    widths = adapter_widths(manifest)
-    if not 1 <= max_r < min(widths.values()):
-        raise SurgeryError(f"--max-r {max_r}: the rank must be in 1..{min(widths.values()) - 1} for this model")
+    slots = SwappableMeta.of(manifest, "--swappable --trt", max_rank=max_r)
+    if not 1 <= max_r < min(slots.widths.values()):
+        raise SurgeryError(f"--max-r {max_r}: the rank must be in 1..{min(slots.widths.values()) - 1} for this model")
     pack = pack or pack_from_model(captured.gm.state_dict(), manifest)
-    meta = {
-        META_FINGERPRINT: str(fingerprint(manifest)),
-        META_SITES: json.dumps(widths),
-        META_ADAPTER: json.dumps(manifest["adapter"]),
-        META_MAX_RANK: str(max_r),
-    }
+    meta = slots.to_metadata()
     padded = refit_weights(meta, pack, f"--max-r {max_r}: the model's own adapters")
     proto = onnx_program(_with_adapters(captured.gm, "random"), captured.signature, captured.source.name).model_proto
     found = {init.name: init for init in proto.graph.initializer if init.name in padded}

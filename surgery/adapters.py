@@ -12,12 +12,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from surgery.errors import SurgeryError
+
+if TYPE_CHECKING:
+    from surgery.sites import Site
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -135,8 +139,31 @@ def parse_spec(method: str, r: str, activation: str = "relu", targets: str | Non
     return AdapterSpec(method=method, r=_int(str(r), f"--r {r}"), activation=activation, targets=targets, scale=scale)
 
 
-def spec_from_json(d: dict[str, object]) -> AdapterSpec | LoraSpec:
-    """The spec of a manifest (`manifest["adapter"]`)."""
+@dataclass(frozen=True)
+class StackSpec:
+    """A stacked model's adapters: the specs of its parts, applied in order at each site (`surgery merge --stack`).
+
+    A stack has no single r or activation; each part has its own.
+    """
+
+    parts: tuple[AdapterSpec | LoraSpec, ...]
+    method: str = "stack"
+
+    def __post_init__(self) -> None:
+        if len(self.parts) < 2 or any(isinstance(p, StackSpec) for p in self.parts):
+            raise SurgeryError(
+                f"a stack holds two or more adapter specs, not stacks ({len(self.parts)} given); "
+                "stack the models it was made of instead"
+            )
+
+    def to_json(self) -> dict[str, object]:
+        return {"method": "stack", "parts": [p.to_json() for p in self.parts]}
+
+
+def spec_from_json(d: dict[str, object]) -> AdapterSpec | LoraSpec | StackSpec:
+    """The spec of a manifest's `adapter` (a stack's JSON from earlier versions also carries `r: null` and so on)."""
+    if d["method"] == "stack":
+        return StackSpec(tuple(spec_from_json(p) for p in d["parts"]))  # type: ignore[union-attr, arg-type]
     if d["method"] == LORA:
         return LoraSpec(dict(d["r"]), d.get("alpha"))  # type: ignore[arg-type]
     keys = {f.name for f in fields(AdapterSpec)}
@@ -220,6 +247,18 @@ class LoRA(nn.Module):
         (d_in, r), d_out = self.lora_A.shape, self.lora_B.shape[1]
         where = f", columns [{self.start}, {self.start + d_out}) of {self.out_features}" if d_out != self.out_features else ""
         return f"d_in={d_in}, d_out={d_out}, r={r}, alpha={self.alpha}{where}"
+
+
+def make_adapter(spec: AdapterSpec | LoraSpec, site: Site, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The adapter module `spec` puts at `site` (zero-initialised: the adapted model computes the base's)."""
+    if isinstance(spec, LoraSpec):
+        assert site.d_in is not None
+        i, n = site.part or (0, 1)
+        return LoRA(site.d_in, site.width, spec.ranks[site.role], spec.alpha_for(site.role),
+                    out_features=site.width * n, start=i * site.width, dtype=dtype)
+    if spec.method == "parallel":
+        return Parallel(site.width, spec.r, spec.activation, spec.scale, dtype=dtype)
+    return Bottleneck(site.width, spec.r, spec.activation, dtype=dtype)
 
 
 def stand_in_weights(module: nn.Module, seed: int = 0, std: float = 0.05) -> None:

@@ -1,53 +1,212 @@
 """Adapted models on disk: `NAME.adapted.pt2`, a `torch.export.save` archive with a manifest inside.
 
 `torch.export.load(path).module()` runs (and trains) the model with no help from this tool; the manifest
-(`surgery.json`, an extra file of the archive) says what was done to which source.
+(`surgery.json`, an extra file of the archive) says what was done to which source. `Manifest` is that
+file's type: every stage after the insert pass reads it as attributes, never by string key. Its JSON is
+the one earlier versions wrote (a stack's `adapter` then also carried `r`, `activation` and `targets` as null).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from surgery import __version__
-from surgery.adapters import AdapterSpec
-from surgery.capture import Captured, export_program
-from surgery.insert import InsertReport
+from surgery.adapters import AdapterSpec, LoraSpec, StackSpec, spec_from_json
+from surgery.capture import export_program
+from surgery.errors import SurgeryError
 from surgery.io import atomic_output
-from surgery.load import MANIFEST
+from surgery.signature import Signature
+from surgery.sites import Site
+from surgery.source import Source
+
+if TYPE_CHECKING:
+    from surgery.capture import Captured
+    from surgery.insert import InsertReport
+
+SUFFIX = ".adapted.pt2"
+MANIFEST = "surgery.json"  # the manifest's name among the archive's extra files
+TOOL = "surgery"
+_REMAKE = "the file was edited or not written by surgery; re-create it with `surgery insert`"
 
 
-def manifest(captured: Captured, spec: AdapterSpec, report: InsertReport) -> dict[str, Any]:
-    return {
-        "tool": "surgery",
-        "version": __version__,
-        "source": captured.source.to_json(),
-        "adapter": spec.to_json(),
-        "sites": [s.to_json() for s in report.sites],
-        "params": {"trainable": report.trainable, "total": report.total},
-        "signature": captured.signature.to_json(),
-    }
+@dataclass(frozen=True)
+class Merged:
+    """What `surgery merge` folded into the base weights, and what it measured (see pipeline.MergeResult)."""
+
+    merged: int  # how many adapters
+    kinds: tuple[str, ...]  # lora | linear-bottleneck
+    output_max_abs_diff: float  # max |merged - adapted| on a padded test batch
+    unmerge_max_abs_diff: float | None  # LoRA only: max |unmerge(merge(W)) - W|
+    nodes: int  # the merged graph's node count
+
+
+@dataclass(frozen=True)
+class StackPart:
+    """One model of a stack: the submodule prefix its adapters moved under, its file, its number of sites."""
+
+    prefix: str
+    source: str
+    sites: int
+
+
+@dataclass(frozen=True)
+class Average:
+    """How an averaged model was combined: from which files, with which weights, and what that means."""
+
+    sources: tuple[str, ...]
+    weights: tuple[float, ...]
+    how: str
+
+
+@dataclass(frozen=True)
+class Peft:
+    """Where an imported PEFT LoRA came from (`surgery import-peft`): its folder and the config keys that matter."""
+
+    folder: str
+    config: dict[str, Any]
+    how: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What an `.adapted.pt2` holds: the adapters `adapter` put at `sites` of the model `source`.
+
+    `merged`, `stack` and `average` say what `surgery merge` did, if anything, `peft` what `surgery import-peft`
+    read; `route` names the models of a
+    routed graph (in memory only: route.py). Validated here, so a damaged file fails when it is opened.
+    """
+
+    source: Source
+    adapter: AdapterSpec | LoraSpec | StackSpec
+    sites: tuple[Site, ...]
+    trainable: int  # the adapters' parameters
+    total: int  # all parameters, the base's included
+    signature: Signature
+    version: str = __version__  # of the tool that wrote it
+    merged: Merged | None = None
+    stack: tuple[StackPart, ...] | None = None
+    average: Average | None = None
+    peft: Peft | None = None
+    route: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.adapter, (AdapterSpec, LoraSpec, StackSpec)):
+            raise SurgeryError(f"manifest: adapter {self.adapter!r} is not an adapter spec; {_REMAKE}")
+        if not self.sites or not all(isinstance(s, Site) for s in self.sites):
+            raise SurgeryError(f"manifest: lists no adapted sites; {_REMAKE}")
+        if not 0 <= self.trainable <= self.total:
+            raise SurgeryError(f"manifest: {self.trainable} adapter parameters of {self.total} in all; {_REMAKE}")
+        if isinstance(self.adapter, StackSpec) != (self.stack is not None):
+            raise SurgeryError(f"manifest: a stack's adapter and its parts must come together; {_REMAKE}")
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Each site's width d, by module path."""
+        return {s.path: s.width for s in self.sites}
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "tool": TOOL,
+            "version": self.version,
+            "source": self.source.to_json(),
+            "adapter": self.adapter.to_json(),
+            "sites": [s.to_json() for s in self.sites],
+            "params": {"trainable": self.trainable, "total": self.total},
+            "signature": self.signature.to_json(),
+        }
+        if self.merged is not None:
+            d["merged"] = {**asdict(self.merged), "kinds": list(self.merged.kinds)}
+        if self.stack is not None:
+            d["stack"] = [asdict(p) for p in self.stack]
+        if self.average is not None:
+            a = self.average
+            d["average"] = {"sources": list(a.sources), "weights": list(a.weights), "how": a.how}
+        if self.peft is not None:
+            d["peft"] = asdict(self.peft)
+        if self.route is not None:
+            d["route"] = list(self.route)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], where: str = "manifest") -> Manifest:
+        """A manifest as `to_json` (or an earlier version) wrote it; a damaged one is a SurgeryError saying so."""
+        if not isinstance(d, dict) or d.get("tool") != TOOL:
+            raise SurgeryError(f"{where}: not a surgery manifest; {_REMAKE}")
+        try:
+            merged, average, peft = d.get("merged"), d.get("average"), d.get("peft")
+            return cls(
+                source=Source(**d["source"]),
+                adapter=spec_from_json(d["adapter"]),
+                sites=tuple(Site.from_json(s) for s in d["sites"]),
+                trainable=int(d["params"]["trainable"]),
+                total=int(d["params"]["total"]),
+                signature=Signature.from_json(d["signature"]),
+                version=str(d["version"]),
+                merged=Merged(**{**merged, "kinds": tuple(merged["kinds"])}) if merged is not None else None,
+                stack=tuple(StackPart(**p) for p in d["stack"]) if "stack" in d else None,
+                average=Average(tuple(average["sources"]), tuple(average["weights"]), average["how"])
+                if average
+                else None,
+                peft=Peft(**peft) if peft is not None else None,
+                route=tuple(d["route"]) if "route" in d else None,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SurgeryError(f"{where}: damaged manifest ({type(exc).__name__}: {exc}); {_REMAKE}") from exc
+
+
+def adapted_manifest(
+    captured: Captured, spec: AdapterSpec | LoraSpec | StackSpec, report: InsertReport, **extra: Any
+) -> Manifest:
+    """The manifest of `captured` adapted by `spec` as `report` says; `extra`: merged, stack, average or peft."""
+    return Manifest(
+        source=captured.source,
+        adapter=spec,
+        sites=tuple(report.sites),
+        trainable=report.trainable,
+        total=report.total,
+        signature=captured.signature,
+        **extra,
+    )
 
 
 def save_adapted(
     path: str | Path,
     captured: Captured,
-    spec: Any,
+    spec: AdapterSpec | LoraSpec | StackSpec,
     report: InsertReport,
     *,
-    extra: dict[str, Any] | None = None,
+    merged: Merged | None = None,
+    stack: tuple[StackPart, ...] | None = None,
+    average: Average | None = None,
+    peft: Peft | None = None,
     files: dict[str, str] | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Re-export the adapted GraphModule (same dynamic axes) and save it with its manifest, atomically.
 
-    `spec` is anything with `to_json()` (AdapterSpec, LoraSpec, the specs of merge.py); `extra` adds manifest
-    keys, `files` more extra files of the archive (text).
+    `merged`, `stack`, `average` say what `surgery merge` did, `peft` what `import-peft` read; `files` are
+    more extra files of the archive (text).
     """
-    meta = {**manifest(captured, spec, report), **(extra or {})}
+    meta = adapted_manifest(captured, spec, report, merged=merged, stack=stack, average=average, peft=peft)
     program = export_program(captured.gm, captured.signature, str(path))
     with atomic_output(path) as tmp:
-        torch.export.save(program, tmp, extra_files={MANIFEST: json.dumps(meta, indent=1), **(files or {})})
+        text = json.dumps(meta.to_json(), indent=1)
+        torch.export.save(program, tmp, extra_files={MANIFEST: text, **(files or {})})
     return meta
+
+
+def read_manifest(extra_files: dict[str, str], name: str) -> Manifest | None:
+    """The manifest among the extra files `torch.export.load` read from `name` (asked for as `{MANIFEST: ""}`);
+    None for a `.pt2` this tool did not write."""
+    text = extra_files.get(MANIFEST)
+    if not text:
+        return None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SurgeryError(f"{name}: its {MANIFEST} is not JSON ({exc}); {_REMAKE}") from exc
+    return Manifest.from_json(d, where=f"{name}: {MANIFEST}")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
 from surgery.errors import SurgeryError
-from surgery.load import Loaded, Source
 from surgery.signature import Signature
+from surgery.source import Source
+
+if TYPE_CHECKING:
+    from surgery.bundle import Manifest
+    from surgery.load import Loaded
 
 
 @dataclass
@@ -20,7 +24,7 @@ class Captured:
     gm: fx.GraphModule
     signature: Signature
     source: Source
-    manifest: dict[str, Any] | None = None  # the manifest of an adapted .pt2, if that was the source
+    manifest: Manifest | None = None  # the manifest of an adapted .pt2, if that was the source
 
 
 def export_program(module: nn.Module, signature: Signature, what: str) -> torch.export.ExportedProgram:

@@ -24,13 +24,16 @@ is for baked exports only, which are checked against the original, unfused model
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
-from surgery.adapters import ACTIVATIONS, Bottleneck, spec_from_json
-from surgery.sites import Site
+from surgery.adapters import ACTIVATIONS, AdapterSpec, Bottleneck
+from surgery.graph import adapter_nodes, lift_adapters
+
+if TYPE_CHECKING:
+    from surgery.bundle import Manifest
 
 aten = torch.ops.aten
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
@@ -92,9 +95,6 @@ def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False) -> int:
     A bottleneck whose input is not a biased projection used by the adapter alone is left as it is.
     Returns how many were fused.
     """
-
-    from surgery.merge import adapter_nodes
-
     fused = 0
     for node in adapter_nodes(gm):
         module = gm.get_submodule(str(node.target))
@@ -116,23 +116,23 @@ def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False) -> int:
     return fused
 
 
-def fused_copy(gm: fx.GraphModule, manifest: dict[str, Any] | None = None, kernel: bool = False) -> fx.GraphModule | None:
+def fused_copy(gm: fx.GraphModule, manifest: Manifest | None = None, kernel: bool = False) -> fx.GraphModule | None:
     """A copy of `gm` with its bottlenecks fused for export, or None when there is nothing to fuse.
 
     `manifest` (of a reloaded .adapted.pt2, whose adapters are inlined) says where the adapters are;
     `kernel` makes them KernelBottlenecks (for torch on CUDA; ONNX export takes the plain fused form).
     """
-    from surgery.merge import adapter_nodes, lift_adapters
-
     lifted = any(isinstance(gm.get_submodule(str(n.target)), Bottleneck) for n in adapter_nodes(gm))
     inlined = (
         manifest is not None
-        and manifest.get("adapter", {}).get("method") in BOTTLENECK_METHODS
-        and not {"merged", "route"} & set(manifest)
+        and manifest.adapter.method in BOTTLENECK_METHODS
+        and manifest.merged is None
+        and manifest.route is None
     )
     if not lifted and not inlined:
         return None
     out = copy.deepcopy(gm)
     if not lifted:
-        lift_adapters(out, spec_from_json(manifest["adapter"]), [Site.from_json(s) for s in manifest["sites"]])
+        assert manifest is not None and isinstance(manifest.adapter, AdapterSpec)
+        lift_adapters(out, manifest.adapter, list(manifest.sites))
     return out if fuse_bottlenecks(out, kernel) else None

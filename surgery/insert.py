@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import fx, nn
+from torch import fx
 
-from surgery.adapters import METHODS, AdapterSpec, Bottleneck, LoRA, LoraSpec, Parallel
+from surgery.adapters import METHODS, AdapterSpec, LoraSpec, make_adapter
 from surgery.errors import SurgeryError
-from surgery.sites import ADAPTER_ROOT, RESIDUAL, Site, find_sites, parallel_sites, projection_sites
+from surgery.graph import adapter_target, insert_after
+from surgery.sites import RESIDUAL, Site, find_sites, parallel_sites, projection_sites
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,6 @@ def select_sites(sites: list[Site], spec: AdapterSpec) -> list[Site]:
     return chosen
 
 
-def lora_params(d_in: int, d_out: int, r: int) -> int:
-    """Parameters of one LoRA: A (d_in·r) and B (r·d_out), no bias."""
-    return r * (d_in + d_out)
-
-
 def sites_for(gm: fx.GraphModule, model_type: str | None, spec: AdapterSpec | LoraSpec) -> list[Site]:
     """The sites `spec` adapts: projections for LoRA, feed-forward blocks for parallel, else `select_sites`."""
     if isinstance(spec, LoraSpec):
@@ -76,24 +71,6 @@ def sites_for(gm: fx.GraphModule, model_type: str | None, spec: AdapterSpec | Lo
     if spec.method == "parallel":
         return parallel_sites(gm, model_type, spec.blocks)
     return select_sites(find_sites(gm, model_type, spec.targets), spec)
-
-
-def adapter_target(site: Site) -> str:
-    """Submodule path of a site's adapter; its parameters are `adapters.<site>.down_w` and so on
-    (`adapters.<site>.lora_A`; on a slice of a fused projection `adapters.h.0.attn.c_attn.q.lora_A`)."""
-    return f"{ADAPTER_ROOT}.{site.path}" + (f".{site.role}" if site.part else "")
-
-
-def make_adapter(spec: AdapterSpec | LoraSpec, site: Site, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The adapter module `spec` puts at `site` (zero-initialised: the adapted model computes the base's)."""
-    if isinstance(spec, LoraSpec):
-        assert site.d_in is not None
-        i, n = site.part or (0, 1)
-        return LoRA(site.d_in, site.width, spec.ranks[site.role], spec.alpha_for(site.role),
-                    out_features=site.width * n, start=i * site.width, dtype=dtype)
-    if spec.method == "parallel":
-        return Parallel(site.width, spec.r, spec.activation, spec.scale, dtype=dtype)
-    return Bottleneck(site.width, spec.r, spec.activation, dtype=dtype)
 
 
 def insert_adapters(gm: fx.GraphModule, sites: list[Site], spec: AdapterSpec | LoraSpec) -> InsertReport:
@@ -110,11 +87,7 @@ def insert_adapters(gm: fx.GraphModule, sites: list[Site], spec: AdapterSpec | L
         adapter = make_adapter(spec, site, dtype=node.meta["val"].dtype)
         target = adapter_target(site)
         gm.add_submodule(target, adapter)
-        args = (node,) if site.input is None else (nodes[site.input], node)
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(target, args)
-        new.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        insert_after(gm, node, target, (node,) if site.input is None else (nodes[site.input], node))
     gm.graph.lint()
     gm.recompile()
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)

@@ -17,29 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.bundle import MANIFEST, Manifest, read_manifest
 from surgery.errors import SurgeryError
 from surgery.safe_files import check_pt2, read_config
 from surgery.signature import Axis, InputSpec, Signature, parse_input_shape
+from surgery.source import Source
 
 DEFAULT_MODEL = "minilm"
-MANIFEST = "surgery.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 MAX_BATCH = 64
 # Architectures whose AutoModel is an encoder-decoder: we capture the encoder stack alone.
 ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}
-
-
-@dataclass
-class Source:
-    """Where a model came from: what the user typed, the file or folder, its sha256, its HF model type."""
-
-    name: str
-    path: str
-    sha256: str
-    model_type: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "path": self.path, "sha256": self.sha256, "model_type": self.model_type}
 
 
 @dataclass
@@ -50,7 +38,7 @@ class Loaded:
     signature: Signature
     module: nn.Module | None = None
     program: torch.export.ExportedProgram | None = None
-    manifest: dict[str, Any] | None = None  # present when the source is a `.adapted.pt2` written by this tool
+    manifest: Manifest | None = None  # present when the source is a `.adapted.pt2` written by this tool
 
 
 def load(
@@ -228,10 +216,10 @@ def _load_pt2(path: Path, name: str, trust: bool = False) -> Loaded:
         program = torch.export.load(path, extra_files=extra)
     except Exception as exc:  # torch raises many types for a damaged archive
         raise SurgeryError(f"{name}: not a readable torch.export archive ({type(exc).__name__}: {exc}); re-export it with torch.export.save") from exc
-    manifest = json.loads(extra[MANIFEST]) if extra[MANIFEST] else None
-    if manifest:
-        signature = Signature.from_json(manifest["signature"])
-        model_type = manifest["source"].get("model_type")
+    manifest = read_manifest(extra, name)
+    if manifest is not None:
+        signature = manifest.signature
+        model_type = manifest.source.model_type
     else:
         signature = program_signature(program)
         model_type = None

@@ -19,31 +19,47 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from surgery.adapters import AdapterSpec
 from surgery.errors import SurgeryError
 from surgery.io import atomic_output
 from surgery.safe_files import check_safetensors
 from surgery.sites import ADAPTER_ROOT
+
+if TYPE_CHECKING:
+    from surgery.bundle import Manifest
 
 PACK_FORMAT = 1
 META_KEY = "surgery.pack"
 SUFFIXES = (".safetensors", ".onnx_adapter")
 # Bottleneck tensors and their shapes in terms of d (the site's width) and r (the rank).
 BOTTLENECK_SHAPES = {"down_w": ("d", "r"), "down_b": ("r",), "up_w": ("r", "d"), "up_b": ("d",)}
+PACKABLE = ("houlsby", "pfeiffer")  # the methods a swappable export (ONNX or refittable engine) has slots for
 
 
-def fingerprint(manifest: dict[str, Any]) -> int:
-    """What a pack must match: base sha256, method, activation, site paths; as a positive 63-bit int."""
-    adapter = manifest["adapter"]
+def packable_spec(manifest: Manifest, what: str) -> AdapterSpec:
+    """The spec of a model whose adapters make a pack (bottlenecks after their sites), or a SurgeryError for `what`."""
+    spec = manifest.adapter
+    if not isinstance(spec, AdapterSpec) or spec.method not in PACKABLE:
+        raise SurgeryError(
+            f"{what} takes bottleneck adapters ({', '.join(PACKABLE)}), the ones a swappable export has slots for; "
+            f"{spec.method} is not one: export that model baked (`surgery export`), or merge a LoRA (`surgery merge`)"
+        )
+    return spec
+
+
+def fingerprint(manifest: Manifest) -> int:
+    """What a pack must match: base sha256, method, activation, site paths; as a positive 31-bit int."""
+    spec = packable_spec(manifest, "a pack")
     key = {
-        "base": manifest["source"]["sha256"],
-        "method": adapter["method"],
-        "activation": adapter["activation"],
-        "sites": [s["path"] for s in manifest["sites"]],
+        "base": manifest.source.sha256,
+        "method": spec.method,
+        "activation": spec.activation,
+        "sites": [s.path for s in manifest.sites],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).digest()
     return int.from_bytes(digest[:4], "big") >> 1  # ORT stores model_version as int32
@@ -75,18 +91,19 @@ class Pack:
         }
 
 
-def pack_from_model(state: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Pack:
-    """The adapter tensors of an adapted model (its `state_dict()`) and its manifest."""
+def pack_from_model(state: dict[str, torch.Tensor], manifest: Manifest) -> Pack:
+    """The adapter tensors of an adapted model (its `state_dict()`) and its manifest; bottleneck adapters only."""
+    spec = packable_spec(manifest, "a pack")
     tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in state.items() if n.startswith(ADAPTER_ROOT + ".")}
     if not tensors:
         raise SurgeryError("the model holds no adapter tensors (adapters.*); run `surgery insert` first")
-    adapter = manifest["adapter"]
+    source = manifest.source
     meta = {
-        "method": adapter["method"],
-        "r": adapter["r"],
-        "activation": adapter["activation"],
-        "sites": [s["path"] for s in manifest["sites"]],
-        "base": {k: manifest["source"][k] for k in ("name", "sha256", "model_type")},
+        "method": spec.method,
+        "r": spec.r,
+        "activation": spec.activation,
+        "sites": [s.path for s in manifest.sites],
+        "base": {"name": source.name, "sha256": source.sha256, "model_type": source.model_type},
     }
     return Pack(tensors=tensors, fingerprint=fingerprint(manifest), meta=meta)
 

@@ -24,9 +24,11 @@ from typing import Any
 import torch
 
 from surgery.adapters import LoraSpec
+from surgery.bundle import Peft
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
-from surgery.insert import InsertReport, adapter_target, insert_adapters
+from surgery.graph import adapter_target
+from surgery.insert import InsertReport, insert_adapters
 from surgery.safe_files import check_safetensors, read_config
 from surgery.sites import Site, _layer_index, _site, input_node, linear_modules
 
@@ -112,7 +114,7 @@ def _pattern(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def import_peft(captured: Captured, folder: str | Path) -> tuple[LoraSpec, InsertReport, dict[str, Any]]:
+def import_peft(captured: Captured, folder: str | Path) -> tuple[LoraSpec, InsertReport, Peft]:
     """Insert a PEFT LoRA folder's adapters into a captured base model (in place)."""
     if captured.manifest is not None:
         raise SurgeryError(f"{captured.source.name} is already adapted; import PEFT adapters into its base model")
@@ -151,4 +153,4 @@ def import_peft(captured: Captured, folder: str | Path) -> tuple[LoraSpec, Inser
     keys = ("r", "lora_alpha", "target_modules", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "use_rslora",
             "base_model_name_or_path")
     keep = {k: config.get(k) for k in keys}
-    return spec, report, {"peft": {"folder": str(folder), "config": keep, "how": "scale folded into lora_A; spec scaling 1"}}
+    return spec, report, Peft(str(folder), keep, "scale folded into lora_A; spec scaling 1")

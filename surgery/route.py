@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.fx.graph import CodeGen
 
-from surgery.adapters import ACTIVATIONS
+from surgery.adapters import ACTIVATIONS, AdapterSpec, StackSpec
+from surgery.bundle import Manifest
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
+from surgery.graph import insert_after, lift_adapters, unload_adapters
 from surgery.signature import InputSpec
 from surgery.sites import ADAPTER_ROOT
 
@@ -68,21 +69,32 @@ class RouteReport:
     rank: int  # the padded rank R
 
 
-def _refuse_mismatch(first: dict[str, Any], other: dict[str, Any], name: str) -> None:
-    """Routed models must share base, method, activation and sites; say which differs."""
-    a, b = first["adapter"], other["adapter"]
+def _refuse_mismatch(first: Manifest, other: Manifest, name: str) -> None:
+    """Routed models must share base, method, activation and sites, and hold bottlenecks; say which differs."""
+    a, b = first.adapter, other.adapter
     checks = [
-        ("base model", first["source"]["sha256"][:12], other["source"]["sha256"][:12]),
-        ("method", a["method"], b["method"]),
-        ("activation", a["activation"], b["activation"]),
-        ("sites", [s["path"] for s in first["sites"]], [s["path"] for s in other["sites"]]),
+        ("base model", first.source.sha256[:12], other.source.sha256[:12]),
+        ("method", a.method, b.method),
     ]
     for what, want, got in checks:
         if want != got:
-            detail = f"{want} vs {got}" if what != "sites" else f"{len(want)} vs {len(got)} sites, first difference at {_first_diff(want, got)}"
-            raise SurgeryError(f"--route: {name} differs from the first model in its {what} ({detail}); routed models must share it")
-    if a["method"] not in ("houlsby", "pfeiffer"):
-        raise SurgeryError(f"--route takes bottleneck adapters; {a['method']} is not one")
+            raise SurgeryError(
+                f"--route: {name} differs from the first model in its {what} ({want} vs {got}); routed models must share it"
+            )
+    if not isinstance(a, AdapterSpec) or a.method not in ("houlsby", "pfeiffer"):
+        raise SurgeryError(f"--route takes bottleneck adapters; {a.method} is not one")
+    assert isinstance(b, AdapterSpec)  # same method as a
+    if a.activation != b.activation:
+        raise SurgeryError(
+            f"--route: {name} differs from the first model in its activation ({a.activation} vs {b.activation}); "
+            "routed models must share it"
+        )
+    want, got = [s.path for s in first.sites], [s.path for s in other.sites]
+    if want != got:
+        detail = f"{len(want)} vs {len(got)} sites, first difference at {_first_diff(want, got)}"
+        raise SurgeryError(
+            f"--route: {name} differs from the first model in its sites ({detail}); routed models must share it"
+        )
 
 
 def _first_diff(a: list[str], b: list[str]) -> str:
@@ -92,13 +104,11 @@ def _first_diff(a: list[str], b: list[str]) -> str:
     return (a + b)[min(len(a), len(b))]
 
 
-def strip_adapters(gm: fx.GraphModule, manifest: dict[str, Any]) -> dict[str, fx.Node]:
+def strip_adapters(gm: fx.GraphModule, manifest: Manifest) -> dict[str, fx.Node]:
     """Remove an adapted model's inlined adapters (in place); returns, per site path, the adapter's input node."""
-    from surgery.adapters import spec_from_json
-    from surgery.merge import lift_adapters, unload_adapters
-    from surgery.sites import Site
-
-    lift_adapters(gm, spec_from_json(manifest["adapter"]), [Site.from_json(s) for s in manifest["sites"]])
+    if isinstance(manifest.adapter, StackSpec):
+        raise SurgeryError("a stack of adapters cannot be stripped as one; strip the models it was made of instead")
+    lift_adapters(gm, manifest.adapter, list(manifest.sites))
     return {target.removeprefix(ADAPTER_ROOT + "."): x for target, x in unload_adapters(gm).items()}
 
 
@@ -127,9 +137,11 @@ def route(models: list[Captured]) -> tuple[Captured, RouteReport]:
         if m.manifest is None:
             raise SurgeryError(f"--route: {m.source.name} is not an adapted model; give .adapted.pt2 files from `surgery insert`")
     first = models[0].manifest
+    assert first is not None
     for m in models[1:]:
+        assert m.manifest is not None
         _refuse_mismatch(first, m.manifest, m.source.name)
-    sites = [s["path"] for s in first["sites"]]
+    sites = [s.path for s in first.sites]
     states = [m.gm.state_dict() for m in models]
     rank = max(s[f"{ADAPTER_ROOT}.{sites[0]}.down_w"].shape[1] for s in states)
     gm = copy.deepcopy(models[0].gm)
@@ -138,20 +150,18 @@ def route(models: list[Captured]) -> tuple[Captured, RouteReport]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with gm.graph.inserting_after(placeholders[-1]):
         ids = gm.graph.placeholder(ROUTE_INPUT)
-    activation = first["adapter"]["activation"]
+    activation = first.adapter.activation
     for site in sites:
         target = f"{ADAPTER_ROOT}.{site}"
         gm.add_submodule(target, RoutedBottleneck(*_stack(states, site, rank), activation))
         node = inputs[site]
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(target, (node, ids))
-        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        insert_after(gm, node, target, (node, ids))
     gm.graph.lint()
     gm.recompile()
     signature = models[0].signature
     batch = next(a for spec in signature.inputs for i, a in spec.axes.items() if i == 0)
     id_spec = InputSpec(ROUTE_INPUT, (signature.inputs[0].shape[0],), "int64", {0: batch}, high=len(models))
     routed_sig = replace(signature, inputs=signature.inputs + (id_spec,), positional=True)
-    manifest = {**first, "route": [m.source.name for m in models], "signature": routed_sig.to_json()}
+    manifest = replace(first, route=tuple(m.source.name for m in models), signature=routed_sig)
     routed = Captured(gm=gm, signature=routed_sig, source=models[0].source, manifest=manifest)
     return routed, RouteReport(sites=sites, models=len(models), rank=int(rank))

@@ -33,7 +33,7 @@ def swappable(tmp_path_factory, models):
     result = export_swappable(models[1], folder / "minilm.swappable.onnx")
     packs = {}
     for m, suffix in zip(models, (".onnx_adapter", ".safetensors", ".onnx_adapter")):
-        r = m.manifest["adapter"]["r"]
+        r = m.manifest.adapter.r
         packs[r] = save_pack(pack_from_model(m.gm.state_dict(), m.manifest), folder / f"r{r}{suffix}")
     return result, packs
 
@@ -55,7 +55,7 @@ def test_each_pack_matches_torch_and_no_pack_is_the_base(swappable, models, mini
     result, packs = swappable
     session = AdaptedSession(result.path)
     for m in models:
-        r = m.manifest["adapter"]["r"]
+        r = m.manifest.adapter.r
         session.load(f"r{r}", packs[r])
         parity = check_session(session.session, m.gm, m.signature, 1e-4, run_options=session.run_options(f"r{r}"))
         assert parity.max_abs_diff < 1e-4, (r, parity)

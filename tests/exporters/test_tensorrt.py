@@ -14,9 +14,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from exporters.runtime import META_FINGERPRINT
+from exporters.swappable import SwappableMeta
 from exporters.tensorrt import (
-    META_MAX_RANK,
     AxisRange,
     axis_ranges,
     pad_pack,
@@ -26,8 +25,8 @@ from exporters.tensorrt import (
     refit_weights,
     weight_names,
 )
-from exporters.trt_check import check_trt
 from exporters.triton import write_triton_repo
+from exporters.trt_check import check_trt
 from exporters.verify import check_onnx
 from surgery.errors import SurgeryError
 from surgery.packs import pack_from_model
@@ -93,7 +92,7 @@ def test_every_pack_tensor_is_a_named_refittable_weight_at_max_r(refit_plan, mod
     names = weight_names(model)  # what TensorRT's parser will call the weights
     pack = pack_from_model(models[1].gm.state_dict(), models[1].manifest)  # rank 4
     meta = {p.key: p.value for p in model.metadata_props}
-    assert meta[META_MAX_RANK] == "16" and meta == refit_plan.meta
+    assert SwappableMeta.from_metadata(meta, "refit").max_rank == 16 and meta == refit_plan.meta
     weights = refit_weights(meta, pack)
     assert set(weights) == set(pack.tensors) == set(names) and len(names) == 48
     for name, array in weights.items():
@@ -125,7 +124,8 @@ def test_refit_refuses_a_rank_above_max_r_and_another_base(refit_plan, models, s
     with pytest.raises(SurgeryError, match="made for another model"):
         refit_weights(refit_plan.meta, gpt2_pack)
     with pytest.raises(SurgeryError, match="not refittable"):
-        refit_weights({META_FINGERPRINT: "1"}, gpt2_pack)
+        baked = dataclasses.replace(SwappableMeta.from_metadata(refit_plan.meta, "refit"), max_rank=None)
+        refit_weights(baked.to_metadata(), gpt2_pack)
 
 
 def test_max_r_below_the_model_rank_is_refused_before_export(models, tmp_path):

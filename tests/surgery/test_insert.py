@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from surgery.adapters import ACTIVATIONS, AdapterSpec, Bottleneck
 from surgery.errors import SurgeryError
@@ -97,16 +98,32 @@ def test_r_must_be_narrower_than_the_model(minilm, r):
         adapt(minilm, AdapterSpec(r=r))
 
 
-@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+# σ written out from its definition, independently of the adapters' table (which may call the same torch ops)
+REFERENCE = {
+    "relu": lambda h: torch.where(h > 0, h, torch.zeros_like(h)),
+    "gelu": lambda h: 0.5 * h * (1 + torch.erf(h / 2**0.5)),
+    "silu": lambda h: h / (1 + torch.exp(-h)),
+    "tanh": lambda h: (torch.exp(2 * h) - 1) / (torch.exp(2 * h) + 1),
+    "identity": lambda h: h,
+}
+
+
+def test_every_activation_has_a_reference():
+    assert set(REFERENCE) == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("activation", sorted(REFERENCE))
 def test_bottleneck_math(activation):
-    torch.manual_seed(0)
+    """f(x) = x + W_up σ(W_down x + b_down) + b_up, with torch.nn.functional.linear over (out, in) weights."""
+    g = torch.Generator().manual_seed(0)
+    W_down, b_down = torch.randn(4, 16, generator=g), torch.randn(4, generator=g)  # (r, d), (r,)
+    W_up, b_up = torch.randn(16, 4, generator=g) * 0.5, torch.randn(16, generator=g)  # (d, r), (d,)
     b = Bottleneck(16, 4, activation)
-    with torch.no_grad():
-        b.up_w.normal_()
-        b.up_b.normal_()
-    x = torch.randn(2, 5, 16)
-    expected = x + ACTIVATIONS[activation](x @ b.down_w + b.down_b) @ b.up_w + b.up_b
-    torch.testing.assert_close(b(x), expected)
+    b.load_state_dict({"down_w": W_down.T, "down_b": b_down, "up_w": W_up.T, "up_b": b_up})  # stored pre-transposed
+    x = torch.randn(2, 5, 16, generator=g)
+    expected = x + F.linear(REFERENCE[activation](F.linear(x, W_down, b_down)), W_up, b_up)
+    torch.testing.assert_close(b(x), expected, rtol=1e-5, atol=1e-5)
+    assert (b(x) - x).abs().max() > 0.1  # not the identity
 
 
 def test_adapting_an_adapted_model_is_refused(tmp_path, minilm):

@@ -11,21 +11,15 @@ import torch
 
 from exporters.onnx import export_onnx
 from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
-from surgery.bundle import save_adapted
+from surgery.bundle import Manifest, save_adapted
 from surgery.errors import SurgeryError
-from surgery.merge import (
-    adapter_nodes,
-    average_adapters,
-    check_same_base,
-    lift_adapters,
-    merge_adapters,
-    merge_model,
-    stack_adapters,
-    unmerge_lora,
-)
-from surgery.pipeline import adapt, open_model
+from surgery.graph import adapter_nodes, lift_adapters
+from surgery.merge import average_adapters, merge_adapters, stack_adapters, unmerge_lora
+from surgery.pipeline import adapt, check_same_base, merge_model, open_model
+from surgery.sites import Site
 
 ATOL = 1e-5  # fp32: merged against unmerged
+SITE = Site("encoder.layer.0.output.dense", 0, "ffn_out", 384, "linear_5")
 
 
 def _copy(base):
@@ -232,16 +226,86 @@ def test_averaging_different_shapes_or_methods_is_refused(minilm_base, second, m
 
 
 def test_stacking_models_of_different_bases_is_refused(minilm_base, gpt2_base):
-    manifests = [{"source": c.source.to_json()} for c in (minilm_base, gpt2_base)]
+    manifests = [Manifest(c.source, AdapterSpec(), (SITE,), 0, 1, c.signature) for c in (minilm_base, gpt2_base)]
     with pytest.raises(SurgeryError, match="different base models"):
         check_same_base(manifests, ["a.adapted.pt2", "b.adapted.pt2"])
 
 
 def test_unmerge_of_a_model_that_is_not_merged_is_refused(tmp_path, gpt2_base):
-    from surgery.merge import unmerge_model
+    from surgery.pipeline import unmerge_model
 
     spec = LoraSpec({"q": 4})
     captured, report = _adapted(gpt2_base, spec)
     save_adapted(tmp_path / "m.adapted.pt2", captured, spec, report)
     with pytest.raises(SurgeryError, match="not a merged model"):
         unmerge_model(str(tmp_path / "m.adapted.pt2"))
+
+
+def test_averaging_parallel_adapters_of_different_scales_is_refused(gpt2_base):
+    a, _ = _adapted(gpt2_base, AdapterSpec("parallel", r=4, scale=4.0), seed=1)
+    b, _ = _adapted(gpt2_base, AdapterSpec("parallel", r=4, scale=1.0), seed=2)
+    before = {n: p.detach().clone() for n, p in a.gm.named_parameters()}
+    with pytest.raises(SurgeryError, match="has scale 4 in model 1 and 1 in model 2"):
+        average_adapters(a.gm, [b.gm], [0.5, 0.5])
+    assert all(torch.equal(p, before[n]) for n, p in a.gm.named_parameters())
+    same, _ = _adapted(gpt2_base, AdapterSpec("parallel", r=4, scale=4.0), seed=3)
+    average_adapters(a.gm, [same.gm], [0.5, 0.5])  # one scale: averaged
+
+
+def _two_outputs(group, gm):
+    """An edit: one more node of the adapter's group is used outside it."""
+    inner = group[1]
+    with gm.graph.inserting_after(inner):
+        extra = gm.graph.call_function(torch.ops.aten.neg.default, (inner,))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = ((*out.args[0], extra),) if isinstance(out.args[0], (tuple, list)) else ((out.args[0], extra),)
+
+
+def _two_inputs(group, gm):
+    """An edit: the adapter's down-projection reads another node than the site's output."""
+    other = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    first = group[0]
+    first.args = (other, *first.args[1:])
+
+
+@pytest.mark.parametrize(
+    "edit, message", [(_two_outputs, "2 of its nodes feed the rest"), (_two_inputs, "takes 2 inputs")]
+)
+def test_lifting_an_edited_adapter_is_refused_before_any_change(tmp_path, gpt2_base, edit, message):
+    from surgery.sites import module_path
+
+    spec = AdapterSpec("houlsby", r=4)
+    captured, report = _adapted(gpt2_base, spec)
+    save_adapted(tmp_path / "m.adapted.pt2", captured, spec, report)
+    reopened = open_model(str(tmp_path / "m.adapted.pt2"))
+    target = f"adapters.{report.sites[-1].path}"
+    edit([n for n in reopened.gm.graph.nodes if n.op == "call_function" and module_path(n) == target], reopened.gm)
+    before = _nodes(reopened.gm)
+    with pytest.raises(SurgeryError, match=f"adapter {target}: {message}"):
+        lift_adapters(reopened.gm, spec, report.sites)
+    assert _nodes(reopened.gm) == before and not adapter_nodes(reopened.gm)  # no site lifted, not even the first
+
+
+def test_a_bottleneck_after_a_projection_without_a_bias_tensor_is_refused_before_any_change():
+    """A projection `view(addmm(c, x, W))` whose bias c is a constant (not a tensor) cannot take the folded bias."""
+    from torch import fx, nn
+
+    from surgery.adapters import Bottleneck
+
+    root = nn.Module()
+    root.proj = nn.Module()
+    root.proj.weight = nn.Parameter(torch.randn(8, 8), requires_grad=False)
+    root.adapters = nn.Module()
+    root.adapters.proj = Bottleneck(8, 2, "identity")
+    stand_in_weights(root, seed=3)
+    g = fx.Graph()
+    x = g.placeholder("x")
+    mm = g.call_function(torch.ops.aten.addmm.default, (0.0, x, g.get_attr("proj.weight")))
+    y = g.call_function(torch.ops.aten.view.default, (mm, [-1, 8]))
+    g.output(g.call_module("adapters.proj", (y,)))
+    gm = fx.GraphModule(root, g)
+    weight, before = gm.get_parameter("proj.weight").detach().clone(), _nodes(gm)
+    with pytest.raises(SurgeryError, match="has no bias tensor to take the bottleneck's bias"):
+        merge_adapters(gm)
+    assert torch.equal(gm.get_parameter("proj.weight"), weight) and _nodes(gm) == before
+    assert not hasattr(gm.proj, "bias")
