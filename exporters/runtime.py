@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.swappable import SwappableMeta
+from exporters.slots import SwappableMeta
 from exporters.verify import CPU, ort_session
 from surgery.adapters import AdapterSpec
 from surgery.errors import SurgeryError

@@ -12,12 +12,10 @@ the export is traced with distinct random adapter values, then the defaults are 
 from __future__ import annotations
 
 import copy
-import json
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import onnx
@@ -25,70 +23,19 @@ import torch
 from onnx import numpy_helper
 
 from exporters.onnx import check_model, lean_proto, onnx_program, refuse_mismatch
+from exporters.runtime import AdaptedSession
+from exporters.slots import SwappableMeta
 from exporters.verify import check_session, feeds, ort_session
-from surgery.adapters import AdapterSpec, spec_from_json
 from surgery.bundle import Manifest
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.io import atomic_output
-from surgery.packs import BOTTLENECK_SHAPES, fingerprint, pack_from_model, packable_spec
+from surgery.packs import BOTTLENECK_SHAPES, pack_from_model
 from surgery.parity import ATOL, RTOL, Parity, compare, mask_of, outputs_of
 from surgery.route import route
 from surgery.sites import ADAPTER_ROOT
 
 RANK = "adapter_rank"
-
-
-@dataclass(frozen=True)
-class SwappableMeta:
-    """What a swappable export records for its readers (`AdaptedSession`, `surgery swap`), as string metadata:
-    ONNX `metadata_props`, and a refittable engine's sidecar. The fingerprint packs must match, each site's
-    width by module path, the adapter spec, and for a refittable engine the rank it was built at."""
-
-    fingerprint: int
-    widths: dict[str, int]
-    adapter: AdapterSpec
-    max_rank: int | None = None  # refittable engines only (tensorrt.py)
-
-    FINGERPRINT: ClassVar[str] = "surgery.fingerprint"
-    SITES: ClassVar[str] = "surgery.sites"  # JSON {site path: width}
-    ADAPTER: ClassVar[str] = "surgery.adapter"  # JSON of the adapter spec
-    MAX_RANK: ClassVar[str] = "surgery.max_rank"
-
-    @classmethod
-    def of(cls, manifest: Manifest, what: str, max_rank: int | None = None) -> SwappableMeta:
-        """The metadata of an export of the adapted model `manifest` describes (bottleneck adapters only)."""
-        spec = packable_spec(manifest, what)
-        return cls(fingerprint(manifest), manifest.widths, spec, max_rank)
-
-    def to_metadata(self) -> dict[str, str]:
-        meta = {
-            self.FINGERPRINT: str(self.fingerprint),
-            self.SITES: json.dumps(self.widths),
-            self.ADAPTER: json.dumps(self.adapter.to_json()),
-        }
-        if self.max_rank is not None:
-            meta[self.MAX_RANK] = str(self.max_rank)
-        return meta
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, str], where: str) -> SwappableMeta:
-        """Read back what `to_metadata` wrote; a model without adapter slots is a SurgeryError for `where`."""
-        if cls.FINGERPRINT not in meta:
-            raise SurgeryError(f"{where}: not a swappable export (no adapter slots); export it with --swappable")
-        try:
-            adapter = spec_from_json(json.loads(meta[cls.ADAPTER]))
-            widths = {str(k): int(v) for k, v in json.loads(meta[cls.SITES]).items()}
-            max_rank = int(meta[cls.MAX_RANK]) if cls.MAX_RANK in meta else None
-            slots = cls(int(meta[cls.FINGERPRINT]), widths, adapter, max_rank)  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise SurgeryError(
-                f"{where}: damaged swappable metadata ({type(exc).__name__}: {exc}); export it again"
-            ) from exc
-        if not isinstance(slots.adapter, AdapterSpec):
-            method = slots.adapter.method
-            raise SurgeryError(f"{where}: the slots are for {method} adapters, not bottlenecks; export it again")
-        return slots
 
 
 @dataclass(frozen=True)
@@ -154,8 +101,6 @@ def export_swappable(
     captured: Captured, path: str | Path, *, tolerance: float = ATOL, rtol: float = RTOL
 ) -> SwappableExport:
     """Export an adapted model with adapter slots, verify no-pack = base and own-pack = adapted, then write."""
-    from exporters.runtime import AdaptedSession  # the reader checks what this writes; it imports SwappableMeta
-
     if captured.manifest is None:
         raise SurgeryError(f"{captured.source.name}: --swappable needs an adapted model; run `surgery insert` first")
     start = time.perf_counter()

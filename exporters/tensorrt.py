@@ -42,7 +42,8 @@ import torch
 from onnx import numpy_helper
 
 from exporters.onnx import check_model, export_onnx, onnx_program, refuse_mismatch
-from exporters.swappable import SwappableMeta, _with_adapters
+from exporters.slots import SwappableMeta
+from exporters.swappable import _with_adapters
 from exporters.verify import check_onnx
 from surgery.capture import Captured
 from surgery.errors import SurgeryError

@@ -14,7 +14,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from exporters.swappable import SwappableMeta
+from exporters.slots import SwappableMeta
 from exporters.tensorrt import (
     AxisRange,
     axis_ranges,
