@@ -6,6 +6,7 @@ captured (a `.pt2`), together with the `Signature` of its inputs and where it ca
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.architectures import architecture
 from surgery.errors import SurgeryError
 from surgery.signature import Axis, InputSpec, Signature, parse_input_shape
 
@@ -24,8 +26,6 @@ DEFAULT_MODEL = "minilm"
 MANIFEST = "surgery.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 MAX_BATCH = 64
-# Architectures whose AutoModel is an encoder-decoder: we capture the encoder stack alone.
-ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}
 
 
 @dataclass
@@ -149,9 +149,8 @@ def _read_config(path: Path, name: str, auto_config: Any) -> Any:
 def _model_class(config: Any) -> Any:
     import transformers
 
-    if config.model_type in ENCODER_ONLY:
-        return getattr(transformers, ENCODER_ONLY[config.model_type])
-    return transformers.AutoModel
+    arch = architecture(config.model_type)  # T5's AutoModel needs decoder inputs: the table builds its encoder
+    return getattr(transformers, arch.model_class) if arch and arch.model_class else transformers.AutoModel
 
 
 def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
@@ -168,7 +167,10 @@ def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
     signature = hf_signature(model)
     with torch.no_grad():
         out = signature.call(model, signature.examples())
-    config.return_dict = False
+    # Tuples from the model's own forward only: its submodules share `config`, and some (BART's encoder and
+    # decoder) must keep returning ModelOutputs to the forward that reads them by name.
+    model.config = copy.copy(config)
+    model.config.return_dict = False
     names = tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
     return Loaded(source=source, signature=replace(signature, outputs=names), module=model)
 
@@ -180,7 +182,8 @@ def hf_signature(model: nn.Module) -> Signature:
     batch = Axis("batch", 1, MAX_BATCH)
     if main == "input_ids":
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
-        seq = Axis("seq", 2, int(max_pos))
+        arch = architecture(config.model_type)
+        seq = Axis("seq", arch.min_seq if arch else 2, int(max_pos))
         axes = {0: batch, 1: seq}
         return Signature(
             (
