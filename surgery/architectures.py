@@ -33,6 +33,8 @@ class Architecture:
     parts: dict[str, tuple[int, int]] = field(default_factory=dict)  # LoRA role -> (i, n): i-th of n equal slices
     model_class: str | None = None  # the transformers class built from a config; None: AutoModel
     min_seq: int = 2  # the shortest sequence the captured graph takes (torch.export guards against shorter)
+    decoder_from_input_ids: bool = False  # an encoder-decoder whose forward needs decoder_input_ids: load shifts
+    # input_ids right into them (BART does so itself), so the decoder is captured from the same two inputs
     note: str = ""  # what a user should know (what is captured, what LoRA cannot reach)
 
     def __post_init__(self) -> None:
@@ -62,10 +64,15 @@ def match(paths: Iterable[str], patterns: dict[str, str], roles: Iterable[str],
     return found
 
 
+def _projections(prefix: str, **names: str) -> dict[str, str]:
+    """LoRA patterns `prefix.NAME$` (prefix holding the layer group) for each role=NAME given."""
+    return {role: rf"{prefix}\.{name}$" for role, name in names.items()}
+
+
 _BERT = Architecture(
     roles={ATTN_OUT: r"layer\.(\d+)\.attention\.output\.dense$", FFN_OUT: r"layer\.(\d+)\.output\.dense$"},
     lora={
-        **{p: rf"layer\.(\d+)\.attention\.(?:self|attention)\.{name}$" for p, name in zip("qkv", ("query", "key", "value"))},
+        **_projections(r"layer\.(\d+)\.attention\.(?:self|attention)", q="query", k="key", v="value"),
         "o": r"layer\.(\d+)\.attention\.output\.dense$",
         "ffn_in": r"layer\.(\d+)\.intermediate\.dense$",
         "ffn_out": r"layer\.(\d+)\.output\.dense$",
@@ -82,11 +89,6 @@ _LLAMA = Architecture(
 )
 
 
-def _projections(prefix: str, **names: str) -> dict[str, str]:
-    """LoRA patterns `prefix.NAME$` (prefix holding the layer group) for each role=NAME given."""
-    return {role: rf"{prefix}\.{name}$" for role, name in names.items()}
-
-
 _CLIP = Architecture(
     roles={ATTN_OUT: r"layers\.(\d+)\.self_attn\.out_proj$", FFN_OUT: r"layers\.(\d+)\.mlp\.fc2$"},
     lora=_projections(r"layers\.(\d+)", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
@@ -100,7 +102,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "electra": _BERT,
     "deberta-v2": Architecture(
         roles=_BERT.roles,
-        lora={**_BERT.lora, **_projections(r"layer\.(\d+)\.attention\.self", q="query_proj", k="key_proj", v="value_proj")},
+        lora={
+            **_BERT.lora,
+            **_projections(r"layer\.(\d+)\.attention\.self", q="query_proj", k="key_proj", v="value_proj"),
+        },
     ),
     "mpnet": Architecture(
         roles={ATTN_OUT: r"layer\.(\d+)\.attention\.attn\.o$", FFN_OUT: r"layer\.(\d+)\.output\.dense$"},
@@ -136,12 +141,16 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "gpt_neox": Architecture(  # parallel block (use_parallel_residual)
         roles={ATTN_OUT: r"layers\.(\d+)\.attention\.dense$", FFN_OUT: r"layers\.(\d+)\.mlp\.dense_4h_to_h$"},
-        lora=_projections(r"layers\.(\d+)", o="attention.dense", ffn_in="mlp.dense_h_to_4h", ffn_out="mlp.dense_4h_to_h"),
+        lora=_projections(
+            r"layers\.(\d+)", o="attention.dense", ffn_in="mlp.dense_h_to_4h", ffn_out="mlp.dense_4h_to_h"
+        ),
         note="q, k, v are interleaved per head in query_key_value: no LoRA on them",
     ),
     "falcon": Architecture(  # parallel block (parallel_attn)
         roles={ATTN_OUT: r"h\.(\d+)\.self_attention\.dense$", FFN_OUT: r"h\.(\d+)\.mlp\.dense_4h_to_h$"},
-        lora=_projections(r"h\.(\d+)", o="self_attention.dense", ffn_in="mlp.dense_h_to_4h", ffn_out="mlp.dense_4h_to_h"),
+        lora=_projections(
+            r"h\.(\d+)", o="self_attention.dense", ffn_in="mlp.dense_h_to_4h", ffn_out="mlp.dense_4h_to_h"
+        ),
         note="q, k, v are interleaved per head in query_key_value: no LoRA on them",
     ),
     "phi": Architecture(  # parallel block
@@ -169,9 +178,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         lora={p: _LLAMA.lora[p] for p in "qkvo"},
         note="the experts are 3-D parameters, not projections: LoRA on attention only",
     ),
-    "t5": Architecture(
+    "t5": Architecture(  # encoder and decoder: a decoder block has three sites
         roles={
             ATTN_OUT: r"block\.(\d+)\.layer\.0\.SelfAttention\.o$",
+            CROSS_OUT: r"block\.(\d+)\.layer\.1\.EncDecAttention\.o$",
             FFN_OUT: r"block\.(\d+)\.layer\.\d+\.DenseReluDense\.wo$",
         },
         lora={
@@ -179,8 +189,9 @@ ARCHITECTURES: dict[str, Architecture] = {
             "ffn_in": r"block\.(\d+)\.layer\.\d+\.DenseReluDense\.wi$",
             "ffn_out": r"block\.(\d+)\.layer\.\d+\.DenseReluDense\.wo$",
         },
-        model_class="T5EncoderModel",
-        note="captured as its encoder stack",
+        decoder_from_input_ids=True,
+        min_seq=3,
+        note="decoder_input_ids are input_ids shifted right",
     ),
     "bart": Architecture(  # encoder and decoder: a decoder block has three sites
         roles={
@@ -191,10 +202,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         lora=_projections(r"layers\.(\d+)", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
                           o="self_attn.out_proj", ffn_in="fc1", ffn_out="fc2"),
         min_seq=3,  # shifting input_ids right into decoder_input_ids needs 3 or more positions under torch.export
-        note="decoder_input_ids are input_ids shifted right (BartModel's own default)",
+        note="decoder_input_ids are input_ids shifted right",
     ),
 }
-ARCHITECTURES["mt5"] = Architecture(**{**ARCHITECTURES["t5"].__dict__, "model_class": "MT5EncoderModel"})
+ARCHITECTURES["mt5"] = ARCHITECTURES["t5"]
 
 # Built-in shapes, by name, for `surgery count` and the latency harness (random weights: latency and counts do not
 # depend on them). GPT-3 175B is a GPT-2 architecture (pre-norm, learned positions, 4·d feed-forward).
@@ -246,7 +257,9 @@ def block_of(path: str) -> str:
     return m.group(1) if m else ""
 
 
-def parallel_matches(model_type: str | None, paths: Iterable[str], blocks: tuple[str, ...]) -> list[tuple[Match, Match, str]]:
+def parallel_matches(
+    model_type: str | None, paths: Iterable[str], blocks: tuple[str, ...]
+) -> list[tuple[Match, Match, str]]:
     """(the projection whose input, the projection whose output, role) of each block a parallel adapter spans,
     per Transformer block (path up to its index) and in layer order."""
     wanted = [r for b in blocks for r in PARALLEL_BLOCKS[b][:2]]
@@ -258,5 +271,6 @@ def parallel_matches(model_type: str | None, paths: Iterable[str], blocks: tuple
         firsts: dict[str, Match] = {}
         for m in match(paths, arch.lora, (first,)):
             firsts.setdefault(block_of(m.path), m)
-        pairs += [(firsts[block_of(m.path)], m, role) for m in match(paths, arch.lora, (last,)) if block_of(m.path) in firsts]
+        lasts = match(paths, arch.lora, (last,))
+        pairs += [(firsts[block_of(m.path)], m, role) for m in lasts if block_of(m.path) in firsts]
     return sorted(pairs, key=lambda p: p[1].layer)

@@ -117,7 +117,8 @@ def module_sites(model: nn.Module, model_type: str, spec: AdapterSpec | LoraSpec
         sites = []
         for m in lora_matches(model_type, linear, spec.targets):
             d_in, d_out = _dims(modules[m.path])
-            sites.append(Site(m.path, m.layer, m.role, d_out // m.part[1] if m.part else d_out, "", "", m.path, d_in, m.part))
+            width_ = d_out // m.part[1] if m.part else d_out
+            sites.append(Site(m.path, m.layer, m.role, width_, "", "", m.path, d_in, m.part))
         return sites
     if spec.method == "parallel":
         return [
@@ -125,11 +126,14 @@ def module_sites(model: nn.Module, model_type: str, spec: AdapterSpec | LoraSpec
             for first, last, role in parallel_matches(model_type, linear, spec.blocks)
         ]
     if spec.targets is not None:
-        return [Site(m.path, m.layer, TARGET, width(m.path), "") for m in match(linear, {TARGET: spec.targets}, (TARGET,))]
+        found = match(linear, {TARGET: spec.targets}, (TARGET,))
+        return [Site(m.path, m.layer, TARGET, width(m.path), "") for m in found]
     arch = architecture(model_type)
     if arch is None:
         known = ", ".join(ARCHITECTURES)
-        raise SurgeryError(f"{model_type} is not in the architecture table (known: {known}); name the sites with --targets REGEX")
+        raise SurgeryError(
+            f"{model_type} is not in the architecture table (known: {known}); name the sites with --targets REGEX"
+        )
     roles = [r for r in METHODS[spec.method] if r in arch.roles]
     return [Site(m.path, m.layer, m.role, width(m.path), "") for m in match(modules, arch.roles, roles)]
 

@@ -149,7 +149,7 @@ def _read_config(path: Path, name: str, auto_config: Any) -> Any:
 def _model_class(config: Any) -> Any:
     import transformers
 
-    arch = architecture(config.model_type)  # T5's AutoModel needs decoder inputs: the table builds its encoder
+    arch = architecture(config.model_type)
     return getattr(transformers, arch.model_class) if arch and arch.model_class else transformers.AutoModel
 
 
@@ -164,6 +164,9 @@ def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
     config = model.config
     if hasattr(config, "use_cache"):
         config.use_cache = False
+    arch = architecture(config.model_type)
+    if arch is not None and arch.decoder_from_input_ids:
+        model.register_forward_pre_hook(_decoder_inputs_from_input_ids, with_kwargs=True)
     signature = hf_signature(model)
     with torch.no_grad():
         out = signature.call(model, signature.examples())
@@ -173,6 +176,19 @@ def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
     model.config.return_dict = False
     names = tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
     return Loaded(source=source, signature=replace(signature, outputs=names), module=model)
+
+
+def _decoder_inputs_from_input_ids(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    """A forward pre-hook: `decoder_input_ids` = `input_ids` shifted right, the decoder's start token first (what
+    BART's forward does by itself), and no cache; torch.export traces it into the graph."""
+    if kwargs.get("decoder_input_ids") is None and kwargs.get("input_ids") is not None:
+        ids = kwargs["input_ids"]
+        config = model.config
+        start = getattr(config, "decoder_start_token_id", None)
+        start = start if start is not None else (getattr(config, "pad_token_id", None) or 0)
+        kwargs["decoder_input_ids"] = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
+    kwargs.setdefault("use_cache", False)  # a cache object in the outputs cannot be exported
+    return args, kwargs
 
 
 def hf_signature(model: nn.Module) -> Signature:

@@ -154,7 +154,7 @@ def find_sites(gm: fx.GraphModule, model_type: str | None = None, targets: str |
     else:
         sites = graph_rule_sites(gm)
     if not sites:
-        how = f"the {model_type} table entry" if arch else "the graph rule (a sublayer output added to the residual stream)"
+        how = f"the {model_type} table entry" if arch else "the graph rule (a sublayer output added to the residual)"
         raise SurgeryError(f"no insertion sites found by {how}; name the modules with --targets REGEX")
     return sites
 
