@@ -27,8 +27,13 @@ def render(rows: list[dict[str, Any]]) -> str:
     """One Markdown line per family: what worked, the largest export-vs-torch difference, or why it fails."""
     lines = [HEADER]
     for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['model_type']} | - | - | no | no | no | no | - | - | {row['error']} |")
+        if "max_abs_diff" not in row:  # failed: what worked before the failure, and the failure
+            sites = row.get("sites_per_layer", "-")
+            lines.append(
+                f"| {row['model_type']} | {sites} | {','.join(row.get('lora_targets', [])) or '-'} | "
+                f"{_mark(row, 'baked')} | {_mark(row, 'swappable')} | {_mark(row, 'routed')} | {_mark(row, 'lora')} | "
+                f"- | - | **fails**: {row.get('error', 'not run')} |"
+            )
             continue
         lines.append(
             f"| {row['model_type']} | {row['sites_per_layer']} | {','.join(row['lora_targets']) or '-'} | "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -74,10 +75,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
 # Families that do not work, with the reason (a substring of the error) the test checks they still fail with.
 KNOWN_FAILURES: dict[str, str] = {
     "albert": "no insertion sites",  # every layer is one shared module, called once per layer
+    "mixtral": "ONNX export failed",  # the experts are transformers' own op, transformers::grouped_mm_fallback
 }
 WHY = {
     "albert": "not supported: its layers share one module (called once per layer), so a module path names no single "
     "site; an adapter per layer needs sites by node",
+    "mixtral": "sites and insert work (.adapted.pt2 runs in torch); ONNX export fails: transformers 5 computes the "
+    "experts with its own op `transformers::grouped_mm_fallback`, which torch.onnx cannot convert "
+    "(\"No ONNX function found\"), with or without adapters",
 }
 
 
@@ -114,14 +119,14 @@ def torch_scale(captured: Captured) -> float:
     return biggest
 
 
-def run_family(model_type: str, work: Path) -> dict[str, Any]:
-    """The whole path on one family; returns its row. Raises on the first failure."""
+def run_family(model_type: str, work: Path, row: dict[str, Any]) -> dict[str, Any]:
+    """The whole path on one family, filling `row` as it goes (so a failure leaves what did work). Raises on the
+    first failure."""
     from exporters.onnx import export_onnx
     from exporters.swappable import export_routed, export_swappable
 
     arch = architecture(model_type)
-    row: dict[str, Any] = {"model_type": model_type, "lora_targets": list(arch.lora) if arch else [],
-                           "note": arch.note if arch else ""}
+    row.update(model_type=model_type, lora_targets=list(arch.lora) if arch else [], note=arch.note if arch else "")
     start = time.perf_counter()
     base = open_model(str(write_config(model_type, work)))
     sites = find_sites(base.gm, model_type)  # the table's, or the graph rule's where the table has no entry
@@ -135,6 +140,7 @@ def run_family(model_type: str, work: Path) -> dict[str, Any]:
     second = dataclasses.replace(first, gm=copy.deepcopy(first.gm))  # the same adapters, other weights
     stand_in_weights(second.gm, seed=101)
     houlsby = [first, second]
+    row["inserted"] = True
     scale = torch_scale(houlsby[0])
     diffs: dict[str, float] = {}
     baked = export_onnx(houlsby[0].gm, houlsby[0].signature, work / "h.onnx", manifest=houlsby[0].manifest)
@@ -169,17 +175,25 @@ def save_row(row: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+@pytest.mark.timeout(1800)  # four verified exports; on a shared 2-core machine one family took up to 12 minutes
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_family(model_type: str, tmp_path: Path):
+    row: dict[str, Any] = {"model_type": model_type}
     if model_type in KNOWN_FAILURES:
         with pytest.raises(SurgeryError, match=KNOWN_FAILURES[model_type]):
-            run_family(model_type, tmp_path)
-        save_row({"model_type": model_type, "error": WHY[model_type]})
+            run_family(model_type, tmp_path, row)
+        save_row({**row, "error": WHY[model_type]})
         return
     try:
-        row = run_family(model_type, tmp_path)
+        run_family(model_type, tmp_path, row)
     except Exception as exc:
-        save_row({"model_type": model_type, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"})
+        save_row({**row, "error": first_line(exc)})
         raise
     save_row(row)
     assert row["max_abs_diff"] <= row["tolerance"]
+
+
+def first_line(exc: BaseException) -> str:
+    """The error's first line without terminal colours, for the table."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"

@@ -66,6 +66,19 @@ def test_bad_targets_are_refused(minilm_base, regex, message):
         find_sites(minilm_base.gm, "bert", targets=regex)
 
 
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """A family of the matrix built from its small config and captured, once per module."""
+    captured = {}
+
+    def get(model_type: str):
+        if model_type not in captured:
+            captured[model_type] = open_model(str(write_config(model_type, tmp_path_factory.mktemp(model_type))))
+        return captured[model_type]
+
+    return get
+
+
 # The graph rule against the table: one family per thing the rule must see in `make test` (post-norm, Conv1D,
 # a module path that prefixes another, a norm between the sublayer and the add, a parallel block, a mixture of
 # experts, decoder blocks); every other family of the table under `make test-matrix`.
@@ -76,8 +89,8 @@ FAST = {"bert", "gpt2", "mpnet", "gemma3_text", "gptj", "mixtral", "t5"}
     "model_type",
     [t if t in FAST else pytest.param(t, marks=pytest.mark.matrix) for t in ARCHITECTURES if t in FAMILIES],
 )
-def test_graph_rule_finds_the_tables_sites(model_type, tmp_path):
-    captured = open_model(str(write_config(model_type, tmp_path)))
+def test_graph_rule_finds_the_tables_sites(model_type, family):
+    captured = family(model_type)
     by_table = find_sites(captured.gm, model_type)
     by_rule = graph_rule_sites(captured.gm)
     assert [(s.path, s.role, s.node) for s in by_rule] == [(s.path, s.role, s.node) for s in by_table]
@@ -103,8 +116,8 @@ def test_every_family_of_the_table_has_a_small_config():
         ("mixtral", ["layers.{}.self_attn.o_proj", "layers.{}.mlp"]),
     ],
 )
-def test_graph_rule_on_real_architectures(model_type, sites, tmp_path):
-    captured = open_model(str(write_config(model_type, tmp_path)))
+def test_graph_rule_on_real_architectures(model_type, sites, family):
+    captured = family(model_type)
     found = graph_rule_sites(captured.gm)
     assert [(s.path, s.layer, s.role) for s in found] == [
         (p.format(i), i, role) for i in range(2) for p, role in zip(sites, (ATTN_OUT, FFN_OUT))
@@ -123,9 +136,8 @@ ENCODER_DECODER = {
 
 
 @pytest.mark.parametrize("model_type", ENCODER_DECODER)
-def test_encoder_decoders_are_captured_with_three_sites_per_decoder_block(model_type, small_config, tmp_path):
-    config = small_config("t5") if model_type == "t5" else write_config(model_type, tmp_path)
-    captured = open_model(str(config))
+def test_encoder_decoders_are_captured_with_three_sites_per_decoder_block(model_type, family):
+    captured = family(model_type)
     assert captured.signature.outputs == ("last_hidden_state", "encoder_last_hidden_state")
     prefix, enc, dec = ENCODER_DECODER[model_type]
     encoder = [(prefix.format("encoder", i) + p, r) for i in range(2) for p, r in zip(enc, (ATTN_OUT, FFN_OUT))]
