@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-matrix setup clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2  # two workers: the suite is mostly single-threaded Python start-up and export
+
+# every HF family end to end (random small configs), then the README's table: benchmarks/results/matrix/*.json
+test-matrix: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m matrix tests/surgery/test_matrix.py; status=$$?; \
+	$(BIN)/python -m benchmarks.matrix_table --readme README.md; exit $$status
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -27,6 +27,7 @@ import torch
 from exporters.onnx import export_onnx
 from exporters.swappable import export_swappable
 from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
+from surgery.architectures import BUILTIN  # random weights; minilm-random is MiniLM's shape without its package
 from surgery.capture import Captured, export_program
 from surgery.errors import SurgeryError
 from surgery.fold import folded_copy
@@ -54,13 +55,8 @@ class Artifact:
     def from_json(cls, data: dict[str, str | None]) -> Artifact:
         return cls(**data)
 
-VARIANTS = ("base", "houlsby", "houlsby-fused", "houlsby-kernel", "houlsby-folded", "pfeiffer", "swappable", "swappable-none", "routed", "lora", "lora-merged")
-# random weights, which latency does not depend on; minilm-random is MiniLM's shape for machines without its package
-BUILTIN = {
-    "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257),
-    "minilm-random": dict(model_type="bert", num_hidden_layers=6, hidden_size=384, num_attention_heads=12,
-                          intermediate_size=1536, vocab_size=30522, max_position_embeddings=512),
-}
+VARIANTS = ("base", "houlsby", "houlsby-fused", "houlsby-kernel", "houlsby-folded", "pfeiffer", "swappable",
+            "swappable-none", "routed", "lora", "lora-merged")
 
 
 def open_builtin(model: str, work: Path) -> Captured:

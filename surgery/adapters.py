@@ -31,10 +31,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "identity": lambda x: x,  # a linear adapter: it folds into the projection before it (merge.py)
 }
 
-# Which sites each method adapts: Houlsby after attention and feed-forward, Pfeiffer after feed-forward only,
+# Which sites each method adapts: Houlsby after attention (and a decoder's cross-attention) and feed-forward,
+# Pfeiffer after feed-forward only,
 # parallel beside the feed-forward block (from its input to its output; with --targets attn,ffn beside attention too).
 METHODS: dict[str, tuple[str, ...]] = {
-    "houlsby": ("attn_out", "ffn_out"),
+    "houlsby": ("attn_out", "cross_out", "ffn_out"),
     "pfeiffer": ("ffn_out",),
     "parallel": ("ffn_out",),
 }

@@ -1,7 +1,7 @@
 """Parameter counts from a config alone, on the `meta` device: no weights, no memory, any size.
 
 The model is built with `torch.device("meta")` (shapes without storage), its sites are found by module path
-with the same presets the graph passes use (`sites.PRESETS`, `sites.PROJECTIONS`), and the adapters are the
+with the architecture table the graph passes use (`surgery/architectures.py`), and the adapters are the
 very modules the insert pass creates (`insert.make_adapter`), also on the meta device. The count is the sum of
 their parameters' sizes, never a formula; the seed's formula rides along only to be compared with it.
 
@@ -11,7 +11,6 @@ their parameters' sizes, never a formula; the seed's formula rides along only to
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,8 @@ from surgery.adapters import METHODS, AdapterSpec, LoraSpec
 from surgery.errors import SurgeryError
 from surgery.insert import bottleneck_params, make_adapter
 from surgery.load import DEFAULT_MODEL, _minilm_path, _model_class
-from surgery.sites import PARALLEL_BLOCKS, PRESETS, PROJECTIONS, TARGET, Site
-
-# Built-in shapes: GPT-3 175B is a GPT-2 architecture (pre-norm, learned positions, 4·d feed-forward).
-BUILTIN: dict[str, dict[str, Any]] = {
-    "gpt3-175b": dict(model_type="gpt2", n_layer=96, n_embd=12288, n_head=96, n_positions=2048, vocab_size=50257),
-    "gpt2": dict(model_type="gpt2", n_layer=12, n_embd=768, n_head=12),
-    "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16),
-}
+from surgery.architectures import ARCHITECTURES, CROSS_OUT, BUILTIN, architecture, lora_matches, match, parallel_matches
+from surgery.sites import TARGET, Site
 BYTES = {"fp32": 4, "fp16": 2}
 
 
@@ -112,52 +105,37 @@ def _dims(module: nn.Module) -> tuple[int, int]:
 
 
 def module_sites(model: nn.Module, model_type: str, spec: AdapterSpec | LoraSpec) -> list[Site]:
-    """The sites the insert pass would adapt, found by module path in an (unexported) model."""
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) or hasattr(m, "nf")}
+    """The sites the insert pass would adapt, found by module path in an (unexported) model, with the table's
+    matching (`architectures.match`), the same the graph passes use."""
+    modules = dict(model.named_modules())
+    linear = [p for p, m in modules.items() if isinstance(m, nn.Linear) or hasattr(m, "nf")]
 
-    def matches(pattern: str) -> list[tuple[str, int]]:
-        return [(p, int(m.group(1)) if m.groups() else 0) for p in modules if (m := re.search(pattern, p))]
+    def width(path: str) -> int:  # a projection's output; a non-projection role (a mixture of experts) is d_model
+        return _dims(modules[path])[1] if path in linear else int(model.config.hidden_size)
 
-    if isinstance(spec, LoraSpec) or spec.method == "parallel":
-        table = PROJECTIONS.get(model_type)
-        if table is None:
-            raise SurgeryError(
-                f"{spec.method} needs the projections of the architecture; {model_type} has no preset "
-                f"(known: {', '.join(PROJECTIONS)})"
-            )
     if isinstance(spec, LoraSpec):
-        unknown = [r for r in spec.targets if r not in table]
-        if unknown:
-            raise SurgeryError(f"--targets: {model_type} has no projection {', '.join(unknown)}; choose from: {', '.join(table)}")
         sites = []
-        for role in spec.targets:
-            pattern, part = table[role]
-            for path, layer in matches(pattern):
-                d_in, d_out = _dims(modules[path])
-                width = d_out // part[1] if part else d_out
-                sites.append(Site(path, layer, role, width, "", "", path, d_in, part))
+        for m in lora_matches(model_type, linear, spec.targets):
+            d_in, d_out = _dims(modules[m.path])
+            width_ = d_out // m.part[1] if m.part else d_out
+            sites.append(Site(m.path, m.layer, m.role, width_, "", "", m.path, d_in, m.part))
         return sites
     if spec.method == "parallel":
-        sites = []
-        for block in spec.blocks:
-            first, last, role = PARALLEL_BLOCKS[block]
-            firsts = {layer: p for p, layer in reversed(matches(table[first][0]))}
-            sites += [
-                Site(p, layer, role, _dims(modules[p])[1], "", "", firsts[layer], _dims(modules[firsts[layer]])[0])
-                for p, layer in matches(table[last][0])
-                if layer in firsts
-            ]
-        return sites
+        return [
+            Site(last.path, last.layer, role, width(last.path), "", "", first.path, _dims(modules[first.path])[0])
+            for first, last, role in parallel_matches(model_type, linear, spec.blocks)
+        ]
     if spec.targets is not None:
-        return [Site(p, layer, TARGET, _dims(modules[p])[1], "") for p, layer in matches(spec.targets)]
-    preset = PRESETS.get(model_type)
-    if preset is None:
-        raise SurgeryError(f"{model_type} has no preset of sites (known: {', '.join(PRESETS)}); name them with --targets REGEX")
-    return [
-        Site(p, layer, role, _dims(modules[p])[1], "")
-        for role in METHODS[spec.method]
-        for p, layer in matches(getattr(preset, role))
-    ]
+        found = match(linear, {TARGET: spec.targets}, (TARGET,))
+        return [Site(m.path, m.layer, TARGET, width(m.path), "") for m in found]
+    arch = architecture(model_type)
+    if arch is None:
+        known = ", ".join(ARCHITECTURES)
+        raise SurgeryError(
+            f"{model_type} is not in the architecture table (known: {known}); name the sites with --targets REGEX"
+        )
+    roles = [r for r in METHODS[spec.method] if r in arch.roles]
+    return [Site(m.path, m.layer, m.role, width(m.path), "") for m in match(modules, arch.roles, roles)]
 
 
 def count(source: str, spec: AdapterSpec | LoraSpec) -> CountReport:
@@ -184,6 +162,6 @@ def seed_formula(spec: AdapterSpec | LoraSpec, layers: int, d: int) -> tuple[int
         return layers * sum(r * 2 * d for r in spec.ranks.values()), "L·Σ r·(d + d) over the d×d projections"
     if spec.targets is not None:
         return None, None
-    per_layer = len(METHODS[spec.method])
+    per_layer = len([r for r in METHODS[spec.method] if r != CROSS_OUT])  # the seed's models have no decoder
     text = {2: "2L(2·d·r + d + r)", 1: "L(2·d·r + d + r)"}[per_layer]
     return per_layer * layers * bottleneck_params(d, spec.r), text

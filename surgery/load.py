@@ -6,6 +6,7 @@ captured (a `.pt2`), together with the `Signature` of its inputs and where it ca
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgery.architectures import architecture
 from surgery.bundle import MANIFEST, Manifest, read_manifest
 from surgery.errors import SurgeryError
 from surgery.safe_files import check_pt2, read_config
@@ -26,8 +28,6 @@ from surgery.source import Source
 DEFAULT_MODEL = "minilm"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 MAX_BATCH = 64
-# Architectures whose AutoModel is an encoder-decoder: we capture the encoder stack alone.
-ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel"}
 
 
 @dataclass
@@ -139,9 +139,8 @@ def _read_config(path: Path, name: str, auto_config: Any) -> Any:
 def _model_class(config: Any) -> Any:
     import transformers
 
-    if config.model_type in ENCODER_ONLY:
-        return getattr(transformers, ENCODER_ONLY[config.model_type])
-    return transformers.AutoModel
+    arch = architecture(config.model_type)
+    return getattr(transformers, arch.model_class) if arch and arch.model_class else transformers.AutoModel
 
 
 def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
@@ -155,12 +154,31 @@ def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
     config = model.config
     if hasattr(config, "use_cache"):
         config.use_cache = False
+    arch = architecture(config.model_type)
+    if arch is not None and arch.decoder_from_input_ids:
+        model.register_forward_pre_hook(_decoder_inputs_from_input_ids, with_kwargs=True)
     signature = hf_signature(model)
     with torch.no_grad():
         out = signature.call(model, signature.examples())
-    config.return_dict = False
+    # Tuples from the model's own forward only: its submodules share `config`, and some (BART's encoder and
+    # decoder) must keep returning ModelOutputs to the forward that reads them by name.
+    model.config = copy.copy(config)
+    model.config.return_dict = False
     names = tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
     return Loaded(source=source, signature=replace(signature, outputs=names), module=model)
+
+
+def _decoder_inputs_from_input_ids(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    """A forward pre-hook: `decoder_input_ids` = `input_ids` shifted right, the decoder's start token first (what
+    BART's forward does by itself), and no cache; torch.export traces it into the graph."""
+    if kwargs.get("decoder_input_ids") is None and kwargs.get("input_ids") is not None:
+        ids = kwargs["input_ids"]
+        config = model.config
+        start = getattr(config, "decoder_start_token_id", None)
+        start = start if start is not None else (getattr(config, "pad_token_id", None) or 0)
+        kwargs["decoder_input_ids"] = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
+    kwargs.setdefault("use_cache", False)  # a cache object in the outputs cannot be exported
+    return args, kwargs
 
 
 def hf_signature(model: nn.Module) -> Signature:
@@ -170,7 +188,8 @@ def hf_signature(model: nn.Module) -> Signature:
     batch = Axis("batch", 1, MAX_BATCH)
     if main == "input_ids":
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
-        seq = Axis("seq", 2, int(max_pos))
+        arch = architecture(config.model_type)
+        seq = Axis("seq", arch.min_seq if arch else 2, int(max_pos))
         axes = {0: batch, 1: seq}
         return Signature(
             (

@@ -4,15 +4,15 @@ Every node of a captured graph carries `meta["nn_module_stack"]`, whose entries 
 traced in (`encoder.layer.0.attention.output.dense`). A site is a module's output node, found three ways:
 
 1. `--targets REGEX`: every linear module whose path matches (`re.search`).
-2. A preset for known architectures: the attention output projection and the feed-forward output
-   projection of each layer, by module path.
-3. The graph rule, for anything else: a linear projection whose output (through dropout, if any) is added
-   to the residual stream. In a layer with two such projections, the first is `attn_out`, the second `ffn_out`.
+2. The architecture table (`surgery/architectures.py`) for known families: each layer's attention output
+   projection, feed-forward output (and a decoder's cross-attention output), by module path.
+3. The graph rule, for anything else (`graph_rule_sites`): the output of a sublayer that is added to the
+   residual stream, through dropout or a norm. It finds the table's sites on every family the table knows.
 
 Adapters that sit beside a computation rather than after it (LoRA beside a projection, the parallel adapter
 beside the feed-forward block) also take that computation's input: `projection_sites` and `parallel_sites`
 fill a site's `input` (the node) and `input_path` (the module whose input it is). Projections are named per
-architecture in `PROJECTIONS` (q, k, v, o, ffn_in, ffn_gate, ffn_out); a fused projection (GPT-2's `c_attn`)
+architecture in the table (q, k, v, o, ffn_in, ffn_gate, ffn_out); a fused projection (GPT-2's `c_attn`)
 gives each of q, k, v a `part` (i, n): the i-th of n equal slices of its output.
 """
 
@@ -21,89 +21,27 @@ from __future__ import annotations
 import operator
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import fx
 
+from surgery.architectures import (
+    ATTN_OUT, CROSS_OUT, FFN_OUT, PARALLEL_BLOCKS, architecture, block_of, lora_matches, match, parallel_matches,
+)
 from surgery.errors import SurgeryError
 
 aten = torch.ops.aten
 
-ATTN_OUT, FFN_OUT, TARGET, RESIDUAL = "attn_out", "ffn_out", "target", "residual"
+TARGET, RESIDUAL = "target", "residual"
 ADAPTER_ROOT = "adapters"
 
 LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default}
-PASS_THROUGH = {aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default}
+PASS_THROUGH = {
+    aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
+    aten.view.default, aten.reshape.default, aten._to_copy.default, aten.to.dtype,
+}
 ADD_OPS = {aten.add.Tensor, aten.add_.Tensor, operator.add}
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Module-path patterns for one architecture family; group 1 of each is the layer index."""
-
-    attn_out: str
-    ffn_out: str
-
-
-_BERT = Preset(attn_out=r"layer\.(\d+)\.attention\.output\.dense$", ffn_out=r"layer\.(\d+)\.output\.dense$")
-_LLAMA = Preset(attn_out=r"layers\.(\d+)\.self_attn\.o_proj$", ffn_out=r"layers\.(\d+)\.mlp\.down_proj$")
-PRESETS: dict[str, Preset] = {
-    "bert": _BERT,
-    "roberta": _BERT,
-    "xlm-roberta": _BERT,
-    "vit": _BERT,
-    "distilbert": Preset(attn_out=r"layer\.(\d+)\.attention\.out_lin$", ffn_out=r"layer\.(\d+)\.ffn\.lin2$"),
-    "gpt2": Preset(attn_out=r"h\.(\d+)\.attn\.c_proj$", ffn_out=r"h\.(\d+)\.mlp\.c_proj$"),
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "t5": Preset(attn_out=r"block\.(\d+)\.layer\.0\.SelfAttention\.o$", ffn_out=r"block\.(\d+)\.layer\.\d+\.DenseReluDense\.wo$"),
-}
-
-
-# Projections LoRA can target: role -> (module-path regex, group 1 the layer index; slice of a fused output).
-Projection = tuple[str, "tuple[int, int] | None"]
-_BERT_PROJ: dict[str, Projection] = {
-    "q": (r"layer\.(\d+)\.attention\.(?:self|attention)\.query$", None),
-    "k": (r"layer\.(\d+)\.attention\.(?:self|attention)\.key$", None),
-    "v": (r"layer\.(\d+)\.attention\.(?:self|attention)\.value$", None),
-    "o": (_BERT.attn_out, None),
-    "ffn_in": (r"layer\.(\d+)\.intermediate\.dense$", None),
-    "ffn_out": (_BERT.ffn_out, None),
-}
-_LLAMA_PROJ: dict[str, Projection] = {
-    **{p: (rf"layers\.(\d+)\.self_attn\.{p}_proj$", None) for p in "qkvo"},
-    "ffn_in": (r"layers\.(\d+)\.mlp\.up_proj$", None),
-    "ffn_gate": (r"layers\.(\d+)\.mlp\.gate_proj$", None),
-    "ffn_out": (_LLAMA.ffn_out, None),
-}
-PROJECTIONS: dict[str, dict[str, Projection]] = {
-    "bert": _BERT_PROJ,
-    "roberta": _BERT_PROJ,
-    "xlm-roberta": _BERT_PROJ,
-    "vit": _BERT_PROJ,
-    "distilbert": {
-        **{p: (rf"layer\.(\d+)\.attention\.{p}_lin$", None) for p in "qkv"},
-        "o": (PRESETS["distilbert"].attn_out, None),
-        "ffn_in": (r"layer\.(\d+)\.ffn\.lin1$", None),
-        "ffn_out": (PRESETS["distilbert"].ffn_out, None),
-    },
-    "gpt2": {
-        **{p: (r"h\.(\d+)\.attn\.c_attn$", (i, 3)) for i, p in enumerate("qkv")},
-        "o": (PRESETS["gpt2"].attn_out, None),
-        "ffn_in": (r"h\.(\d+)\.mlp\.c_fc$", None),
-        "ffn_out": (PRESETS["gpt2"].ffn_out, None),
-    },
-    "llama": _LLAMA_PROJ,
-    "mistral": _LLAMA_PROJ,
-    "qwen2": _LLAMA_PROJ,
-    "t5": {
-        **{p: (rf"block\.(\d+)\.layer\.0\.SelfAttention\.{p}$", None) for p in "qkvo"},
-        "ffn_in": (r"block\.(\d+)\.layer\.\d+\.DenseReluDense\.wi$", None),
-        "ffn_out": (PRESETS["t5"].ffn_out, None),
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -151,7 +89,7 @@ def output_node(gm: fx.GraphModule, path: str) -> fx.Node:
     """The single node that carries the output of module `path` out of it."""
     inside = [n for n in gm.graph.nodes if _in_module(n, path)]
     members = set(inside)
-    outs = [n for n in inside if any(u not in members for u in n.users)]
+    outs = [n for n in inside if _is_tensor(n) and any(u not in members for u in n.users)]
     if len(outs) != 1:
         raise SurgeryError(
             f"module {path}: expected one output node in the graph, found {len(outs)} "
@@ -185,8 +123,18 @@ def _site(gm: fx.GraphModule, path: str, layer: int, role: str) -> Site:
     return Site(path=path, layer=layer, role=role, width=int(val.shape[-1]), node=node.name)
 
 
+def module_paths(gm: fx.GraphModule) -> list[str]:
+    """Paths of every module the graph's nodes were traced in, in graph order (adapters excluded)."""
+    seen: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            if path and not path.startswith(ADAPTER_ROOT + "."):
+                seen.setdefault(path)
+    return list(seen)
+
+
 def find_sites(gm: fx.GraphModule, model_type: str | None = None, targets: str | None = None) -> list[Site]:
-    """All sites of the graph: by `targets` regex if given, else by preset, else by the graph rule."""
+    """All sites of the graph: by `targets` regex if given, else by the architecture table, else by the graph rule."""
     candidates = linear_modules(gm)
     if targets is not None:
         try:
@@ -200,52 +148,116 @@ def find_sites(gm: fx.GraphModule, model_type: str | None = None, targets: str |
                 f"(e.g. {', '.join(candidates[:3])}); run `surgery inspect` to list them"
             )
         return [_site(gm, p, _layer_index(p), TARGET) for p in paths]
-    preset = PRESETS.get(model_type or "")
-    sites = list(_preset_sites(gm, candidates, preset)) if preset else _graph_rule_sites(gm, candidates)
+    arch = architecture(model_type)
+    if arch is not None:
+        sites = [_site(gm, m.path, m.layer, m.role) for m in match(module_paths(gm), arch.roles, arch.roles)]
+    else:
+        sites = graph_rule_sites(gm)
     if not sites:
-        how = f"the {model_type} preset" if preset else "the graph rule (a linear output added to the residual stream)"
+        how = f"the {model_type} table entry" if arch else "the graph rule (a sublayer output added to the residual)"
         raise SurgeryError(f"no insertion sites found by {how}; name the modules with --targets REGEX")
     return sites
 
 
-def _preset_sites(gm: fx.GraphModule, candidates: list[str], preset: Preset) -> Iterator[Site]:
-    for path in candidates:
-        for role, pattern in ((ATTN_OUT, preset.attn_out), (FFN_OUT, preset.ffn_out)):
-            m = re.search(pattern, path)
-            if m:
-                yield _site(gm, path, int(m.group(1)), role)
-                break
+def _is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in LINEAR_OPS
 
 
-def _adds_to_residual(node: fx.Node) -> bool:
-    """Does `node` (through dropout and copies) feed an add with another tensor of its shape?"""
-    while len(node.users) == 1 and next(iter(node.users)).target in PASS_THROUGH:
-        node = next(iter(node.users))
-    shape = getattr(node.meta.get("val"), "shape", None)
-    for user in node.users:
-        if user.target in ADD_OPS:
-            other = [a for a in user.args[:2] if a is not node]
-            if other and isinstance(other[0], fx.Node) and getattr(other[0].meta.get("val"), "shape", None) == shape:
-                return True
-    return False
+def _is_tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
 
 
-def _graph_rule_sites(gm: fx.GraphModule, candidates: list[str]) -> list[Site]:
-    residual = []
-    for path in candidates:
-        try:
-            out = output_node(gm, path)
-        except SurgeryError:  # a shared or multi-output module is no residual branch
-            continue
-        if _adds_to_residual(out):
-            residual.append(path)
-    by_layer: dict[int, list[str]] = {}
-    for path in residual:
-        by_layer.setdefault(_layer_index(path), []).append(path)
+def _data_users(node: fx.Node) -> list[fx.Node]:
+    """The users that take `node`'s value, not the shape and dtype checks torch.export leaves beside it."""
+    return [u for u in node.users if u.users or _is_tensor(u)]
+
+
+def _shape(node: Any) -> Any:
+    return getattr(node.meta.get("val"), "shape", None) if isinstance(node, fx.Node) else None
+
+
+class _Modules:
+    """The graph's nodes by module path (every module of each node's stack, not only the innermost)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.members: dict[str, list[fx.Node]] = {}
+        for node in gm.graph.nodes:
+            for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+                if path and not path.startswith(ADAPTER_ROOT + "."):
+                    self.members.setdefault(path, []).append(node)
+        self.with_linear = {p for p, nodes in self.members.items() if any(_is_linear(n) for n in nodes)}
+        self._outputs: dict[str, fx.Node | None] = {}
+
+    def output(self, path: str) -> fx.Node | None:
+        """The single node carrying the module's output out of it; None for a module with several or none."""
+        if path not in self._outputs:
+            inside = set(self.members[path])
+            outs = [n for n in self.members[path] if _is_tensor(n) and any(u not in inside for u in n.users)]
+            self._outputs[path] = outs[0] if len(outs) == 1 else None
+        return self._outputs[path]
+
+    def norm_around(self, node: fx.Node, user: fx.Node) -> fx.Node | None:
+        """If `user` begins a module without projections (a norm, a dropout) that takes `node` alone and gives one
+        tensor of its shape, that module's output; else None."""
+        own = {p for p, _ in (node.meta.get("nn_module_stack") or {}).values()}
+        for path, _ in (user.meta.get("nn_module_stack") or {}).values():
+            if path in own or path.startswith(ADAPTER_ROOT + "."):
+                continue
+            out = self.output(path)  # the outermost module `user` is in and `node` is not
+            if path in self.with_linear or out is None or _shape(out) != _shape(node):
+                return None
+            return out
+        return None
+
+    def residual_branch(self, node: fx.Node) -> list[fx.Node] | None:
+        """The nodes from `node` to the add that puts it on the residual stream, if it is a branch: every step
+        has one user, through dropout, copies, reshapes and norms; the add's other operand has the same shape."""
+        chain = [node]
+        while len(users := _data_users(node)) == 1:
+            user = users[0]
+            if user.op != "call_function":
+                return None
+            if user.target in ADD_OPS:
+                other = [a for a in user.args[:2] if a is not node]
+                return chain + [user] if other and _shape(other[0]) == _shape(node) else None
+            nxt = self.norm_around(node, user) or (user if user.target in PASS_THROUGH else None)
+            if nxt is None:
+                return None
+            node = nxt
+            chain.append(node)
+        return None
+
+
+def graph_rule_sites(gm: fx.GraphModule) -> list[Site]:
+    """Sites found by the graph alone: the output of each sublayer that is added to the residual stream.
+
+    A sublayer is a module computing a projection whose output reaches an add with a tensor of its shape, by a
+    path where each node has one user (so it is a branch, not the stream): through dropout, copies, reshapes and
+    modules without projections (a norm after the sublayer, Gemma's `o_proj -> post_attention_layernorm -> +`).
+    Several modules on one branch are one site, the first on it (the projection, not the attention module around
+    it; at one node, the innermost module), so a path that prefixes another never gives a second site. Two
+    branches into one add (a parallel block: GPT-J, Falcon, Phi) are two sites; a mixture of experts, whose
+    experts are combined before the add, is one (the block's output). Per block (the path up to its index), two
+    sites are `attn_out` and `ffn_out`, three (a decoder block) `attn_out`, `cross_out`, `ffn_out`.
+    """
+    mods = _Modules(gm)
+    found: list[tuple[str, fx.Node]] = []
+    for path in mods.with_linear:
+        out = mods.output(path)
+        if out is not None and (chain := mods.residual_branch(out)) is not None:
+            found.append((path, out, chain))
+    found.sort(key=lambda f: (mods.order[f[1]], -f[0].count(".")))
+    on_branch: set[fx.Node] = set()
+    by_block: dict[str, list[str]] = {}
+    for path, out, chain in found:
+        if out not in on_branch:
+            on_branch.update(chain[:-1])
+            by_block.setdefault(block_of(path), []).append(path)
     sites = []
-    for layer, paths in by_layer.items():
-        roles = [ATTN_OUT, FFN_OUT] if len(paths) == 2 else [RESIDUAL] * len(paths)
-        sites += [_site(gm, p, layer, role) for p, role in zip(paths, roles)]
+    for block, paths in by_block.items():
+        roles = {2: [ATTN_OUT, FFN_OUT], 3: [ATTN_OUT, CROSS_OUT, FFN_OUT]}.get(len(paths), [RESIDUAL] * len(paths))
+        sites += [_site(gm, p, _layer_index(block or p), role) for p, role in zip(paths, roles)]
     return sites
 
 
@@ -266,54 +278,21 @@ def input_node(gm: fx.GraphModule, path: str) -> fx.Node:
     return next(iter(ins))
 
 
-def _projections(model_type: str | None, what: str) -> dict[str, Projection]:
-    table = PROJECTIONS.get(model_type or "")
-    if table is None:
-        raise SurgeryError(
-            f"{what} needs the projections of the architecture, and model type {model_type or 'unknown'} has no preset "
-            f"(known: {', '.join(PROJECTIONS)}); use a Houlsby or Pfeiffer adapter with --targets REGEX instead"
-        )
-    return table
-
-
 def projection_sites(gm: fx.GraphModule, model_type: str | None, roles: tuple[str, ...]) -> list[Site]:
     """One site per chosen projection (q, k, v, o, ffn_in, ffn_gate, ffn_out) of every layer, in graph order."""
-    table = _projections(model_type, "LoRA")
-    unknown = [r for r in roles if r not in table]
-    if unknown:
-        raise SurgeryError(
-            f"--targets {','.join(roles)}: {model_type} has no projection {', '.join(unknown)}; "
-            f"choose from: {', '.join(table)}"
-        )
-    sites = []
-    for path in linear_modules(gm):
-        for role in roles:
-            pattern, part = table[role]
-            m = re.search(pattern, path)
-            if m:
-                sites.append(_beside(gm, path, path, int(m.group(1)), role, part))
-    if not sites:
+    matches = lora_matches(model_type, linear_modules(gm), roles)
+    if not matches:
         raise SurgeryError(f"no {'/'.join(roles)} projections found in the graph of this {model_type} model")
-    return sites
-
-
-# Blocks a parallel adapter can span: (projection whose input it takes, projection whose output it adds to, role).
-PARALLEL_BLOCKS: dict[str, tuple[str, str, str]] = {"attn": ("q", "o", ATTN_OUT), "ffn": ("ffn_in", "ffn_out", FFN_OUT)}
+    return [_beside(gm, m.path, m.path, m.layer, m.role, m.part) for m in matches]
 
 
 def parallel_sites(gm: fx.GraphModule, model_type: str | None, blocks: tuple[str, ...] = ("ffn",)) -> list[Site]:
     """One site per layer and block beside the feed-forward block (input of `ffn_in`, output of `ffn_out`)
     and, when `blocks` names it, beside attention (input of `q`, output of `o`)."""
-    table = _projections(model_type, "the parallel adapter")
-    paths = linear_modules(gm)
-    sites = []
-    for block in blocks:
-        first, last, role = PARALLEL_BLOCKS[block]
-        firsts, lasts = ({int(m.group(1)): p for p in reversed(paths) if (m := re.search(table[r][0], p))} for r in (first, last))
-        sites += [_beside(gm, lasts[i], firsts[i], i, role, None) for i in sorted(lasts) if i in firsts]
-    if not sites:
+    pairs = parallel_matches(model_type, linear_modules(gm), blocks)
+    if not pairs:
         raise SurgeryError(f"no {'/'.join(blocks)} blocks found in the graph of this {model_type} model")
-    return sorted(sites, key=lambda s: s.layer)
+    return [_beside(gm, last.path, first.path, last.layer, role, None) for first, last, role in pairs]
 
 
 def _beside(gm: fx.GraphModule, path: str, input_path: str, layer: int, role: str, part: tuple[int, int] | None) -> Site:

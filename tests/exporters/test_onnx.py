@@ -57,7 +57,7 @@ def test_failed_check_writes_nothing(tmp_path, minilm_base):
 def test_small_architectures_export_with_parity(tmp_path, small_config, model_type):
     captured = open_model(str(small_config(model_type)))
     report = adapt(captured, AdapterSpec("houlsby", r=4, activation="silu"))
-    assert len(report.sites) == 4
+    assert len(report.sites) == (10 if model_type == "t5" else 4)  # t5: 2 encoder blocks x 2, 2 decoder blocks x 3
     stand_in_weights(captured.gm)
     result = export_onnx(captured.gm, captured.signature, tmp_path / f"{model_type}.onnx")
     assert result.parity.max_abs_diff < 1e-4, result.parity

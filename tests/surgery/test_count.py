@@ -88,3 +88,34 @@ def test_bad_counts_are_refused(source, spec, message):
 def test_rank_zero_is_refused():
     with pytest.raises(SurgeryError, match=">= 1"):
         LoraSpec.parse("q=0")
+
+
+# Families whose sites are not all projections, or not all of one block shape: the count on the meta device still
+# equals the insert pass on the captured graph.
+NEW_FAMILY_CASES = [
+    ("mixtral", AdapterSpec("houlsby", r=4)),  # ffn_out is the MoE block's output, not a projection
+    ("bart", AdapterSpec("houlsby", r=4)),  # decoder blocks: attn_out, cross_out, ffn_out
+    ("bart", AdapterSpec("pfeiffer", r=4)),
+    ("phi3", LoraSpec({"q": 2, "k": 3, "v": 4, "ffn_gate": 5, "ffn_in": 6})),  # slices of fused projections
+    ("gemma3_text", AdapterSpec("parallel", r=4, targets="attn,ffn")),
+]
+
+
+@pytest.mark.parametrize("model_type, spec", NEW_FAMILY_CASES, ids=lambda x: x if isinstance(x, str) else x.method)
+def test_count_equals_insert_on_other_families(model_type, spec, tmp_path):
+    from tests.surgery.test_matrix import write_config
+
+    config = write_config(model_type, tmp_path)
+    inserted = adapt(open_model(str(config)), spec)
+    counted = count(str(config), spec)
+    assert counted.trainable == inserted.trainable > 0
+    assert counted.sites == len(inserted.sites)
+
+
+def test_bart_houlsby_adapts_three_sites_per_decoder_block(tmp_path):
+    from tests.surgery.test_matrix import write_config
+
+    report = count(str(write_config("bart", tmp_path)), AdapterSpec("houlsby", r=4))
+    assert report.sites == 2 * 2 + 2 * 3  # 2 encoder blocks x 2, 2 decoder blocks x 3
+    assert report.trainable == 10 * (2 * 64 * 4 + 64 + 4)
+    assert report.formula == 2 * report.layers * (2 * 64 * 4 + 64 + 4)  # the seed's formula knows no decoder
