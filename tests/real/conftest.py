@@ -25,8 +25,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    path = session.config.getoption("--real-results")
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    """Rewritten after every test, so a run cut short still leaves what it measured."""
+    if _CONFIG:
+        _write(_CONFIG[0])
+
+
+_CONFIG: list[pytest.Config] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _CONFIG.append(config)
+
+
+def _write(config: pytest.Config) -> None:
+    path = config.getoption("--real-results")
     if not path or not RESULTS:
         return
     from tests.real.report import markdown

@@ -51,3 +51,18 @@ def markdown(results: dict[str, dict]) -> str:
         )
     lines.append("")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    # python -m tests.real.report RUN.json [RUN.json ...] OUT.json: several runs' figures (e.g. one checkpoint per
+    # run, `-k NAME`) merged into OUT.json and OUT.md
+    import json
+    import sys
+    from pathlib import Path
+
+    *runs, out = sys.argv[1:]
+    merged: dict[str, dict] = {}
+    for run in runs:
+        merged.update(json.loads(Path(run).read_text()))
+    Path(out).write_text(json.dumps(merged, indent=1) + "\n")
+    Path(out).with_suffix(".md").write_text(markdown(merged))
