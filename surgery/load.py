@@ -63,6 +63,8 @@ def load(
         )
     if path.is_dir():
         return _load_hf_folder(path, name)
+    if path.suffix == ".gguf":
+        return _load_gguf(path, name)
     if path.suffix == ".json":
         return _load_hf_config(path, name)
     kind = _file_kind(path)
@@ -100,7 +102,15 @@ def _minilm_path() -> Path:
 def _load_hf_folder(path: Path, name: str) -> Loaded:
     from transformers import AutoConfig
 
+    ggufs = sorted(path.glob("*.gguf"))
+    if not (path / "config.json").is_file() and len(ggufs) == 1:
+        return _load_gguf(ggufs[0], name)
     if not (path / "config.json").is_file():
+        if ggufs:
+            raise SurgeryError(
+                f"{name}: folder holds {len(ggufs)} GGUF files ({', '.join(g.name for g in ggufs)}); "
+                "give the one to load: " + str(ggufs[0])
+            )
         raise SurgeryError(
             f"{name}: folder has no config.json, so it is not a Hugging Face model folder; "
             "point at the folder that holds config.json and the weights"
@@ -113,6 +123,27 @@ def _load_hf_folder(path: Path, name: str) -> Loaded:
     config = _read_config(path / "config.json", name, AutoConfig)
     model_cls = _model_class(config)
     model = model_cls.from_pretrained(path, config=config)
+    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
+
+
+def _load_gguf(path: Path, name: str) -> Loaded:
+    """A GGUF file (llama.cpp's format): transformers reads its config and dequantizes its tensors to fp32."""
+    from transformers import AutoConfig
+
+    try:
+        import gguf  # noqa: F401  transformers reads GGUF files with it
+    except ImportError as exc:
+        raise SurgeryError(f"{name}: reading a GGUF file needs the gguf package; install it with: pip install gguf") from exc
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:  # an unsupported architecture, a damaged file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SurgeryError(
+            f"{name}: transformers cannot read this GGUF file ({reason}); it reads GGUF files of the architectures "
+            "its GGUF support lists (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-2, T5 ...): convert others to a "
+            "Hugging Face folder"
+        ) from exc
+    model = _model_class(config).from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
     return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
 
 

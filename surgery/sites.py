@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from surgery.architectures import (
-    ATTN_OUT, CROSS_OUT, FFN_OUT, PARALLEL_BLOCKS, architecture, block_of, lora_matches, match, parallel_matches,
+    ATTN_OUT, CROSS_OUT, FFN_OUT, architecture, block_of, lora_matches, match, parallel_matches,
 )
 from surgery.errors import SurgeryError
 

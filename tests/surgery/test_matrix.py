@@ -26,7 +26,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
-from surgery.architectures import ARCHITECTURES, architecture, block_of
+from surgery.architectures import architecture, block_of
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.pipeline import adapt, open_model, stand_in_adapted
