@@ -127,14 +127,6 @@ def _vocab(model: str) -> int:
     return config.vocab_size
 
 
-@pytest.fixture(scope="session")
-def has_rtol() -> bool:
-    """Whether `surgery export` takes --rtol yet (the scale-aware tolerance of issue 10)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    p = subprocess.run([*SURGERY, "export", "--help"], capture_output=True, text=True, env=env)
-    return "--rtol" in p.stdout
-
-
 def compare(ref: dict[str, np.ndarray], got: list[np.ndarray], mask: np.ndarray) -> dict:
     """Worst output of `got` against torch's `ref` (out.0, out.1 ...) over unpadded positions: absolute
     difference, max|torch|, their ratio and the limit ATOL + RTOL*max|torch|."""
@@ -159,14 +151,9 @@ def adapter_effect(ref: dict[str, np.ndarray], mask: np.ndarray) -> dict:
     return {"abs": float(np.abs(a[keep] - b[keep]).max()), "limit": ATOL + RTOL * float(np.abs(b[keep]).max())}
 
 
-def export_flags(flow: Flow, has_rtol: bool, ref: dict[str, np.ndarray]) -> list[str]:
-    if has_rtol:
-        return ["--tolerance", str(ATOL), "--rtol", str(RTOL)]
-    # STOP-GAP until `export --rtol` lands (branch `parity`): the CLI's check is absolute (default 1e-4), so pass
-    # it the scale-aware limit computed here from torch's outputs. The lead replaces this with --rtol.
-    scale = max(float(np.abs(v).max()) for k, v in ref.items() if k.startswith("out."))
-    flow.record["export_tolerance_stop_gap"] = ATOL + RTOL * scale
-    return ["--tolerance", f"{ATOL + RTOL * scale:.6g}"]
+def export_flags() -> list[str]:
+    """The export's own parity check, at the defaults this tier asserts: atol + rtol * max|torch|."""
+    return ["--tolerance", str(ATOL), "--rtol", str(RTOL)]
 
 
 def houlsby_adapted(flow: Flow) -> tuple[str, dict[str, np.ndarray]]:
@@ -208,11 +195,11 @@ def test_houlsby_insert_defaults_two_sites_per_layer(flow: Flow) -> None:
     assert data["trainable_params"] == formula
 
 
-def test_baked_export_matches_torch(flow: Flow, has_rtol: bool) -> None:
+def test_baked_export_matches_torch(flow: Flow) -> None:
     adapted, ref = houlsby_adapted(flow)
     effect = flow.record["adapter_effect"]
     assert effect["abs"] > effect["limit"], f"stand-in adapters change the output by only {effect}"
-    flags = export_flags(flow, has_rtol, ref)
+    flags = export_flags()
     export = flow.surgery("export", "export", adapted, "--onnx", "-o", "baked.onnx", *flags, "--json")
     flow.record["export_reported"] = {k: export.json.get(k) for k in ("max_abs_diff", "tolerance", "max_rel_diff")}
     flow.surgery("run-baked", "run", "baked.onnx", "--input", "inputs.npz", "--save", "baked.out.npz", "--json")
@@ -221,9 +208,9 @@ def test_baked_export_matches_torch(flow: Flow, has_rtol: bool) -> None:
     assert worst["abs"] <= worst["limit"], f"baked ONNX differs from torch: {worst}"
 
 
-def test_swappable_export_with_pack_matches_torch(flow: Flow, has_rtol: bool) -> None:
+def test_swappable_export_with_pack_matches_torch(flow: Flow) -> None:
     adapted, ref = houlsby_adapted(flow)
-    flags = export_flags(flow, has_rtol, ref)
+    flags = export_flags()
     flow.surgery("export-swappable", "export", adapted, "--onnx", "--swappable", "-o", "swap.onnx", *flags, "--json")
     flow.surgery("pack", "pack", adapted, "-o", "trained.onnx_adapter", "--json")
     flow.surgery("run-swappable", "run", "swap.onnx", "--adapter", "trained.onnx_adapter", "--input", "inputs.npz",
