@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-matrix test-real real-results setup clean
+.PHONY: demo test test-slow test-matrix test-real real-results lint setup clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2  # two workers: the suite is mostly single-threaded Python start-up and export
+
+# the slower tier: every command against the hostile-file corpus, the CLI error paths, the bench CLI, torch.compile,
+# the graph rule over more families, the fold variant
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # every HF family end to end (random small configs), then the README's table: benchmarks/results/matrix/*.json
 test-matrix: $(STAMP)

@@ -55,8 +55,13 @@ class DemoResult:
             "adapted_pt2": str(self.adapted_pt2),
             "base_onnx": self.base.to_json(),
             "adapted_onnx": self.adapted.to_json(),
-            "latency": {"batch": self.batch, "seq": self.seq, "threads": self.threads, "machine": machine(),
-                        "results": [t.to_json() for t in self.timings]},
+            "latency": {
+                "batch": self.batch,
+                "seq": self.seq,
+                "threads": self.threads,
+                "machine": machine(),
+                "results": [t.to_json() for t in self.timings],
+            },
         }
 
     def rows(self) -> list[tuple[str, str]]:
@@ -65,12 +70,21 @@ class DemoResult:
         return [
             ("sites", f"{len(self.report.sites)} ({self.layers} layers x attn_out, ffn_out)"),
             ("trainable parameters", f"{self.report.trainable:,} ({share:.2f}% of {self.report.total:,})"),
-            ("seed formula 2L(2dr+d+r)", f"{self.formula:,} (L={self.layers}, d={self.d_model}, r={self.r}): "
-             + ("equal" if self.formula == self.report.trainable else "DIFFERENT")),
+            (
+                "seed formula 2L(2dr+d+r)",
+                f"{self.formula:,} (L={self.layers}, d={self.d_model}, r={self.r}): "
+                + ("equal" if self.formula == self.report.trainable else "DIFFERENT"),
+            ),
             ("ONNX parity, base", _parity(self.base)),
             ("ONNX parity, adapted (random adapter weights)", _parity(self.adapted)),
-            (f"ORT latency base, b{self.batch} s{self.seq}, {self.threads} threads", f"{base.median_ms:.2f} ms (p10-p90 {base.p10_ms:.2f}-{base.p90_ms:.2f})"),
-            (f"ORT latency adapted, b{self.batch} s{self.seq}, {self.threads} threads", f"{adapted.median_ms:.2f} ms (p10-p90 {adapted.p10_ms:.2f}-{adapted.p90_ms:.2f})"),
+            (
+                f"ORT latency base, b{self.batch} s{self.seq}, {self.threads} threads",
+                f"{base.median_ms:.2f} ms (p10-p90 {base.p10_ms:.2f}-{base.p90_ms:.2f})",
+            ),
+            (
+                f"ORT latency adapted, b{self.batch} s{self.seq}, {self.threads} threads",
+                f"{adapted.median_ms:.2f} ms (p10-p90 {adapted.p10_ms:.2f}-{adapted.p90_ms:.2f})",
+            ),
             ("adapter overhead (median of paired ratios)", f"{100 * (adapted.ratio_to_first - 1):+.1f}%"),
         ]
 
@@ -78,8 +92,11 @@ class DemoResult:
         lines = ["# surgery demo: Houlsby r=%d in pretrained MiniLM" % self.r, "", "| | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in self.rows()]
         m = machine()
-        lines += ["", f"Machine: {m['cpu']}, Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}; "
-                  f"{self.timings[0].runs} alternated runs per model after warm-up."]
+        lines += [
+            "",
+            f"Machine: {m['cpu']}, Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}; "
+            f"{self.timings[0].runs} alternated runs per model after warm-up.",
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -103,13 +120,28 @@ def run_demo(out: Path, step: Step, r: int = 8, runs: int = 100, threads: int = 
         stand_in_weights(captured.gm, seed=1, std=0.02)
         adapted = export_onnx(captured.gm, captured.signature, out / "minilm.adapted.onnx")
     batch, seq = 1, 128
-    feeds = {n: t.numpy() for n, t in zip(captured.signature.names, captured.signature.examples({"batch": batch, "seq": seq}))}
+    feeds = {
+        n: t.numpy()
+        for n, t in zip(captured.signature.names, captured.signature.examples({"batch": batch, "seq": seq}))
+    }
     with step(f"time base and adapted in ONNX Runtime ({runs} alternated runs each)"):
         timings = alternate({"base": base.path, "adapted": adapted.path}, feeds, runs=runs, threads=threads)
     layers = len({s.layer for s in report.sites})
     d_model = report.sites[0].width
-    result = DemoResult(r, layers, d_model, report, houlsby_params(layers, d_model, r), out / "minilm.adapted.pt2",
-                        base, adapted, timings, batch, seq, threads)
+    result = DemoResult(
+        r,
+        layers,
+        d_model,
+        report,
+        houlsby_params(layers, d_model, r),
+        out / "minilm.adapted.pt2",
+        base,
+        adapted,
+        timings,
+        batch,
+        seq,
+        threads,
+    )
     (out / "demo.md").write_text(result.markdown())
     (out / "demo.json").write_text(json.dumps(result.to_json(), indent=1))
     return result

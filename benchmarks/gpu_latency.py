@@ -1,6 +1,7 @@
 """GPU latency of MiniLM, base against Houlsby r=8: torch CUDA eager, ONNX Runtime CUDA, TensorRT (each where present).
 
-    python -m benchmarks.gpu_latency [--model minilm|minilm-random] [--runs 100] [--precision fp32|fp16] [--out out/gpu_latency]
+    python -m benchmarks.gpu_latency [--model minilm|minilm-random] [--runs 100] [--precision fp32|fp16] \
+        [--out out/gpu_latency]
 
 Batch 1, sequence 128. Within a backend the base and the adapted model are timed call by call in turn (see
 benchmarks/latency.py), so their ratio is what to read. Every call includes its host-device copies (torch:
@@ -77,7 +78,9 @@ def _trt_calls(models, folder, feeds, precision, stack):
 
     calls = {}
     for name, m in models.items():
-        plan = prepare_trt(m, folder / f"{name}.plan", precision=precision, shapes=parse_shapes("batch=1:1:8,seq=16:128:256"))
+        plan = prepare_trt(
+            m, folder / f"{name}.plan", precision=precision, shapes=parse_shapes("batch=1:1:8,seq=16:128:256")
+        )
         build_engine(plan)
         runner = stack.enter_context(engine_runner(plan.engine))
         wanted = set(runner.get_input_metadata().keys())
@@ -104,8 +107,14 @@ def main() -> None:
     sig = models["base"].signature
     feeds = {n: t.numpy() for n, t in zip(sig.names, sig.examples(SIZES, seed=1))}
     onnx_paths = {name: export_onnx(m.gm, m.signature, folder / f"{name}.onnx").path for name, m in models.items()}
-    report = {"machine": {**machine(), "gpu": torch.cuda.get_device_name(0)}, "sizes": SIZES, "runs": args.runs,
-              "precision_trt": args.precision, "backends": {}, "missing": {}}
+    report = {
+        "machine": {**machine(), "gpu": torch.cuda.get_device_name(0)},
+        "sizes": SIZES,
+        "runs": args.runs,
+        "precision_trt": args.precision,
+        "backends": {},
+        "missing": {},
+    }
     with contextlib.ExitStack() as stack:
         backends = {"torch_cuda_eager": (_torch_calls(models, feeds), None)}
         backends["onnxruntime_cuda"] = _ort_calls(onnx_paths, feeds)
@@ -120,14 +129,23 @@ def main() -> None:
             try:
                 timings = time_interleaved(calls, runs=args.runs, warmup=20)
             except Exception as exc:  # an untested backend on this GPU: report why, keep the others
-                report["missing"][backend] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                report["missing"][backend] = (
+                    f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                )
                 continue
             report["backends"][backend] = [t.to_json() for t in timings]
-    lines = [f"# GPU latency, {args.model} batch 1 seq 128 ({report['machine']['gpu']})", "",
-             "| backend | model | median ms | p10 | p90 | adapted / base |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU latency, {args.model} batch 1 seq 128 ({report['machine']['gpu']})",
+        "",
+        "| backend | model | median ms | p10 | p90 | adapted / base |",
+        "|---|---|---|---|---|---|",
+    ]
     for backend, timings in report["backends"].items():
         for t in timings:
-            lines.append(f"| {backend} | {t['name']} | {t['median_ms']:.3f} | {t['p10_ms']:.3f} | {t['p90_ms']:.3f} | {t['ratio_to_first']:.3f} |")
+            lines.append(
+                f"| {backend} | {t['name']} | {t['median_ms']:.3f} | {t['p10_ms']:.3f} | {t['p90_ms']:.3f} "
+                f"| {t['ratio_to_first']:.3f} |"
+            )
     lines += [f"- {k}: not measured: {v}" for k, v in report["missing"].items()]
     (args.out / "gpu_latency.json").write_text(json.dumps(report, indent=1))
     (args.out / "gpu_latency.md").write_text("\n".join(lines) + "\n")

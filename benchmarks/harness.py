@@ -26,10 +26,34 @@ import numpy as np
 from benchmarks.timing import machine, paired_overhead
 from benchmarks.variants import Artifact
 
-BACKENDS = ("torch", "torch-compile", "ort", "torch-cuda", "torch-cuda-graphs", "torch-cuda-compile",
-            "torch-cuda-compile-graphs", "ort-cuda")
-JSON_KEYS = ("model", "variant", "backend", "batch", "seq", "median_ms", "p90_ms", "p99_ms", "min_ms", "max_ms",
-             "calls", "overhead", "overhead_ci", "round_ms", "threads", "machine")
+BACKENDS = (
+    "torch",
+    "torch-compile",
+    "ort",
+    "torch-cuda",
+    "torch-cuda-graphs",
+    "torch-cuda-compile",
+    "torch-cuda-compile-graphs",
+    "ort-cuda",
+)
+JSON_KEYS = (
+    "model",
+    "variant",
+    "backend",
+    "batch",
+    "seq",
+    "median_ms",
+    "p90_ms",
+    "p99_ms",
+    "min_ms",
+    "max_ms",
+    "calls",
+    "overhead",
+    "overhead_ci",
+    "round_ms",
+    "threads",
+    "machine",
+)
 LEVEL = 0.95  # of the overhead's confidence interval
 
 
@@ -78,8 +102,19 @@ class Worker:
 
     def __init__(self, artifact: Artifact, backend: str, threads: int, compile_mode: str = "default"):
         self.artifact, self.backend = artifact, backend
-        cmd = [sys.executable, "-m", "benchmarks.worker", "--backend", backend, "--threads", str(threads),
-               "--artifact", json.dumps(artifact.to_json()), "--compile-mode", compile_mode]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.worker",
+            "--backend",
+            backend,
+            "--threads",
+            str(threads),
+            "--artifact",
+            json.dumps(artifact.to_json()),
+            "--compile-mode",
+            compile_mode,
+        ]
         # PASSIVE: an idle worker's OpenMP threads sleep instead of spinning on the core the next worker needs
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "PYTHONWARNINGS": "ignore"}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
@@ -196,9 +231,26 @@ def run_grid(
                 ts = np.concatenate(times[w.name])
                 p90, p99 = np.percentile(ts, [90, 99])
                 medians = [float(np.median(t)) for t in times[w.name]]
-                rows.append(Row(model, w.artifact.variant, w.backend, batch, seq, float(np.median(ts)), float(p90),
-                                float(p99), float(ts.min()), float(ts.max()), len(ts), None, None, medians, threads,
-                                info))
+                rows.append(
+                    Row(
+                        model,
+                        w.artifact.variant,
+                        w.backend,
+                        batch,
+                        seq,
+                        float(np.median(ts)),
+                        float(p90),
+                        float(p99),
+                        float(ts.min()),
+                        float(ts.max()),
+                        len(ts),
+                        None,
+                        None,
+                        medians,
+                        threads,
+                        info,
+                    )
+                )
             overheads(rows)
             if on_point:  # e.g. write the reports so far: a long grid cut short keeps its finished points
                 on_point(rows)
@@ -241,9 +293,11 @@ def format_overhead(row: Row) -> str:
 def markdown(rows: list[Row], title: str, target: float | None = None) -> str:
     """The report's table: one row per case and grid point, with the overhead's interval (and the target's verdict)."""
     m = rows[0].machine if rows else machine()
-    setting = (f"{m['cpu']} ({m['cores']} cores), GPU {m['gpu']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
-               f"{rows[0].threads if rows else '?'} threads; each case in its own process, interleaved. Overhead: "
-               f"median over the base's median - 1, with a {100 * LEVEL:.0f}% interval from the paired per-round ratios.")
+    setting = (
+        f"{m['cpu']} ({m['cores']} cores), GPU {m['gpu']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
+        f"{rows[0].threads if rows else '?'} threads; each case in its own process, interleaved. Overhead: "
+        f"median over the base's median - 1, with a {100 * LEVEL:.0f}% interval from the paired per-round ratios."
+    )
     lines = [f"# {title}", "", setting, ""]
     head = "| backend | batch x seq | variant | median ms | p90 | p99 | min-max | overhead vs base [95% CI] |"
     rule = "|---|---|---|---|---|---|---|---|"
@@ -251,8 +305,10 @@ def markdown(rows: list[Row], title: str, target: float | None = None) -> str:
         head, rule = head + f" target ≤ {100 * target:g}% |", rule + "---|"
     lines += [head, rule]
     for r in rows:
-        line = (f"| {r.backend} | {r.batch}x{r.seq} | {r.variant} | {r.median_ms:.2f} | {r.p90_ms:.2f} | "
-                f"{r.p99_ms:.2f} | {r.min_ms:.2f}-{r.max_ms:.2f} | {format_overhead(r)} |")
+        line = (
+            f"| {r.backend} | {r.batch}x{r.seq} | {r.variant} | {r.median_ms:.2f} | {r.p90_ms:.2f} | "
+            f"{r.p99_ms:.2f} | {r.min_ms:.2f}-{r.max_ms:.2f} | {format_overhead(r)} |"
+        )
         if target is not None:
             line += f" {verdict(r, target) if r.variant != 'base' else ''} |"
         lines.append(line)
@@ -289,8 +345,12 @@ def _plot(rows: list[Row], path: Path, title: str) -> None:
         xs = [i + j * width for i, g in enumerate(groups) if g in by]
         ax1.bar(xs, [by[g].median_ms for g in groups if g in by], width, label=v)
         over = [100 * (by[g].overhead or 0) for g in groups if g in by]
-        err = [[100 * ((r.overhead or 0) - r.overhead_ci[0]), 100 * (r.overhead_ci[1] - (r.overhead or 0))]
-               if r.overhead_ci else [0, 0] for r in (by[g] for g in groups if g in by)]
+        err = [
+            [100 * ((r.overhead or 0) - r.overhead_ci[0]), 100 * (r.overhead_ci[1] - (r.overhead or 0))]
+            if r.overhead_ci
+            else [0, 0]
+            for r in (by[g] for g in groups if g in by)
+        ]
         ax2.bar(xs, over, width, label=v, yerr=np.asarray(err).T if err else None, capsize=2)
     labels = [f"{b.replace('torch-cuda-', 'cuda-')}\n{n}x{s}" for b, n, s in groups]
     for ax, ylabel in ((ax1, "median latency (ms)"), (ax2, "overhead vs base (%), 95% CI")):

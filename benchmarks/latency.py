@@ -41,10 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     from surgery.quiet import quiet_libraries
 
     quiet_libraries()
-    p = argparse.ArgumentParser(description="Latency of base and adapted variants, each in its own process, "
-                                            "interleaved.")
-    p.add_argument("--model", default="minilm",
-                   help="minilm (pretrained), minilm-random or gpt2-medium (random weights), or a source path")
+    p = argparse.ArgumentParser(
+        description="Latency of base and adapted variants, each in its own process, interleaved."
+    )
+    p.add_argument(
+        "--model",
+        default="minilm",
+        help="minilm (pretrained), minilm-random or gpt2-medium (random weights), or a source path",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     p.add_argument("--backends", default="torch,ort", help=f"comma-separated, from: {', '.join(BACKENDS)}")
     p.add_argument("--grid", default="default", help="tiny, default (1x128), paper (1x128,16x256,32x512), or BxS,...")
@@ -52,12 +56,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--calls", type=int, default=5, help="timed calls per worker per round")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--compile-mode", default="default", choices=sorted(COMPILE_MODES),
-                   help="torch.compile modes of the *-compile backends: default (-graphs: reduce-overhead) or "
-                        "max-autotune (max-autotune-no-cudagraphs; -graphs: max-autotune)")
-    p.add_argument("--build-timeout", type=float,
-                   help="seconds the workers get, together, to load and to build each shape's call (compile, capture); "
-                        "a case not ready by then is dropped with a message")
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=sorted(COMPILE_MODES),
+        help="torch.compile modes of the *-compile backends: default (-graphs: reduce-overhead) or "
+        "max-autotune (max-autotune-no-cudagraphs; -graphs: max-autotune)",
+    )
+    p.add_argument(
+        "--build-timeout",
+        type=float,
+        help="seconds the workers get, together, to load and to build each shape's call (compile, capture); "
+        "a case not ready by then is dropped with a message",
+    )
     p.add_argument("--target", type=float, help="overhead target in percent: each row says met, missed or within noise")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     p.add_argument("--work", type=Path, help="where the exported variants go (default: OUT/artifacts)")
@@ -75,11 +86,21 @@ def main(argv: list[str] | None = None) -> None:
     with Progress(console=console) as progress:
         task = progress.add_task("timing", total=len(grid) * (a.rounds + 2))
         title = f"{a.model}: adapter latency, r={a.r}"
-        rows = run_grid(a.model, artifacts, backends, grid, a.rounds, a.calls, 2, a.threads,
-                        on_round=lambda: progress.advance(task),
-                        on_skip=lambda b, why: console.print(f"[yellow]skipping {b}: {why}[/]"),
-                        on_point=lambda done: write_reports(done, a.out, title, target),
-                        compile_mode=a.compile_mode, build_timeout=a.build_timeout)
+        rows = run_grid(
+            a.model,
+            artifacts,
+            backends,
+            grid,
+            a.rounds,
+            a.calls,
+            2,
+            a.threads,
+            on_round=lambda: progress.advance(task),
+            on_skip=lambda b, why: console.print(f"[yellow]skipping {b}: {why}[/]"),
+            on_point=lambda done: write_reports(done, a.out, title, target),
+            compile_mode=a.compile_mode,
+            build_timeout=a.build_timeout,
+        )
     paths = write_reports(rows, a.out, title, target)
     print(paths["md"].read_text())
     console.print(f"wrote {paths['md']}, {paths['json']}, {paths['png']}")

@@ -1,7 +1,7 @@
 """The README's support matrix, rendered from the rows `make test-matrix` writes (tests/surgery/test_matrix.py).
 
-    python -m benchmarks.matrix_table                     # print the Markdown table
-    python -m benchmarks.matrix_table --readme README.md  # replace the table between its markers in README.md
+python -m benchmarks.matrix_table                     # print the Markdown table
+python -m benchmarks.matrix_table --readme README.md  # replace the table between its markers in README.md
 """
 
 from __future__ import annotations

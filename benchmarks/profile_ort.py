@@ -52,9 +52,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, 1000, (a.batch, a.seq)), "attention_mask": np.ones((a.batch, a.seq), np.int64)}
+    feeds = {
+        "input_ids": rng.integers(0, 1000, (a.batch, a.seq)),
+        "attention_mask": np.ones((a.batch, a.seq), np.int64),
+    }
     results = {Path(m).name: profile(m, feeds, a.runs, a.threads) for m in a.models}
-    ops = sorted({op for r in results.values() for op in r}, key=lambda op: -max(r.get(op, 0) for r in results.values()))
+    ops = sorted(
+        {op for r in results.values() for op in r}, key=lambda op: -max(r.get(op, 0) for r in results.values())
+    )
     names = list(results)
     print("| op type | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))

@@ -33,7 +33,9 @@ from surgery.pipeline import open_model, stand_in_adapted
 
 def _task_models(folder: Path, count: int = 3, r: int = 8):
     base = open_model("minilm")
-    return base, [stand_in_adapted(base, AdapterSpec(r=r), folder / f"task{seed}.adapted.pt2", seed) for seed in range(count)]
+    return base, [
+        stand_in_adapted(base, AdapterSpec(r=r), folder / f"task{seed}.adapted.pt2", seed) for seed in range(count)
+    ]
 
 
 def main() -> None:
@@ -45,7 +47,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="swap-cost-"))
     base, models = _task_models(work)
-    packs = [save_pack(pack_from_model(m.gm.state_dict(), m.manifest), work / f"task{i}.onnx_adapter") for i, m in enumerate(models)]
+    packs = [
+        save_pack(pack_from_model(m.gm.state_dict(), m.manifest), work / f"task{i}.onnx_adapter")
+        for i, m in enumerate(models)
+    ]
     export_swappable(models[0], work / "swappable.onnx")
     base_onnx = export_onnx(base.gm, base.signature, work / "base.onnx").path
 
@@ -103,16 +108,25 @@ def main() -> None:
         "| what | time |",
         "|---|---|",
         f"| load a pack into the live session (median of 3) | {pack_load * 1e3:.1f} ms |",
-        f"| run after switching adapter vs same adapter (b1 s128) | {switch[1].median_ms:.2f} vs {switch[0].median_ms:.2f} ms (ratio {switch[1].ratio_to_first:.3f}, {swap_extra_ms:+.2f} ms) |",
+        f"| run after switching adapter vs same adapter (b1 s128) | {switch[1].median_ms:.2f} "
+        f"vs {switch[0].median_ms:.2f} ms "
+        f"(ratio {switch[1].ratio_to_first:.3f}, {swap_extra_ms:+.2f} ms) |",
         f"| export + verify + load a new baked model (median of 3) | {statistics.median(export_load):.2f} s |",
         f"| ratio export-and-load / pack load | {result['export_and_load_over_pack_load']:,}x |",
         "",
         "| latency, b1 s128 | median ms | p10-p90 | vs base |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {t.name} | {t.median_ms:.2f} | {t.p10_ms:.2f}-{t.p90_ms:.2f} | {100 * (t.ratio_to_first - 1):+.1f}% |" for t in latency]
+    lines += [
+        f"| {t.name} | {t.median_ms:.2f} | {t.p10_ms:.2f}-{t.p90_ms:.2f} | {100 * (t.ratio_to_first - 1):+.1f}% |"
+        for t in latency
+    ]
     m = result["machine"]
-    lines += ["", f"{m['cpu']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, {args.threads} threads, {args.runs} interleaved runs after 10 warm-up rounds."]
+    lines += [
+        "",
+        f"{m['cpu']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}, {args.threads} threads, "
+        f"{args.runs} interleaved runs after 10 warm-up rounds.",
+    ]
     text = "\n".join(lines) + "\n"
     (args.out / "swap_cost.md").write_text(text)
     (args.out / "swap_cost.json").write_text(json.dumps(result, indent=1))

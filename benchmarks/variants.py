@@ -4,7 +4,7 @@
 |---|---|---|
 | base | the captured base model | baked export of it |
 | houlsby, pfeiffer | adapted, stand-in weights | baked export (bottlenecks fused, see surgery/fuse.py) |
-| houlsby-fused | houlsby with its bottlenecks fused as the baked ONNX has them (addmm, σ, addmm) | - (houlsby's ONNX is it) |
+| houlsby-fused | houlsby, bottlenecks fused as the baked ONNX has them (addmm, σ, addmm) | - (houlsby's ONNX is it) |
 | houlsby-kernel | the same, each bottleneck one `surgery::bottleneck` op (one Triton kernel on CUDA) | - |
 | houlsby-folded | houlsby with each down-projection folded into the GEMM before it (surgery/fold.py) | - |
 | swappable | - | swappable export with the houlsby pack active |
@@ -55,8 +55,20 @@ class Artifact:
     def from_json(cls, data: dict[str, str | None]) -> Artifact:
         return cls(**data)
 
-VARIANTS = ("base", "houlsby", "houlsby-fused", "houlsby-kernel", "houlsby-folded", "pfeiffer", "swappable",
-            "swappable-none", "routed", "lora", "lora-merged")
+
+VARIANTS = (
+    "base",
+    "houlsby",
+    "houlsby-fused",
+    "houlsby-kernel",
+    "houlsby-folded",
+    "pfeiffer",
+    "swappable",
+    "swappable-none",
+    "routed",
+    "lora",
+    "lora-merged",
+)
 
 
 def open_builtin(model: str, work: Path) -> Captured:
@@ -97,6 +109,7 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
     base = open_builtin(model, work)
     sig = _write_signature(base, work / "signature.json")
     out = []
+
     def to_onnx(m: Captured, name: str) -> str | None:
         return str(export_onnx(m.gm, m.signature, work / f"{name}.onnx", manifest=m.manifest).path) if onnx else None
 
@@ -104,7 +117,15 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
         variants = [v for v in variants if v not in ("swappable", "swappable-none")]
     if "base" in variants:
         out.append(Artifact("base", _save_program(base, work / "base.pt2"), to_onnx(base, "base"), signature=sig))
-    uses_houlsby = {"houlsby", "houlsby-fused", "houlsby-kernel", "houlsby-folded", "swappable", "swappable-none", "routed"}
+    uses_houlsby = {
+        "houlsby",
+        "houlsby-fused",
+        "houlsby-kernel",
+        "houlsby-folded",
+        "swappable",
+        "swappable-none",
+        "routed",
+    }
     houlsby = _adapted(base, work, "houlsby", r, 0) if uses_houlsby & set(variants) else None
     for method in ("houlsby", "pfeiffer"):
         if method in variants:
@@ -112,13 +133,16 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
             out.append(Artifact(method, m.source.path, to_onnx(m, method), signature=sig))
     for name in ("houlsby-fused", "houlsby-kernel"):
         if name in variants:
-            fused = dataclasses.replace(houlsby, gm=fused_copy(houlsby.gm, houlsby.manifest, kernel=name == "houlsby-kernel"))
+            fused = dataclasses.replace(
+                houlsby, gm=fused_copy(houlsby.gm, houlsby.manifest, kernel=name == "houlsby-kernel")
+            )
             out.append(Artifact(name, _save_program(fused, work / f"{name}.pt2"), None, signature=sig))
     if "houlsby-folded" in variants:
         gm = folded_copy(houlsby.gm, houlsby.manifest)
         if gm is None:
-            raise SurgeryError(f"houlsby-folded: {model}'s adapted projections have no bias to fold into; "
-                               "leave the variant out")
+            raise SurgeryError(
+                f"houlsby-folded: {model}'s adapted projections have no bias to fold into; leave the variant out"
+            )
         folded = dataclasses.replace(houlsby, gm=gm)
         out.append(Artifact("houlsby-folded", _save_program(folded, work / "houlsby-folded.pt2"), None, signature=sig))
     if {"swappable", "swappable-none"} & set(variants):
@@ -131,7 +155,11 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
     if "routed" in variants:
         routed, _ = route([houlsby, _adapted(base, work, "houlsby", r, 1)])
         routed_sig = _write_signature(routed, work / "routed.signature.json")
-        out.append(Artifact("routed", _save_program(routed, work / "routed.pt2"), to_onnx(routed, "routed"), signature=routed_sig))
+        out.append(
+            Artifact(
+                "routed", _save_program(routed, work / "routed.pt2"), to_onnx(routed, "routed"), signature=routed_sig
+            )
+        )
     if {"lora", "lora-merged"} & set(variants):
         lora = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
         report = adapt(lora, LoraSpec.parse(str(r), "q,v"))
@@ -140,7 +168,14 @@ def prepare(model: str, variants: list[str], work: Path, r: int = 8, onnx: bool 
             out.append(Artifact("lora", _save_program(lora, work / "lora.pt2"), to_onnx(lora, "lora"), signature=sig))
         if "lora-merged" in variants:
             merge_model(lora, report.sites)
-            out.append(Artifact("lora-merged", _save_program(lora, work / "lora-merged.pt2"), to_onnx(lora, "lora-merged"), signature=sig))
+            out.append(
+                Artifact(
+                    "lora-merged",
+                    _save_program(lora, work / "lora-merged.pt2"),
+                    to_onnx(lora, "lora-merged"),
+                    signature=sig,
+                )
+            )
     return out
 
 
@@ -152,13 +187,25 @@ def prepare_adapted(source: str, work: Path, kernel: bool = False) -> list[Artif
     work.mkdir(parents=True, exist_ok=True)
     adapted = open_model(source)
     if adapted.manifest is None:
-        raise SurgeryError(f"{source} is not an adapted model; bench compares it with its base: run `surgery insert` first")
+        raise SurgeryError(
+            f"{source} is not an adapted model; bench compares it with its base: run `surgery insert` first"
+        )
     sig = _write_signature(adapted, work / "signature.json")
     base = open_model(source)
     strip_adapters(base.gm, base.manifest)
     out = [
-        Artifact("base", _save_program(base, work / "base.pt2"), str(export_onnx(base.gm, base.signature, work / "base.onnx").path), signature=sig),
-        Artifact(adapted.manifest.adapter.method, source, str(export_onnx(adapted.gm, adapted.signature, work / "adapted.onnx", manifest=adapted.manifest).path), signature=sig),
+        Artifact(
+            "base",
+            _save_program(base, work / "base.pt2"),
+            str(export_onnx(base.gm, base.signature, work / "base.onnx").path),
+            signature=sig,
+        ),
+        Artifact(
+            adapted.manifest.adapter.method,
+            source,
+            str(export_onnx(adapted.gm, adapted.signature, work / "adapted.onnx", manifest=adapted.manifest).path),
+            signature=sig,
+        ),
     ]
     if adapted.manifest.adapter.method in ("houlsby", "pfeiffer"):  # the methods with swappable slots
         onnx_path = str(export_swappable(adapted, work / "swappable.onnx").path)

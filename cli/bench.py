@@ -31,7 +31,9 @@ def bench(
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds after 2 warm-up rounds.")] = 10,
     calls: Annotated[int, typer.Option("--calls", help="Timed calls per case per round.")] = 5,
     threads: Annotated[int, typer.Option("--threads", help="Threads per case (torch and ORT).")] = 2,
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.md, results.json, results.png.")] = Path("out/bench"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.md, results.json, results.png.")] = Path(
+        "out/bench"
+    ),
     json: Json = False,
 ) -> None:
     """Time base, adapted and swappable variants (and, on torch CUDA, the --fused-pt2 program) across a grid;
@@ -42,9 +44,18 @@ def bench(
         artifacts = prepare_adapted(source, out_dir / "artifacts", kernel=cuda)
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("timing", total=len(grid) * (rounds + 2))
-        rows = run_grid(source, artifacts, backends.split(","), grid, rounds, calls, 2, threads,
-                        on_round=lambda: progress.advance(task),
-                        on_skip=lambda b, why: err.print(f"[yellow]skipping {b}: {why}[/]"))
+        rows = run_grid(
+            source,
+            artifacts,
+            backends.split(","),
+            grid,
+            rounds,
+            calls,
+            2,
+            threads,
+            on_round=lambda: progress.advance(task),
+            on_skip=lambda b, why: err.print(f"[yellow]skipping {b}: {why}[/]"),
+        )
     paths = write_reports(rows, out_dir, f"{Path(source).name}: latency against its base")
     if json:
         emit_json({"results": [asdict(r) for r in rows], "reports": {k: str(v) for k, v in paths.items()}})

@@ -31,28 +31,56 @@ out = Console(highlight=False)
 
 Source = Annotated[
     Optional[str],
-    typer.Argument(help="A Hugging Face model folder, a config.json (random weights), a .pt2, a .pt (with --trust), or 'minilm' (default)."),
+    typer.Argument(
+        help="A Hugging Face model folder, a config.json (random weights), a .pt2, a .pt (with --trust), "
+        "or 'minilm' (default)."
+    ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 Trust = Annotated[
-    bool, typer.Option("--trust", help="Run code from a model file you trust: unpickle a .pt, or a .pt2 that holds more than tensors.")
+    bool,
+    typer.Option(
+        "--trust", help="Run code from a model file you trust: unpickle a .pt, or a .pt2 that holds more than tensors."
+    ),
 ]
 InputShape = Annotated[
     Optional[list[str]],
-    typer.Option("--input-shape", help="Input shape of a plain nn.Module, e.g. batch,seq,64 (names are dynamic axes). Once per input."),
+    typer.Option(
+        "--input-shape",
+        help="Input shape of a plain nn.Module, e.g. batch,seq,64 (names are dynamic axes). Once per input.",
+    ),
 ]
 InputDtype = Annotated[str, typer.Option("--input-dtype", help="dtype of the --input-shape inputs.")]
 Output = Annotated[Optional[str], typer.Option("-o", "--output", help="Output file (written atomically).")]
 Targets = Annotated[
     Optional[str],
-    typer.Option("--targets", help="Regex over module paths (overrides the architecture's sites); for lora, projections: q,k,v,o,ffn_in,ffn_gate,ffn_out (default q,v)."),
+    typer.Option(
+        "--targets",
+        help="Regex over module paths (overrides the architecture's sites); for lora, projections: "
+        "q,k,v,o,ffn_in,ffn_gate,ffn_out (default q,v).",
+    ),
 ]
-Method = Annotated[str, typer.Option("--method", help="houlsby, pfeiffer, parallel (beside the feed-forward block) or lora.")]
+Method = Annotated[
+    str, typer.Option("--method", help="houlsby, pfeiffer, parallel (beside the feed-forward block) or lora.")
+]
 Rank = Annotated[
-    str, typer.Option("--r", help="Bottleneck size (1 <= r < d_model); for lora a rank for every --targets projection, or per projection: q=2,k=2,v=2,o=2.")
+    str,
+    typer.Option(
+        "--r",
+        help="Bottleneck size (1 <= r < d_model); for lora a rank for every --targets projection, "
+        "or per projection: q=2,k=2,v=2,o=2.",
+    ),
 ]
-Act = Annotated[str, typer.Option("--act", help="Activation σ of a bottleneck: relu, gelu, silu, tanh, identity (a linear adapter, mergeable).")]
-Alpha = Annotated[Optional[float], typer.Option("--alpha", help="lora: the delta is scaled by alpha/r (default alpha = r: scaling 1).")]
+Act = Annotated[
+    str,
+    typer.Option(
+        "--act", help="Activation σ of a bottleneck: relu, gelu, silu, tanh, identity (a linear adapter, mergeable)."
+    ),
+]
+Alpha = Annotated[
+    Optional[float],
+    typer.Option("--alpha", help="lora: the delta is scaled by alpha/r (default alpha = r: scaling 1)."),
+]
 Scale = Annotated[float, typer.Option("--scale", help="parallel: scale s of the branch, y + s·W_up σ(W_down x).")]
 TOLERANCE_HELP = "the parity check's absolute part: per output, max|a - torch| <= tolerance + rtol x max|torch|"
 RTOL_HELP = "the parity check's relative part: the share of each output's largest magnitude max|torch| allowed on top"

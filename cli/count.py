@@ -31,9 +31,14 @@ def count(
         emit_json(report.to_json())
         return
     b = report.pack_bytes()
-    out.print(f"[bold]{source}[/] ({report.model_type}, {report.layers} layers, d_model {report.d_model}, {report.base:,} parameters)")
-    out.print(f"{method} r={r}: {report.sites} sites, {report.trainable:,} trainable parameters "
-              f"({report.trainable / 1e6:.1f}M, {100 * report.share:.4f}% of the base)")
+    out.print(
+        f"[bold]{source}[/] ({report.model_type}, {report.layers} layers, d_model {report.d_model}, "
+        f"{report.base:,} parameters)"
+    )
+    out.print(
+        f"{method} r={r}: {report.sites} sites, {report.trainable:,} trainable parameters "
+        f"({report.trainable / 1e6:.1f}M, {100 * report.share:.4f}% of the base)"
+    )
     out.print(f"adapter pack: {b['fp32'] / 1e6:.1f} MB at fp32, {b['fp16'] / 1e6:.1f} MB at fp16")
     if report.formula is not None:
         verdict = "equal" if report.formula == report.trainable else "[red]DIFFERENT[/]"

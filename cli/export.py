@@ -31,20 +31,44 @@ Sources = Annotated[
 
 def export(
     sources: Sources = None,
-    onnx: Annotated[bool, typer.Option("--onnx", help="ONNX: the format unless --fused-pt2 (--trt adds an engine).")] = False,
+    onnx: Annotated[
+        bool, typer.Option("--onnx", help="ONNX: the format unless --fused-pt2 (--trt adds an engine).")
+    ] = False,
     swappable: Annotated[bool, typer.Option("--swappable", help="Adapter slots for packs, chosen per run.")] = False,
-    route: Annotated[bool, typer.Option("--route", help="Stack several models' adapters; adapter_id input per row.")] = False,
-    fused_pt2: Annotated[bool, typer.Option("--fused-pt2", help="A .pt2 for torch on CUDA: one Triton kernel per bottleneck (replay it in a CUDA graph).")] = False,
+    route: Annotated[
+        bool, typer.Option("--route", help="Stack several models' adapters; adapter_id input per row.")
+    ] = False,
+    fused_pt2: Annotated[
+        bool,
+        typer.Option(
+            "--fused-pt2",
+            help="A .pt2 for torch on CUDA: one Triton kernel per bottleneck (replay it in a CUDA graph).",
+        ),
+    ] = False,
     output: Output = None,
     tolerance: Tolerance = ATOL,
     rtol: Rtol = RTOL,
-    trt: Annotated[bool, typer.Option("--trt", help="TensorRT engine (-o X.plan); without TensorRT: the ONNX and trtexec command, exit 2.")] = False,
-    shapes: Annotated[Optional[str], typer.Option("--shapes", help="Engine profile per axis, e.g. batch=1:8:64,seq=16:128:512 (MIN:OPT:MAX).")] = None,
+    trt: Annotated[
+        bool,
+        typer.Option(
+            "--trt", help="TensorRT engine (-o X.plan); without TensorRT: the ONNX and trtexec command, exit 2."
+        ),
+    ] = False,
+    shapes: Annotated[
+        Optional[str],
+        typer.Option("--shapes", help="Engine profile per axis, e.g. batch=1:8:64,seq=16:128:512 (MIN:OPT:MAX)."),
+    ] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Engine in fp16 (tolerance 2e-2).")] = False,
     bf16: Annotated[bool, typer.Option("--bf16", help="Engine in bf16 (tolerance 1e-1).")] = False,
-    max_r: Annotated[Optional[int], typer.Option("--max-r", help="With --trt --swappable: the refittable adapter rank.")] = None,
-    timing_cache: Annotated[Optional[str], typer.Option("--timing-cache", help="Timing cache file, reused by later builds.")] = None,
-    triton_repo: Annotated[Optional[str], typer.Option("--triton-repo", help="Also write a Triton model repository here.")] = None,
+    max_r: Annotated[
+        Optional[int], typer.Option("--max-r", help="With --trt --swappable: the refittable adapter rank.")
+    ] = None,
+    timing_cache: Annotated[
+        Optional[str], typer.Option("--timing-cache", help="Timing cache file, reused by later builds.")
+    ] = None,
+    triton_repo: Annotated[
+        Optional[str], typer.Option("--triton-repo", help="Also write a Triton model repository here.")
+    ] = None,
     trust: Trust = False,
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
@@ -59,8 +83,8 @@ def export(
     if trt:
         opener = lambda: open_model(sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype)  # noqa: E731
         return _export_trt(
-            sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance,
-            rtol, json,
+            sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo,
+            tolerance, rtol, json,
         )  # fmt: skip
     if shapes or fp16 or bf16 or max_r is not None or timing_cache:
         raise SurgeryError("--shapes, --fp16, --bf16, --max-r and --timing-cache are engine options; add --trt")
@@ -68,7 +92,9 @@ def export(
         if onnx:
             raise SurgeryError("--onnx and --fused-pt2 are two output formats; choose one")
         if swappable or route or triton_repo:
-            raise SurgeryError("--fused-pt2 writes a torch program; --swappable, --route and --triton-repo are ONNX exports")
+            raise SurgeryError(
+                "--fused-pt2 writes a torch program; --swappable, --route and --triton-repo are ONNX exports"
+            )
         return _export_fused_pt2(sources[0], output, tolerance, rtol, trust, input_shape, input_dtype, json)
     if triton_repo and (swappable or route):
         raise SurgeryError("--triton-repo takes a baked model (plain ONNX or --trt); Triton cannot feed adapter slots")
@@ -97,9 +123,14 @@ def export(
         f"(--tolerance {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
     )
     if swappable:
-        out.print(f"{data['adapter_tensors']} adapter slots; no pack = base model, own pack = adapted model: both checked")
+        out.print(
+            f"{data['adapter_tensors']} adapter slots; no pack = base model, own pack = adapted model: both checked"
+        )
     if route:
-        out.print(f"{len(data['route'])} adapters stacked at rank {data['padded_rank']}; rows checked with ids {data['checked_ids']}")
+        out.print(
+            f"{len(data['route'])} adapters stacked at rank {data['padded_rank']}; "
+            f"rows checked with ids {data['checked_ids']}"
+        )
 
 
 def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input_dtype, json) -> None:
@@ -111,7 +142,10 @@ def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input
     if json:
         emit_json(result.to_json())
         return
-    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {result.kernels} bottlenecks, one surgery::bottleneck op each")
+    out.print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {result.kernels} bottlenecks, "
+        "one surgery::bottleneck op each"
+    )
     p = result.parity
     out.print(
         f"max |fused - adapted| = {p.max_abs_diff:.2e}, {p.max_rel_diff:.2e} of max|torch| (--tolerance {p.atol:g} "
@@ -129,7 +163,9 @@ def _export_trt(
     if fp16 and bf16:
         raise SurgeryError("--fp16 and --bf16 are two precisions; choose one")
     if swappable != (max_r is not None):
-        raise SurgeryError("a refittable engine takes both --swappable and --max-r R (the largest adapter rank it will hold)")
+        raise SurgeryError(
+            "a refittable engine takes both --swappable and --max-r R (the largest adapter rank it will hold)"
+        )
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
     path = check_output(output or default_output(source, ".refit.plan" if swappable else ".plan"))
     ranges = parse_shapes(shapes)
@@ -161,4 +197,7 @@ def _export_trt(
     if json:
         emit_json(data)
         return
-    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), TensorRT {sidecar['tensorrt']} on {sidecar['gpu']}, sidecar {path}.json")
+    out.print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), TensorRT {sidecar['tensorrt']} on {sidecar['gpu']}, "
+        f"sidecar {path}.json"
+    )

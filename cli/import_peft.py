@@ -15,7 +15,9 @@ from surgery.pipeline import default_output, open_model
 
 def import_peft(
     folder: Annotated[str, typer.Argument(help="A PEFT LoRA folder: adapter_config.json + adapter_model.safetensors.")],
-    base: Annotated[str, typer.Option("--base", help="The base model it was trained on: a HF folder, a config.json, or 'minilm'.")] = "minilm",
+    base: Annotated[
+        str, typer.Option("--base", help="The base model it was trained on: a HF folder, a config.json, or 'minilm'.")
+    ] = "minilm",
     output: Output = None,
     json: Json = False,
     trust: Trust = False,
@@ -29,8 +31,17 @@ def import_peft(
     with step(f"save {path}"):
         manifest = save_adapted(path, captured, spec, report, peft=peft)
     if json:
-        emit_json({"output": str(path), "sites": [s.path for s in report.sites], "ranks": spec.ranks,
-                   "trainable_params": report.trainable, "peft": manifest.to_json()["peft"]})
+        emit_json(
+            {
+                "output": str(path),
+                "sites": [s.path for s in report.sites],
+                "ranks": spec.ranks,
+                "trainable_params": report.trainable,
+                "peft": manifest.to_json()["peft"],
+            }
+        )
         return
-    out.print(f"{len(report.sites)} LoRA sites, {report.trainable:,} parameters, ranks {sorted(set(spec.ranks.values()))}")
+    out.print(
+        f"{len(report.sites)} LoRA sites, {report.trainable:,} parameters, ranks {sorted(set(spec.ranks.values()))}"
+    )
     out.print(f"wrote {path}")

@@ -6,7 +6,23 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Act, Alpha, InputDtype, InputShape, Json, Method, Output, Rank, Scale, Source, Targets, Trust, emit_json, out, step
+from cli.common import (
+    Act,
+    Alpha,
+    InputDtype,
+    InputShape,
+    Json,
+    Method,
+    Output,
+    Rank,
+    Scale,
+    Source,
+    Targets,
+    Trust,
+    emit_json,
+    out,
+    step,
+)
 from surgery.adapters import AdapterSpec, parse_spec
 from surgery.bundle import SUFFIX, save_adapted
 from surgery.insert import houlsby_params
@@ -54,7 +70,9 @@ def insert(
             }
         )
         return
-    out.print(f"{len(report.sites)} sites in {layers} layers: {report.trainable:,} trainable of {report.total:,} parameters")
+    out.print(
+        f"{len(report.sites)} sites in {layers} layers: {report.trainable:,} trainable of {report.total:,} parameters"
+    )
     if formula is not None:
         verdict = "equal" if formula == report.trainable else "[red]DIFFERENT[/]"
         out.print(f"seed formula 2L(2·d·r + d + r) = {formula:,}: {verdict}")

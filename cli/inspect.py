@@ -54,7 +54,9 @@ def inspect(
         )
         return
     src = captured.source
-    out.print(f"[bold]{src.name}[/]  type={src.model_type or 'unknown'}  parameters={total:,}  sha256={src.sha256[:12]}")
+    out.print(
+        f"[bold]{src.name}[/]  type={src.model_type or 'unknown'}  parameters={total:,}  sha256={src.sha256[:12]}"
+    )
     for spec in captured.signature.inputs:
         axes = ", ".join(f"{i}:{a.name}[{a.min}..{a.max}]" for i, a in spec.axes.items())
         out.print(f"  input {spec.name}: {spec.dtype} {list(spec.shape)}  dynamic {axes or 'none'}")
@@ -101,8 +103,14 @@ def _show_pack(path: str, json: bool) -> None:
     if json:
         emit_json({"pack": path, **info, "shapes": {n: list(t.shape) for n, t in pack.tensors.items()}})
         return
-    out.print(f"[bold]adapter pack[/] {path}: {info['tensors']} tensors, {info['parameters']:,} parameters, rank {info['rank']}")
-    out.print(f"  fingerprint {info['fingerprint']}" + (f", {info['method']} σ={info['activation']} for {info['base']['name']}" if "method" in info else ""))
+    out.print(
+        f"[bold]adapter pack[/] {path}: {info['tensors']} tensors, {info['parameters']:,} parameters, "
+        f"rank {info['rank']}"
+    )
+    out.print(
+        f"  fingerprint {info['fingerprint']}"
+        + (f", {info['method']} σ={info['activation']} for {info['base']['name']}" if "method" in info else "")
+    )
     table = Table()
     for col in ("tensor", "shape"):
         table.add_column(col)

@@ -23,18 +23,25 @@ from surgery.pipeline import (
 )
 
 Sources = Annotated[
-    list[str], typer.Argument(help="Adapted .pt2 files written by `surgery insert` (one; several with --stack/--average).")
+    list[str],
+    typer.Argument(help="Adapted .pt2 files written by `surgery insert` (one; several with --stack/--average)."),
 ]
 Stack = Annotated[bool, typer.Option("--stack", help="Apply the models' adapters in sequence at each site.")]
 Average = Annotated[
-    Optional[str], typer.Option("--average", help="Weights w1,w2,...: combine adapters of one method and shape (LoRA exactly).")
+    Optional[str],
+    typer.Option("--average", help="Weights w1,w2,...: combine adapters of one method and shape (LoRA exactly)."),
 ]
 Unmerge = Annotated[bool, typer.Option("--unmerge", help="A merged LoRA model back to its adapted model.")]
 
 
 def merge(
-    sources: Sources, output: Output = None, stack: Stack = False, average: Average = None, unmerge: Unmerge = False,
-    json: Json = False, trust: Trust = False,
+    sources: Sources,
+    output: Output = None,
+    stack: Stack = False,
+    average: Average = None,
+    unmerge: Unmerge = False,
+    json: Json = False,
+    trust: Trust = False,
 ) -> None:
     """Merge LoRA and linear adapters into the base weights (zero added latency), or compose adapted models."""
     modes = [m for m, on in (("--stack", stack), ("--average", average is not None), ("--unmerge", unmerge)) if on]
@@ -44,7 +51,9 @@ def merge(
     if several and len(sources) < 2:
         raise SurgeryError(f"{modes[0]} combines several adapted models; give two or more .pt2 files")
     if not several and len(sources) != 1:
-        raise SurgeryError(f"merge takes one adapted model ({len(sources)} given); to combine several use --stack or --average")
+        raise SurgeryError(
+            f"merge takes one adapted model ({len(sources)} given); to combine several use --stack or --average"
+        )
     weights = _weights(average, len(sources)) if average is not None else None
     suffix = ".stacked.pt2" if stack else ".averaged.pt2" if weights else ".unmerged.pt2" if unmerge else ".merged.pt2"
     path = check_output(output or default_output(sources[0], suffix))
@@ -60,7 +69,9 @@ def _weights(text: str, n: int) -> list[float]:
     try:
         weights = [float(w) for w in text.split(",")]
     except ValueError as exc:
-        raise SurgeryError(f"--average {text}: weights must be numbers separated by commas, e.g. --average 0.7,0.3") from exc
+        raise SurgeryError(
+            f"--average {text}: weights must be numbers separated by commas, e.g. --average 0.7,0.3"
+        ) from exc
     if len(weights) != n:
         raise SurgeryError(f"--average {text}: {len(weights)} weights for {n} models; give one weight per model")
     return weights
@@ -93,9 +104,18 @@ def _unmerge(source: str, path: Path, json: bool, trust: bool) -> None:
     with step(f"save {path}"):
         save_adapted(path, captured, spec, report)
     if json:
-        emit_json({"output": str(path), "sites": len(sites), "trainable_params": report.trainable, "unmerge_max_abs_diff": diff})
+        emit_json(
+            {
+                "output": str(path),
+                "sites": len(sites),
+                "trainable_params": report.trainable,
+                "unmerge_max_abs_diff": diff,
+            }
+        )
         return
-    out.print(f"{len(sites)} LoRA adapters back beside their projections; max |unmerge(merge(W)) - W| = {diff:.2e} (at merge)")
+    out.print(
+        f"{len(sites)} LoRA adapters back beside their projections; max |unmerge(merge(W)) - W| = {diff:.2e} (at merge)"
+    )
     out.print(f"wrote {path}")
 
 
@@ -109,8 +129,13 @@ def _combine(sources: list[str], path: Path, weights: list[float] | None, json: 
             path, combined.captured, combined.spec, report, stack=combined.stack, average=combined.average
         )
     extra = {k: v for k, v in manifest.to_json().items() if k in ("stack", "average")}
-    data = {"output": str(path), "adapter": combined.spec.to_json(), "sites": len(combined.sites),
-            "trainable_params": report.trainable, **extra}
+    data = {
+        "output": str(path),
+        "adapter": combined.spec.to_json(),
+        "sites": len(combined.sites),
+        "trainable_params": report.trainable,
+        **extra,
+    }
     if json:
         emit_json(data)
         return

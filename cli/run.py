@@ -40,7 +40,10 @@ def _inputs(session, input_file: Optional[Path], shape: str, onnx_path: Path) ->
     for i in session.get_inputs():
         if i.name.startswith("adapters."):
             continue
-        dims = [d if isinstance(d, int) else sizes.get(d, sizes.get("seq" if k else "batch", 1)) for k, d in enumerate(i.shape)]
+        dims = [
+            d if isinstance(d, int) else sizes.get(d, sizes.get("seq" if k else "batch", 1))
+            for k, d in enumerate(i.shape)
+        ]
         if "float" in i.type:
             feeds[i.name] = rng.standard_normal(dims).astype(np.float32)
         elif i.name == "attention_mask":
@@ -88,11 +91,17 @@ def _run_engine(model: Path, adapter, input_file, shape, against, tolerance, rto
 
 def run(
     model: Annotated[Path, typer.Argument(help="An ONNX model written by `surgery export`.")],
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="A pack to activate (.onnx_adapter or .safetensors).")] = None,
+    adapter: Annotated[
+        Optional[Path], typer.Option("--adapter", help="A pack to activate (.onnx_adapter or .safetensors).")
+    ] = None,
     input_file: Annotated[Optional[Path], typer.Option("--input", help=".npz with one array per input name.")] = None,
-    shape: Annotated[str, typer.Option("--shape", help="Random inputs of this size when no --input.")] = "batch=1,seq=128",
+    shape: Annotated[
+        str, typer.Option("--shape", help="Random inputs of this size when no --input.")
+    ] = "batch=1,seq=128",
     save: Annotated[Optional[Path], typer.Option("--save", help="Write the outputs to this .npz.")] = None,
-    against: Annotated[Optional[str], typer.Option("--against", help="A TensorRT engine: compare it with this model in torch.")] = None,
+    against: Annotated[
+        Optional[str], typer.Option("--against", help="A TensorRT engine: compare it with this model in torch.")
+    ] = None,
     tolerance: Annotated[
         Optional[float], typer.Option("--tolerance", help=f"With --against, {TOLERANCE_HELP}{BY}")
     ] = None,
@@ -133,7 +142,9 @@ def run(
         with atomic_output(save) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, **dict(zip(names, results)))
-    summary = {n: {"shape": list(r.shape), "mean": float(np.mean(r)), "std": float(np.std(r))} for n, r in zip(names, results)}
+    summary = {
+        n: {"shape": list(r.shape), "mean": float(np.mean(r)), "std": float(np.std(r))} for n, r in zip(names, results)
+    }
     if json:
         emit_json({"model": str(model), "adapter": str(adapter) if adapter else None, "outputs": summary})
         return

@@ -45,6 +45,10 @@ def check_trt(
             out.print(f"[{colour}]{f.severity}[/] {f.kind} {f.where}: {f.what}", soft_wrap=True)
         for op, note in result.notes.items():
             out.print(f"[dim]note {op}: {note}[/]", soft_wrap=True)
-        out.print("[green]clean[/]: TensorRT's parser takes every node" if result.clean else f"[red]{len(result.errors)} problem(s)[/]")
+        out.print(
+            "[green]clean[/]: TensorRT's parser takes every node"
+            if result.clean
+            else f"[red]{len(result.errors)} problem(s)[/]"
+        )
     if not result.clean:
         raise typer.Exit(1)

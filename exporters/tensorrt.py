@@ -72,13 +72,12 @@ def require_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise TensorRTMissing(
-            f"TensorRT is not installed; on a machine with an NVIDIA GPU run: {INSTALL}"
-        ) from exc
+        raise TensorRTMissing(f"TensorRT is not installed; on a machine with an NVIDIA GPU run: {INSTALL}") from exc
     return trt
 
 
 # --- optimization profiles -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class AxisRange:
@@ -111,7 +110,9 @@ def axis_ranges(signature: Signature, overrides: dict[str, AxisRange] | None = N
     overrides = overrides or {}
     unknown = sorted(set(overrides) - set(axes))
     if unknown:
-        raise SurgeryError(f"--shapes names axis {unknown[0]!r}; this model's dynamic axes are {', '.join(axes) or 'none'}")
+        raise SurgeryError(
+            f"--shapes names axis {unknown[0]!r}; this model's dynamic axes are {', '.join(axes) or 'none'}"
+        )
     ranges = {}
     for name, axis in axes.items():
         opt = min(max(CHECK_SIZES[1].get(name, axis.min), axis.min), axis.max)
@@ -131,12 +132,17 @@ def profile_shapes(signature: Signature, ranges: dict[str, AxisRange]) -> dict[s
     for spec in signature.inputs:
         triple = []
         for pick in ("min", "opt", "max"):
-            triple.append(tuple(getattr(ranges[spec.axes[i].name], pick) if i in spec.axes else s for i, s in enumerate(spec.shape)))
+            triple.append(
+                tuple(
+                    getattr(ranges[spec.axes[i].name], pick) if i in spec.axes else s for i, s in enumerate(spec.shape)
+                )
+            )
         shapes[spec.name] = tuple(triple)
     return shapes
 
 
 # --- the TensorRT-ready ONNX and the trtexec command --------------------------------------------------
+
 
 @dataclass
 class TrtPlan:
@@ -160,8 +166,15 @@ class TrtPlan:
         def spec(k: int) -> str:
             return ",".join(f"{n}:{'x'.join(map(str, s[k]))}" for n, s in self.shapes.items())
 
-        args = ["trtexec", f"--onnx={self.onnx}", f"--saveEngine={self.engine}", f"--minShapes={spec(0)}",
-                f"--optShapes={spec(1)}", f"--maxShapes={spec(2)}", f"--timingCacheFile={self.timing_cache}"]
+        args = [
+            "trtexec",
+            f"--onnx={self.onnx}",
+            f"--saveEngine={self.engine}",
+            f"--minShapes={spec(0)}",
+            f"--optShapes={spec(1)}",
+            f"--maxShapes={spec(2)}",
+            f"--timingCacheFile={self.timing_cache}",
+        ]
         args += {"fp32": ["--noTF32"], "fp16": ["--fp16"], "bf16": ["--bf16"]}[self.precision]
         if self.refit:
             args.append("--refit")
@@ -248,15 +261,19 @@ def weight_names(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
                 consumers[name].add(node.op_type)
     for name, ops in consumers.items():
         if not ops or not ops <= {"MatMul", "Add"}:
-            raise SurgeryError(f"adapter tensor {name} feeds {sorted(ops) or 'nothing'}, not MatMul/Add: it would not stay refittable")
+            raise SurgeryError(
+                f"adapter tensor {name} feeds {sorted(ops) or 'nothing'}, not MatMul/Add: it would not stay refittable"
+            )
     return inits
 
 
 def _write_command(plan: TrtPlan) -> Path:
     path = plan.engine.with_name(plan.engine.name + ".trtexec.sh")
     with atomic_output(path) as tmp:
-        tmp.write_text(f"#!/bin/sh\n# Build {plan.engine.name} with TensorRT's trtexec (what `surgery export --trt` does in Python)\n"
-                       + plan.trtexec().replace(" --", " \\\n  --") + "\n")
+        tmp.write_text(
+            f"#!/bin/sh\n# Build {plan.engine.name} with TensorRT's trtexec "
+            "(what `surgery export --trt` does in Python)\n" + plan.trtexec().replace(" --", " \\\n  --") + "\n"
+        )
     return path
 
 
@@ -304,12 +321,15 @@ def prepare_trt(
 
 # --- building, refitting, running (TensorRT and a GPU) ----------------------------------------------------
 
+
 def gpu_name() -> str:
     """The CUDA device's name, from torch or nvidia-smi; 'unknown' when neither can tell."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     if shutil.which("nvidia-smi"):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0]
     return "unknown"
@@ -328,9 +348,13 @@ def read_sidecar(engine: str | Path) -> dict[str, Any]:
     try:
         sidecar = json.loads(path.read_text())
     except (ValueError, RecursionError) as exc:
-        raise SurgeryError(f"{engine}: its sidecar {path.name} is not JSON ({exc}); rebuild with `surgery export --trt`") from exc
+        raise SurgeryError(
+            f"{engine}: its sidecar {path.name} is not JSON ({exc}); rebuild with `surgery export --trt`"
+        ) from exc
     if not isinstance(sidecar, dict):
-        raise SurgeryError(f"{engine}: its sidecar {path.name} is not a JSON object; rebuild with `surgery export --trt`")
+        raise SurgeryError(
+            f"{engine}: its sidecar {path.name} is not a JSON object; rebuild with `surgery export --trt`"
+        )
     return sidecar
 
 
@@ -352,7 +376,9 @@ def build_engine(plan: TrtPlan) -> dict[str, Any]:
     trt = require_tensorrt()
     if plan.precision != "fp32" and not hasattr(trt.BuilderFlag, plan.precision.upper()):
         # TensorRT 11 removed BuilderFlag.FP16/BF16 (networks are always strongly typed).
-        raise SurgeryError(f"TensorRT {trt.__version__}: --fp16/--bf16 use BuilderFlag.FP16/BF16 of TensorRT 10; install tensorrt 10.x")
+        raise SurgeryError(
+            f"TensorRT {trt.__version__}: --fp16/--bf16 use BuilderFlag.FP16/BF16 of TensorRT 10; install tensorrt 10.x"
+        )
     if gpu_name() == "unknown":
         raise TensorRTMissing("no CUDA GPU found: TensorRT builds engines on the GPU that will run them", plan)
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
@@ -369,7 +395,9 @@ def build_engine(plan: TrtPlan) -> dict[str, Any]:
     )
     start = time.perf_counter()
     # NetworkFromOnnxPath calls OnnxParser.parse_from_file (external weights resolve beside the file).
-    data = EngineBytesFromNetwork(NetworkFromOnnxPath(str(plan.onnx)), config=config, save_timing_cache=str(plan.timing_cache))()
+    data = EngineBytesFromNetwork(
+        NetworkFromOnnxPath(str(plan.onnx)), config=config, save_timing_cache=str(plan.timing_cache)
+    )()
     sidecar = {
         "tensorrt": trt.__version__,
         "gpu": gpu_name(),
@@ -413,13 +441,17 @@ def refit_engine(engine_path: str | Path, pack_path: str | Path, output: str | P
     refittable = set(refitter.get_all_weights())
     absent = sorted(set(weights) - refittable)
     if absent:
-        raise SurgeryError(f"{engine_path}: the engine has no refittable weight {absent[0]!r}; rebuild it with --swappable")
+        raise SurgeryError(
+            f"{engine_path}: the engine has no refittable weight {absent[0]!r}; rebuild it with --swappable"
+        )
     for name, array in weights.items():
         if not refitter.set_named_weights(name, trt.Weights(array)):
             raise SurgeryError(f"{engine_path}: TensorRT refused weights {name} of shape {list(array.shape)}")
     missing = refitter.get_missing_weights()
     if missing:
-        raise SurgeryError(f"{engine_path}: the refit also needs {len(missing)} weights the pack does not hold, e.g. {missing[0]}")
+        raise SurgeryError(
+            f"{engine_path}: the refit also needs {len(missing)} weights the pack does not hold, e.g. {missing[0]}"
+        )
     if not refitter.refit_cuda_engine():
         raise SurgeryError(f"{engine_path}: refit_cuda_engine failed")
     sidecar = {**sidecar, "pack": {"path": str(pack_path), "rank": pack.rank, "fingerprint": pack.fingerprint}}

@@ -23,8 +23,15 @@ from surgery.signature import BATCH, Signature
 
 # ONNX element type -> Triton data type
 TRITON_TYPES = {
-    "FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16", "BFLOAT16": "TYPE_BF16", "DOUBLE": "TYPE_FP64",
-    "INT64": "TYPE_INT64", "INT32": "TYPE_INT32", "INT8": "TYPE_INT8", "UINT8": "TYPE_UINT8", "BOOL": "TYPE_BOOL",
+    "FLOAT": "TYPE_FP32",
+    "FLOAT16": "TYPE_FP16",
+    "BFLOAT16": "TYPE_BF16",
+    "DOUBLE": "TYPE_FP64",
+    "INT64": "TYPE_INT64",
+    "INT32": "TYPE_INT32",
+    "INT8": "TYPE_INT8",
+    "UINT8": "TYPE_UINT8",
+    "BOOL": "TYPE_BOOL",
 }
 PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan")}
 
@@ -53,12 +60,19 @@ def _block(kind: str, items: list[tuple[str, str, list[int | str]]], batched: bo
     entries = []
     for name, dtype, dims in items:
         shown = [d if isinstance(d, int) else -1 for d in (dims[1:] if batched else dims)]
-        entries.append(f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: [ {", ".join(map(str, shown))} ]\n  }}')
+        entries.append(
+            f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: [ {", ".join(map(str, shown))} ]\n  }}'
+        )
     return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
 
 
 def write_triton_repo(
-    repo: str | Path, model_file: str | Path, onnx_path: str | Path, signature: Signature, name: str, max_batch: int | None = None
+    repo: str | Path,
+    model_file: str | Path,
+    onnx_path: str | Path,
+    signature: Signature,
+    name: str,
+    max_batch: int | None = None,
 ) -> TritonRepo:
     """Write DIR/NAME/config.pbtxt and copy `model_file` (.onnx or .plan) to DIR/NAME/1/; `onnx_path` gives the I/O."""
     check_name(name, "Triton model name")

@@ -28,8 +28,18 @@ TABLE = Path(__file__).with_name("trt_onnx_operators.json")
 MAX_DIMS = 8  # nvinfer1::Dims::MAX_DIMS
 # ONNX TensorProto type -> the name the support matrix uses
 TYPE_NAMES = {
-    "FLOAT": "FP32", "FLOAT16": "FP16", "BFLOAT16": "BF16", "DOUBLE": "DOUBLE", "INT32": "INT32", "INT64": "INT64",
-    "INT8": "INT8", "UINT8": "UINT8", "BOOL": "BOOL", "FLOAT8E4M3FN": "FP8", "INT4": "INT4", "FLOAT4E2M1": "FP4",
+    "FLOAT": "FP32",
+    "FLOAT16": "FP16",
+    "BFLOAT16": "BF16",
+    "DOUBLE": "DOUBLE",
+    "INT32": "INT32",
+    "INT64": "INT64",
+    "INT8": "INT8",
+    "UINT8": "UINT8",
+    "BOOL": "BOOL",
+    "FLOAT8E4M3FN": "FP8",
+    "INT4": "INT4",
+    "FLOAT4E2M1": "FP4",
 }
 
 
@@ -127,7 +137,13 @@ def check_trt(path: str | Path) -> TrtCheck:
         where = node.name or f"{node.op_type}({', '.join(node.output)})"
         result.operators[node.op_type] = result.operators.get(node.op_type, 0) + 1
         if node.domain not in ("", "ai.onnx"):
-            add(Finding("operator", where, f"{node.domain}::{node.op_type} is a custom-domain operator: TensorRT needs a plugin for it"))
+            add(
+                Finding(
+                    "operator",
+                    where,
+                    f"{node.domain}::{node.op_type} is a custom-domain operator: TensorRT needs a plugin for it",
+                )
+            )
             continue
         entry = ops.get(node.op_type)
         if entry is None or not entry["supported"]:
@@ -140,6 +156,10 @@ def check_trt(path: str | Path) -> TrtCheck:
         if tt is not None and tt.elem_type and "types" in entry:
             mapped = TYPE_NAMES.get(_type_name(tt.elem_type))
             if mapped is not None and mapped != "DOUBLE" and mapped not in entry["types"]:
-                add(Finding("dtype", where, f"{node.op_type} takes {', '.join(entry['types'])}; input {first} is {mapped}"))
+                add(
+                    Finding(
+                        "dtype", where, f"{node.op_type} takes {', '.join(entry['types'])}; input {first} is {mapped}"
+                    )
+                )
     result.operators = dict(sorted(result.operators.items()))
     return result

@@ -59,7 +59,8 @@ class AdapterSpec:
             raise SurgeryError(f"unknown method {self.method!r}; choose one of: {known}")
         if self.method == "parallel" and not set(self.blocks) <= {"attn", "ffn"}:
             raise SurgeryError(
-                f"--targets {self.targets}: the parallel adapter spans blocks of a preset: ffn (default), attn or attn,ffn"
+                f"--targets {self.targets}: the parallel adapter spans blocks of a preset: "
+                "ffn (default), attn or attn,ffn"
             )
         if not math.isfinite(self.scale) or self.scale == 0:
             raise SurgeryError(f"--scale {self.scale}: the scale must be a finite non-zero number (e.g. --scale 4)")
@@ -122,7 +123,13 @@ class LoraSpec:
         return cls({role: _int(text, f"--r {text}") for role in roles}, alpha)
 
     def to_json(self) -> dict[str, object]:
-        return {"method": LORA, "r": dict(self.ranks), "alpha": self.alpha, "targets": list(self.ranks), "activation": None}
+        return {
+            "method": LORA,
+            "r": dict(self.ranks),
+            "alpha": self.alpha,
+            "targets": list(self.ranks),
+            "activation": None,
+        }
 
 
 def _int(text: str, where: str) -> int:
@@ -132,8 +139,14 @@ def _int(text: str, where: str) -> int:
         raise SurgeryError(f"{where}: {text.strip()!r} is not an integer rank; e.g. --r 8 or --r q=8,v=8") from exc
 
 
-def parse_spec(method: str, r: str, activation: str = "relu", targets: str | None = None,
-               alpha: float | None = None, scale: float = 1.0) -> AdapterSpec | LoraSpec:
+def parse_spec(
+    method: str,
+    r: str,
+    activation: str = "relu",
+    targets: str | None = None,
+    alpha: float | None = None,
+    scale: float = 1.0,
+) -> AdapterSpec | LoraSpec:
     """The spec the CLI options describe: LoRA ranks per projection, or a bottleneck of size r."""
     if method == LORA:
         return LoraSpec.parse(r, targets, alpha)
@@ -198,7 +211,9 @@ class Bottleneck(nn.Module):
 class Parallel(Bottleneck):
     """Beside a block y = F(x): y + s·(W_up σ(W_down x + b_down) + b_up), W_up = 0 at creation (He et al. 2022)."""
 
-    def __init__(self, d_model: int, r: int, activation: str = "relu", scale: float = 1.0, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, d_model: int, r: int, activation: str = "relu", scale: float = 1.0, dtype: torch.dtype = torch.float32
+    ):
         super().__init__(d_model, r, activation, dtype)
         self.scale = scale
 
@@ -217,8 +232,17 @@ class LoRA(nn.Module):
     the delta fills output columns [start, start + d_out) of `out_features` and is zero elsewhere.
     """
 
-    def __init__(self, d_in: int, d_out: int, r: int, alpha: float, *, out_features: int | None = None,
-                 start: int = 0, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        r: int,
+        alpha: float,
+        *,
+        out_features: int | None = None,
+        start: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         if not 1 <= r <= min(d_in, d_out):
             raise SurgeryError(f"--r {r}: a LoRA rank must be between 1 and min(d_in, d_out) = {min(d_in, d_out)}")
@@ -246,7 +270,11 @@ class LoRA(nn.Module):
 
     def extra_repr(self) -> str:
         (d_in, r), d_out = self.lora_A.shape, self.lora_B.shape[1]
-        where = f", columns [{self.start}, {self.start + d_out}) of {self.out_features}" if d_out != self.out_features else ""
+        where = (
+            f", columns [{self.start}, {self.start + d_out}) of {self.out_features}"
+            if d_out != self.out_features
+            else ""
+        )
         return f"d_in={d_in}, d_out={d_out}, r={r}, alpha={self.alpha}{where}"
 
 
@@ -255,8 +283,15 @@ def make_adapter(spec: AdapterSpec | LoraSpec, site: Site, dtype: torch.dtype = 
     if isinstance(spec, LoraSpec):
         assert site.d_in is not None
         i, n = site.part or (0, 1)
-        return LoRA(site.d_in, site.width, spec.ranks[site.role], spec.alpha_for(site.role),
-                    out_features=site.width * n, start=i * site.width, dtype=dtype)
+        return LoRA(
+            site.d_in,
+            site.width,
+            spec.ranks[site.role],
+            spec.alpha_for(site.role),
+            out_features=site.width * n,
+            start=i * site.width,
+            dtype=dtype,
+        )
     if spec.method == "parallel":
         return Parallel(site.width, spec.r, spec.activation, spec.scale, dtype=dtype)
     return Bottleneck(site.width, spec.r, spec.activation, dtype=dtype)

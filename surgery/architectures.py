@@ -52,8 +52,12 @@ class Match:
     part: tuple[int, int] | None = None
 
 
-def match(paths: Iterable[str], patterns: dict[str, str], roles: Iterable[str],
-          parts: dict[str, tuple[int, int]] | None = None) -> list[Match]:
+def match(
+    paths: Iterable[str],
+    patterns: dict[str, str],
+    roles: Iterable[str],
+    parts: dict[str, tuple[int, int]] | None = None,
+) -> list[Match]:
     """Every (path, role) whose pattern matches, in path order and, at one path, in `roles` order."""
     compiled = [(role, re.compile(patterns[role])) for role in roles]
     found = []
@@ -91,8 +95,15 @@ _LLAMA = Architecture(
 
 _CLIP = Architecture(
     roles={ATTN_OUT: r"layers\.(\d+)\.self_attn\.out_proj$", FFN_OUT: r"layers\.(\d+)\.mlp\.fc2$"},
-    lora=_projections(r"layers\.(\d+)", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                      o="self_attn.out_proj", ffn_in="mlp.fc1", ffn_out="mlp.fc2"),
+    lora=_projections(
+        r"layers\.(\d+)",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.out_proj",
+        ffn_in="mlp.fc1",
+        ffn_out="mlp.fc2",
+    ),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -117,13 +128,27 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "distilbert": Architecture(
         roles={ATTN_OUT: r"layer\.(\d+)\.attention\.out_lin$", FFN_OUT: r"layer\.(\d+)\.ffn\.lin2$"},
-        lora=_projections(r"layer\.(\d+)", q="attention.q_lin", k="attention.k_lin", v="attention.v_lin",
-                          o="attention.out_lin", ffn_in="ffn.lin1", ffn_out="ffn.lin2"),
+        lora=_projections(
+            r"layer\.(\d+)",
+            q="attention.q_lin",
+            k="attention.k_lin",
+            v="attention.v_lin",
+            o="attention.out_lin",
+            ffn_in="ffn.lin1",
+            ffn_out="ffn.lin2",
+        ),
     ),
     "vit": Architecture(
         roles={ATTN_OUT: r"layers\.(\d+)\.attention\.o_proj$", FFN_OUT: r"layers\.(\d+)\.mlp\.fc2$"},
-        lora=_projections(r"layers\.(\d+)", q="attention.q_proj", k="attention.k_proj", v="attention.v_proj",
-                          o="attention.o_proj", ffn_in="mlp.fc1", ffn_out="mlp.fc2"),
+        lora=_projections(
+            r"layers\.(\d+)",
+            q="attention.q_proj",
+            k="attention.k_proj",
+            v="attention.v_proj",
+            o="attention.o_proj",
+            ffn_in="mlp.fc1",
+            ffn_out="mlp.fc2",
+        ),
     ),
     "clip_vision_model": _CLIP,
     "gpt2": Architecture(
@@ -136,8 +161,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "gptj": Architecture(  # parallel block: attention and feed-forward outputs added to the residual together
         roles={ATTN_OUT: r"h\.(\d+)\.attn\.out_proj$", FFN_OUT: r"h\.(\d+)\.mlp\.fc_out$"},
-        lora=_projections(r"h\.(\d+)", q="attn.q_proj", k="attn.k_proj", v="attn.v_proj", o="attn.out_proj",
-                          ffn_in="mlp.fc_in", ffn_out="mlp.fc_out"),
+        lora=_projections(
+            r"h\.(\d+)",
+            q="attn.q_proj",
+            k="attn.k_proj",
+            v="attn.v_proj",
+            o="attn.out_proj",
+            ffn_in="mlp.fc_in",
+            ffn_out="mlp.fc_out",
+        ),
     ),
     "gpt_neox": Architecture(  # parallel block (use_parallel_residual)
         roles={ATTN_OUT: r"layers\.(\d+)\.attention\.dense$", FFN_OUT: r"layers\.(\d+)\.mlp\.dense_4h_to_h$"},
@@ -155,8 +187,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "phi": Architecture(  # parallel block
         roles={ATTN_OUT: r"layers\.(\d+)\.self_attn\.dense$", FFN_OUT: r"layers\.(\d+)\.mlp\.fc2$"},
-        lora=_projections(r"layers\.(\d+)", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                          o="self_attn.dense", ffn_in="mlp.fc1", ffn_out="mlp.fc2"),
+        lora=_projections(
+            r"layers\.(\d+)",
+            q="self_attn.q_proj",
+            k="self_attn.k_proj",
+            v="self_attn.v_proj",
+            o="self_attn.dense",
+            ffn_in="mlp.fc1",
+            ffn_out="mlp.fc2",
+        ),
     ),
     "phi3": Architecture(  # fused qkv_proj (q, k, v) and gate_up_proj (gate, up); q, k, v equal only without GQA
         roles=_LLAMA.roles,
@@ -199,8 +238,15 @@ ARCHITECTURES: dict[str, Architecture] = {
             CROSS_OUT: r"layers\.(\d+)\.encoder_attn\.out_proj$",
             FFN_OUT: r"layers\.(\d+)\.fc2$",
         },
-        lora=_projections(r"layers\.(\d+)", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                          o="self_attn.out_proj", ffn_in="fc1", ffn_out="fc2"),
+        lora=_projections(
+            r"layers\.(\d+)",
+            q="self_attn.q_proj",
+            k="self_attn.k_proj",
+            v="self_attn.v_proj",
+            o="self_attn.out_proj",
+            ffn_in="fc1",
+            ffn_out="fc2",
+        ),
         min_seq=3,  # shifting input_ids right into decoder_input_ids needs 3 or more positions under torch.export
         note="decoder_input_ids are input_ids shifted right",
     ),
@@ -213,8 +259,15 @@ BUILTIN: dict[str, dict[str, Any]] = {
     "gpt3-175b": dict(model_type="gpt2", n_layer=96, n_embd=12288, n_head=96, n_positions=2048, vocab_size=50257),
     "gpt2": dict(model_type="gpt2", n_layer=12, n_embd=768, n_head=12),
     "gpt2-medium": dict(model_type="gpt2", n_layer=24, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257),
-    "minilm-random": dict(model_type="bert", num_hidden_layers=6, hidden_size=384, num_attention_heads=12,
-                          intermediate_size=1536, vocab_size=30522, max_position_embeddings=512),
+    "minilm-random": dict(
+        model_type="bert",
+        num_hidden_layers=6,
+        hidden_size=384,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        vocab_size=30522,
+        max_position_embeddings=512,
+    ),
 }
 
 

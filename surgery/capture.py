@@ -31,9 +31,7 @@ def export_program(module: nn.Module, signature: Signature, what: str) -> torch.
     """`torch.export.export(strict=False)` over the signature's example inputs and dynamic axes."""
     args, kwargs = signature.export_args(signature.examples())
     try:
-        return torch.export.export(
-            module, args, kwargs, dynamic_shapes=signature.dynamic_shapes(), strict=False
-        )
+        return torch.export.export(module, args, kwargs, dynamic_shapes=signature.dynamic_shapes(), strict=False)
     except Exception as exc:  # torch.export raises many types; the user needs the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SurgeryError(

@@ -24,6 +24,7 @@ from surgery.insert import bottleneck_params, make_adapter
 from surgery.load import DEFAULT_MODEL, _minilm_path, _model_class
 from surgery.architectures import ARCHITECTURES, CROSS_OUT, BUILTIN, architecture, lora_matches, match, parallel_matches
 from surgery.sites import TARGET, Site
+
 BYTES = {"fp32": 4, "fp16": 2}
 
 
@@ -84,7 +85,9 @@ def load_config(source: str) -> Any:
     try:
         return AutoConfig.from_pretrained(path)
     except (ValueError, OSError) as exc:
-        raise SurgeryError(f"{source}: not a readable Hugging Face config ({exc}); fix or regenerate config.json") from exc
+        raise SurgeryError(
+            f"{source}: not a readable Hugging Face config ({exc}); fix or regenerate config.json"
+        ) from exc
 
 
 def meta_model(config: Any) -> nn.Module:

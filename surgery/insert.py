@@ -9,7 +9,9 @@ The pass mutates the GraphModule in place and returns a report; like every pass 
 to
 
     linear_3 = torch.ops.aten.linear.default(reshape_1, w, b)
-    adapters_encoder_layer_0_attention_output_dense = getattr(self.adapters.encoder.layer, "0").attention.output.dense(linear_3)
+    adapters_encoder_layer_0_attention_output_dense = getattr(self.adapters.encoder.layer, "0").attention.output.dense(
+        linear_3
+    )
     dropout_1 = torch.ops.aten.dropout.default(adapters_encoder_layer_0_attention_output_dense, 0.1, False)
 
 so the adapter sits between the projection and its dropout and residual add, where Houlsby et al. put it.

@@ -107,10 +107,22 @@ def _launch(
     span_blocks = -(-col_blocks // col_programs)
     grid = (row_blocks, -(-col_blocks // span_blocks))
     _bottleneck_kernel[grid](
-        x2, down_w, down_b, up_w, y, n, D=d, R=r,
-        ACT=activation, PRECISION=_dot_precision(x2.dtype, r),
-        BLOCK_M=block_m, BLOCK_K=BLOCK_K, BLOCK_N=BLOCK_N, BLOCK_R=max(16, _next_pow2(r)),
-        SPAN=span_blocks * BLOCK_N, num_warps=NUM_WARPS,
+        x2,
+        down_w,
+        down_b,
+        up_w,
+        y,
+        n,
+        D=d,
+        R=r,
+        ACT=activation,
+        PRECISION=_dot_precision(x2.dtype, r),
+        BLOCK_M=block_m,
+        BLOCK_K=BLOCK_K,
+        BLOCK_N=BLOCK_N,
+        BLOCK_R=max(16, _next_pow2(r)),
+        SPAN=span_blocks * BLOCK_N,
+        num_warps=NUM_WARPS,
     )
     return y
 
@@ -153,9 +165,21 @@ if triton is not None:
 
     @triton.jit
     def _bottleneck_kernel(
-        x_ptr, dw_ptr, db_ptr, uw_ptr, y_ptr, N, D: tl.constexpr, R: tl.constexpr,
-        ACT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPAN: tl.constexpr,
+        x_ptr,
+        dw_ptr,
+        db_ptr,
+        uw_ptr,
+        y_ptr,
+        N,
+        D: tl.constexpr,
+        R: tl.constexpr,
+        ACT: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        SPAN: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
@@ -182,4 +206,3 @@ if triton is not None:
             xo = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
             out = xo.to(tl.float32) + tl.dot(h, uw, input_precision=PRECISION)
             tl.store(y_ptr + row_off[:, None] + cols[None, :], out.to(y_ptr.dtype.element_ty), mask=mask)
-

@@ -26,7 +26,12 @@ from surgery.signature import Axis, InputSpec, Signature, parse_input_shape
 from surgery.source import Source
 
 DEFAULT_MODEL = "minilm"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 MAX_BATCH = 64
 
 
@@ -81,7 +86,13 @@ def load(
 def sha256_of(path: Path) -> str:
     """sha256 of a file, or of a folder's config and weight files (sorted by name)."""
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.name == "config.json" or p.name in WEIGHT_FILES or p.suffix == ".safetensors")
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p for p in path.iterdir() if p.name == "config.json" or p.name in WEIGHT_FILES or p.suffix == ".safetensors"
+        )
+    )
     for f in files:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -133,7 +144,9 @@ def _load_gguf(path: Path, name: str) -> Loaded:
     try:
         import gguf  # noqa: F401  transformers reads GGUF files with it
     except ImportError as exc:
-        raise SurgeryError(f"{name}: reading a GGUF file needs the gguf package; install it with: pip install gguf") from exc
+        raise SurgeryError(
+            f"{name}: reading a GGUF file needs the gguf package; install it with: pip install gguf"
+        ) from exc
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:  # an unsupported architecture, a damaged file
@@ -164,7 +177,9 @@ def _read_config(path: Path, name: str, auto_config: Any) -> Any:
         return auto_config.from_pretrained(path)
     except (ValueError, OSError, json.JSONDecodeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SurgeryError(f"{name}: not a readable Hugging Face config ({reason}); fix or regenerate config.json") from exc
+        raise SurgeryError(
+            f"{name}: not a readable Hugging Face config ({reason}); fix or regenerate config.json"
+        ) from exc
 
 
 def _model_class(config: Any) -> Any:
@@ -265,7 +280,10 @@ def _load_pt2(path: Path, name: str, trust: bool = False) -> Loaded:
     try:
         program = torch.export.load(path, extra_files=extra)
     except Exception as exc:  # torch raises many types for a damaged archive
-        raise SurgeryError(f"{name}: not a readable torch.export archive ({type(exc).__name__}: {exc}); re-export it with torch.export.save") from exc
+        raise SurgeryError(
+            f"{name}: not a readable torch.export archive ({type(exc).__name__}: {exc}); "
+            "re-export it with torch.export.save"
+        ) from exc
     manifest = read_manifest(extra, name)
     if manifest is not None:
         signature = manifest.signature
@@ -340,7 +358,11 @@ def _load_pickled(path: Path, name: str, trust: bool, input_shapes: list[str] | 
             f"{name}: a plain nn.Module has no known inputs; describe each with --input-shape, "
             "e.g. --input-shape batch,seq,64 (names are dynamic axes, numbers fixed sizes)"
         )
-    params = [p for p in inspect.signature(obj.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    params = [
+        p
+        for p in inspect.signature(obj.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
     if len(input_shapes) > len(params):
         raise SurgeryError(f"{name}: {len(input_shapes)} --input-shape given but forward() takes {len(params)} inputs")
     specs = tuple(parse_input_shape(s, p.name, input_dtype) for s, p in zip(input_shapes, params))

@@ -70,7 +70,8 @@ def _projection(gm: fx.GraphModule, node: fx.Node) -> _Projection:
 def merge_adapters(gm: fx.GraphModule) -> MergeReport:
     """Fold every LoRA and linear bottleneck into the base weights and remove its node (in place).
 
-    Before: `linear = aten.linear(x, w, b); adapters_..._query = self.adapters....query(x, linear); ... = f(adapters_..._query)`
+    Before: `linear = aten.linear(x, w, b); adapters_..._query = self.adapters....query(x, linear);
+    ... = f(adapters_..._query)`
     After:  `linear = aten.linear(x, w', b); ... = f(linear)`, with w' = w + (alpha/r)·(A B)ᵀ: the base graph.
     Refuses, before changing anything, an adapter that is not linear in its input.
     """
@@ -80,7 +81,8 @@ def merge_adapters(gm: fx.GraphModule) -> MergeReport:
         if isinstance(m, Parallel):
             raise SurgeryError(
                 f"{node.target}: a parallel adapter adds s·W_up σ(W_down x) from the feed-forward block's input, "
-                "which no weight of the block can absorb; keep it as an adapter (`surgery export` bakes it) or use --stack"
+                "which no weight of the block can absorb; keep it as an adapter (`surgery export` bakes it) "
+                "or use --stack"
             )
         if isinstance(m, Bottleneck) and m.activation != "identity":
             raise SurgeryError(
@@ -159,7 +161,8 @@ def unmerge_lora(gm: fx.GraphModule, loras: dict[str, LoRA], sites: list[Site]) 
     """Undo `merge_adapters` for LoRA (in place): W ← W − (alpha/r)·(A B)ᵀ and each LoRA node back.
 
     Before: `linear = aten.linear(x, w', b); ... = f(linear)`
-    After:  `linear = aten.linear(x, w, b); adapters_..._query = self.adapters....query(x, linear); ... = f(adapters_..._query)`
+    After:  `linear = aten.linear(x, w, b); adapters_..._query = self.adapters....query(x, linear);
+    ... = f(adapters_..._query)`
     `loras` maps each site's adapter target to its module. Sites are found again by module path, so this
     works on a merged model reloaded from a .pt2 too.
     """
@@ -180,7 +183,8 @@ def stack_adapters(gm: fx.GraphModule, other: fx.GraphModule, sites: list[Site],
     """Apply `other`'s adapters after `gm`'s at each site (in place): f_φ ∘ f_θ, the seed's composition.
 
     Before: `linear_3 = ...; adapters_..._dense = self.adapters....dense(linear_3); dropout = f(adapters_..._dense)`
-    After:  `...; adapters_1_..._dense = self.adapters.1....dense(adapters_..._dense); dropout = f(adapters_1_..._dense)`
+    After:  `...; adapters_1_..._dense = self.adapters.1....dense(adapters_..._dense);
+    dropout = f(adapters_1_..._dense)`
     `sites` are `other`'s, whose adapters (lifted) move under `prefix` (e.g. `adapters.1`); returns them.
     """
     for site in sites:
@@ -234,8 +238,15 @@ def average_adapters(gm: fx.GraphModule, others: list[fx.GraphModule], weights: 
             first = mods[0]
             A = torch.cat([w * m.scale * m.lora_A.detach() for w, m in zip(weights, mods)], dim=1)
             B = torch.cat([m.lora_B.detach() for m in mods], dim=0)
-            new = LoRA(A.shape[0], B.shape[1], A.shape[1], float(A.shape[1]), out_features=first.out_features,
-                       start=first.start, dtype=A.dtype)
+            new = LoRA(
+                A.shape[0],
+                B.shape[1],
+                A.shape[1],
+                float(A.shape[1]),
+                out_features=first.out_features,
+                start=first.start,
+                dtype=A.dtype,
+            )
             new.load_state_dict({"lora_A": A, "lora_B": B})
             gm.add_submodule(target, new)
         else:

@@ -7,8 +7,9 @@ Two files hold the same pack:
   memory-maps and `RunOptions.add_active_adapter` activates. It has no free-form metadata: its
   `adapter_version` is this pack format's version and its `model_version` the pack's fingerprint.
 
-The fingerprint (a 31-bit integer: ORT keeps `model_version` as int32) identifies what a pack fits: the base model's sha256, the method,
-the activation and the sites. A swappable export records the same fingerprint, so a pack made for
+The fingerprint (a 31-bit integer: ORT keeps `model_version` as int32) identifies what a pack fits: the
+base model's sha256, the method, the activation and the sites. A swappable export records the same
+fingerprint, so a pack made for
 another base, method or activation is refused before ONNX Runtime sees it. Tensor names and shapes are
 checked one by one (`check_pack`): ONNX Runtime would silently keep the default of a missing tensor.
 """
@@ -94,7 +95,9 @@ class Pack:
 def pack_from_model(state: dict[str, torch.Tensor], manifest: Manifest) -> Pack:
     """The adapter tensors of an adapted model (its `state_dict()`) and its manifest; bottleneck adapters only."""
     spec = packable_spec(manifest, "a pack")
-    tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in state.items() if n.startswith(ADAPTER_ROOT + ".")}
+    tensors = {
+        n: t.detach().to("cpu").contiguous().clone() for n, t in state.items() if n.startswith(ADAPTER_ROOT + ".")
+    }
     if not tensors:
         raise SurgeryError("the model holds no adapter tensors (adapters.*); run `surgery insert` first")
     source = manifest.source
@@ -169,11 +172,15 @@ def _load_onnx_adapter(path: Path) -> Pack:
     except Exception as exc:  # ORT raises its own types for a damaged flatbuffer
         raise SurgeryError(f"{path}: not a readable .onnx_adapter ({type(exc).__name__}: {exc})") from exc
     if fmt.get_adapter_version() != PACK_FORMAT:
-        raise SurgeryError(f"{path}: adapter version {fmt.get_adapter_version()} is not a surgery pack (version {PACK_FORMAT})")
+        raise SurgeryError(
+            f"{path}: adapter version {fmt.get_adapter_version()} is not a surgery pack (version {PACK_FORMAT})"
+        )
     return Pack(tensors=tensors, fingerprint=int(fmt.get_model_version()))
 
 
-def check_pack(pack: Pack, expected_fingerprint: int, widths: dict[str, int], max_rank: int | None = None, name: str = "pack") -> None:
+def check_pack(
+    pack: Pack, expected_fingerprint: int, widths: dict[str, int], max_rank: int | None = None, name: str = "pack"
+) -> None:
     """Refuse a pack that does not fit: another base/method/activation, missing or extra tensors, bad shapes.
 
     `widths` maps each site path to its width d. The first mismatching tensor is named.
@@ -188,7 +195,9 @@ def check_pack(pack: Pack, expected_fingerprint: int, widths: dict[str, int], ma
     expected = {f"{ADAPTER_ROOT}.{site}.{t}": (site, t) for site in widths for t in BOTTLENECK_SHAPES}
     for tensor_name in sorted(expected):
         if tensor_name not in pack.tensors:
-            raise SurgeryError(f"{name} lacks tensor {tensor_name}; it would silently keep its default. Re-make the pack")
+            raise SurgeryError(
+                f"{name} lacks tensor {tensor_name}; it would silently keep its default. Re-make the pack"
+            )
     for tensor_name in sorted(pack.tensors):
         if tensor_name not in expected:
             raise SurgeryError(f"{name} has tensor {tensor_name}, which this model does not have; re-make the pack")
@@ -206,4 +215,6 @@ def check_pack(pack: Pack, expected_fingerprint: int, widths: dict[str, int], ma
         if tensor.dtype != torch.float32:
             raise SurgeryError(f"{name}: tensor {tensor_name} is {tensor.dtype}, expected torch.float32")
     if max_rank is not None and rank > max_rank:
-        raise SurgeryError(f"{name} has rank {rank}, above this engine's maximum {max_rank}; rebuild with a larger --max-r")
+        raise SurgeryError(
+            f"{name} has rank {rank}, above this engine's maximum {max_rank}; rebuild with a larger --max-r"
+        )

@@ -121,6 +121,7 @@ def import_peft(captured: Captured, folder: str | Path) -> tuple[LoraSpec, Inser
     config, tensors = read_peft(folder)
     gm = captured.gm
     known = set(linear_modules(gm))
+
     def natural(path: str) -> list[Any]:  # h.2 before h.10
         return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in path.split(".")]
 
@@ -138,7 +139,8 @@ def import_peft(captured: Captured, folder: str | Path) -> tuple[LoraSpec, Inser
         d_in = int(x.meta["val"].shape[-1])
         if (A.shape[1], B.shape[0]) != (d_in, out.width):
             raise SurgeryError(
-                f"PEFT's {peft_path} is {A.shape[1]} -> {B.shape[0]}, the base's {path} {d_in} -> {out.width}; wrong --base?"
+                f"PEFT's {peft_path} is {A.shape[1]} -> {B.shape[0]}, the base's {path} {d_in} -> {out.width}; "
+                "wrong --base?"
             )
         site = Site(path, out.layer, path, out.width, out.node, x.name, path, d_in)
         sites.append(site)
@@ -150,7 +152,15 @@ def import_peft(captured: Captured, folder: str | Path) -> tuple[LoraSpec, Inser
             lora = gm.get_submodule(target)
             lora.lora_A.copy_(a)
             lora.lora_B.copy_(b)
-    keys = ("r", "lora_alpha", "target_modules", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "use_rslora",
-            "base_model_name_or_path")
+    keys = (
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "fan_in_fan_out",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "base_model_name_or_path",
+    )
     keep = {k: config.get(k) for k in keys}
     return spec, report, Peft(str(folder), keep, "scale folded into lora_A; spec scaling 1")

@@ -114,11 +114,15 @@ def open_adapted(source: str, trust: bool = False) -> tuple[Captured, AdapterSpe
     captured = open_model(source, trust=trust)
     m = captured.manifest
     if m is None:
-        raise SurgeryError(f"{source} is not an adapted model (no surgery manifest); adapt it first with `surgery insert`")
+        raise SurgeryError(
+            f"{source} is not an adapted model (no surgery manifest); adapt it first with `surgery insert`"
+        )
     if m.merged is not None:
         raise SurgeryError(f"{source} is already merged into its base weights; to get its adapters back use --unmerge")
     if isinstance(m.adapter, StackSpec):
-        raise SurgeryError(f"{source} is a stack of adapters; merge, stack or average the models it was made of instead")
+        raise SurgeryError(
+            f"{source} is a stack of adapters; merge, stack or average the models it was made of instead"
+        )
     sites = list(m.sites)
     lift_adapters(captured.gm, m.adapter, sites)
     captured.source = m.source  # what the result adapts: the base, not this file
@@ -140,8 +144,12 @@ def merge_model(captured: Any, sites: list[Site]) -> tuple[MergeResult, dict[str
     modules = {str(n.target): captured.gm.get_submodule(str(n.target)) for n in adapter_nodes(captured.gm)}
     loras = {t: copy.deepcopy(m) for t, m in modules.items() if isinstance(m, LoRA)}
     report = merge_adapters(captured.gm)
-    parity = compare(before, outputs_of(captured.gm, captured.signature, tensors),
-                     mask=mask_of(captured.signature, tensors), where="merged against adapted")
+    parity = compare(
+        before,
+        outputs_of(captured.gm, captured.signature, tensors),
+        mask=mask_of(captured.signature, tensors),
+        where="merged against adapted",
+    )
     if not parity.ok:  # folding is exact algebra: a difference beyond rounding is a bug, not a result
         raise SurgeryError(f"{captured.source.name}: the merged model differs from the adapted one: {parity.summary()}")
     out_diff = parity.max_abs_diff
@@ -168,7 +176,9 @@ def read_pack(path: str) -> dict[str, torch.Tensor]:
     with zipfile.ZipFile(path) as zf:
         names = [n for n in zf.namelist() if n.endswith(f"/extra/{PACK}")]
         if not names:
-            raise SurgeryError(f"{path}: a merged model without its LoRA tensors ({PACK}); only merged LoRA can be unmerged")
+            raise SurgeryError(
+                f"{path}: a merged model without its LoRA tensors ({PACK}); only merged LoRA can be unmerged"
+            )
         return load(base64.b64decode(zf.read(names[0])))
 
 
@@ -182,7 +192,8 @@ def unmerge_model(source: str, trust: bool = False) -> tuple[Captured, LoraSpec,
     spec = m.adapter
     if not isinstance(spec, LoraSpec):
         raise SurgeryError(
-            f"{source} merged a {spec.method} adapter; only LoRA is unmerged (a folded bottleneck is not invertible in general)"
+            f"{source} merged a {spec.method} adapter; only LoRA is unmerged "
+            "(a folded bottleneck is not invertible in general)"
         )
     sites = list(m.sites)
     tensors = read_pack(source)
@@ -234,7 +245,8 @@ def combine_models(sources: list[str], weights: list[float] | None, trust: bool 
     methods = {s.method for _, s, _ in opened}
     if len(methods) > 1:
         raise SurgeryError(
-            f"--average: the models use different methods ({', '.join(sorted(methods))}); average adapters of one method only"
+            f"--average: the models use different methods ({', '.join(sorted(methods))}); "
+            "average adapters of one method only"
         )
     average_adapters(first.gm, [c.gm for c, _, _ in opened[1:]], weights)
     if isinstance(spec, LoraSpec):

@@ -13,7 +13,9 @@ module path `adapters.<site>`. For a BERT layer the generated `forward` changes 
 
 to
 
-    adapters_encoder_layer_0_attention_output_dense = getattr(self.adapters.encoder.layer, "0").attention.output.dense(linear_3, adapter_id)
+    adapters_encoder_layer_0_attention_output_dense = getattr(self.adapters.encoder.layer, "0").attention.output.dense(
+        linear_3, adapter_id
+    )
     dropout_1 = torch.ops.aten.dropout.default(adapters_encoder_layer_0_attention_output_dense, 0.1, False)
 
 `route` rewrites a copy of the first model's graph (its inputs stay as they were). The routed graph loses
@@ -44,7 +46,9 @@ TENSORS = ("down_w", "down_b", "up_w", "up_b")
 class RoutedBottleneck(nn.Module):
     """N bottlenecks stacked; row b of the batch uses bottleneck ids[b], or none where ids[b] = -1."""
 
-    def __init__(self, down_w: torch.Tensor, down_b: torch.Tensor, up_w: torch.Tensor, up_b: torch.Tensor, activation: str):
+    def __init__(
+        self, down_w: torch.Tensor, down_b: torch.Tensor, up_w: torch.Tensor, up_b: torch.Tensor, activation: str
+    ):
         super().__init__()
         self.down_w = nn.Parameter(down_w)  # (N, d, R)
         self.down_b = nn.Parameter(down_b)  # (N, R)
@@ -79,7 +83,8 @@ def _refuse_mismatch(first: Manifest, other: Manifest, name: str) -> None:
     for what, want, got in checks:
         if want != got:
             raise SurgeryError(
-                f"--route: {name} differs from the first model in its {what} ({want} vs {got}); routed models must share it"
+                f"--route: {name} differs from the first model in its {what} ({want} vs {got}); "
+                "routed models must share it"
             )
     if not isinstance(a, AdapterSpec) or a.method not in ("houlsby", "pfeiffer"):
         raise SurgeryError(f"--route takes bottleneck adapters; {a.method} is not one")
@@ -135,7 +140,9 @@ def route(models: list[Captured]) -> tuple[Captured, RouteReport]:
         raise SurgeryError("--route stacks the adapters of two or more adapted models; give several .adapted.pt2 files")
     for m in models:
         if m.manifest is None:
-            raise SurgeryError(f"--route: {m.source.name} is not an adapted model; give .adapted.pt2 files from `surgery insert`")
+            raise SurgeryError(
+                f"--route: {m.source.name} is not an adapted model; give .adapted.pt2 files from `surgery insert`"
+            )
     first = models[0].manifest
     assert first is not None
     for m in models[1:]:

@@ -45,9 +45,7 @@ class InputSpec:
     def sizes(self, overrides: dict[str, int] | None = None) -> tuple[int, ...]:
         """The shape with each dynamic axis taken from `overrides` (by axis name) when given."""
         overrides = overrides or {}
-        return tuple(
-            overrides.get(self.axes[i].name, s) if i in self.axes else s for i, s in enumerate(self.shape)
-        )
+        return tuple(overrides.get(self.axes[i].name, s) if i in self.axes else s for i, s in enumerate(self.shape))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -127,7 +125,11 @@ class Signature:
         return (), dict(zip(self.names, tensors))
 
     def to_json(self) -> dict[str, Any]:
-        return {"positional": self.positional, "inputs": [i.to_json() for i in self.inputs], "outputs": list(self.outputs)}
+        return {
+            "positional": self.positional,
+            "inputs": [i.to_json() for i in self.inputs],
+            "outputs": list(self.outputs),
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Signature:

@@ -27,7 +27,14 @@ import torch
 from torch import fx
 
 from surgery.architectures import (
-    ATTN_OUT, CROSS_OUT, FFN_OUT, architecture, block_of, lora_matches, match, parallel_matches,
+    ATTN_OUT,
+    CROSS_OUT,
+    FFN_OUT,
+    architecture,
+    block_of,
+    lora_matches,
+    match,
+    parallel_matches,
 )
 from surgery.errors import SurgeryError
 
@@ -38,8 +45,14 @@ ADAPTER_ROOT = "adapters"
 
 LINEAR_OPS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default}
 PASS_THROUGH = {
-    aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
-    aten.view.default, aten.reshape.default, aten._to_copy.default, aten.to.dtype,
+    aten.dropout.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.contiguous.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten._to_copy.default,
+    aten.to.dtype,
 }
 ADD_OPS = {aten.add.Tensor, aten.add_.Tensor, operator.add}
 
@@ -295,7 +308,9 @@ def parallel_sites(gm: fx.GraphModule, model_type: str | None, blocks: tuple[str
     return [_beside(gm, last.path, first.path, last.layer, role, None) for first, last, role in pairs]
 
 
-def _beside(gm: fx.GraphModule, path: str, input_path: str, layer: int, role: str, part: tuple[int, int] | None) -> Site:
+def _beside(
+    gm: fx.GraphModule, path: str, input_path: str, layer: int, role: str, part: tuple[int, int] | None
+) -> Site:
     site = _site(gm, path, layer, role)
     x = input_node(gm, input_path)
     width = site.width // part[1] if part else site.width

@@ -40,7 +40,9 @@ def make_adapted(base: Captured, folder: Path, r: int = 8, seed: int = 0, spec=N
     as a user's trained model would arrive."""
     from surgery.adapters import AdapterSpec
 
-    return stand_in_adapted(base, spec or AdapterSpec("houlsby", r=r), folder / f"m{r}_{seed}.adapted.pt2", seed, 100 + seed)
+    return stand_in_adapted(
+        base, spec or AdapterSpec("houlsby", r=r), folder / f"m{r}_{seed}.adapted.pt2", seed, 100 + seed
+    )
 
 
 class TinyBlock(nn.Module):
@@ -92,8 +94,15 @@ def tiny_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 SMALL_CONFIGS = {
     "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128),
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=128),
+    "llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+        max_position_embeddings=128,
+    ),
     "t5": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=1000),
 }
 

@@ -12,8 +12,24 @@ MACHINE = {"cpu": "x", "cores": "2", "gpu": "none", "torch": "t", "onnxruntime":
 
 
 def _row(variant: str, backend: str, median: float, rounds: list[float]) -> Row:
-    return Row("m", variant, backend, 1, 128, median, median, median, min(rounds), max(rounds), 10, None, None,
-               rounds, 2, MACHINE)
+    return Row(
+        "m",
+        variant,
+        backend,
+        1,
+        128,
+        median,
+        median,
+        median,
+        min(rounds),
+        max(rounds),
+        10,
+        None,
+        None,
+        rounds,
+        2,
+        MACHINE,
+    )
 
 
 def test_overhead_and_interval_against_their_own_base():
@@ -38,9 +54,15 @@ def test_a_variant_without_a_base_on_its_backend_has_no_overhead():
     assert rows[1].overhead is None and rows[1].overhead_ci is None
 
 
-@pytest.mark.parametrize(("ci", "want"), [
-    ([0.01, 0.029], "met"), ([0.031, 0.05], "missed"), ([0.02, 0.04], "within noise"), (None, "met"),
-])
+@pytest.mark.parametrize(
+    ("ci", "want"),
+    [
+        ([0.01, 0.029], "met"),
+        ([0.031, 0.05], "missed"),
+        ([0.02, 0.04], "within noise"),
+        (None, "met"),
+    ],
+)
 def test_verdict_reads_the_interval(ci, want):
     row = _row("houlsby", "torch", 10.25, [10.0, 10.5])
     row.overhead, row.overhead_ci = 0.025, ci
@@ -48,8 +70,10 @@ def test_verdict_reads_the_interval(ci, want):
 
 
 def test_markdown_shows_the_interval_and_the_verdict():
-    rows = [_row("base", "torch-cuda-graphs", 5.0, [5.0, 5.0, 5.0]),
-            _row("houlsby-kernel", "torch-cuda-graphs", 5.4, [5.4, 5.45, 5.35])]
+    rows = [
+        _row("base", "torch-cuda-graphs", 5.0, [5.0, 5.0, 5.0]),
+        _row("houlsby-kernel", "torch-cuda-graphs", 5.4, [5.4, 5.45, 5.35]),
+    ]
     overheads(rows)
     text = markdown(rows, "t", target=0.03)
     line = next(x for x in text.splitlines() if "houlsby-kernel" in x)

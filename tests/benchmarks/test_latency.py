@@ -10,16 +10,37 @@ import pytest
 from benchmarks.harness import JSON_KEYS
 
 
+@pytest.mark.slow
 def test_bench_writes_reports_and_skips_a_missing_backend(tmp_path, cli):
     run = cli("insert", "--r", "4", "minilm", "-o", "m.adapted.pt2", cwd=tmp_path)
     assert run.code == 0, run.stderr
-    run = cli("bench", "m.adapted.pt2", "--backends", "ort,ort-cuda,torch", "--batch", "1", "--seq", "16",
-              "--rounds", "2", "--calls", "2", "--out", "bench", "--json", cwd=tmp_path)
+    run = cli(
+        "bench",
+        "m.adapted.pt2",
+        "--backends",
+        "ort,ort-cuda,torch",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--rounds",
+        "2",
+        "--calls",
+        "2",
+        "--out",
+        "bench",
+        "--json",
+        cwd=tmp_path,
+    )
     assert run.code == 0, run.stderr
     assert "skipping ort-cuda" in run.stderr
     rows = run.json["results"]
     assert {(r["variant"], r["backend"]) for r in rows} == {
-        ("base", "ort"), ("houlsby", "ort"), ("swappable", "ort"), ("base", "torch"), ("houlsby", "torch")
+        ("base", "ort"),
+        ("houlsby", "ort"),
+        ("swappable", "ort"),
+        ("base", "torch"),
+        ("houlsby", "torch"),
     }
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert saved == rows
@@ -41,12 +62,29 @@ def test_bench_writes_reports_and_skips_a_missing_backend(tmp_path, cli):
     assert (tmp_path / "bench" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_bench_for_torch_cuda_adds_the_fused_program(tmp_path, cli):
     """Asked for torch CUDA, bench also times `export --fused-pt2`'s program (here on the CPU backend, CUDA skipped)."""
     run = cli("insert", "--r", "4", "--method", "pfeiffer", "minilm", "-o", "m.adapted.pt2", cwd=tmp_path)
     assert run.code == 0, run.stderr
-    run = cli("bench", "m.adapted.pt2", "--backends", "torch-cuda,torch", "--batch", "1", "--seq", "16",
-              "--rounds", "1", "--calls", "2", "--out", "bench", "--json", cwd=tmp_path)
+    run = cli(
+        "bench",
+        "m.adapted.pt2",
+        "--backends",
+        "torch-cuda,torch",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--rounds",
+        "1",
+        "--calls",
+        "2",
+        "--out",
+        "bench",
+        "--json",
+        cwd=tmp_path,
+    )
     assert run.code == 0, run.stderr
     if "skipping torch-cuda" not in run.stderr:  # a GPU machine: the CUDA rows come too
         assert any(r["backend"] == "torch-cuda" for r in run.json["results"])
@@ -65,14 +103,41 @@ def test_torch_compile_backend_runs_every_torch_form(tmp_path, small_config):
 
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.latency", "--model", str(small_config("gpt2")), "--grid", "1x16",
-         "--variants", "base,houlsby-kernel,houlsby-folded", "--backends", "torch-compile",
-         "--rounds", "3", "--calls", "2", "--threads", "1", "--target", "3", "--build-timeout", "500",
-         "--out", str(out)], check=False, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.latency",
+            "--model",
+            str(small_config("gpt2")),
+            "--grid",
+            "1x16",
+            "--variants",
+            "base,houlsby-kernel,houlsby-folded",
+            "--backends",
+            "torch-compile",
+            "--rounds",
+            "3",
+            "--calls",
+            "2",
+            "--threads",
+            "1",
+            "--target",
+            "3",
+            "--build-timeout",
+            "500",
+            "--out",
+            str(out),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipping" not in proc.stderr, proc.stderr[-3000:]
     rows = json.loads((out / "results.json").read_text())
     assert {(r["variant"], r["backend"]) for r in rows} == {
-        (v, "torch-compile") for v in ("base", "houlsby-kernel", "houlsby-folded")}
+        (v, "torch-compile") for v in ("base", "houlsby-kernel", "houlsby-folded")
+    }
     assert all(r["overhead_ci"] is not None for r in rows if r["variant"] != "base")
     assert "| torch-compile | 1x16 | houlsby-folded |" in (out / "results.md").read_text()

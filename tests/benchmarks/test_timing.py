@@ -9,10 +9,19 @@ import pytest
 from benchmarks.timing import paired_overhead, t_quantile
 
 
-@pytest.mark.parametrize(("p", "df", "table"), [
-    (0.975, 1, 12.7062), (0.95, 1, 6.3138), (0.975, 3, 3.1824), (0.975, 4, 2.7764), (0.975, 9, 2.2622),
-    (0.995, 11, 3.1058), (0.975, 30, 2.0423), (0.975, 1000, 1.9623),
-])
+@pytest.mark.parametrize(
+    ("p", "df", "table"),
+    [
+        (0.975, 1, 12.7062),
+        (0.95, 1, 6.3138),
+        (0.975, 3, 3.1824),
+        (0.975, 4, 2.7764),
+        (0.975, 9, 2.2622),
+        (0.995, 11, 3.1058),
+        (0.975, 30, 2.0423),
+        (0.975, 1000, 1.9623),
+    ],
+)
 def test_t_quantile_matches_the_table(p, df, table):
     assert t_quantile(p, df) == pytest.approx(table, abs=6e-4)
 

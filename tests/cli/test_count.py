@@ -1,4 +1,5 @@
-"""`surgery count` and `surgery insert --method lora|parallel` as subprocesses: JSON, and bad input as one line, exit 2."""
+"""`surgery count` and `surgery insert --method lora|parallel` as subprocesses: JSON, and bad input as one line,
+exit 2."""
 
 from __future__ import annotations
 
@@ -21,12 +22,26 @@ def test_count_lora_per_projection_ranks_in_text(cli):
 
 
 def test_insert_lora(tmp_path, cli):
-    run = cli("insert", "--method", "lora", "--r", "8", "--targets", "q,v", "minilm", "-o", "lora.adapted.pt2", "--json", cwd=tmp_path)
+    run = cli(
+        "insert",
+        "--method",
+        "lora",
+        "--r",
+        "8",
+        "--targets",
+        "q,v",
+        "minilm",
+        "-o",
+        "lora.adapted.pt2",
+        "--json",
+        cwd=tmp_path,
+    )
     assert run.code == 0, run.stderr
     assert run.json["r"] == {"q": 8, "v": 8} and run.json["trainable_params"] == 6 * 2 * 8 * (384 + 384)
     run = cli("inspect", "lora.adapted.pt2", cwd=tmp_path)
     assert run.code == 0, run.stderr
     assert "lora" in run.stdout and "12 adapted sites" in run.stdout
+
 
 def test_count_parallel_in_json(cli):
     run = cli("count", "minilm", "--method", "parallel", "--r", "16", "--scale", "4", "--json")

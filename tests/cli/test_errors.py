@@ -52,18 +52,23 @@ BAD_INPUTS = {
 }
 MORE_BAD_INPUTS = {  # checked in-process: the same function, without a subprocess each
     "mask of another length": ({"input_ids": IDS, "attention_mask": MASK[:, :5]}, r"inputs must agree"),
-    "unknown input name": ({"input_ids": IDS, "attention_mask": MASK, "token_type_ids": MASK}, r"'token_type_ids' is not"),
+    "unknown input name": (
+        {"input_ids": IDS, "attention_mask": MASK, "token_type_ids": MASK},
+        r"'token_type_ids' is not",
+    ),
     "int32 attention_mask": ({"input_ids": IDS, "attention_mask": MASK.astype(np.int32)}, r"attention_mask is int32"),
     "negative id": ({"input_ids": -IDS - 1, "attention_mask": MASK}, r"token id -\d+;"),
 }
 
 
+@pytest.mark.slow
 def test_good_inputs_run(llama_onnx, cli, tmp_path):
     run = cli("run", llama_onnx, "--input", _npz(tmp_path, "ok", input_ids=IDS, attention_mask=MASK), "--json")
     assert run.code == 0, run.stderr
     assert run.json["outputs"]["last_hidden_state"]["shape"] == [2, 7, SMALL_CONFIGS["llama"]["hidden_size"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_inputs_are_one_line_before_onnx_runtime(llama_onnx, cli, tmp_path, case):
     arrays, message = BAD_INPUTS[case]
@@ -98,6 +103,7 @@ def inconsistent_config(tmp_path_factory) -> Path:
     return folder / "config.json"
 
 
+@pytest.mark.slow
 def test_internal_error_is_one_line_and_a_log_file(inconsistent_config, cli, tmp_path):
     run = cli("inspect", inconsistent_config, cwd=tmp_path)
     assert run.code == 1, (run.code, run.stderr)
@@ -113,10 +119,10 @@ def test_internal_error_is_one_line_and_a_log_file(inconsistent_config, cli, tmp
     log.unlink()
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(inconsistent_config, cli, tmp_path):
     run = cli("--debug", "inspect", inconsistent_config, cwd=tmp_path)
     assert run.code == 1
     assert "Traceback (most recent call last)" in run.stderr and "RuntimeError" in run.stderr
     assert run.stderr.strip().splitlines()[-1].endswith("traceback above")
     assert "surgery-error-" not in run.stderr
-

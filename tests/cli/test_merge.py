@@ -43,26 +43,52 @@ def test_merge_then_unmerge(models, cli):
     assert data["merged"] == 12 and data["kinds"] == ["lora"]
     assert data["output_max_abs_diff"] < 1e-5 and data["unmerge_max_abs_diff"] < 1e-6
     manifest = _manifest(models / "merged.pt2")
-    assert manifest["merged"]["merged"] == 12 and manifest["source"]["name"] == "minilm"  # the base, not lora8.adapted.pt2
+    assert (
+        manifest["merged"]["merged"] == 12 and manifest["source"]["name"] == "minilm"
+    )  # the base, not lora8.adapted.pt2
     run = cli("merge", "merged.pt2", "--unmerge", "-o", "back.adapted.pt2", "--json", cwd=models)
     assert run.code == 0, run.stderr
     assert run.json["sites"] == 12 and run.json["trainable_params"] == 6 * 2 * 8 * 768
 
 
 def test_stack_and_average(models, cli):
-    run = cli("merge", "houlsby.adapted.pt2", "lora8.adapted.pt2", "--stack", "-o", "ab.adapted.pt2", "--json", cwd=models)
+    run = cli(
+        "merge", "houlsby.adapted.pt2", "lora8.adapted.pt2", "--stack", "-o", "ab.adapted.pt2", "--json", cwd=models
+    )
     assert run.code == 0, run.stderr
     assert run.json["sites"] == 24 and [p["method"] for p in run.json["adapter"]["parts"]] == ["houlsby", "lora"]
-    run = cli("merge", "lora8.adapted.pt2", "lora8b.adapted.pt2", "--average", "0.7,0.3", "-o", "avg.adapted.pt2", "--json", cwd=models)
+    run = cli(
+        "merge",
+        "lora8.adapted.pt2",
+        "lora8b.adapted.pt2",
+        "--average",
+        "0.7,0.3",
+        "-o",
+        "avg.adapted.pt2",
+        "--json",
+        cwd=models,
+    )
     assert run.code == 0, run.stderr
     assert run.json["adapter"]["r"] == {"q": 16, "v": 16} and "exact" in run.json["average"]["how"]
 
 
 BAD = [
     ("nonlinear bottleneck", ["merge", "houlsby.adapted.pt2", "-o", "x.pt2"], "nonlinear"),
-    ("stack different bases", ["merge", "lora8.adapted.pt2", "gpt2.adapted.pt2", "--stack", "-o", "x.pt2"], "different base models"),
-    ("average different methods", ["merge", "lora8.adapted.pt2", "houlsby.adapted.pt2", "--average", "0.5,0.5", "-o", "x.pt2"], "different methods"),
-    ("average weight count", ["merge", "lora8.adapted.pt2", "lora8b.adapted.pt2", "--average", "1", "-o", "x.pt2"], "one weight per model"),
+    (
+        "stack different bases",
+        ["merge", "lora8.adapted.pt2", "gpt2.adapted.pt2", "--stack", "-o", "x.pt2"],
+        "different base models",
+    ),
+    (
+        "average different methods",
+        ["merge", "lora8.adapted.pt2", "houlsby.adapted.pt2", "--average", "0.5,0.5", "-o", "x.pt2"],
+        "different methods",
+    ),
+    (
+        "average weight count",
+        ["merge", "lora8.adapted.pt2", "lora8b.adapted.pt2", "--average", "1", "-o", "x.pt2"],
+        "one weight per model",
+    ),
 ]
 # Averaging different shapes, and --unmerge of a model that is not merged: tests/surgery/test_merge.py.
 

@@ -23,18 +23,36 @@ def folder(tmp_path_factory, cli):
 
 @no_trt
 def test_export_trt_without_tensorrt_writes_onnx_and_trtexec_then_exits_2(folder, cli):
-    run = cli("export", "minilm.adapted.pt2", "--trt", "-o", "m.plan", "--fp16", "--shapes", "batch=1:8:64,seq=16:128:512",
-              "--triton-repo", "repo", cwd=folder)
+    run = cli(
+        "export",
+        "minilm.adapted.pt2",
+        "--trt",
+        "-o",
+        "m.plan",
+        "--fp16",
+        "--shapes",
+        "batch=1:8:64,seq=16:128:512",
+        "--triton-repo",
+        "repo",
+        cwd=folder,
+    )
     assert run.code == 2, run.stderr
     error = [line for line in run.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and "TensorRT is not installed" in error[0] and "pip install 'surgery[trt]'" in error[0]
     command = next(line for line in run.stdout.splitlines() if line.startswith("trtexec "))
     args = shlex.split(command)
     assert "--onnx=m.onnx" in args and "--saveEngine=m.plan" in args and "--fp16" in args
-    assert "--minShapes=input_ids:1x16,attention_mask:1x16" in args and "--optShapes=input_ids:8x128,attention_mask:8x128" in args
+    assert (
+        "--minShapes=input_ids:1x16,attention_mask:1x16" in args
+        and "--optShapes=input_ids:8x128,attention_mask:8x128" in args
+    )
     assert "--maxShapes=input_ids:64x512,attention_mask:64x512" in args and "--timingCacheFile=timing.cache" in args
-    assert (folder / "m.onnx").is_file() and (folder / "m.plan.trtexec.sh").is_file() and not (folder / "m.plan").exists()
-    assert (folder / "repo" / "m" / "1" / "model.onnx").is_file() and 'platform: "onnxruntime_onnx"' in (folder / "repo" / "m" / "config.pbtxt").read_text()
+    assert (
+        (folder / "m.onnx").is_file() and (folder / "m.plan.trtexec.sh").is_file() and not (folder / "m.plan").exists()
+    )
+    assert (folder / "repo" / "m" / "1" / "model.onnx").is_file() and 'platform: "onnxruntime_onnx"' in (
+        folder / "repo" / "m" / "config.pbtxt"
+    ).read_text()
     check = cli("check-trt", "m.onnx", "--json", cwd=folder)
     assert check.code == 0, check.stdout + check.stderr
     assert check.json["clean"] and check.json["checked_against"]["tensorrt"] == "10.15"
@@ -42,7 +60,9 @@ def test_export_trt_without_tensorrt_writes_onnx_and_trtexec_then_exits_2(folder
 
 @no_trt
 def test_export_refittable_without_tensorrt_json(folder, cli):
-    run = cli("export", "minilm.adapted.pt2", "--trt", "--swappable", "--max-r", "16", "-o", "r.plan", "--json", cwd=folder)
+    run = cli(
+        "export", "minilm.adapted.pt2", "--trt", "--swappable", "--max-r", "16", "-o", "r.plan", "--json", cwd=folder
+    )
     assert run.code == 2, run.stderr
     data = run.json
     assert data["engine_built"] is False and data["max_r"] == 16 and data["onnx"] == "r.refit.onnx"

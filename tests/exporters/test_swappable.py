@@ -104,7 +104,10 @@ def _mutate(pack, how):
 
 @pytest.mark.parametrize(
     "how, message",
-    [("drop", "lacks tensor adapters.encoder.layer.2.output.dense.up_b"), ("rank", "adapters.encoder.layer.1.output.dense.up_w has shape")],
+    [
+        ("drop", "lacks tensor adapters.encoder.layer.2.output.dense.up_b"),
+        ("rank", "adapters.encoder.layer.1.output.dense.up_w has shape"),
+    ],
 )
 def test_damaged_packs_are_refused_by_name(swappable, how, message):
     result, packs = swappable
@@ -152,7 +155,9 @@ def test_routing_matches_each_model_row_by_row(tmp_path, models, minilm_base):
 
 
 def test_routing_refuses_models_with_different_sites(tmp_path, models, minilm_base):
-    attn_only = make_adapted(minilm_base, tmp_path, 8, seed=5, spec=AdapterSpec("houlsby", r=8, targets=r"attention\.output\.dense$"))
+    attn_only = make_adapted(
+        minilm_base, tmp_path, 8, seed=5, spec=AdapterSpec("houlsby", r=8, targets=r"attention\.output\.dense$")
+    )
     with pytest.raises(SurgeryError, match="sites"):
         export_routed([models[0], attn_only], tmp_path / "r.onnx")
     assert not (tmp_path / "r.onnx").exists()

@@ -51,6 +51,7 @@ def refit_plan(tmp_path_factory, models):
 
 # --- profiles -------------------------------------------------------------------------------------------
 
+
 def test_profiles_default_to_the_captured_range_with_opt_at_the_benchmark_point(minilm_base):
     sig = minilm_base.signature
     ranges = axis_ranges(sig)
@@ -80,6 +81,7 @@ def test_bad_shapes_are_refused(minilm_base, text, message):
 
 
 # --- refittable ONNX: names, padding, refusals ----------------------------------------------------------
+
 
 def test_padding_to_max_r_is_exact_in_onnx_runtime(refit_plan, models):
     assert refit_plan.parity.max_abs_diff < 1e-4, refit_plan.parity  # rank 8 padded to 16, against torch at rank 8
@@ -147,6 +149,7 @@ def test_trtexec_command_has_profile_precision_cache_and_refit(refit_plan):
 
 # --- check-trt ------------------------------------------------------------------------------------------
 
+
 def test_minilm_export_is_clean_for_tensorrt(refit_plan):
     result = check_trt(refit_plan.onnx)  # the baked export is checked clean in tests/cli/test_trt_cli.py
     assert result.clean, [f.to_json() for f in result.errors]
@@ -169,7 +172,9 @@ def test_unsupported_operators_types_and_shapes_are_flagged(tmp_path):
     i = helper.make_tensor_value_info("i", TensorProto.UINT16, [2])
     j = helper.make_tensor_value_info("j", TensorProto.UINT16, [2])
     graph = helper.make_graph(nodes, "g", [x, s, big, i], [u, y, c, j])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    )
     onnx.save(model, str(tmp_path / "bad.onnx"))
     result = check_trt(tmp_path / "bad.onnx")
     found = {(f.kind, f.where) for f in result.errors}
@@ -185,6 +190,7 @@ def test_check_trt_refuses_a_file_that_is_not_onnx(tmp_path):
 
 
 # --- Triton ---------------------------------------------------------------------------------------------
+
 
 def parse_pbtxt(text: str) -> dict:
     """Enough of protobuf text format for a Triton config: scalars, and input/output lists of tensors."""
@@ -213,6 +219,7 @@ def test_triton_repo_matches_the_onnx_inputs_and_outputs(refit_plan, models, tmp
 
 # --- on a GPU with TensorRT (pytest -m trt) -----------------------------------------------------------------
 
+
 def trt(test):
     """`-m trt`; skipped, before any fixture runs, where TensorRT or a CUDA GPU is missing."""
     test = pytest.mark.skipif(not HAS_TRT, reason="TensorRT not installed")(test)
@@ -225,7 +232,9 @@ def trt(test):
 def test_engine_builds_runs_and_matches_torch(models, tmp_path, precision):
     from exporters.tensorrt import build_engine, check_engine, read_sidecar
 
-    plan = prepare_trt(models[0], tmp_path / "m.plan", precision=precision, shapes=parse_shapes("batch=1:4:8,seq=2:128:256"))
+    plan = prepare_trt(
+        models[0], tmp_path / "m.plan", precision=precision, shapes=parse_shapes("batch=1:4:8,seq=2:128:256")
+    )
     sidecar = build_engine(plan)
     assert plan.engine.is_file() and read_sidecar(plan.engine) == sidecar
     assert sidecar["precision"] == precision and sidecar["gpu"] != "unknown" and len(sidecar["source_sha256"]) == 64

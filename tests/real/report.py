@@ -44,7 +44,8 @@ def markdown(results: dict[str, dict]) -> str:
 
         peak = max((f.get("rss_mb") or 0 for f in steps.values()), default=0)
         lines.append(
-            f"| {name} | {r['model_type']} | {r['layers']} x {r['d_model']} | {r.get('file_mb', '-')} | {r.get('sites', '-')} "
+            f"| {name} | {r['model_type']} | {r['layers']} x {r['d_model']} | {r.get('file_mb', '-')} "
+            f"| {r.get('sites', '-')} "
             f"| {params} | {_pair(r.get('baked'))} | {_pair(r.get('swappable'))} | {_pair(r.get('lora_merge'))} "
             f"| {sec('insert')} | {sec('export')} | {sec('export-swappable')} | {peak:.0f} "
             f"| {'; '.join(failed).replace('|', '/') or '-'} |"

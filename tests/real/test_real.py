@@ -57,8 +57,9 @@ class Flow:
 
     def __init__(self, ckpt: Checkpoint, folder: Path):
         self.ckpt, self.folder = ckpt, folder
-        self.record: dict = RESULTS.setdefault(ckpt.name, {"model_type": ckpt.model_type, "layers": ckpt.layers,
-                                                            "d_model": ckpt.d_model, "steps": {}})
+        self.record: dict = RESULTS.setdefault(
+            ckpt.name, {"model_type": ckpt.model_type, "layers": ckpt.layers, "d_model": ckpt.d_model, "steps": {}}
+        )
         self.done: dict[str, Step] = {}
         self.model = ""  # what the CLI loads: a HF folder or a .gguf file, set once fetched
         self.mask = np.ones((BATCH, SEQ), dtype=bool)  # unpadded positions of the inputs
@@ -69,8 +70,14 @@ class Flow:
             rss = self.folder / f"{step}.rss"
             env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
             start = time.perf_counter()
-            p = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss), *cmd],
-                               capture_output=True, text=True, cwd=self.folder, env=env, timeout=3000)
+            p = subprocess.run(
+                ["/usr/bin/time", "-f", "%M %U %S", "-o", str(rss), *cmd],
+                capture_output=True,
+                text=True,
+                cwd=self.folder,
+                env=env,
+                timeout=3000,
+            )
             seconds = time.perf_counter() - start
             result = Step(p.returncode, p.stdout, p.stderr)
             figures = {"seconds": round(seconds, 1), **_time_figures(rss), "exit": p.returncode}
@@ -113,7 +120,7 @@ def flow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     rng = np.random.default_rng(0)
     ids = rng.integers(3, min(_vocab(flow.model), 30000), (BATCH, SEQ), dtype=np.int64)
     mask = np.ones((BATCH, SEQ), dtype=np.int64)
-    mask[1, SEQ - PAD:] = 0
+    mask[1, SEQ - PAD :] = 0
     np.savez(flow.path("inputs.npz"), input_ids=ids, attention_mask=mask)
     flow.mask = mask.astype(bool)
     return flow
@@ -123,7 +130,11 @@ def _vocab(model: str) -> int:
     from transformers import AutoConfig
 
     path = Path(model)
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name) if path.suffix == ".gguf" else AutoConfig.from_pretrained(path)
+    config = (
+        AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        if path.suffix == ".gguf"
+        else AutoConfig.from_pretrained(path)
+    )
     return config.vocab_size
 
 
@@ -187,8 +198,12 @@ def test_houlsby_insert_defaults_two_sites_per_layer(flow: Flow) -> None:
     formula = 2 * L * (2 * d * R + d + R)  # the seed's count, from the checkpoint's known shape
     sites = data["sites"]
     layers = [int(m.group(1)) for s in sites if (m := re.search(r"\.(\d+)\.", s))]
-    flow.record.update(sites=len(sites), params=data["trainable_params"], formula=formula,
-                       base_params=data["total_params"] - data["trainable_params"])
+    flow.record.update(
+        sites=len(sites),
+        params=data["trainable_params"],
+        formula=formula,
+        base_params=data["total_params"] - data["trainable_params"],
+    )
     assert len(set(sites)) == len(sites), f"a site listed twice: {sites}"
     assert len(sites) == 2 * L, f"{len(sites)} sites for {L} layers, expected 2 per layer: {sites[:4]} ..."
     assert sorted(layers) == sorted(list(range(L)) * 2), f"sites per layer are not 2 each: {sites}"
@@ -213,15 +228,27 @@ def test_swappable_export_with_pack_matches_torch(flow: Flow) -> None:
     flags = export_flags()
     flow.surgery("export-swappable", "export", adapted, "--onnx", "--swappable", "-o", "swap.onnx", *flags, "--json")
     flow.surgery("pack", "pack", adapted, "-o", "trained.onnx_adapter", "--json")
-    flow.surgery("run-swappable", "run", "swap.onnx", "--adapter", "trained.onnx_adapter", "--input", "inputs.npz",
-                 "--save", "swap.out.npz", "--json")
+    flow.surgery(
+        "run-swappable",
+        "run",
+        "swap.onnx",
+        "--adapter",
+        "trained.onnx_adapter",
+        "--input",
+        "inputs.npz",
+        "--save",
+        "swap.out.npz",
+        "--json",
+    )
     worst = compare(ref, outputs(flow.path("swap.out.npz")), flow.mask)
     flow.record["swappable"] = worst
     assert worst["abs"] <= worst["limit"], f"swappable ONNX with its pack differs from torch: {worst}"
 
 
 def test_lora_merge_matches_torch(flow: Flow) -> None:
-    flow.surgery("insert-lora", "insert", "--method", "lora", "--r", str(R), flow.model, "-o", "lora.adapted.pt2", "--json")
+    flow.surgery(
+        "insert-lora", "insert", "--method", "lora", "--r", str(R), flow.model, "-o", "lora.adapted.pt2", "--json"
+    )
     flow.tool("stand-in-lora", "stand-in", "lora.adapted.pt2", "lora.trained.pt2", "2")
     merged = flow.surgery("merge", "merge", "lora.trained.pt2", "-o", "merged.pt2", "--json").json
     flow.tool("reference-lora", "reference", "lora.trained.pt2", "inputs.npz", "lora.ref.npz")
@@ -229,10 +256,16 @@ def test_lora_merge_matches_torch(flow: Flow) -> None:
     with np.load(flow.path("lora.ref.npz")) as data:
         ref = {k: data[k] for k in data.files}
     with np.load(flow.path("merged.ref.npz")) as data:
-        got = [data[k] for k in sorted((k for k in data.files if k.startswith("out.")), key=lambda k: int(k.split(".")[1]))]
+        got = [
+            data[k] for k in sorted((k for k in data.files if k.startswith("out.")), key=lambda k: int(k.split(".")[1]))
+        ]
     effect = adapter_effect(ref, flow.mask)
     worst = compare(ref, got, flow.mask)
-    flow.record["lora_merge"] = {**worst, "reported": merged.get("output_max_abs_diff"), "effect": effect["abs"],
-                                 "merged": merged.get("merged")}
+    flow.record["lora_merge"] = {
+        **worst,
+        "reported": merged.get("output_max_abs_diff"),
+        "effect": effect["abs"],
+        "merged": merged.get("merged"),
+    }
     assert effect["abs"] > effect["limit"], f"stand-in LoRA weights change the output by only {effect}"
     assert worst["abs"] <= worst["limit"], f"merged model differs from the LoRA model in torch: {worst}"

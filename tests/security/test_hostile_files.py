@@ -59,7 +59,9 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    "command", [c if c == "inspect" else pytest.param(c, marks=pytest.mark.slow) for c in COMMANDS]
+)  # one command in `make test`, every command in `make test-slow`
 def test_crafted_pt2_runs_no_code(command, adapted_pt2, tmp_path, cli):
     marker = tmp_path / "MARKER"
     evil = hostile_pt2(adapted_pt2, tmp_path, marker)
@@ -312,6 +314,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CONFIGS)
 def test_hostile_config_json(case, tmp_path, cli):
     make, words = CONFIGS[case]

@@ -106,7 +106,13 @@ def test_lora_adapted_model_saves_and_reloads(tmp_path, gpt2_base):
     report = adapt(captured, spec)
     stand_in_weights(captured.gm, seed=1)
     meta = save_adapted(tmp_path / "m.adapted.pt2", captured, spec, report)
-    assert meta["adapter"] == {"method": "lora", "r": {"q": 4, "v": 4}, "alpha": 8, "targets": ["q", "v"], "activation": None}
+    assert meta["adapter"] == {
+        "method": "lora",
+        "r": {"q": 4, "v": 4},
+        "alpha": 8,
+        "targets": ["q", "v"],
+        "activation": None,
+    }
     assert meta["sites"][0]["part"] == [0, 3] or meta["sites"][0]["part"] == (0, 3)
     reopened = open_model(str(tmp_path / "m.adapted.pt2"))
     torch.testing.assert_close(_outputs(reopened), _outputs(captured), rtol=0, atol=1e-5)

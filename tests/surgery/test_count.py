@@ -50,7 +50,10 @@ SPECS = [
 
 @pytest.fixture(scope="module")
 def bases(small_config, minilm_base):
-    return {"bert": ("minilm", minilm_base), **{t: (str(small_config(t)), open_model(str(small_config(t)))) for t in ("gpt2", "llama", "t5")}}
+    return {
+        "bert": ("minilm", minilm_base),
+        **{t: (str(small_config(t)), open_model(str(small_config(t)))) for t in ("gpt2", "llama", "t5")},
+    }
 
 
 @pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "t5"])
@@ -101,6 +104,7 @@ NEW_FAMILY_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type, spec", NEW_FAMILY_CASES, ids=lambda x: x if isinstance(x, str) else x.method)
 def test_count_equals_insert_on_other_families(model_type, spec, tmp_path):
     from tests.surgery.test_matrix import write_config
@@ -112,6 +116,7 @@ def test_count_equals_insert_on_other_families(model_type, spec, tmp_path):
     assert counted.sites == len(inserted.sites)
 
 
+@pytest.mark.slow
 def test_bart_houlsby_adapts_three_sites_per_decoder_block(tmp_path):
     from tests.surgery.test_matrix import write_config
 

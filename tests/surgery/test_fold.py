@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from surgery.capture import export_program
@@ -33,18 +34,21 @@ def _check_folded(adapted, tmp_path, projection: str, wide_dim: int) -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gpt2_conv1d_folds(tmp_path, small_config):
     """Conv1D is `addmm(bias, a, W)` with W (in, d): W becomes [W | W W_down], (in, d + r)."""
     adapted = make_adapted(open_model(str(small_config("gpt2"))), tmp_path, 4)
     _check_folded(adapted, tmp_path, "h.0.attn.c_proj.weight", 1)
 
 
+@pytest.mark.slow
 def test_bert_linear_folds(tmp_path, minilm_base):
     """nn.Linear is `linear(a, W, b)` with W (d, in): W gains r rows, W_down^T W."""
     adapted = make_adapted(minilm_base, tmp_path, 4)
     _check_folded(adapted, tmp_path, "encoder.layer.0.attention.output.dense.weight", 0)
 
 
+@pytest.mark.slow
 def test_projections_without_bias_are_left_unfolded(tmp_path, small_config):
     adapted = make_adapted(open_model(str(small_config("llama"))), tmp_path, 4)  # o_proj, down_proj: no bias
     assert folded_copy(adapted.gm, adapted.manifest) is None

@@ -29,7 +29,11 @@ FORMULAS = {
 
 def weights(d: int, r: int, dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(d * 100 + r)
-    down_w, down_b, up_w = torch.randn(d, r, generator=g) / d**0.5, torch.randn(r, generator=g), torch.randn(r, d, generator=g) / r**0.5
+    down_w, down_b, up_w = (
+        torch.randn(d, r, generator=g) / d**0.5,
+        torch.randn(r, generator=g),
+        torch.randn(r, d, generator=g) / r**0.5,
+    )
     return tuple(t.to(device, dtype) for t in (down_w, down_b, up_w))
 
 

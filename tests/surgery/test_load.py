@@ -55,7 +55,9 @@ def _text_pt(tmp_path: Path) -> Path:
 def _config_without_weights(tmp_path: Path) -> Path:
     from transformers import BertConfig
 
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        tmp_path
+    )
     return tmp_path
 
 
@@ -110,11 +112,19 @@ def write_gguf(path: Path, arch: str = "llama", d: int = 64, ff: int = 128, laye
     w.add_vocab_size(vocab)
     shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,)}
     for i in range(layers):
-        shapes.update({f"blk.{i}.attn_norm.weight": (d,), f"blk.{i}.ffn_norm.weight": (d,),
-                       f"blk.{i}.attn_q.weight": (d, d), f"blk.{i}.attn_k.weight": (kv * d // heads, d),
-                       f"blk.{i}.attn_v.weight": (kv * d // heads, d), f"blk.{i}.attn_output.weight": (d, d),
-                       f"blk.{i}.ffn_gate.weight": (ff, d), f"blk.{i}.ffn_up.weight": (ff, d),
-                       f"blk.{i}.ffn_down.weight": (d, ff)})
+        shapes.update(
+            {
+                f"blk.{i}.attn_norm.weight": (d,),
+                f"blk.{i}.ffn_norm.weight": (d,),
+                f"blk.{i}.attn_q.weight": (d, d),
+                f"blk.{i}.attn_k.weight": (kv * d // heads, d),
+                f"blk.{i}.attn_v.weight": (kv * d // heads, d),
+                f"blk.{i}.attn_output.weight": (d, d),
+                f"blk.{i}.ffn_gate.weight": (ff, d),
+                f"blk.{i}.ffn_up.weight": (ff, d),
+                f"blk.{i}.ffn_down.weight": (d, ff),
+            }
+        )
     tensors = {name: (rng.standard_normal(shape) * 0.05).astype(np.float32) for name, shape in shapes.items()}
     for name, t in tensors.items():
         w.add_tensor(name, t)

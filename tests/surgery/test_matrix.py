@@ -36,8 +36,14 @@ pytestmark = pytest.mark.matrix
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "matrix"
 
-_BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=1000,
-             max_position_embeddings=256)
+_BASE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    vocab_size=1000,
+    max_position_embeddings=256,
+)
 _GQA = dict(_BASE, num_key_value_heads=2, head_dim=16)
 
 # One row per family: the model_type and the small config it is built from.
@@ -48,14 +54,24 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "distilbert": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=1000, max_position_embeddings=256),
     "albert": dict(_BASE, embedding_size=32),
     "electra": dict(_BASE, embedding_size=32),
-    "deberta-v2": dict(_BASE, relative_attention=True, position_buckets=32, max_relative_positions=64,
-                       pos_att_type=["p2c", "c2p"]),
+    "deberta-v2": dict(
+        _BASE, relative_attention=True, position_buckets=32, max_relative_positions=64, pos_att_type=["p2c", "c2p"]
+    ),
     "mpnet": _BASE,
     "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=256),
     "gpt_neox": dict(_BASE, use_parallel_residual=True, rotary_pct=0.5),
     "gptj": dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, vocab_size=1000, n_positions=256),
-    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000, parallel_attn=True,
-                   new_decoder_architecture=False, multi_query=False, alibi=False, bias=True),
+    "falcon": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=1000,
+        parallel_attn=True,
+        new_decoder_architecture=False,
+        multi_query=False,
+        alibi=False,
+        bias=True,
+    ),
     "phi": dict(_BASE, partial_rotary_factor=0.5),
     "phi3": dict(_BASE, num_key_value_heads=4, pad_token_id=0),  # q, k, v equal slices of qkv_proj: no GQA
     "llama": _GQA,
@@ -66,8 +82,17 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma2": _GQA,
     "gemma3_text": _GQA,
     "t5": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=1000),
-    "bart": dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-                 encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000, max_position_embeddings=256),
+    "bart": dict(
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        vocab_size=1000,
+        max_position_embeddings=256,
+    ),
     "vit": dict(_BASE, image_size=32, patch_size=8),
     "clip_vision_model": dict(_BASE, image_size=32, patch_size=8),
 }
@@ -82,7 +107,7 @@ WHY = {
     "site; an adapter per layer needs sites by node",
     "mixtral": "sites and insert work (.adapted.pt2 runs in torch); ONNX export fails: transformers 5 computes the "
     "experts with its own op `transformers::grouped_mm_fallback`, which torch.onnx cannot convert "
-    "(\"No ONNX function found\"), with or without adapters",
+    '("No ONNX function found"), with or without adapters',
 }
 
 

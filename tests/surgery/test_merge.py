@@ -147,7 +147,9 @@ def _insert_sequence(base, first, second, sites):
     nodes = {n.name: n for n in captured.gm.graph.nodes}
     for i, site in enumerate(sites):
         target = f"reference_{i}"
-        module = torch.nn.Sequential(first.gm.get_submodule(f"adapters.{site.path}"), second.gm.get_submodule(f"adapters.{site.path}"))
+        module = torch.nn.Sequential(
+            first.gm.get_submodule(f"adapters.{site.path}"), second.gm.get_submodule(f"adapters.{site.path}")
+        )
         captured.gm.add_module(target, module)
         y = nodes[site.node]
         with captured.gm.graph.inserting_after(y):
@@ -189,7 +191,9 @@ def test_lora_average_is_the_weighted_sum_of_deltas(minilm_base):
     a, _ = _adapted(minilm_base, LoraSpec({"q": 8, "v": 8}, alpha=16), seed=1)
     b, _ = _adapted(minilm_base, LoraSpec({"q": 8, "v": 8}, alpha=8), seed=2)
     targets = [str(n.target) for n in adapter_nodes(a.gm)]
-    deltas = {t: 0.7 * a.gm.get_submodule(t).delta_weight() + 0.3 * b.gm.get_submodule(t).delta_weight() for t in targets}
+    deltas = {
+        t: 0.7 * a.gm.get_submodule(t).delta_weight() + 0.3 * b.gm.get_submodule(t).delta_weight() for t in targets
+    }
     avg = _copy(a)
     average_adapters(avg.gm, [b.gm], [0.7, 0.3])
     for t in targets:

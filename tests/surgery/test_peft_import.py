@@ -34,8 +34,14 @@ def _compare(captured, pm):
     "config",
     [
         dict(r=8, lora_alpha=16, target_modules=["query", "value"]),
-        dict(r=8, lora_alpha=16, target_modules=["query", "value", "dense"], use_rslora=True,
-             rank_pattern={"layer.0.attention.self.query": 4, "output.dense": 2}, alpha_pattern={"value": 24}),
+        dict(
+            r=8,
+            lora_alpha=16,
+            target_modules=["query", "value", "dense"],
+            use_rslora=True,
+            rank_pattern={"layer.0.attention.self.query": 4, "output.dense": 2},
+            alpha_pattern={"value": 24},
+        ),
     ],
     ids=["query,value", "rank_pattern+alpha_pattern+rslora"],
 )
@@ -46,7 +52,9 @@ def test_minilm_matches_peft(tmp_path, minilm, config):
     pm = _peft_folder(AutoModel.from_pretrained(get_model_path()).eval(), tmp_path / "peft", **config)
     spec, report, extra = import_peft(minilm, tmp_path / "peft")
     if "rank_pattern" in config:
-        assert spec.ranks["encoder.layer.0.attention.self.query"] == 4 and spec.ranks["encoder.layer.3.output.dense"] == 2
+        assert (
+            spec.ranks["encoder.layer.0.attention.self.query"] == 4 and spec.ranks["encoder.layer.3.output.dense"] == 2
+        )
     else:
         assert len(report.sites) == 12 and set(spec.ranks.values()) == {8}
     ours, theirs = _compare(minilm, pm)
@@ -61,7 +69,9 @@ def test_gpt2_with_fan_in_fan_out_matches_peft(tmp_path, small_config):
     torch.manual_seed(0)
     model = AutoModel.from_config(AutoConfig.from_pretrained(small_config("gpt2"))).eval()
     model.save_pretrained(tmp_path / "base")
-    pm = _peft_folder(model, tmp_path / "peft", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+    pm = _peft_folder(
+        model, tmp_path / "peft", r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True
+    )
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     captured = open_model(str(tmp_path / "base"))
     spec, report, _ = import_peft(captured, tmp_path / "peft")

@@ -85,6 +85,7 @@ def family(tmp_path_factory):
 FAST = {"bert", "gpt2", "mpnet", "gemma3_text", "gptj", "mixtral", "t5"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "model_type",
     [t if t in FAST else pytest.param(t, marks=pytest.mark.matrix) for t in ARCHITECTURES if t in FAMILIES],
@@ -135,6 +136,7 @@ ENCODER_DECODER = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ENCODER_DECODER)
 def test_encoder_decoders_are_captured_with_three_sites_per_decoder_block(model_type, family):
     captured = family(model_type)
