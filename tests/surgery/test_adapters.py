@@ -105,7 +105,7 @@ def test_lora_adapted_model_saves_and_reloads(tmp_path, gpt2_base):
     spec = LoraSpec({"q": 4, "v": 4}, alpha=8)
     report = adapt(captured, spec)
     stand_in_weights(captured.gm, seed=1)
-    meta = save_adapted(tmp_path / "m.adapted.pt2", captured, spec, report)
+    meta = save_adapted(tmp_path / "m.adapted.pt2", captured, spec, report).to_json()
     assert meta["adapter"] == {
         "method": "lora",
         "r": {"q": 4, "v": 4},
@@ -141,9 +141,9 @@ def test_parse_spec():
     assert parse_spec("parallel", "16", scale=4).to_json()["scale"] == 4
 
 
-@pytest.mark.parametrize("roles, message", [(("x",), "no projection x"), (("q",), "no preset")])
+@pytest.mark.parametrize("roles, message", [(("x",), "no projection x"), (("q",), "not in the table")])
 def test_unknown_projections_are_refused(minilm, tiny_pt2, roles, message):
-    captured = minilm if message != "no preset" else open_model(str(tiny_pt2))
+    captured = minilm if message != "not in the table" else open_model(str(tiny_pt2))
     with pytest.raises(SurgeryError, match=message):
         adapt(captured, LoraSpec({r: 4 for r in roles}))
 
