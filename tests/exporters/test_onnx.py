@@ -53,7 +53,9 @@ def test_failed_check_writes_nothing(tmp_path, minilm_base):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "t5"])
+@pytest.mark.parametrize(  # llama and t5 also in every make test-matrix run
+    "model_type", ["gpt2", pytest.param("llama", marks=pytest.mark.slow), pytest.param("t5", marks=pytest.mark.slow)]
+)
 def test_small_architectures_export_with_parity(tmp_path, small_config, model_type):
     captured = open_model(str(small_config(model_type)))
     report = adapt(captured, AdapterSpec("houlsby", r=4, activation="silu"))
