@@ -22,15 +22,17 @@ so, like fuse.py, this is for baked forms (a .pt2 for torch), checked against th
 
 from __future__ import annotations
 
-import copy
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
 
-from surgery.adapters import ACTIVATIONS, Bottleneck, spec_from_json
-from surgery.fuse import BOTTLENECK_METHODS, RESHAPES
-from surgery.sites import Site
+from surgery.adapters import ACTIVATIONS, Bottleneck
+from surgery.fuse import RESHAPES, rewritten_copy
+from surgery.graph import adapter_nodes
+
+if TYPE_CHECKING:
+    from surgery.bundle import Manifest
 
 aten = torch.ops.aten
 
@@ -77,8 +79,6 @@ def fold_bottlenecks(gm: fx.GraphModule) -> int:
     A bottleneck whose input is not a biased projection (`addmm` or `linear`, weight and bias used by it alone)
     used by the adapter alone is left as it is.
     """
-    from surgery.merge import adapter_nodes
-
     folded = 0
     for node in adapter_nodes(gm):
         module = gm.get_submodule(str(node.target))
@@ -111,19 +111,6 @@ def fold_bottlenecks(gm: fx.GraphModule) -> int:
     return folded
 
 
-def folded_copy(gm: fx.GraphModule, manifest: dict[str, Any] | None = None) -> fx.GraphModule | None:
+def folded_copy(gm: fx.GraphModule, manifest: Manifest | None = None) -> fx.GraphModule | None:
     """A copy of `gm` with its bottlenecks folded, or None when there is nothing to fold (see `fuse.fused_copy`)."""
-    from surgery.merge import adapter_nodes, lift_adapters
-
-    lifted = any(isinstance(gm.get_submodule(str(n.target)), Bottleneck) for n in adapter_nodes(gm))
-    inlined = (
-        manifest is not None
-        and manifest.get("adapter", {}).get("method") in BOTTLENECK_METHODS
-        and not {"merged", "route"} & set(manifest)
-    )
-    if not lifted and not inlined:
-        return None
-    out = copy.deepcopy(gm)
-    if not lifted:
-        lift_adapters(out, spec_from_json(manifest["adapter"]), [Site.from_json(s) for s in manifest["sites"]])
-    return out if fold_bottlenecks(out) else None
+    return rewritten_copy(gm, manifest, fold_bottlenecks)

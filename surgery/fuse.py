@@ -24,6 +24,7 @@ is for baked exports only, which are checked against the original, unfused model
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -122,6 +123,14 @@ def fused_copy(gm: fx.GraphModule, manifest: Manifest | None = None, kernel: boo
     `manifest` (of a reloaded .adapted.pt2, whose adapters are inlined) says where the adapters are;
     `kernel` makes them KernelBottlenecks (for torch on CUDA; ONNX export takes the plain fused form).
     """
+    return rewritten_copy(gm, manifest, lambda out: fuse_bottlenecks(out, kernel))
+
+
+def rewritten_copy(
+    gm: fx.GraphModule, manifest: Manifest | None, rewrite: Callable[[fx.GraphModule], int]
+) -> fx.GraphModule | None:
+    """A copy of `gm` with its bottlenecks as modules (lifted by `manifest` where a reloaded .adapted.pt2 has them
+    inlined), rewritten in place by `rewrite`; None when there are no bottlenecks or `rewrite` changed none."""
     lifted = any(isinstance(gm.get_submodule(str(n.target)), Bottleneck) for n in adapter_nodes(gm))
     inlined = (
         manifest is not None
@@ -135,4 +144,4 @@ def fused_copy(gm: fx.GraphModule, manifest: Manifest | None = None, kernel: boo
     if not lifted:
         assert manifest is not None and isinstance(manifest.adapter, AdapterSpec)
         lift_adapters(out, manifest.adapter, list(manifest.sites))
-    return out if fuse_bottlenecks(out, kernel) else None
+    return out if rewrite(out) else None

@@ -23,7 +23,7 @@ def _check_folded(adapted, tmp_path, projection: str, wide_dim: int) -> None:
     before = adapted.gm.get_parameter(projection).clone()
     gm = folded_copy(adapted.gm, adapted.manifest)
     assert gm is not None
-    assert sum(isinstance(m, FoldedBottleneck) for m in gm.modules()) == len(adapted.manifest["sites"])
+    assert sum(isinstance(m, FoldedBottleneck) for m in gm.modules()) == len(adapted.manifest.sites)
     assert gm.get_parameter(projection).shape[wide_dim] == before.shape[wide_dim] + 4
     assert torch.equal(adapted.gm.get_parameter(projection), before)
     reference = _outputs(adapted, adapted.gm)

@@ -161,7 +161,7 @@ def run_family(model_type: str, work: Path, row: dict[str, Any]) -> dict[str, An
     row["roles"] = sorted({s.role for s in sites})
 
     first = stand_in_adapted(base, AdapterSpec("houlsby", r=4), work / "h.adapted.pt2", 0, 100)  # saved, reopened
-    assert len(first.manifest["sites"]) == len(sites)
+    assert len(first.manifest.sites) == len(sites)
     second = dataclasses.replace(first, gm=copy.deepcopy(first.gm))  # the same adapters, other weights
     stand_in_weights(second.gm, seed=101)
     houlsby = [first, second]
