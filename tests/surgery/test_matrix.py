@@ -133,7 +133,7 @@ def per_layer(sites: list) -> str:
 
 def torch_scale(captured: Captured) -> float:
     """max |torch output| over the exporters' check inputs: the denominator of the relative figures."""
-    from exporters.verify import CHECK_SIZES
+    from surgery.parity import CHECK_SIZES
 
     biggest = 0.0
     with torch.no_grad():
