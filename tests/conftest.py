@@ -18,6 +18,7 @@ from torch import nn
 
 from surgery.capture import Captured
 from surgery.pipeline import open_model, stand_in_adapted
+from tests.families import write_config
 
 SURGERY = [sys.executable, "-m", "cli.main"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,30 +93,12 @@ def tiny_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-SMALL_CONFIGS = {
-    "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=128),
-    "llama": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1000,
-        max_position_embeddings=128,
-    ),
-    "t5": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=1000),
-}
-
-
 @pytest.fixture(scope="session")
 def small_config(tmp_path_factory: pytest.TempPathFactory):
-    """Write a small transformers config.json for a model type; returns its path."""
-    from transformers import AutoConfig
+    """Write the small transformers config.json of a model type (`tests/families.py`); returns its path."""
 
     def make(model_type: str) -> Path:
-        folder = tmp_path_factory.mktemp(model_type)
-        AutoConfig.for_model(model_type, **SMALL_CONFIGS[model_type]).save_pretrained(folder)
-        return folder / "config.json"
+        return write_config(model_type, tmp_path_factory.mktemp(model_type))
 
     return make
 

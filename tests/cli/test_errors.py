@@ -13,9 +13,9 @@ import pytest
 from exporters.onnx import export_onnx
 from surgery.errors import SurgeryError
 from surgery.pipeline import open_model
-from tests.conftest import SMALL_CONFIGS
+from tests.families import FAMILIES
 
-VOCAB = SMALL_CONFIGS["llama"]["vocab_size"]
+VOCAB = FAMILIES["llama"]["vocab_size"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ MORE_BAD_INPUTS = {  # checked in-process: the same function, without a subproce
 def test_good_inputs_run(llama_onnx, cli, tmp_path):
     run = cli("run", llama_onnx, "--input", _npz(tmp_path, "ok", input_ids=IDS, attention_mask=MASK), "--json")
     assert run.code == 0, run.stderr
-    assert run.json["outputs"]["last_hidden_state"]["shape"] == [2, 7, SMALL_CONFIGS["llama"]["hidden_size"]]
+    assert run.json["outputs"]["last_hidden_state"]["shape"] == [2, 7, FAMILIES["llama"]["hidden_size"]]
 
 
 @pytest.mark.slow
@@ -98,7 +98,7 @@ def inconsistent_config(tmp_path_factory) -> Path:
     """A Llama config.json that looks fine but cannot run: 4 attention heads over 3 key/value heads. transformers
     builds it; torch fails deep inside attention when the model first runs (at load, before capture)."""
     folder = tmp_path_factory.mktemp("bad-llama")
-    config = {**SMALL_CONFIGS["llama"], "model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 3}
+    config = {**FAMILIES["llama"], "model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 3}
     (folder / "config.json").write_text(json.dumps(config))
     return folder / "config.json"
 

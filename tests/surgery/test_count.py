@@ -107,7 +107,7 @@ NEW_FAMILY_CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type, spec", NEW_FAMILY_CASES, ids=lambda x: x if isinstance(x, str) else x.method)
 def test_count_equals_insert_on_other_families(model_type, spec, tmp_path):
-    from tests.surgery.test_matrix import write_config
+    from tests.families import write_config
 
     config = write_config(model_type, tmp_path)
     inserted = adapt(open_model(str(config)), spec)
@@ -118,7 +118,7 @@ def test_count_equals_insert_on_other_families(model_type, spec, tmp_path):
 
 @pytest.mark.slow
 def test_bart_houlsby_adapts_three_sites_per_decoder_block(tmp_path):
-    from tests.surgery.test_matrix import write_config
+    from tests.families import write_config
 
     report = count(str(write_config("bart", tmp_path)), AdapterSpec("houlsby", r=4))
     assert report.sites == 2 * 2 + 2 * 3  # 2 encoder blocks x 2, 2 decoder blocks x 3

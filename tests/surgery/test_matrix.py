@@ -31,71 +31,11 @@ from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.pipeline import adapt, open_model, stand_in_adapted
 from surgery.sites import find_sites, graph_rule_sites
+from tests.families import FAMILIES, write_config
 
 pytestmark = pytest.mark.matrix
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "matrix"
-
-_BASE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=128,
-    vocab_size=1000,
-    max_position_embeddings=256,
-)
-_GQA = dict(_BASE, num_key_value_heads=2, head_dim=16)
-
-# One row per family: the model_type and the small config it is built from.
-FAMILIES: dict[str, dict[str, Any]] = {
-    "bert": _BASE,
-    "roberta": _BASE,
-    "xlm-roberta": _BASE,
-    "distilbert": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=1000, max_position_embeddings=256),
-    "albert": dict(_BASE, embedding_size=32),
-    "electra": dict(_BASE, embedding_size=32),
-    "deberta-v2": dict(
-        _BASE, relative_attention=True, position_buckets=32, max_relative_positions=64, pos_att_type=["p2c", "c2p"]
-    ),
-    "mpnet": _BASE,
-    "gpt2": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=256),
-    "gpt_neox": dict(_BASE, use_parallel_residual=True, rotary_pct=0.5),
-    "gptj": dict(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, vocab_size=1000, n_positions=256),
-    "falcon": dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=1000,
-        parallel_attn=True,
-        new_decoder_architecture=False,
-        multi_query=False,
-        alibi=False,
-        bias=True,
-    ),
-    "phi": dict(_BASE, partial_rotary_factor=0.5),
-    "phi3": dict(_BASE, num_key_value_heads=4, pad_token_id=0),  # q, k, v equal slices of qkv_proj: no GQA
-    "llama": _GQA,
-    "mistral": _GQA,
-    "mixtral": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
-    "qwen2": _GQA,
-    "qwen3": _GQA,
-    "gemma2": _GQA,
-    "gemma3_text": _GQA,
-    "t5": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=1000),
-    "bart": dict(
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        vocab_size=1000,
-        max_position_embeddings=256,
-    ),
-    "vit": dict(_BASE, image_size=32, patch_size=8),
-    "clip_vision_model": dict(_BASE, image_size=32, patch_size=8),
-}
 
 # Families that do not work, with the reason (a substring of the error) the test checks they still fail with.
 KNOWN_FAILURES: dict[str, str] = {
@@ -109,13 +49,6 @@ WHY = {
     "experts with its own op `transformers::grouped_mm_fallback`, which torch.onnx cannot convert "
     '("No ONNX function found"), with or without adapters',
 }
-
-
-def write_config(model_type: str, folder: Path) -> Path:
-    from transformers import AutoConfig
-
-    AutoConfig.for_model(model_type, **FAMILIES[model_type]).save_pretrained(folder)
-    return folder / "config.json"
 
 
 def per_layer(sites: list) -> str:

@@ -8,7 +8,7 @@ from surgery.errors import SurgeryError
 from surgery.pipeline import open_model
 from surgery.architectures import ARCHITECTURES, CROSS_OUT, block_of
 from surgery.sites import ATTN_OUT, FFN_OUT, TARGET, find_sites, graph_rule_sites
-from tests.surgery.test_matrix import FAMILIES, write_config
+from tests.families import FAMILIES, write_config
 
 
 def test_minilm_preset_finds_both_projections_of_every_layer(minilm_base):
