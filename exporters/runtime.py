@@ -9,17 +9,23 @@ Packs are checked against the export (fingerprint, tensor names, shapes) before 
 Each is memory-mapped by `onnxruntime.LoraAdapter` and activated through its own `RunOptions`, so a swap
 is the choice of a RunOptions object: no new session, no copy of the base weights. A `.safetensors`
 pack is converted once, at load, into ORT's format in a temporary folder that lives with the session.
+
+With no pack active, the slots add zero but ONNX Runtime would still run them (empty GEMMs, full-size adds): a
+run without an adapter takes a second session of the base graph cut out of the export (`slots.base_only`), built
+on first use. It holds its own copy of the base weights; `base_path=False` keeps one session for everything (and
+a model with external data always does).
 """
 
 from __future__ import annotations
 
 import tempfile
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from exporters.slots import SwappableMeta
+from exporters.slots import SwappableMeta, base_only
 from exporters.verify import CPU, ort_session
 from surgery.adapters import AdapterSpec
 from surgery.errors import SurgeryError
@@ -30,10 +36,19 @@ from surgery.safe_files import check_name, check_onnx_data
 class AdaptedSession:
     """A swappable ONNX model and the adapter packs loaded into it."""
 
-    def __init__(self, path: str | Path, threads: int = 2, spinning: bool = True, providers: tuple[str, ...] = CPU):
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int = 2,
+        spinning: bool = True,
+        providers: tuple[str, ...] = CPU,
+        base_path: bool = True,
+    ):
         self.path = Path(path)
         check_onnx_data(self.path)  # before ONNX Runtime opens it: external data stays beside the model
-        self.session = ort_session(self.path, threads=threads, spinning=spinning, providers=providers)
+        self._settings = dict(threads=threads, spinning=spinning, providers=providers)
+        self._base_path = base_path
+        self.session = ort_session(self.path, **self._settings)
         slots = SwappableMeta.from_metadata(self.session.get_modelmeta().custom_metadata_map, str(path))
         self.fingerprint = slots.fingerprint
         self.widths: dict[str, int] = slots.widths
@@ -42,6 +57,20 @@ class AdaptedSession:
         self._options: dict[str, Any] = {}
         self._keep: list[Any] = []  # LoraAdapter objects must outlive the RunOptions that name them
         self._tmp = tempfile.TemporaryDirectory(prefix="surgery-packs-")
+
+    @cached_property
+    def base_session(self) -> Any:
+        """The session that runs the model with no pack: the base graph alone where it can be cut out of the
+        export (see the module's docstring), else the swappable session itself."""
+        import onnx
+
+        if not self._base_path:
+            return self.session
+        model = onnx.load(str(self.path), load_external_data=False)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+            return self.session
+        base = base_only(model, self.widths)
+        return self.session if base is None else ort_session(base.SerializeToString(), **self._settings)
 
     @property
     def adapters(self) -> list[str]:
@@ -82,4 +111,6 @@ class AdaptedSession:
         if missing:
             raise SurgeryError(f"missing input {missing[0]!r}; this model takes {', '.join(self.inputs)}")
         feeds = {n: inputs[n] for n in self.inputs}
+        if adapter is None:
+            return self.base_session.run(None, feeds)
         return self.session.run(None, feeds, self.run_options(adapter))

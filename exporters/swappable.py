@@ -115,6 +115,10 @@ def export_swappable(
         base = _with_adapters(captured.gm, "base")
         base_parity = check_session(session.session, base, captured.signature, tolerance, rtol=rtol)
         refuse_mismatch(base_parity, what, " with no pack active")
+        if session.base_session is not session.session:  # the base graph cut out for runs with no pack
+            cut = check_session(session.base_session, base, captured.signature, tolerance, rtol=rtol)
+            refuse_mismatch(cut, what, " as the base graph for runs with no pack")
+            base_parity = max(base_parity, cut, key=lambda p: p.max_abs_diff)
         session.load("own", pack_from_model(captured.gm.state_dict(), captured.manifest))
         own = session.run_options("own")
         pack_parity = check_session(

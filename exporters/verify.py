@@ -22,9 +22,11 @@ CPU = ("CPUExecutionProvider",)
 CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")  # ops without a CUDA kernel fall back to the CPU
 
 
-def ort_session(path: str | Path, threads: int = 2, spinning: bool = True, providers: tuple[str, ...] = CPU) -> Any:
-    """An ONNX Runtime session (CPU unless `providers` says otherwise) with a fixed thread count (and, for
-    alternated timing, no spinning)."""
+def ort_session(
+    path: str | Path | bytes, threads: int = 2, spinning: bool = True, providers: tuple[str, ...] = CPU
+) -> Any:
+    """An ONNX Runtime session of a model file (or a serialized model) on the CPU unless `providers` says otherwise,
+    with a fixed thread count (and, for alternated timing, no spinning)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -33,7 +35,7 @@ def ort_session(path: str | Path, threads: int = 2, spinning: bool = True, provi
     opts.log_severity_level = 4  # errors reach the caller as exceptions; ORT would also log them
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=list(providers))
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=list(providers))
 
 
 def feeds(session: Any, signature: Signature, tensors: list[torch.Tensor]) -> dict[str, np.ndarray]:

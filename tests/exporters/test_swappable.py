@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from exporters.runtime import AdaptedSession
+from exporters.slots import base_only
 from exporters.swappable import RANK, export_routed, export_swappable
 from exporters.verify import check_session
 from surgery.adapters import AdapterSpec
@@ -61,6 +62,27 @@ def test_each_pack_matches_torch_and_no_pack_is_the_base(swappable, models, mini
         assert parity.max_abs_diff < 1e-4, (r, parity)
     base = check_session(session.session, minilm_base.gm, minilm_base.signature, 1e-4)
     assert base.max_abs_diff < 1e-4, base
+
+
+def test_no_pack_runs_the_base_graph_cut_out_of_the_export(swappable, models, minilm_base):
+    result, packs = swappable
+    session = AdaptedSession(result.path)
+    assert session.base_session is not session.session
+    model = onnx.load(str(result.path))
+    base = base_only(model, session.widths)
+    assert not [i for i in base.graph.input if i.name.startswith("adapters.")]
+    assert not [t for t in base.graph.initializer if t.name.startswith("adapters.")]
+    assert len(base.graph.node) == len(model.graph.node) - 12 * 6  # MatMul, Add, Relu, MatMul, Add, Add per slot
+    parity = check_session(session.base_session, minilm_base.gm, minilm_base.signature, 1e-4)
+    assert parity.max_abs_diff < 1e-4, parity
+    x = dict(
+        zip(minilm_base.signature.names, (t.numpy() for t in minilm_base.signature.examples({"batch": 2, "seq": 9})))
+    )
+    session.load("r8", packs[8])
+    no_pack, with_pack = session.run(x)[0], session.run(x, adapter="r8")[0]
+    assert np.abs(no_pack - session.session.run(None, x)[0]).max() < 1e-4  # the slot path with no pack agrees
+    assert np.abs(no_pack - with_pack).max() > 0.01  # and the pack still changes the run
+    assert AdaptedSession(result.path, base_path=False).base_session is not None
 
 
 def test_switching_back_and_forth_repeats_the_same_numbers(swappable, models):
