@@ -20,12 +20,12 @@ demo: $(STAMP)
 	$(BIN)/surgery demo --out out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2  # two workers: the suite is mostly single-threaded Python start-up and export
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope  # two workers, each module on one (its module fixtures built once)
 
 # the slower tier: every command against the hostile-file corpus, the CLI error paths, the bench CLI, torch.compile,
 # the graph rule over more families, the fold variant
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m slow
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

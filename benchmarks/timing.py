@@ -31,9 +31,12 @@ class Timing:
     p90_ms: float
     runs: int
     ratio_to_first: float  # median over calls of (this call / the first model's call in the same round)
+    interval: tuple[float, float] | None = None  # 95% interval on this / first - 1, from the paired calls
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        out = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        out["interval"] = [round(v, 4) for v in self.interval] if self.interval else None
+        return out
 
 
 def machine() -> dict[str, str]:
@@ -66,7 +69,8 @@ def time_interleaved(calls: dict[str, Callable[[], object]], runs: int = 100, wa
     for name, ts in times.items():
         q = np.percentile(ts, [10, 90])
         ratio = statistics.median(t / f for t, f in zip(ts, first))
-        out.append(Timing(name, statistics.median(ts), float(q[0]), float(q[1]), runs, ratio))
+        interval = paired_overhead(ts, first) if name != next(iter(times)) else None
+        out.append(Timing(name, statistics.median(ts), float(q[0]), float(q[1]), runs, ratio, interval))
     return out
 
 
