@@ -26,10 +26,8 @@ from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.packs import load_pack, pack_from_model, save_pack
 from surgery.parity import compare
-from surgery.pipeline import open_model
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "adapterhub"
-GPT2 = DATA / "gpt2-tiny"
 
 # case -> (method, site forms, r)
 MINILM_CASES = {
@@ -49,10 +47,9 @@ GPT2_CASES = {
 }
 
 
-@pytest.fixture(scope="session")
-def gpt2_base() -> Captured:
-    """The GPT-2-shaped base of the references (width 32, 2 layers), captured once. Do not mutate."""
-    return open_model(str(GPT2))
+@pytest.fixture
+def gpt2_base(adapterhub_gpt2: Captured) -> Captured:
+    return adapterhub_gpt2
 
 
 def _private(base: Captured) -> Captured:
