@@ -87,7 +87,10 @@ class Site:
     form: str | None = None  # None: the adapter follows `node`; else one of FORMS (AdapterHub's placements)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["form"] is None:  # the JSON of earlier versions, for every site but AdapterHub's placements
+            del d["form"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Site:

@@ -154,3 +154,16 @@ def test_unexpressible_placement_refused(gpt2_base, tmp_path, options):
 def test_wrong_base_refused(minilm):
     with pytest.raises(SurgeryError, match="trained on a gpt2, --base is a bert"):
         import_adapterhub(minilm, DATA / "gpt2-houlsby")
+
+
+def test_bin_pickle_runs_no_code(tmp_path):
+    """pytorch_adapter.bin is read with torch.load(weights_only=True): a pickle that would run code is refused."""
+    from tests.security.hostile import Payload
+
+    marker = tmp_path / "MARKER"
+    folder = tmp_path / "evil"
+    shutil.copytree(DATA / "gpt2-pfeiffer", folder)
+    torch.save({"x": Payload(marker)}, folder / "pytorch_adapter.bin")
+    with pytest.raises(SurgeryError, match="pytorch_adapter.bin: refused") as err:
+        read_adapterhub(folder)
+    assert "\n" not in str(err.value) and not marker.exists()
