@@ -8,7 +8,21 @@ from typing import Annotated
 
 import typer
 
-from cli import bench, count, demo, export, import_peft, inspect, insert, merge, pack, run, trt
+from cli import (
+    bench,
+    count,
+    demo,
+    export,
+    export_peft,
+    import_adapters,
+    import_peft,
+    inspect,
+    insert,
+    merge,
+    pack,
+    run,
+    trt,
+)
 from cli.common import Run, error_line, fail, quiet_libraries
 
 app = typer.Typer(
@@ -30,6 +44,8 @@ app.command("check-trt")(trt.check_trt)
 app.command("count")(count.count)
 app.command("merge")(merge.merge)
 app.command("import-peft")(import_peft.import_peft)
+app.command("import-adapters")(import_adapters.import_adapters)
+app.command("export-peft")(export_peft.export_peft)
 
 
 @app.callback()

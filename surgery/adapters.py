@@ -292,7 +292,7 @@ def make_adapter(spec: AdapterSpec | LoraSpec, site: Site, dtype: torch.dtype = 
             start=i * site.width,
             dtype=dtype,
         )
-    if spec.method == "parallel":
+    if spec.method == "parallel" or site.input is not None:  # reads x (site.input), adds to y (site.node)
         return Parallel(site.width, spec.r, spec.activation, spec.scale, dtype=dtype)
     return Bottleneck(site.width, spec.r, spec.activation, dtype=dtype)
 

@@ -73,11 +73,23 @@ class Peft:
 
 
 @dataclass(frozen=True)
+class AdapterHub:
+    """Where an imported AdapterHub adapter came from (`surgery import-adapters`): its folder, name and config,
+    how its placement maps to sites, and what was skipped (a prediction head)."""
+
+    folder: str
+    name: str
+    config: dict[str, Any]
+    how: str
+    skipped: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What an `.adapted.pt2` holds: the adapters `adapter` put at `sites` of the model `source`.
 
     `merged`, `stack` and `average` say what `surgery merge` did, if anything, `peft` what `surgery import-peft`
-    read; `route` names the models of a
+    read, `adapterhub` what `surgery import-adapters` read; `route` names the models of a
     routed graph (in memory only: route.py). Validated here, so a damaged file fails when it is opened.
     """
 
@@ -93,6 +105,7 @@ class Manifest:
     average: Average | None = None
     peft: Peft | None = None
     route: tuple[str, ...] | None = None
+    adapterhub: AdapterHub | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter, (AdapterSpec, LoraSpec, StackSpec)):
@@ -130,6 +143,8 @@ class Manifest:
             d["peft"] = asdict(self.peft)
         if self.route is not None:
             d["route"] = list(self.route)
+        if self.adapterhub is not None:
+            d["adapterhub"] = {**asdict(self.adapterhub), "skipped": list(self.adapterhub.skipped)}
         return d
 
     @classmethod
@@ -154,9 +169,14 @@ class Manifest:
                 else None,
                 peft=Peft(**peft) if peft is not None else None,
                 route=tuple(d["route"]) if "route" in d else None,
+                adapterhub=_adapterhub(d.get("adapterhub")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SurgeryError(f"{where}: damaged manifest ({type(exc).__name__}: {exc}); {_REMAKE}") from exc
+
+
+def _adapterhub(d: dict[str, Any] | None) -> AdapterHub | None:
+    return None if d is None else AdapterHub(**{**d, "skipped": tuple(d.get("skipped", ()))})
 
 
 def adapted_manifest(
@@ -184,14 +204,18 @@ def save_adapted(
     stack: tuple[StackPart, ...] | None = None,
     average: Average | None = None,
     peft: Peft | None = None,
+    adapterhub: AdapterHub | None = None,
     files: dict[str, str] | None = None,
 ) -> Manifest:
     """Re-export the adapted GraphModule (same dynamic axes) and save it with its manifest, atomically.
 
-    `merged`, `stack`, `average` say what `surgery merge` did, `peft` what `import-peft` read; `files` are
+    `merged`, `stack`, `average` say what `surgery merge` did, `peft` what `import-peft` read, `adapterhub` what
+    `import-adapters` read; `files` are
     more extra files of the archive (text).
     """
-    meta = adapted_manifest(captured, spec, report, merged=merged, stack=stack, average=average, peft=peft)
+    meta = adapted_manifest(
+        captured, spec, report, merged=merged, stack=stack, average=average, peft=peft, adapterhub=adapterhub
+    )
     program = export_program(captured.gm, captured.signature, str(path))
     with atomic_output(path) as tmp:
         text = json.dumps(meta.to_json(), indent=1)

@@ -39,6 +39,40 @@ def insert_after(gm: fx.GraphModule, node: fx.Node, target: str, args: tuple[fx.
     return new
 
 
+def insert_before_norm(gm: fx.GraphModule, y: fx.Node, z: fx.Node, target: str) -> fx.Node:
+    """Insert `target(z, y)` (an adapter that reads the norm z and adds to y) and apply the add and the norm again.
+
+    Before: `a = add(y', x); z = layer_norm(a, ...); ... = g(z)` (y' is y or y through dropout).
+    After:  `a = add(y', x); z = layer_norm(a, ...); p = self.target(z, y); a_1 = add(p, x);
+    z_1 = layer_norm(a_1, ...); ... = g(z_1)`: LN(y + f(LN(y + x)) + x), AdapterHub's Pfeiffer placement in a
+    post-LN block (original_ln_before and original_ln_after, the norm's weights used twice). With the adapter
+    removed (p = y) z_1 is z again. The caller registers the submodule and ends its pass with lint() and recompile().
+    """
+    a = z.args[0]
+    if not isinstance(a, fx.Node) or len(a.args) < 2 or len(z.users) == 0:
+        raise SurgeryError(f"{z.format_node()}: not a norm of a residual add; this placement needs LN(y + x)")
+    branch = a.args[0] if _reaches(y, a.args[0]) else a.args[1]
+    with gm.graph.inserting_after(z):
+        p = gm.graph.call_module(target, (z, y))
+    p.meta["val"] = y.meta.get("val")
+    with gm.graph.inserting_after(p):
+        a1 = gm.graph.node_copy(a, lambda n: p if n is branch else n)
+    with gm.graph.inserting_after(a1):
+        z1 = gm.graph.node_copy(z, lambda n: a1 if n is a else n)
+    z.replace_all_uses_with(z1, delete_user_cb=lambda user: user is not p)
+    return p
+
+
+def _reaches(src: fx.Node, dst: object) -> bool:
+    """Whether `dst` is `src` or follows it through single-input steps (dropout, views)."""
+    while isinstance(dst, fx.Node):
+        if dst is src:
+            return True
+        inputs = [n for n in dst.all_input_nodes if n.op != "get_attr"]
+        dst = inputs[0] if len(inputs) == 1 else None
+    return False
+
+
 def lift_adapters(gm: fx.GraphModule, spec: AdapterSpec | LoraSpec, sites: list[Site]) -> None:
     """Turn each site's inlined adapter (a reloaded `.pt2`) back into one `call_module` node, in place.
 

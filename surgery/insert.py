@@ -29,8 +29,8 @@ from torch import fx
 
 from surgery.adapters import METHODS, AdapterSpec, LoraSpec, make_adapter
 from surgery.errors import SurgeryError
-from surgery.graph import adapter_target, insert_after
-from surgery.sites import RESIDUAL, Site, find_sites, parallel_sites, projection_sites
+from surgery.graph import adapter_target, insert_after, insert_before_norm
+from surgery.sites import BEFORE_NORM, RESIDUAL, Site, find_sites, parallel_sites, projection_sites
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,8 @@ def insert_adapters(gm: fx.GraphModule, sites: list[Site], spec: AdapterSpec | L
 
     After the site's output node: `adapter(y)`, or `adapter(x, y)` for a site with an `input` node.
     Several adapters at one node (LoRA on q and v of a fused c_attn) chain: y -> v(x, y) -> q(x, .).
+    A site of form `before_norm` reads the norm after y and adds to y, and the add and norm run again
+    (`graph.insert_before_norm`).
     """
     for p in gm.parameters():
         p.requires_grad_(False)
@@ -89,7 +91,11 @@ def insert_adapters(gm: fx.GraphModule, sites: list[Site], spec: AdapterSpec | L
         adapter = make_adapter(spec, site, dtype=node.meta["val"].dtype)
         target = adapter_target(site)
         gm.add_submodule(target, adapter)
-        insert_after(gm, node, target, (node,) if site.input is None else (nodes[site.input], node))
+        if site.form == BEFORE_NORM:
+            assert site.input is not None
+            insert_before_norm(gm, node, nodes[site.input], target)
+        else:
+            insert_after(gm, node, target, (node,) if site.input is None else (nodes[site.input], node))
     gm.graph.lint()
     gm.recompile()
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)

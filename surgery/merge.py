@@ -188,6 +188,11 @@ def stack_adapters(gm: fx.GraphModule, other: fx.GraphModule, sites: list[Site],
     `sites` are `other`'s, whose adapters (lifted) move under `prefix` (e.g. `adapters.1`); returns them.
     """
     for site in sites:
+        if site.form is not None:
+            raise SurgeryError(
+                f"site {site.path}: an imported adapter placed {site.form.replace('_', ' ')} cannot be stacked; "
+                "stack adapters that follow their sublayer's output (surgery insert, or an AdapterHub Houlsby)"
+            )
         module = other.get_submodule(adapter_target(site))
         target = prefix + adapter_target(site).removeprefix(ADAPTER_ROOT)
         gm.add_submodule(target, module)

@@ -63,15 +63,16 @@ def read_peft(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
             f"{folder}: modules_to_save ({', '.join(config['modules_to_save'])}) are full copies of base modules; "
             "not supported, save the adapter without them"
         )
-    tensors = _read_tensors(weights_path)
+    tensors = read_tensors(weights_path)
     odd = [k for k in tensors if not re.search(r"\.lora_[AB]\.weight$", k)]
     if odd:
         raise SurgeryError(f"{folder}: tensors other than LoRA A/B on linear layers ({odd[0]}, ...) are not supported")
     return config, tensors
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of adapter_model.safetensors, or of adapter_model.bin through torch's restricted unpickler."""
+def read_tensors(path: Path, save: str = "peft_model.save_pretrained(folder)") -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or of a torch.save .bin through torch's restricted unpickler;
+    `save` says how to write the adapter again."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -80,21 +81,25 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise SurgeryError(f"{path}: not a readable safetensors file ({exc}); save the adapter again") from exc
+            raise SurgeryError(
+                f"{path}: not a readable safetensors file ({exc}); save the adapter again: {save}"
+            ) from exc
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the restricted unpickler raises UnpicklingError; a damaged file anything
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SurgeryError(
             f"{path}: refused, it is a pickle that holds more than tensors ({reason}); loading it would run code. "
-            "Save the adapter as safetensors (peft_model.save_pretrained(folder))"
+            f"Save the adapter as safetensors ({save})"
         ) from exc
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise SurgeryError(f"{path}: holds a {type(tensors).__name__}, not a dict of tensors; save the adapter again")
+        raise SurgeryError(
+            f"{path}: holds a {type(tensors).__name__}, not a dict of tensors; save the adapter again: {save}"
+        )
     return tensors
 
 
-def _resolve(path: str, known: set[str]) -> str:
+def resolve(path: str, known: set[str], what: str = "PEFT") -> str:
     """PEFT's module path in our graph: as is, or without the task head's wrapper (`transformer.`, `bert.`, ...)."""
     parts = path.split(".")
     for i in range(len(parts)):
@@ -102,7 +107,8 @@ def _resolve(path: str, known: set[str]) -> str:
         if candidate in known:
             return candidate
     raise SurgeryError(
-        f"PEFT adapts module {path}, which the base model's graph does not have; is --base the model it was trained on?"
+        f"{what} adapts module {path}, which the base model's graph does not have; "
+        "is --base the model it was trained on?"
     )
 
 
@@ -128,7 +134,7 @@ def import_peft(captured: Captured, folder: str | Path) -> tuple[LoraSpec, Inser
     peft_paths = sorted({k.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for k in tensors}, key=natural)
     sites, pairs = [], {}
     for peft_path in peft_paths:
-        path = _resolve(peft_path, known)
+        path = resolve(peft_path, known)
         A = tensors[f"{PREFIX}{peft_path}.lora_A.weight"]  # (r, d_in)
         B = tensors[f"{PREFIX}{peft_path}.lora_B.weight"]  # (d_out, r)
         r = A.shape[0]

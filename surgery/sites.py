@@ -56,6 +56,15 @@ PASS_THROUGH = {
 }
 ADD_OPS = {aten.add.Tensor, aten.add_.Tensor, operator.add}
 
+# Where else a bottleneck can sit, relative to the residual add `a = y + x` after a sublayer output `y` and, in a
+# post-LN block, the norm `z = LN(a)` after it (the placements of AdapterHub's `adapters`, surgery/adapterhub.py):
+AFTER_ADD = "after_add"  # `node` is the add a: a + f(a), the adapter on the residual stream (pre-LN, GPT-2)
+AFTER_NORM = "after_norm"  # `node` is the norm z: z + f(z), after the block's output norm (post-LN, BERT)
+BEFORE_NORM = (
+    "before_norm"  # `node` is y, `input` z: LN(y + f(z) + x), the norm applied again (graph.insert_before_norm)
+)
+FORMS = (AFTER_ADD, AFTER_NORM, BEFORE_NORM)
+
 
 @dataclass(frozen=True)
 class Site:
@@ -75,9 +84,13 @@ class Site:
     input_path: str | None = None  # the module whose input that is
     d_in: int | None = None  # size of the input's last axis
     part: tuple[int, int] | None = None  # (i, n): the i-th of n equal slices of a fused projection's output
+    form: str | None = None  # None: the adapter follows `node`; else one of FORMS (AdapterHub's placements)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["form"] is None:  # the JSON of earlier versions, for every site but AdapterHub's placements
+            del d["form"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Site:

@@ -30,6 +30,13 @@ def minilm_base() -> Captured:
     return open_model("minilm")
 
 
+@pytest.fixture(scope="session")
+def adapterhub_gpt2() -> Captured:
+    """The GPT-2-shaped base of the AdapterHub references (tests/data/adapterhub/gpt2-tiny: width 32, 2 layers),
+    captured once. Do not mutate: copy its `gm`."""
+    return open_model(str(ROOT / "tests" / "data" / "adapterhub" / "gpt2-tiny"))
+
+
 @pytest.fixture
 def minilm(minilm_base: Captured) -> Captured:
     """A private copy of the captured MiniLM that a test may rewrite."""

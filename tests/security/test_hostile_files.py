@@ -4,6 +4,7 @@ creates no marker and writes nothing. The hostile files are made here, on the fl
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def _peft_folder(folder: Path) -> str:
     return "peft"
 
 
+def _adapterhub_folder(folder: Path) -> str:
+    """A real AdapterHub folder (read before the base is opened, so it must pass on its own)."""
+    shutil.copytree(Path(__file__).resolve().parents[1] / "data" / "adapterhub" / "gpt2-pfeiffer", folder / "hub")
+    return "hub"
+
+
 # For each command that opens a .pt2: its arguments, given the hostile file's name and the work folder.
 COMMANDS = {
     "inspect": lambda evil, t: ["inspect", evil],
@@ -55,6 +62,8 @@ COMMANDS = {
     "merge": lambda evil, t: ["merge", evil, "-o", "out.pt2"],
     "merge-stack": lambda evil, t: ["merge", evil, evil, "--stack", "-o", "out.pt2"],
     "import-peft": lambda evil, t: ["import-peft", _peft_folder(t), "--base", evil, "-o", "out.adapted.pt2"],
+    "import-adapters": lambda evil, t: ["import-adapters", _adapterhub_folder(t), "--base", evil, "-o", "o.pt2"],
+    "export-peft": lambda evil, t: ["export-peft", evil, "-o", "out.peft"],
     "run": lambda evil, t: ["run", _fake_engine(t), "--against", evil],
 }
 
