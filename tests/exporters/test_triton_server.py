@@ -98,6 +98,7 @@ def server(world):
     yield s
     for client in CLIENTS:
         client.close()
+    CLIENTS.clear()  # collected now, not at interpreter exit (where grpc's __del__ fails noisily)
     code = s.stop()
     assert code == 0, s.log_tail()
 
