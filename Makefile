@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-matrix test-real real-results lint setup clean
+.PHONY: demo test test-slow test-matrix test-real real-results test-triton lint setup clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,13 @@ test-real: $(STAMP)
 # the same run, writing its figures to benchmarks/results/real_checkpoints.{json,md}
 real-results: $(STAMP)
 	$(BIN)/python -m pytest -q -m real tests/real --real-results benchmarks/results/real_checkpoints.json
+
+# a real Triton Inference Server (bundled in nvidia-pytriton, installed without its numpy<2 pin) on repositories
+# that `surgery export --triton-repo` writes: per-request adapters over HTTP and gRPC, batching, reloads
+test-triton: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[serve]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps nvidia-pytriton==0.7.0
+	$(BIN)/python -m pytest -q -m triton tests/exporters/test_triton_model.py tests/exporters/test_triton_server.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

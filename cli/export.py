@@ -8,6 +8,7 @@ Baked (default): adapter weights as initializers. `--swappable`: adapter slots t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -17,9 +18,10 @@ from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.swappable import export_routed, export_swappable
 from exporters.tensorrt import TensorRTMissing, build_engine, parse_shapes, prepare_trt
-from exporters.triton import write_triton_repo
+from exporters.triton import write_python_model, write_triton_repo
 from surgery.errors import SurgeryError
 from surgery.io import check_output
+from surgery.packs import pack_from_model
 from surgery.parity import ATOL, RTOL
 from surgery.pipeline import default_output, open_model
 
@@ -96,8 +98,8 @@ def export(
                 "--fused-pt2 writes a torch program; --swappable, --route and --triton-repo are ONNX exports"
             )
         return _export_fused_pt2(sources[0], output, tolerance, rtol, trust, input_shape, input_dtype, json)
-    if triton_repo and (swappable or route):
-        raise SurgeryError("--triton-repo takes a baked model (plain ONNX or --trt); Triton cannot feed adapter slots")
+    if triton_repo and Path(triton_repo).exists() and not Path(triton_repo).is_dir():
+        raise SurgeryError(f"--triton-repo {triton_repo}: exists and is not a folder; name a folder (it is created)")
     suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
     path = check_output(output or default_output(sources[0], suffix))
     with step(f"load {', '.join(s or 'minilm' for s in sources)}"):
@@ -112,8 +114,8 @@ def export(
             result = export_onnx(m.gm, m.signature, path, tolerance=tolerance, rtol=rtol, manifest=m.manifest)
     data = result.to_json()
     if triton_repo:
-        repo = write_triton_repo(triton_repo, path, path, models[0].signature, path.name.split(".")[0])
-        data["triton"] = str(repo.config)
+        with step(f"write the Triton repository {triton_repo}"):
+            data["triton"] = _triton(triton_repo, path, sources, models, route, swappable)
     if json:
         emit_json(data)
         return
@@ -131,6 +133,34 @@ def export(
             f"{len(data['route'])} adapters stacked at rank {data['padded_rank']}; "
             f"rows checked with ids {data['checked_ids']}"
         )
+    for config in data.get("triton", []):
+        out.print(f"wrote {config}")
+    if triton_repo:
+        out.print(f"serve it with: surgery serve {triton_repo}")
+
+
+def adapter_name(source: str | None) -> str:
+    """The name a routed model's adapter is asked for by: the file name without its suffixes (a.adapted.pt2: a)."""
+    return (source or "minilm").replace("\\", "/").rsplit("/", 1)[-1].split(".")[0]
+
+
+def _triton(repo, path, sources, models, route, swappable) -> list[str]:
+    """The ONNX Runtime-backend model (plain exports: Triton's backend cannot feed adapter slots or choose
+    adapters) and the Python-backend one; the config files written."""
+    name = path.name.split(".")[0]
+    signature = models[0].signature
+    written = []
+    if route:
+        names = [adapter_name(s) for s in sources]
+        written.append(write_python_model(repo, path, signature, name, "routed", adapters=names).config)
+    elif swappable:
+        m = models[0]
+        own = {adapter_name(sources[0]): pack_from_model(m.gm.state_dict(), m.manifest)}
+        written.append(write_python_model(repo, path, signature, name, "swappable", packs=own).config)
+    else:
+        written.append(write_triton_repo(repo, path, path, signature, name).config)
+        written.append(write_python_model(repo, path, signature, name, "plain").config)
+    return [str(c) for c in written]
 
 
 def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input_dtype, json) -> None:

@@ -21,6 +21,7 @@ from cli import (
     merge,
     pack,
     run,
+    serve,
     trt,
 )
 from cli.common import Run, error_line, fail, quiet_libraries
@@ -46,6 +47,7 @@ app.command("merge")(merge.merge)
 app.command("import-peft")(import_peft.import_peft)
 app.command("import-adapters")(import_adapters.import_adapters)
 app.command("export-peft")(export_peft.export_peft)
+app.command("serve")(serve.serve)
 
 
 @app.callback()

@@ -2,6 +2,15 @@
 
     DIR/NAME/config.pbtxt
     DIR/NAME/1/model.onnx        (platform onnxruntime_onnx)   or   1/model.plan (platform tensorrt_plan)
+    DIR/NAME-python/config.pbtxt (backend python: the project's runtime on ONNX Runtime, `exporters/triton_model.py`)
+    DIR/NAME-python/1/model.py, 1/model.onnx
+    DIR/NAME-python/adapters/    (swappable: the packs it serves, loaded at model load)
+
+The Python-backend model takes the ONNX inputs plus an optional string input `adapter` (or the request parameter
+`adapter`) and, with Triton's dynamic batcher, runs the requests of one batch together: for a routed export the
+requests of different adapters in one ONNX Runtime call (`adapter_id` per row), for a swappable export one call
+per adapter. It is written for plain, swappable and routed ONNX exports; `exporters/triton_server.py` starts the
+server bundled in the `nvidia-pytriton` wheel on it.
 
 Inputs and outputs, their data types and dims come from the ONNX graph the model was exported as (a dynamic
 dimension is -1). When every input and output starts with the dynamic `batch` axis, Triton batches:
@@ -11,14 +20,19 @@ Model configuration reference: https://docs.nvidia.com/deeplearning/triton-infer
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 
 from surgery.errors import SurgeryError
+from surgery.packs import Pack, save_pack
 from surgery.safe_files import check_name
+from surgery.sites import ADAPTER_ROOT
 from surgery.signature import BATCH, Signature
 
 # ONNX element type -> Triton data type
@@ -33,6 +47,26 @@ TRITON_TYPES = {
     "UINT8": "TYPE_UINT8",
     "BOOL": "TYPE_BOOL",
 }
+KINDS = ("plain", "swappable", "routed")  # the ONNX exports the Python-backend model serves
+PYTHON_SUFFIX = "-python"
+ADAPTER_INPUT = "adapter"  # the optional string input that names a request's adapter (or the request parameter)
+ROUTE_INPUT = "adapter_id"  # the routed export's per-row input, fed by the Python model, not by the client
+PARAM = "surgery."  # config.pbtxt parameters read by exporters/triton_model.py: surgery.kind, surgery.adapters, ...
+MODEL_PY = '''"""Triton Python-backend model written by `surgery export --triton-repo`; the code is surgery's
+(`exporters/triton_model.py`), so this Python must import surgery. The backend's stub does not read PYTHONPATH:
+`surgery serve` passes the folders of its environment in SURGERY_SYS_PATH, added here before Python's own."""
+
+import os
+import site
+import sys
+
+_before = list(sys.path)
+for _p in [p for p in os.environ.get("SURGERY_SYS_PATH", "").split(os.pathsep) if p]:
+    site.addsitedir(_p)  # processes .pth files too (an editable install of surgery is one)
+sys.path[:] = [p for p in sys.path if p not in _before] + _before
+
+from exporters.triton_model import TritonPythonModel  # noqa: E402,F401
+'''
 PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan")}
 
 
@@ -56,14 +90,31 @@ def _tensors(values: list[onnx.ValueInfoProto]) -> list[tuple[str, str, list[int
     return out
 
 
-def _block(kind: str, items: list[tuple[str, str, list[int | str]]], batched: bool) -> str:
+Tensors = list[tuple[str, str, list[int | str]]]
+
+
+def _block(kind: str, items: Tensors, batched: bool, optional: frozenset[str] = frozenset()) -> str:
     entries = []
     for name, dtype, dims in items:
         shown = [d if isinstance(d, int) else -1 for d in (dims[1:] if batched else dims)]
+        extra = "\n    optional: true" if name in optional else ""
         entries.append(
-            f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: [ {", ".join(map(str, shown))} ]\n  }}'
+            f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: [ {", ".join(map(str, shown))} ]{extra}\n  }}'
         )
     return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
+
+
+def _io(onnx_path: str | Path, signature: Signature) -> tuple[list, list, bool]:
+    """The ONNX model's client-facing inputs (adapter slots and `adapter_id` left out), outputs, and whether
+    every one starts with the dynamic batch axis (then Triton batches)."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    hidden = lambda n: n in inits or n == ROUTE_INPUT or n.startswith(ADAPTER_ROOT + ".")  # noqa: E731
+    inputs = _tensors([i for i in graph.input if not hidden(i.name)])
+    outputs = _tensors(list(graph.output))
+    batch_axes = {s.axes[0].name for s in signature.inputs if 0 in s.axes}
+    batched = batch_axes == {BATCH} and all(dims and dims[0] == BATCH for _, _, dims in inputs + outputs)
+    return inputs, outputs, batched
 
 
 def write_triton_repo(
@@ -82,12 +133,7 @@ def write_triton_repo(
     repo = Path(repo)
     if repo.exists() and not repo.is_dir():
         raise SurgeryError(f"--triton-repo {repo}: exists and is not a folder")
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    inits = {i.name for i in graph.initializer}
-    inputs = _tensors([i for i in graph.input if i.name not in inits])
-    outputs = _tensors(list(graph.output))
-    batch_axes = {s.axes[0].name for s in signature.inputs if 0 in s.axes}
-    batched = batch_axes == {BATCH} and all(dims and dims[0] == BATCH for _, _, dims in inputs + outputs)
+    inputs, outputs, batched = _io(onnx_path, signature)
     axis_max = signature.axes()[BATCH].max if batched else 0
     max_batch_size = min(max_batch or axis_max, axis_max) if batched else 0
     platform, filename = PLATFORMS[model_file.suffix]
@@ -101,3 +147,83 @@ def write_triton_repo(
     shutil.copyfile(model_file, folder / "1" / filename)
     (folder / "config.pbtxt").write_text(text)
     return TritonRepo(folder, folder / "config.pbtxt", folder / "1" / filename, max_batch_size)
+
+
+def _parameters(params: dict[str, str]) -> str:
+    entry = "parameters: {{ key: {} value: {{ string_value: {} }} }}\n"
+    return "".join(entry.format(json.dumps(k), json.dumps(v)) for k, v in params.items())
+
+
+def write_python_model(
+    repo: str | Path,
+    onnx_path: str | Path,
+    signature: Signature,
+    name: str,
+    kind: str,
+    adapters: list[str] | None = None,
+    packs: dict[str, Pack] | None = None,
+    max_batch: int | None = None,
+    threads: int = 0,
+    group_by_adapter: bool = False,
+) -> TritonRepo:
+    """Write DIR/NAME-python: a Python-backend model that serves `onnx_path` (a plain, swappable or routed export)
+    with exporters/triton_model.py, dynamic batching on. `adapters`: a routed export's adapter names, by
+    adapter_id; `packs`: packs written to its adapters/ folder (swappable); `group_by_adapter`: run the requests
+    of a routed batch one adapter at a time (for comparison; the default runs them together). Written to a
+    temporary folder beside it and renamed: an existing model of that name is replaced whole."""
+    if kind not in KINDS:
+        raise SurgeryError(f"unknown Python-backend model kind {kind!r}; one of {', '.join(KINDS)}")
+    name = check_name(name + PYTHON_SUFFIX, "Triton model name")
+    repo = Path(repo)
+    if repo.exists() and not repo.is_dir():
+        raise SurgeryError(f"--triton-repo {repo}: exists and is not a folder")
+    inputs, outputs, batched = _io(onnx_path, signature)
+    if not batched:
+        raise SurgeryError(
+            f"{onnx_path}: the Python-backend model batches requests, so every input and output must start with "
+            "the dynamic batch axis; this model's do not"
+        )
+    for reserved in (ADAPTER_INPUT,):
+        if any(n == reserved for n, _, _ in inputs + outputs):
+            raise SurgeryError(f"{onnx_path}: has a tensor named {reserved!r}, the name of the adapter input")
+    if kind == "routed" and (not adapters or len(set(adapters)) != len(adapters)):
+        raise SurgeryError(f"a routed model needs distinct adapter names, one per adapter_id; got {adapters}")
+    for a in adapters or []:
+        check_name(a, "adapter name")
+    axis_max = signature.axes()[BATCH].max
+    max_batch_size = min(max_batch or axis_max, axis_max)
+    params = {PARAM + "kind": kind, PARAM + "threads": str(threads)}
+    if kind == "routed":
+        params[PARAM + "adapters"] = json.dumps(adapters)
+        params[PARAM + "group_by_adapter"] = str(group_by_adapter).lower()
+    text = (
+        f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
+        + _block("input", inputs + [(ADAPTER_INPUT, "TYPE_STRING", [BATCH, 1])], True, frozenset({ADAPTER_INPUT}))
+        + _block("output", outputs, True)
+        + "instance_group [ { kind: KIND_CPU count: 1 } ]\n"
+        + "dynamic_batching { }\n"
+        + _parameters(params)
+    )
+    repo.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=repo))
+    try:
+        tmp.chmod(0o755)
+        (tmp / "1").mkdir()
+        shutil.copyfile(onnx_path, tmp / "1" / "model.onnx")
+        (tmp / "1" / "model.py").write_text(MODEL_PY)
+        if kind == "swappable":
+            (tmp / "adapters").mkdir()
+            for pack_name, pack in (packs or {}).items():
+                save_pack(pack, tmp / "adapters" / f"{check_name(pack_name, 'pack name')}.onnx_adapter")
+        (tmp / "config.pbtxt").write_text(text)
+        folder = repo / name
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".old", dir=repo))
+            os.replace(folder, old / name)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TritonRepo(folder, folder / "config.pbtxt", folder / "1" / "model.onnx", max_batch_size)

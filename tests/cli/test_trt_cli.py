@@ -78,7 +78,7 @@ def test_export_refittable_without_tensorrt_json(folder, cli):
         (["export", "minilm.adapted.pt2", "--trt", "--swappable"], "--swappable and --max-r"),
         (["export", "minilm.adapted.pt2", "--trt", "--fp16", "--bf16"], "choose one"),
         (["export", "minilm.adapted.pt2", "--trt", "--shapes", "batch=1:2"], "MIN:OPT:MAX"),
-        (["export", "minilm.adapted.pt2", "--swappable", "--triton-repo", "t"], "Triton cannot feed adapter slots"),
+        (["export", "minilm.adapted.pt2", "--swappable", "--triton-repo", "minilm.adapted.pt2"], "is not a folder"),
         (["swap", "none.plan", "p.safetensors"], "no such engine file"),
         (["run", "none.plan"], "no such file"),
         (["check-trt", "none.onnx"], "no such ONNX file"),

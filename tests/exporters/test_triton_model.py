@@ -1,0 +1,139 @@
+"""The Python-backend model of a Triton repository, without the server: the repository files `write_python_model`
+writes and `Runner`, what the model does with a batch of requests (mixed adapters, unknown ones, bad inputs).
+The server itself: tests/exporters/test_triton_server.py. The tests with exports carry the `triton` marker (make
+test-triton: two small GPT-2 exports are too slow for make test); parsing and refusals run in make test."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import numpy as np
+import pytest
+
+from exporters.runtime import AdaptedSession
+from exporters.swappable import export_routed, export_swappable
+from exporters.triton import write_python_model
+from exporters.triton_model import Request, Runner, adapter_of
+from surgery.errors import SurgeryError
+from surgery.packs import pack_from_model
+from surgery.parity import compare
+from surgery.pipeline import open_model
+from tests.conftest import make_adapted
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, small_config):
+    folder = tmp_path_factory.mktemp("triton_model")
+    base = open_model(str(small_config("gpt2")))
+    a, b = make_adapted(base, folder, 4, seed=0), make_adapted(base, folder, 8, seed=1)
+    export_routed([a, b], folder / "r.onnx")
+    export_swappable(a, folder / "s.onnx")
+    repo = folder / "repo"
+    packs = {n: pack_from_model(m.gm.state_dict(), m.manifest) for n, m in (("a", a), ("b", b))}
+    routed = write_python_model(repo, folder / "r.onnx", base.signature, "r", "routed", adapters=["a", "b"])
+    grouped = write_python_model(
+        repo, folder / "r.onnx", base.signature, "g", "routed", adapters=["a", "b"], group_by_adapter=True
+    )
+    swap = write_python_model(repo, folder / "s.onnx", base.signature, "s", "swappable", packs=packs)
+    reference = AdaptedSession(folder / "s.onnx")  # another ONNX file, run request by request
+    for name, pack in packs.items():
+        reference.load(name, pack)
+    rng = np.random.default_rng(0)
+    x = [
+        {"input_ids": rng.integers(0, 1000, (rows, 12)), "attention_mask": np.ones((rows, 12), np.int64)}
+        for rows in (1, 2, 1, 3)
+    ]
+    return {"routed": routed, "grouped": grouped, "swap": swap, "reference": reference, "x": x, "base": base}
+
+
+class Counting:
+    """The real ONNX Runtime session, counting its runs."""
+
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def run(self, *args):
+        self.runs += 1
+        return self.session.run(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def _runner(repo_model):
+    """The model as Triton's stub would make it, with the parameters of its config.pbtxt."""
+    pairs = re.findall(r'key: "([^"]+)" value: \{ string_value: ("(?:[^"\\]|\\.)*") \}', repo_model.config.read_text())
+    return Runner(repo_model.folder, "1", {k: json.loads(v) for k, v in pairs})
+
+
+@pytest.mark.triton
+def test_repository_files(setup):
+    text = setup["routed"].config.read_text()
+    assert 'backend: "python"' in text and "dynamic_batching" in text and "max_batch_size: 64" in text
+    assert 'name: "adapter"' in text and "optional: true" in text and "TYPE_STRING" in text
+    assert "adapter_id" not in text and "adapters." not in text  # fed by the model, not by clients
+    assert '"surgery.adapters" value: { string_value: "[\\"a\\", \\"b\\"]" }' in text
+    assert (setup["routed"].folder / "1" / "model.py").read_text().count("TritonPythonModel") >= 1
+    assert sorted(p.name for p in (setup["swap"].folder / "adapters").iterdir()) == ["a.onnx_adapter", "b.onnx_adapter"]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("model", ["routed", "grouped", "swap"])
+def test_a_mixed_batch_matches_each_adapter_alone(setup, model):
+    runner = _runner(setup[model])
+    runner.ort = Counting(runner.ort)
+    plan = [(0, "a"), (1, "b"), (2, None), (3, "nope"), (1, "a"), (0, "b")]
+    requests = [Request(dict(setup["x"][i]), a) for i, a in plan]
+    requests.append(Request({"input_ids": setup["x"][0]["input_ids"]}, "a"))  # no attention_mask
+    bad = dict(setup["x"][2], input_ids=np.full((1, 12), 10**6))  # a token id past the vocabulary: ORT fails
+    requests.append(Request(bad, "b"))
+    results = runner.run(requests)
+    for (i, adapter), got in zip(plan, results):
+        if adapter == "nope":
+            assert isinstance(got, SurgeryError) and "unknown adapter 'nope'" in str(got)
+            continue
+        want = setup["reference"].run(setup["x"][i], adapter=adapter)
+        parity = compare(want, got, where=f"{model} {adapter} input {i}")
+        assert parity.ok, parity.summary()
+    assert isinstance(results[-2], SurgeryError) and "missing input 'attention_mask'" in str(results[-2])
+    assert isinstance(results[-1], SurgeryError) and "inference failed" in str(results[-1])
+    # routed: one call for the 6 valid requests of one shape, which fails on the bad one: each again alone (1 + 6);
+    # grouped: one call per adapter (a, b, base), and b's group of 3 holds the bad one (3 + 3)
+    assert runner.ort.runs == (7 if model == "routed" else 6), runner.ort.runs
+
+
+@pytest.mark.triton
+def test_plain_model_refuses_an_adapter(setup, tmp_path):
+    base = setup["base"]
+    from exporters.onnx import export_onnx
+
+    export_onnx(base.gm, base.signature, tmp_path / "base.onnx")
+    model = write_python_model(tmp_path / "repo", tmp_path / "base.onnx", base.signature, "base", "plain")
+    runner = _runner(model)
+    ok, refused = runner.run([Request(dict(setup["x"][0])), Request(dict(setup["x"][0]), "a")])
+    assert isinstance(ok, list) and isinstance(refused, SurgeryError) and "--swappable or --route" in str(refused)
+
+
+def test_adapter_from_parameter_or_input():
+    assert adapter_of('{"adapter": "a"}', None) == "a"
+    assert adapter_of(None, np.array([[b"b"], [b"b"]], dtype=object)) == "b"
+    assert adapter_of("{}", np.array([[b""]], dtype=object)) is None
+    with pytest.raises(SurgeryError, match="one adapter per request"):
+        adapter_of(None, np.array([[b"a"], [b"b"]], dtype=object))
+    with pytest.raises(SurgeryError, match="disagree"):
+        adapter_of('{"adapter": "a"}', np.array([[b"b"]], dtype=object))
+
+
+def test_serve_without_pytriton_is_one_line(monkeypatch, tmp_path):
+    from exporters import triton_server
+
+    (tmp_path / "repo" / "m").mkdir(parents=True)
+    (tmp_path / "repo" / "m" / "config.pbtxt").write_text('backend: "python"\n')
+    real = importlib.util.find_spec
+    monkeypatch.setattr(triton_server.importlib.util, "find_spec", lambda n: None if n == "pytriton" else real(n))
+    with pytest.raises(SurgeryError, match="pip install --no-deps nvidia-pytriton"):
+        triton_server.start_server(tmp_path / "repo")
+    with pytest.raises(SurgeryError, match="not a Triton model repository"):
+        triton_server.start_server(tmp_path)

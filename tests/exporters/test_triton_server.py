@@ -1,0 +1,290 @@
+"""A real Triton Inference Server (the one bundled in nvidia-pytriton) on repositories `surgery export --triton-repo`
+writes: per-request adapters over HTTP and gRPC, mixed-adapter batches, packs added at run time, errors that stay
+with their request, a client that disconnects. `make test-triton` (pytest -m triton); needs the `serve` extra.
+
+Four MiniLM models with distinct random adapters (a, b, c, d); the routed model serves a, b, c and the base, the
+swappable one its own pack (a) and whatever is added to its adapters/ folder. Every expected output comes from a
+single-process ONNX Runtime reference: `AdaptedSession` on a separate swappable export, each model's own pack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporters.runtime import AdaptedSession
+from surgery.parity import compare
+from surgery.adapters import AdapterSpec
+from surgery.pipeline import stand_in_adapted
+from tests.conftest import ROOT, SURGERY
+
+from exporters.triton_server import bundled, start_server
+
+try:  # the serve extra; without it the `world` fixture skips (and make test, which deselects these, stays quiet)
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+except ImportError:
+    grpcclient = httpclient = None
+    InferenceServerException = Exception
+
+pytestmark = pytest.mark.triton
+
+NAMES = ["a", "b", "c", "d"]
+ROUTED, SWAP = "routed-python", "a-python"
+SEQ = 24
+OUTPUTS = ["last_hidden_state", "pooler_output"]
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    return subprocess.run([*SURGERY, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+
+
+def _write_models(base, folder: Path) -> None:
+    """Four adapted models with distinct random non-zero adapters; the repository, written by the CLI; the packs."""
+    for i, name in enumerate(NAMES):
+        stand_in_adapted(base, AdapterSpec("houlsby", r=8), folder / f"{name}.adapted.pt2", 20 + i, 120 + i)
+    routed = _cli("export", "a.adapted.pt2", "b.adapted.pt2", "c.adapted.pt2", "--route", "-o", "routed.onnx",
+                  "--triton-repo", "repo", cwd=folder)  # fmt: skip
+    assert routed.returncode == 0, routed.stderr
+    swap = _cli("export", "a.adapted.pt2", "--swappable", "-o", "a.swappable.onnx", "--triton-repo", "repo", cwd=folder)
+    assert swap.returncode == 0, swap.stderr
+    for name in NAMES:
+        packed = _cli("pack", f"{name}.adapted.pt2", "-o", f"{name}.onnx_adapter", cwd=folder)
+        assert packed.returncode == 0, packed.stderr
+
+
+@pytest.fixture(scope="session")
+def world(minilm_base, tmp_path_factory):
+    """The models, the repository (written by the CLI), the reference session with every pack, and inputs."""
+    if httpclient is None:
+        pytest.skip("the Triton clients are not installed: pip install 'surgery[serve]'")
+    try:
+        bundled()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(str(exc))
+    keep = os.environ.get("SURGERY_TRITON_TEST_DIR")  # reuse the exports there between runs (when debugging)
+    folder = Path(keep) if keep else tmp_path_factory.mktemp("triton")
+    repo = folder / "repo"
+    (repo / SWAP / "adapters" / "d.onnx_adapter").unlink(missing_ok=True)
+    if not (folder / "d.onnx_adapter").is_file():
+        _write_models(minilm_base, folder)
+    reference = AdaptedSession(folder / "a.swappable.onnx")
+    for name in NAMES:
+        reference.load(name, folder / f"{name}.onnx_adapter")
+    rng = np.random.default_rng(0)
+    pool = []
+    for rows in (1, 2, 1, 3, 1, 2):
+        ids = rng.integers(1000, 30000, size=(rows, SEQ), dtype=np.int64)
+        mask = np.ones((rows, SEQ), dtype=np.int64)
+        mask[0, SEQ - 5 :] = 0  # a padded row
+        pool.append({"input_ids": ids, "attention_mask": mask})
+    expected = {a: [reference.run(x, adapter=a) for x in pool] for a in [*NAMES, None]}
+    for i in range(len(pool)):  # the adapters really differ, from each other and from the base
+        outs = [expected[a][i][1] for a in [*NAMES, None]]
+        assert min(np.abs(p - q).max() for j, p in enumerate(outs) for q in outs[j + 1 :]) > 1e-3
+    return {"folder": folder, "repo": repo, "pool": pool, "expected": expected}
+
+
+CLIENTS: list = []  # closed before the server stops: an open connection holds its shutdown up
+
+
+@pytest.fixture(scope="session")
+def server(world):
+    s = start_server(world["repo"])
+    yield s
+    for client in CLIENTS:
+        client.close()
+    CLIENTS.clear()  # collected now, not at interpreter exit (where grpc's __del__ fails noisily)
+    code = s.stop()
+    assert code == 0, s.log_tail()
+
+
+def _inputs(module, x: dict[str, np.ndarray], adapter_input: str | None = None) -> list:
+    inputs = []
+    for name, array in x.items():
+        i = module.InferInput(name, list(array.shape), "INT64")
+        i.set_data_from_numpy(array)
+        inputs.append(i)
+    if adapter_input is not None:
+        i = module.InferInput("adapter", [len(x["input_ids"]), 1], "BYTES")
+        i.set_data_from_numpy(np.array([[adapter_input.encode()]] * len(x["input_ids"]), dtype=np.object_))
+        inputs.append(i)
+    return inputs
+
+
+def _infer(client, module, model: str, x, adapter: str | None, as_input: bool = False):
+    params = {"adapter": adapter} if adapter is not None and not as_input else None
+    result = client.infer(model, _inputs(module, x, adapter if as_input else None), parameters=params)
+    return [result.as_numpy(n) for n in OUTPUTS]
+
+
+def _check(world, got, i: int, adapter: str | None, where: str) -> None:
+    want = world["expected"][adapter][i]
+    parity = compare(want, got, names=OUTPUTS, mask=world["pool"][i]["attention_mask"], where=where)
+    assert parity.ok, parity.summary()
+
+
+def _client(module, server):
+    if module is httpclient:
+        client = module.InferenceServerClient(url=server.http[len("http://") :])
+    else:
+        client = module.InferenceServerClient(url=server.grpc)
+    CLIENTS.append(client)
+    return client
+
+
+def _at_once(server, model: str, x, adapters: list) -> list:
+    """Send one request per adapter at the same moment, each from its own thread and HTTP client; the results (or
+    the exceptions), in order."""
+    barrier = threading.Barrier(len(adapters))
+    results: list = [None] * len(adapters)
+
+    def send(k: int) -> None:
+        client = _client(httpclient, server)
+        barrier.wait()
+        try:
+            results[k] = _infer(client, httpclient, model, x, adapters[k])
+        except InferenceServerException as exc:
+            results[k] = exc
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(adapters))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("model, adapters", [(ROUTED, ["a", "b", "c", None]), (SWAP, ["a", None])])
+def test_eight_concurrent_clients_get_their_adapters_output(world, server, protocol, model, adapters):
+    module = httpclient if protocol == "http" else grpcclient
+    failures: list[str] = []
+
+    def client_thread(seed: int) -> None:
+        rnd = random.Random(seed)
+        client = _client(module, server)
+        for k in range(12):
+            i, adapter = rnd.randrange(len(world["pool"])), rnd.choice(adapters)
+            try:
+                got = _infer(client, module, model, world["pool"][i], adapter, as_input=k % 2 == 1)
+                _check(world, got, i, adapter, f"{protocol} {model} adapter {adapter} input {i}")
+            except Exception as exc:  # noqa: BLE001  collected, asserted below
+                failures.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client_thread, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+
+
+def test_mixed_adapter_requests_are_batched(world, server):
+    """Requests for several adapters arrive together; Triton's statistics show executions of batch size > 1."""
+    client = _client(httpclient, server)
+    before = client.get_inference_statistics(ROUTED)["model_stats"][0]
+    adapters = ["a", "b", "c", None] * 8
+    results = _at_once(server, ROUTED, world["pool"][0], adapters)
+    for k, adapter in enumerate(adapters):
+        _check(world, results[k], 0, adapter, f"async request {k}, adapter {adapter}")
+    after = client.get_inference_statistics(ROUTED)["model_stats"][0]
+    inferences = int(after["inference_count"]) - int(before["inference_count"])
+    executions = int(after["execution_count"]) - int(before["execution_count"])
+
+    def batched(stats) -> int:  # executions of batch size > 1
+        return sum(int(b["compute_infer"]["count"]) for b in stats["batch_stats"] if int(b["batch_size"]) > 1)
+
+    assert inferences == len(adapters) and executions < inferences, (inferences, executions)
+    assert batched(after) > batched(before), after["batch_stats"]
+
+
+def test_unknown_adapter_fails_alone(world, server):
+    x = world["pool"][1]
+    plan = ["a", "nope", "b", None, "c", "nope", "a", "b"] * 2
+    for adapter, got in zip(plan, _at_once(server, ROUTED, x, plan)):
+        if adapter == "nope":
+            assert isinstance(got, InferenceServerException) and "unknown adapter 'nope'" in str(got), got
+        else:
+            _check(world, got, 1, adapter, f"beside an unknown adapter, {adapter}")
+    with pytest.raises(InferenceServerException, match="unknown adapter 'zz'"):  # over gRPC, as an input
+        _infer(_client(grpcclient, server), grpcclient, SWAP, x, "zz", as_input=True)
+
+
+def test_pack_added_at_run_time_is_served_after_a_reload(world, server):
+    client = _client(httpclient, server)
+    x = world["pool"][2]
+    with pytest.raises(InferenceServerException, match="unknown adapter 'd'"):
+        _infer(client, httpclient, SWAP, x, "d")
+    packs = world["repo"] / SWAP / "adapters"
+    done = _cli("pack", "d.adapted.pt2", "-o", str(packs / "d.onnx_adapter"), cwd=world["folder"])
+    assert done.returncode == 0, done.stderr
+    client.load_model(SWAP)  # the model-control API: POST /v2/repository/models/a-python/load
+    _check(world, _infer(client, httpclient, SWAP, x, "d"), 2, "d", "pack d after reload")
+    _check(world, _infer(client, httpclient, SWAP, x, "a"), 2, "a", "pack a after reload")
+
+
+def _raw_post(server, body: bytes, send: int, read: bool) -> None:
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as s:
+        head = f"POST /v2/models/{ROUTED}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:send])
+        if read:
+            s.recv(1)  # wait for the server to start answering, then hang up mid-response
+
+
+def test_server_survives_clients_that_disconnect(world, server):
+    rows = 4
+    big = {
+        "input_ids": np.tile(world["pool"][0]["input_ids"][:1], (rows, 4)),
+        "attention_mask": np.ones((rows, SEQ * 4), np.int64),
+    }
+    body = json.dumps(
+        {
+            "parameters": {"adapter": "b"},
+            "inputs": [
+                {"name": n, "shape": list(a.shape), "datatype": "INT64", "data": a.reshape(-1).tolist()}
+                for n, a in big.items()
+            ],
+        }
+    ).encode()
+    _raw_post(server, body, len(body) // 2, read=False)  # half a request, then gone
+    for _ in range(3):
+        _raw_post(server, body, len(body), read=False)  # a whole request, gone before the answer
+    client = _client(httpclient, server)
+    _check(world, _infer(client, httpclient, ROUTED, world["pool"][3], "c"), 3, "c", "after disconnects")
+    assert server.alive() and client.is_server_live() and client.is_model_ready(ROUTED)
+
+
+def test_surgery_serve_prints_urls_and_stops_cleanly(world):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    p = subprocess.Popen([*SURGERY, "serve", str(world["repo"]), "--model", SWAP, "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        lines = []
+        for line in p.stdout:  # the JSON object, printed once the server is ready
+            lines.append(line)
+            if line.startswith("}"):
+                break
+        info = json.loads("".join(lines))
+        assert info["models"] == [SWAP] and info["http"].startswith("http://127.0.0.1:")
+        client = httpclient.InferenceServerClient(url=info["http"][len("http://") :])
+        _check(world, _infer(client, httpclient, SWAP, world["pool"][4], "a"), 4, "a", "surgery serve")
+        client.close()
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) == 0, p.stderr.read()
+        with pytest.raises(ProcessLookupError):
+            os.kill(info["pid"], 0)  # the server went with it
+    finally:
+        if p.poll() is None:
+            p.kill()
