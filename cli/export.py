@@ -14,7 +14,7 @@ import typer
 
 from cli.common import InputDtype, InputShape, Json, Output, Rtol, Tolerance, Trust, emit_json, out, step
 from exporters.kernel_program import export_kernel_program
-from exporters.onnx import export_onnx
+from exporters.onnx import THRESHOLD_ENV, export_onnx, onnx_files, onnx_size
 from exporters.swappable import export_routed, export_swappable
 from exporters.tensorrt import TensorRTMissing, build_engine, parse_shapes, prepare_trt
 from exporters.triton import write_triton_repo
@@ -69,6 +69,13 @@ def export(
     triton_repo: Annotated[
         Optional[str], typer.Option("--triton-repo", help="Also write a Triton model repository here.")
     ] = None,
+    external_data: Annotated[
+        bool,
+        typer.Option(
+            "--external-data",
+            help=f"Tensors in NAME.onnx.data beside NAME.onnx (always past 2 GB; ${THRESHOLD_ENV} sets the bytes).",
+        ),
+    ] = False,
     trust: Trust = False,
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
@@ -84,7 +91,7 @@ def export(
         opener = lambda: open_model(sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype)  # noqa: E731
         return _export_trt(
             sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo,
-            tolerance, rtol, json,
+            tolerance, rtol, json, external_data,
         )  # fmt: skip
     if shapes or fp16 or bf16 or max_r is not None or timing_cache:
         raise SurgeryError("--shapes, --fp16, --bf16, --max-r and --timing-cache are engine options; add --trt")
@@ -104,12 +111,14 @@ def export(
         models = [open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype) for s in sources]
     with step(f"export {path} and check it against torch"):
         if route:
-            result = export_routed(models, path, tolerance=tolerance, rtol=rtol)
+            result = export_routed(models, path, tolerance=tolerance, rtol=rtol, external=external_data)
         elif swappable:
-            result = export_swappable(models[0], path, tolerance=tolerance, rtol=rtol)
+            result = export_swappable(models[0], path, tolerance=tolerance, rtol=rtol, external=external_data)
         else:
             m = models[0]
-            result = export_onnx(m.gm, m.signature, path, tolerance=tolerance, rtol=rtol, manifest=m.manifest)
+            result = export_onnx(
+                m.gm, m.signature, path, tolerance=tolerance, rtol=rtol, manifest=m.manifest, external=external_data
+            )
     data = result.to_json()
     if triton_repo:
         repo = write_triton_repo(triton_repo, path, path, models[0].signature, path.name.split(".")[0])
@@ -117,7 +126,7 @@ def export(
     if json:
         emit_json(data)
         return
-    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    out.print(f"wrote {' + '.join(map(str, onnx_files(path)))} ({onnx_size(path) / 1e6:.1f} MB)")
     out.print(
         f"max |ORT - torch| = {data['max_abs_diff']:.2e}, {data['max_rel_diff']:.2e} of max|torch| "
         f"(--tolerance {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
@@ -155,7 +164,7 @@ def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input
 
 def _export_trt(
     source, opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance, rtol,
-    json,
+    json, external_data=False,
 ) -> None:  # fmt: skip
     """--trt: the TensorRT-ready ONNX and trtexec command, then the engine (exit 2 where TensorRT is missing)."""
     if route:
@@ -174,7 +183,7 @@ def _export_trt(
     with step("export the TensorRT-ready ONNX and check it against torch"):
         plan = prepare_trt(
             captured, path, precision=precision, shapes=ranges, max_r=max_r, timing_cache=timing_cache,
-            tolerance=tolerance, rtol=rtol,
+            tolerance=tolerance, rtol=rtol, external=external_data,
         )  # fmt: skip
     name = path.name.split(".")[0]
     try:

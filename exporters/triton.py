@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from surgery.errors import SurgeryError
-from surgery.safe_files import check_name
+from surgery.safe_files import check_name, check_onnx_data, external_locations
 from surgery.signature import BATCH, Signature
 
 # ONNX element type -> Triton data type
@@ -82,6 +82,10 @@ def write_triton_repo(
     repo = Path(repo)
     if repo.exists() and not repo.is_dir():
         raise SurgeryError(f"--triton-repo {repo}: exists and is not a folder")
+    data: list[str] = []
+    if model_file.suffix == ".onnx":
+        check_onnx_data(model_file)  # its external data lies beside it; it travels with it, under its own name
+        data = external_locations(model_file)
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     inits = {i.name for i in graph.initializer}
     inputs = _tensors([i for i in graph.input if i.name not in inits])
@@ -98,6 +102,9 @@ def write_triton_repo(
     )
     folder = repo / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
+    for location in data:  # the model reads it by the name it was written with, relative to its folder
+        (folder / "1" / location).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_file.parent / location, folder / "1" / location)
     shutil.copyfile(model_file, folder / "1" / filename)
     (folder / "config.pbtxt").write_text(text)
     return TritonRepo(folder, folder / "config.pbtxt", folder / "1" / filename, max_batch_size)
