@@ -12,7 +12,19 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import InputDtype, InputShape, Json, Output, Rtol, Tolerance, Trust, emit_json, out, step
+from cli.common import (
+    RTOL_HELP,
+    TOLERANCE_HELP,
+    Dtype,
+    InputDtype,
+    InputShape,
+    Json,
+    Output,
+    Trust,
+    emit_json,
+    out,
+    step,
+)
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import THRESHOLD_ENV, export_onnx, onnx_files, onnx_size
 from exporters.swappable import export_routed, export_swappable
@@ -20,7 +32,7 @@ from exporters.tensorrt import TensorRTMissing, build_engine, parse_shapes, prep
 from exporters.triton import write_triton_repo
 from surgery.errors import SurgeryError
 from surgery.io import check_output
-from surgery.parity import ATOL, RTOL
+from surgery.parity import tolerances, weights_dtype
 from surgery.pipeline import default_output, open_model
 
 Sources = Annotated[
@@ -46,8 +58,13 @@ def export(
         ),
     ] = False,
     output: Output = None,
-    tolerance: Tolerance = ATOL,
-    rtol: Rtol = RTOL,
+    tolerance: Annotated[
+        Optional[float],
+        typer.Option("--tolerance", help=f"Accept {TOLERANCE_HELP} (default 1e-4; fp16 1e-3, bf16 1e-2)."),
+    ] = None,
+    rtol: Annotated[
+        Optional[float], typer.Option("--rtol", help=f"Accept {RTOL_HELP} (default 1e-4; fp16 1e-2, bf16 5e-2).")
+    ] = None,
     trt: Annotated[
         bool,
         typer.Option(
@@ -79,6 +96,7 @@ def export(
     trust: Trust = False,
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
+    dtype: Dtype = "auto",
     json: Json = False,
 ) -> None:
     """Export to ONNX with dynamic batch and sequence; written only if ONNX Runtime matches torch."""
@@ -88,7 +106,9 @@ def export(
     if len(sources) > 1 and not route:
         raise SurgeryError(f"{len(sources)} models given; export takes one, or several with --route")
     if trt:
-        opener = lambda: open_model(sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype)  # noqa: E731
+        opener = lambda: open_model(  # noqa: E731
+            sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype
+        )
         return _export_trt(
             sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo,
             tolerance, rtol, json, external_data,
@@ -108,7 +128,10 @@ def export(
     suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
     path = check_output(output or default_output(sources[0], suffix))
     with step(f"load {', '.join(s or 'minilm' for s in sources)}"):
-        models = [open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype) for s in sources]
+        models = [
+            open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype) for s in sources
+        ]
+    tolerance, rtol = tolerances(weights_dtype(models[0].gm), tolerance, rtol)
     with step(f"export {path} and check it against torch"):
         if route:
             result = export_routed(models, path, tolerance=tolerance, rtol=rtol, external=external_data)
@@ -146,6 +169,7 @@ def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input
     path = check_output(output or default_output(source, ".fused.pt2"))
     with step(f"load {source or 'minilm'}"):
         captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
+    tolerance, rtol = tolerances(weights_dtype(captured.gm), tolerance, rtol)
     with step(f"export {path} and check it against the adapted model"):
         result = export_kernel_program(captured, path, tolerance=tolerance, rtol=rtol)
     if json:
@@ -180,6 +204,7 @@ def _export_trt(
     ranges = parse_shapes(shapes)
     with step(f"load {source or 'minilm'}"):
         captured = opener()
+    tolerance, rtol = tolerances(weights_dtype(captured.gm), tolerance, rtol)
     with step("export the TensorRT-ready ONNX and check it against torch"):
         plan = prepare_trt(
             captured, path, precision=precision, shapes=ranges, max_r=max_r, timing_cache=timing_cache,

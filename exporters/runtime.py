@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from exporters.slots import SwappableMeta
 from exporters.verify import CPU, ort_session
@@ -25,6 +26,9 @@ from surgery.adapters import AdapterSpec
 from surgery.errors import SurgeryError
 from surgery.packs import Pack, check_pack, load_pack, save_pack
 from surgery.safe_files import check_name, check_onnx_data
+
+
+ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}
 
 
 class AdaptedSession:
@@ -39,6 +43,8 @@ class AdaptedSession:
         self.widths: dict[str, int] = slots.widths
         self.spec: AdapterSpec = slots.adapter
         self.inputs = [i.name for i in self.session.get_inputs() if not i.name.startswith("adapters.")]
+        slot_types = {i.type for i in self.session.get_inputs() if i.name.startswith("adapters.")}
+        self.dtype = ORT_TYPES.get(next(iter(slot_types), ""), torch.float32)  # what the adapter slots take
         self._options: dict[str, Any] = {}
         self._keep: list[Any] = []  # LoraAdapter objects must outlive the RunOptions that name them
         self._tmp = tempfile.TemporaryDirectory(prefix="surgery-packs-")
@@ -55,10 +61,12 @@ class AdaptedSession:
         label = f"pack {name!r}" + (f" ({pack})" if not isinstance(pack, Pack) else "")
         loaded = pack if isinstance(pack, Pack) else load_pack(pack)
         check_pack(loaded, self.fingerprint, self.widths, name=label)
-        if isinstance(pack, (str, Path)) and Path(pack).suffix == ".onnx_adapter":
+        dtypes = {t.dtype for t in loaded.tensors.values()}
+        if isinstance(pack, (str, Path)) and Path(pack).suffix == ".onnx_adapter" and dtypes == {self.dtype}:
             file = Path(pack)
-        else:
-            file = save_pack(loaded, Path(self._tmp.name) / f"{len(self._keep)}.onnx_adapter")
+        else:  # in the session's dtype: a bf16 model runs as fp32 on the CPU (exporters/verify.py)
+            cast = Pack({n: t.to(self.dtype) for n, t in loaded.tensors.items()}, loaded.fingerprint, loaded.meta)
+            file = save_pack(cast, Path(self._tmp.name) / f"{len(self._keep)}.onnx_adapter")
         adapter = ort.LoraAdapter()
         adapter.Load(str(file))
         options = ort.RunOptions()

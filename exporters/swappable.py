@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from exporters.onnx import atomic_onnx, check_model, lean_proto, onnx_program, refuse_mismatch, save_onnx
 from exporters.runtime import AdaptedSession
@@ -62,9 +61,10 @@ class SwappableExport:
         }
 
 
-def _default(kind: str, d: int) -> np.ndarray:
+def _default(kind: str, d: int, elem_type: int = onnx.TensorProto.FLOAT) -> onnx.TensorProto:
+    """The rank-0 default of a slot, in the model's dtype (`elem_type`): (d, 0), (0,), (0, d) or zeros (d,)."""
     shape = tuple(d if s == "d" else 0 for s in BOTTLENECK_SHAPES[kind])
-    return np.zeros(shape, dtype=np.float32)
+    return onnx.helper.make_tensor("", elem_type, shape, np.zeros(int(np.prod(shape)), dtype=np.float32).tolist())
 
 
 def make_slots(model: onnx.ModelProto, manifest: Manifest) -> int:
@@ -76,9 +76,11 @@ def make_slots(model: onnx.ModelProto, manifest: Manifest) -> int:
     missing = sorted(set(wanted) - set(found))
     assert not missing, f"exporter lost adapter initializers (merged or renamed): {missing[:3]}"
     for name, (kind, d) in wanted.items():
-        found[name].CopyFrom(numpy_helper.from_array(_default(kind, d), name))
+        elem_type = found[name].data_type  # the model's dtype: fp32, fp16 or bf16
+        found[name].CopyFrom(_default(kind, d, elem_type))
+        found[name].name = name
         dims = [d if s == "d" else RANK for s in BOTTLENECK_SHAPES[kind]]
-        model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, elem_type, dims))
     for key, value in slots.to_metadata().items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     return len(wanted)
