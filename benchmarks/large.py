@@ -4,7 +4,8 @@ per step, as subprocesses under `/usr/bin/time -f %M`, against the model's weigh
     python -m benchmarks.large --model qwen2.5-0.5b --dtype fp32 bf16 --out benchmarks/results/large.json
 
 The model is a config alone (random weights, no download): its shape is what costs memory. `qwen2.5-0.5b` is
-Qwen2.5-0.5B's config (494M parameters, 1.98 GB in fp32), `llama-579m` the Llama-shaped model of issue 11.
+Qwen2.5-0.5B's config (494M parameters, 1.98 GB in fp32), `llama-559m` a Llama-shaped model past 2 GB in fp32
+(559M parameters).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ CONFIGS = {
         tie_word_embeddings=True,
         rope_theta=1000000.0,
     ),
-    "llama-579m": dict(
+    "llama-559m": dict(
         model_type="llama",
         hidden_size=1536,
         intermediate_size=4096,
