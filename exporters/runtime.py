@@ -43,7 +43,8 @@ class AdaptedSession:
         self.widths: dict[str, int] = slots.widths
         self.spec: AdapterSpec = slots.adapter
         self.inputs = [i.name for i in self.session.get_inputs() if not i.name.startswith("adapters.")]
-        slot_types = {i.type for i in self.session.get_inputs() if i.name.startswith("adapters.")}
+        slots_in = self.session.get_overridable_initializers()  # ORT lists the slots here, not among the inputs
+        slot_types = {i.type for i in slots_in if i.name.startswith("adapters.")}
         self.dtype = ORT_TYPES.get(next(iter(slot_types), ""), torch.float32)  # what the adapter slots take
         self._options: dict[str, Any] = {}
         self._keep: list[Any] = []  # LoraAdapter objects must outlive the RunOptions that name them
