@@ -142,6 +142,9 @@ def test_cli_export_and_run_take_the_pair(tmp_path, cli, small_config):
     r = cli("run", tmp_path / "g.onnx", "--shape", "batch=2,seq=5", "--json")
     assert r.code == 0, r.stderr
     assert [o["shape"][:2] for o in r.json["outputs"].values()][0] == [2, 5]
+    r = cli("check-trt", tmp_path / "g.onnx", "--json")
+    assert r.code in (0, 1) and r.json["operators"], r.stderr  # the pair read, its operators reported
     (tmp_path / "g.onnx.data").unlink()
-    r = cli("run", tmp_path / "g.onnx")
-    assert r.code == 2 and "missing beside the model" in r.stderr
+    for command in ("run", "check-trt"):
+        r = cli(command, tmp_path / "g.onnx")
+        assert r.code == 2 and "missing beside the model" in r.stderr
