@@ -107,6 +107,7 @@ def test_a_failed_check_leaves_neither_file_and_keeps_the_old_pair(tmp_path, gpt
     assert list(fresh.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_an_interrupted_write_leaves_neither_file(tmp_path, gpt2, monkeypatch):
     _, adapted = gpt2
 

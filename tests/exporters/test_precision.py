@@ -27,7 +27,11 @@ def llama(small_config):
 
 
 @pytest.mark.parametrize(
-    "dtype, torch_dtype", [("bf16", torch.bfloat16), pytest.param("fp16", torch.float16, marks=pytest.mark.slow)]
+    "dtype, torch_dtype",
+    [
+        pytest.param("bf16", torch.bfloat16, marks=pytest.mark.slow),
+        pytest.param("fp16", torch.float16, marks=pytest.mark.slow),
+    ],
 )
 def test_half_export_is_half_and_matches_torch(tmp_path, llama, dtype, torch_dtype):
     captured = open_model(str(llama), dtype=dtype)
