@@ -50,6 +50,13 @@ InputShape = Annotated[
         help="Input shape of a plain nn.Module, e.g. batch,seq,64 (names are dynamic axes). Once per input.",
     ),
 ]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Weights in auto (the checkpoint's own), fp32, fp16 or bf16; adapters and ONNX follow the model.",
+    ),
+]
 InputDtype = Annotated[str, typer.Option("--input-dtype", help="dtype of the --input-shape inputs.")]
 Output = Annotated[Optional[str], typer.Option("-o", "--output", help="Output file (written atomically).")]
 Targets = Annotated[

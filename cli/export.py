@@ -13,16 +13,28 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import InputDtype, InputShape, Json, Output, Rtol, Tolerance, Trust, emit_json, out, step
+from cli.common import (
+    RTOL_HELP,
+    TOLERANCE_HELP,
+    Dtype,
+    InputDtype,
+    InputShape,
+    Json,
+    Output,
+    Trust,
+    emit_json,
+    out,
+    step,
+)
 from exporters.kernel_program import export_kernel_program
-from exporters.onnx import export_onnx
+from exporters.onnx import THRESHOLD_ENV, export_onnx, onnx_files, onnx_size
 from exporters.swappable import export_routed, export_swappable
 from exporters.tensorrt import TensorRTMissing, build_engine, parse_shapes, prepare_trt
 from exporters.triton import write_python_model, write_triton_repo
 from surgery.errors import SurgeryError
 from surgery.io import check_output
 from surgery.packs import pack_from_model
-from surgery.parity import ATOL, RTOL
+from surgery.parity import tolerances, weights_dtype
 from surgery.pipeline import default_output, open_model
 
 Sources = Annotated[
@@ -48,8 +60,13 @@ def export(
         ),
     ] = False,
     output: Output = None,
-    tolerance: Tolerance = ATOL,
-    rtol: Rtol = RTOL,
+    tolerance: Annotated[
+        Optional[float],
+        typer.Option("--tolerance", help=f"Accept {TOLERANCE_HELP} (default 1e-4; fp16 1e-3, bf16 1e-2)."),
+    ] = None,
+    rtol: Annotated[
+        Optional[float], typer.Option("--rtol", help=f"Accept {RTOL_HELP} (default 1e-4; fp16 1e-2, bf16 5e-2).")
+    ] = None,
     trt: Annotated[
         bool,
         typer.Option(
@@ -71,9 +88,17 @@ def export(
     triton_repo: Annotated[
         Optional[str], typer.Option("--triton-repo", help="Also write a Triton model repository here.")
     ] = None,
+    external_data: Annotated[
+        bool,
+        typer.Option(
+            "--external-data",
+            help=f"Tensors in NAME.onnx.data beside NAME.onnx (always past 2 GB; ${THRESHOLD_ENV} sets the bytes).",
+        ),
+    ] = False,
     trust: Trust = False,
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
+    dtype: Dtype = "auto",
     json: Json = False,
 ) -> None:
     """Export to ONNX with dynamic batch and sequence; written only if ONNX Runtime matches torch."""
@@ -83,10 +108,12 @@ def export(
     if len(sources) > 1 and not route:
         raise SurgeryError(f"{len(sources)} models given; export takes one, or several with --route")
     if trt:
-        opener = lambda: open_model(sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype)  # noqa: E731
+        opener = lambda: open_model(  # noqa: E731
+            sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype
+        )
         return _export_trt(
             sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo,
-            tolerance, rtol, json,
+            tolerance, rtol, json, external_data,
         )  # fmt: skip
     if shapes or fp16 or bf16 or max_r is not None or timing_cache:
         raise SurgeryError("--shapes, --fp16, --bf16, --max-r and --timing-cache are engine options; add --trt")
@@ -103,15 +130,20 @@ def export(
     suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
     path = check_output(output or default_output(sources[0], suffix))
     with step(f"load {', '.join(s or 'minilm' for s in sources)}"):
-        models = [open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype) for s in sources]
+        models = [
+            open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype) for s in sources
+        ]
+    tolerance, rtol = tolerances(weights_dtype(models[0].gm), tolerance, rtol)
     with step(f"export {path} and check it against torch"):
         if route:
-            result = export_routed(models, path, tolerance=tolerance, rtol=rtol)
+            result = export_routed(models, path, tolerance=tolerance, rtol=rtol, external=external_data)
         elif swappable:
-            result = export_swappable(models[0], path, tolerance=tolerance, rtol=rtol)
+            result = export_swappable(models[0], path, tolerance=tolerance, rtol=rtol, external=external_data)
         else:
             m = models[0]
-            result = export_onnx(m.gm, m.signature, path, tolerance=tolerance, rtol=rtol, manifest=m.manifest)
+            result = export_onnx(
+                m.gm, m.signature, path, tolerance=tolerance, rtol=rtol, manifest=m.manifest, external=external_data
+            )
     data = result.to_json()
     if triton_repo:
         with step(f"write the Triton repository {triton_repo}"):
@@ -119,7 +151,7 @@ def export(
     if json:
         emit_json(data)
         return
-    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    out.print(f"wrote {' + '.join(map(str, onnx_files(path)))} ({onnx_size(path) / 1e6:.1f} MB)")
     out.print(
         f"max |ORT - torch| = {data['max_abs_diff']:.2e}, {data['max_rel_diff']:.2e} of max|torch| "
         f"(--tolerance {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
@@ -167,6 +199,7 @@ def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input
     path = check_output(output or default_output(source, ".fused.pt2"))
     with step(f"load {source or 'minilm'}"):
         captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
+    tolerance, rtol = tolerances(weights_dtype(captured.gm), tolerance, rtol)
     with step(f"export {path} and check it against the adapted model"):
         result = export_kernel_program(captured, path, tolerance=tolerance, rtol=rtol)
     if json:
@@ -185,7 +218,7 @@ def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input
 
 def _export_trt(
     source, opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance, rtol,
-    json,
+    json, external_data=False,
 ) -> None:  # fmt: skip
     """--trt: the TensorRT-ready ONNX and trtexec command, then the engine (exit 2 where TensorRT is missing)."""
     if route:
@@ -201,10 +234,11 @@ def _export_trt(
     ranges = parse_shapes(shapes)
     with step(f"load {source or 'minilm'}"):
         captured = opener()
+    tolerance, rtol = tolerances(weights_dtype(captured.gm), tolerance, rtol)
     with step("export the TensorRT-ready ONNX and check it against torch"):
         plan = prepare_trt(
             captured, path, precision=precision, shapes=ranges, max_r=max_r, timing_cache=timing_cache,
-            tolerance=tolerance, rtol=rtol,
+            tolerance=tolerance, rtol=rtol, external=external_data,
         )  # fmt: skip
     name = path.name.split(".")[0]
     try:

@@ -9,6 +9,7 @@ import typer
 from cli.common import (
     Act,
     Alpha,
+    Dtype,
     InputDtype,
     InputShape,
     Json,
@@ -43,13 +44,14 @@ def insert(
     trust: Trust = False,
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
+    dtype: Dtype = "auto",
     json: Json = False,
 ) -> None:
     """Insert adapters (bottlenecks x + W_up σ(W_down x), parallel, LoRA) at the chosen sites; the base stays frozen."""
     spec = parse_spec(method, r, act, targets, alpha, scale)
     path = check_output(output or default_output(source, SUFFIX))
     with step(f"load and capture {source or 'minilm'}"):
-        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
+        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype)
     with step(f"insert {method} adapters, r={r}" + ("" if method == "lora" else f", σ={act}")):
         report = adapt(captured, spec, seed=seed)
     with step(f"save {path}"):

@@ -24,13 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from exporters.slots import SwappableMeta, base_only
-from exporters.verify import CPU, ort_session
+from exporters.verify import CPU, has_bf16, ort_session
 from surgery.adapters import AdapterSpec
 from surgery.errors import SurgeryError
 from surgery.packs import Pack, check_pack, load_pack, save_pack
 from surgery.safe_files import check_name, check_onnx_data
+
+
+ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}
 
 
 class AdaptedSession:
@@ -54,6 +58,9 @@ class AdaptedSession:
         self.widths: dict[str, int] = slots.widths
         self.spec: AdapterSpec = slots.adapter
         self.inputs = [i.name for i in self.session.get_inputs() if not i.name.startswith("adapters.")]
+        slots_in = self.session.get_overridable_initializers()  # ORT lists the slots here, not among the inputs
+        slot_types = {i.type for i in slots_in if i.name.startswith("adapters.")}
+        self.dtype = ORT_TYPES.get(next(iter(slot_types), ""), torch.float32)  # what the adapter slots take
         self._options: dict[str, Any] = {}
         self._keep: list[Any] = []  # LoraAdapter objects must outlive the RunOptions that name them
         self._tmp = tempfile.TemporaryDirectory(prefix="surgery-packs-")
@@ -67,8 +74,8 @@ class AdaptedSession:
         if not self._base_path:
             return self.session
         model = onnx.load(str(self.path), load_external_data=False)
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-            return self.session
+        if has_bf16(self.path) or any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+            return self.session  # a bf16 model runs as its fp32 copy, and external data stays where it is
         base = base_only(model, self.widths)
         return self.session if base is None else ort_session(base.SerializeToString(), **self._settings)
 
@@ -84,10 +91,12 @@ class AdaptedSession:
         label = f"pack {name!r}" + (f" ({pack})" if not isinstance(pack, Pack) else "")
         loaded = pack if isinstance(pack, Pack) else load_pack(pack)
         check_pack(loaded, self.fingerprint, self.widths, name=label)
-        if isinstance(pack, (str, Path)) and Path(pack).suffix == ".onnx_adapter":
+        dtypes = {t.dtype for t in loaded.tensors.values()}
+        if isinstance(pack, (str, Path)) and Path(pack).suffix == ".onnx_adapter" and dtypes == {self.dtype}:
             file = Path(pack)
-        else:
-            file = save_pack(loaded, Path(self._tmp.name) / f"{len(self._keep)}.onnx_adapter")
+        else:  # in the session's dtype: a bf16 model runs as fp32 on the CPU (exporters/verify.py)
+            cast = Pack({n: t.to(self.dtype) for n, t in loaded.tensors.items()}, loaded.fingerprint, loaded.meta)
+            file = save_pack(cast, Path(self._tmp.name) / f"{len(self._keep)}.onnx_adapter")
         adapter = ort.LoraAdapter()
         adapter.Load(str(file))
         options = ort.RunOptions()

@@ -20,16 +20,14 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
-from exporters.onnx import check_model, lean_proto, onnx_program, refuse_mismatch
+from exporters.onnx import atomic_onnx, check_model, lean_proto, onnx_program, refuse_mismatch, save_onnx
 from exporters.runtime import AdaptedSession
 from exporters.slots import SwappableMeta
 from exporters.verify import check_session, feeds, ort_session
 from surgery.bundle import Manifest
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
-from surgery.io import atomic_output
 from surgery.packs import BOTTLENECK_SHAPES, pack_from_model
 from surgery.parity import ATOL, RTOL, Parity, compare, mask_of, outputs_of
 from surgery.route import route
@@ -45,10 +43,12 @@ class SwappableExport:
     pack_parity: Parity  # the model's own adapter as a pack, against the adapted model in torch
     slots: int
     seconds: float
+    data: Path | None = None  # NAME.onnx.data, where the tensors are external
 
     def to_json(self) -> dict[str, Any]:
         return {
             "onnx": str(self.path),
+            "external_data": str(self.data) if self.data else None,
             "swappable": True,
             "adapter_tensors": self.slots,
             "export_seconds": round(self.seconds, 2),
@@ -61,9 +61,10 @@ class SwappableExport:
         }
 
 
-def _default(kind: str, d: int) -> np.ndarray:
+def _default(kind: str, d: int, elem_type: int = onnx.TensorProto.FLOAT) -> onnx.TensorProto:
+    """The rank-0 default of a slot, in the model's dtype (`elem_type`): (d, 0), (0,), (0, d) or zeros (d,)."""
     shape = tuple(d if s == "d" else 0 for s in BOTTLENECK_SHAPES[kind])
-    return np.zeros(shape, dtype=np.float32)
+    return onnx.helper.make_tensor("", elem_type, shape, np.zeros(int(np.prod(shape)), dtype=np.float32).tolist())
 
 
 def make_slots(model: onnx.ModelProto, manifest: Manifest) -> int:
@@ -75,9 +76,11 @@ def make_slots(model: onnx.ModelProto, manifest: Manifest) -> int:
     missing = sorted(set(wanted) - set(found))
     assert not missing, f"exporter lost adapter initializers (merged or renamed): {missing[:3]}"
     for name, (kind, d) in wanted.items():
-        found[name].CopyFrom(numpy_helper.from_array(_default(kind, d), name))
+        elem_type = found[name].data_type  # the model's dtype: fp32, fp16 or bf16
+        found[name].CopyFrom(_default(kind, d, elem_type))
+        found[name].name = name
         dims = [d if s == "d" else RANK for s in BOTTLENECK_SHAPES[kind]]
-        model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+        model.graph.input.append(onnx.helper.make_tensor_value_info(name, elem_type, dims))
     for key, value in slots.to_metadata().items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     return len(wanted)
@@ -98,7 +101,7 @@ def _with_adapters(gm: torch.nn.Module, fill: str, seed: int = 0) -> torch.nn.Mo
 
 
 def export_swappable(
-    captured: Captured, path: str | Path, *, tolerance: float = ATOL, rtol: float = RTOL
+    captured: Captured, path: str | Path, *, tolerance: float = ATOL, rtol: float = RTOL, external: bool = False
 ) -> SwappableExport:
     """Export an adapted model with adapter slots, verify no-pack = base and own-pack = adapted, then write."""
     if captured.manifest is None:
@@ -107,8 +110,8 @@ def export_swappable(
     what = str(path)
     proto = lean_proto(onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what))
     slots = make_slots(proto, captured.manifest)
-    with atomic_output(path) as tmp:
-        onnx.save(proto, str(tmp))
+    with atomic_onnx(path) as tmp:
+        data = save_onnx(proto, tmp, external)
         seconds = time.perf_counter() - start
         check_model(tmp, what)
         session = AdaptedSession(tmp)
@@ -125,7 +128,8 @@ def export_swappable(
             session.session, captured.gm, captured.signature, tolerance, run_options=own, rtol=rtol
         )
         refuse_mismatch(pack_parity, what, " with the model's own pack active")
-    return SwappableExport(Path(path), base_parity, pack_parity, slots, seconds)
+    data_path = Path(path).with_name(data.name) if data else None
+    return SwappableExport(Path(path), base_parity, pack_parity, slots, seconds, data_path)
 
 
 @dataclass(frozen=True)
@@ -136,10 +140,12 @@ class RoutedExport:
     ids: list[int]
     models: list[str]
     rank: int
+    data: Path | None = None  # NAME.onnx.data, where the tensors are external
 
     def to_json(self) -> dict[str, Any]:
         return {
             "onnx": str(self.path),
+            "external_data": str(self.data) if self.data else None,
             "route": self.models,
             "padded_rank": self.rank,
             "checked_ids": self.ids,
@@ -178,19 +184,20 @@ def check_rows(
 
 
 def export_routed(
-    models: list[Captured], path: str | Path, *, tolerance: float = ATOL, rtol: float = RTOL
+    models: list[Captured], path: str | Path, *, tolerance: float = ATOL, rtol: float = RTOL, external: bool = False
 ) -> RoutedExport:
     """One ONNX model with every model's adapters and an `adapter_id` input, verified row by row."""
     what = str(path)
     routed, report = route(models)
     n = len(models)
     ids = [0, n - 1, -1, 1 % n]
-    with atomic_output(path) as tmp:
-        onnx.save(lean_proto(onnx_program(routed.gm, routed.signature, what)), str(tmp))
+    with atomic_onnx(path) as tmp:
+        data = save_onnx(lean_proto(onnx_program(routed.gm, routed.signature, what)), tmp, external)
         check_model(tmp, what)
         session = ort_session(tmp)
         parity = check_session(session, routed.gm, routed.signature, tolerance, rtol=rtol)
         refuse_mismatch(parity, what)
         rows = check_rows(session, routed, models, ids, tolerance, rtol=rtol)
         refuse_mismatch(rows, what, f" row by row against the source models (ids {ids})")
-    return RoutedExport(Path(path), parity, rows, ids, [m.source.name for m in models], report.rank)
+    data_path = Path(path).with_name(data.name) if data else None
+    return RoutedExport(Path(path), parity, rows, ids, [m.source.name for m in models], report.rank, data_path)

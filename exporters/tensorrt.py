@@ -41,7 +41,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from exporters.onnx import check_model, export_onnx, onnx_program, refuse_mismatch
+from exporters.onnx import atomic_onnx, check_model, export_onnx, onnx_program, refuse_mismatch, save_onnx
 from exporters.slots import SwappableMeta
 from exporters.swappable import _with_adapters
 from exporters.verify import check_onnx
@@ -287,8 +287,10 @@ def prepare_trt(
     timing_cache: str | Path | None = None,
     tolerance: float = ATOL,
     rtol: float = RTOL,
+    external: bool = False,
 ) -> TrtPlan:
-    """Write the TensorRT-ready ONNX beside `engine` (verified in ONNX Runtime) and the trtexec command file."""
+    """Write the TensorRT-ready ONNX beside `engine` (verified in ONNX Runtime) and the trtexec command file.
+    Past 2 GB of initializers (or with `external`) that ONNX is NAME.onnx + NAME.onnx.data."""
     if precision not in PRECISIONS:
         raise SurgeryError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     engine = Path(engine)
@@ -304,13 +306,14 @@ def prepare_trt(
     )
     if max_r is None:
         plan.parity = export_onnx(
-            captured.gm, captured.signature, onnx_path, tolerance=tolerance, rtol=rtol, manifest=captured.manifest
-        ).parity
+            captured.gm, captured.signature, onnx_path, tolerance=tolerance, rtol=rtol, manifest=captured.manifest,
+            external=external,
+        ).parity  # fmt: skip
     else:
         proto = refittable_onnx(captured, max_r)
         weight_names(proto)
-        with atomic_output(onnx_path) as tmp:
-            onnx.save(proto, str(tmp))
+        with atomic_onnx(onnx_path) as tmp:
+            save_onnx(proto, tmp, external)
             check_model(tmp, str(onnx_path))
             plan.parity = check_onnx(tmp, captured.gm, captured.signature, tolerance=tolerance, rtol=rtol)
             refuse_mismatch(plan.parity, str(onnx_path), f" with the adapters zero-padded to rank {max_r}")

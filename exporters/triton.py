@@ -31,7 +31,7 @@ import onnx
 
 from surgery.errors import SurgeryError
 from surgery.packs import Pack, save_pack
-from surgery.safe_files import check_name
+from surgery.safe_files import check_name, check_onnx_data, external_locations
 from surgery.sites import ADAPTER_ROOT
 from surgery.signature import BATCH, Signature
 
@@ -133,6 +133,10 @@ def write_triton_repo(
     repo = Path(repo)
     if repo.exists() and not repo.is_dir():
         raise SurgeryError(f"--triton-repo {repo}: exists and is not a folder")
+    data: list[str] = []
+    if model_file.suffix == ".onnx":
+        check_onnx_data(model_file)  # its external data lies beside it; it travels with it, under its own name
+        data = external_locations(model_file)
     inputs, outputs, batched = _io(onnx_path, signature)
     axis_max = signature.axes()[BATCH].max if batched else 0
     max_batch_size = min(max_batch or axis_max, axis_max) if batched else 0
@@ -144,6 +148,9 @@ def write_triton_repo(
     )
     folder = repo / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
+    for location in data:  # the model reads it by the name it was written with, relative to its folder
+        (folder / "1" / location).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_file.parent / location, folder / "1" / location)
     shutil.copyfile(model_file, folder / "1" / filename)
     (folder / "config.pbtxt").write_text(text)
     return TritonRepo(folder, folder / "config.pbtxt", folder / "1" / filename, max_batch_size)
@@ -210,6 +217,9 @@ def write_python_model(
         tmp.chmod(0o755)
         (tmp / "1").mkdir()
         shutil.copyfile(onnx_path, tmp / "1" / "model.onnx")
+        check_onnx_data(Path(onnx_path))
+        for location in external_locations(Path(onnx_path)):  # the data file, under the name the model reads
+            shutil.copyfile(Path(onnx_path).parent / location, tmp / "1" / location)
         (tmp / "1" / "model.py").write_text(MODEL_PY)
         if kind == "swappable":
             (tmp / "adapters").mkdir()

@@ -33,6 +33,8 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 MAX_BATCH = 64
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass
@@ -52,14 +54,41 @@ def load(
     trust: bool = False,
     input_shapes: list[str] | None = None,
     input_dtype: str = "float32",
+    dtype: str = "auto",
 ) -> Loaded:
-    """Load `source` (default: the embedded pretrained MiniLM).
+    """Load `source` (default: the embedded pretrained MiniLM) in `dtype` (`--dtype`: fp32, fp16, bf16, or auto,
+    the checkpoint's own: a folder's config `dtype`, a config.json's, fp32 for GGUF, the program's for a .pt2).
 
     `input_shapes` (`--input-shape`) describes the inputs of a module that is not a HF model.
     """
+    if dtype != "auto" and dtype not in DTYPES:
+        raise SurgeryError(f"--dtype {dtype}: choose auto, {', '.join(DTYPES)}")
+    loaded = _load(source, trust, input_shapes, input_dtype, dtype)
+    have = model_dtype(loaded)
+    if dtype != "auto" and have != DTYPES[dtype]:
+        raise SurgeryError(
+            f"{loaded.source.name} is a captured program in {DTYPE_NAMES.get(have, have)}; --dtype {dtype} applies "
+            "when a model is captured: run `surgery insert --dtype` on its base model, or give --dtype auto"
+        )
+    return loaded
+
+
+def model_dtype(loaded: Loaded) -> torch.dtype:
+    """The dtype of a loaded model's floating-point weights (fp32 when it has none)."""
+    params = loaded.module.parameters() if loaded.module is not None else loaded.program.state_dict.values()
+    return next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+
+
+def _in_dtype(model: nn.Module, dtype: str, own: Any = None) -> nn.Module:
+    """`model` in `dtype`; `auto`: in `own` (the checkpoint's dtype) where it is a half or full float."""
+    target = DTYPES.get(dtype) if dtype != "auto" else own if own in DTYPE_NAMES else None
+    return model.to(target) if target is not None else model
+
+
+def _load(source, trust, input_shapes, input_dtype, dtype) -> Loaded:  # noqa: ANN001  load()'s own arguments
     name = str(source) if source is not None else DEFAULT_MODEL
     if name == DEFAULT_MODEL:
-        return _load_hf_folder(_minilm_path(), name)
+        return _load_hf_folder(_minilm_path(), name, dtype)
     path = Path(name)
     if not path.exists():
         raise SurgeryError(
@@ -67,16 +96,19 @@ def load(
             f"a .pt (with --trust), or '{DEFAULT_MODEL}' for the embedded pretrained model"
         )
     if path.is_dir():
-        return _load_hf_folder(path, name)
+        return _load_hf_folder(path, name, dtype)
     if path.suffix == ".gguf":
-        return _load_gguf(path, name)
+        return _load_gguf(path, name, dtype)
     if path.suffix == ".json":
-        return _load_hf_config(path, name)
+        return _load_hf_config(path, name, dtype)
     kind = _file_kind(path)
     if kind == "pt2":
         return _load_pt2(path, name, trust)
     if kind in ("torch-zip", "pickle"):
-        return _load_pickled(path, name, trust, input_shapes, input_dtype)
+        loaded = _load_pickled(path, name, trust, input_shapes, input_dtype)
+        if loaded.module is not None:
+            _in_dtype(loaded.module, dtype)
+        return loaded
     raise SurgeryError(
         f"{name}: not a model file this tool reads (neither a torch.export .pt2 nor a torch.save .pt archive); "
         "check the path, or give a Hugging Face model folder"
@@ -110,12 +142,12 @@ def _minilm_path() -> Path:
     return Path(get_model_path())
 
 
-def _load_hf_folder(path: Path, name: str) -> Loaded:
+def _load_hf_folder(path: Path, name: str, dtype: str = "auto") -> Loaded:
     from transformers import AutoConfig
 
     ggufs = sorted(path.glob("*.gguf"))
     if not (path / "config.json").is_file() and len(ggufs) == 1:
-        return _load_gguf(ggufs[0], name)
+        return _load_gguf(ggufs[0], name, dtype)
     if not (path / "config.json").is_file():
         if ggufs:
             raise SurgeryError(
@@ -133,11 +165,13 @@ def _load_hf_folder(path: Path, name: str) -> Loaded:
         )
     config = _read_config(path / "config.json", name, AutoConfig)
     model_cls = _model_class(config)
-    model = model_cls.from_pretrained(path, config=config)
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    wanted = DTYPES.get(dtype) or (own if own in DTYPE_NAMES else torch.float32)
+    model = model_cls.from_pretrained(path, config=config, dtype=wanted)
     return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
 
 
-def _load_gguf(path: Path, name: str) -> Loaded:
+def _load_gguf(path: Path, name: str, dtype: str = "auto") -> Loaded:
     """A GGUF file (llama.cpp's format): transformers reads its config and dequantizes its tensors to fp32."""
     from transformers import AutoConfig
 
@@ -156,11 +190,12 @@ def _load_gguf(path: Path, name: str) -> Loaded:
             "its GGUF support lists (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-2, T5 ...): convert others to a "
             "Hugging Face folder"
         ) from exc
-    model = _model_class(config).from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
+    wanted = DTYPES.get(dtype, torch.float32)  # auto: fp32, what transformers dequantizes GGUF tensors to
+    model = _model_class(config).from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=wanted)
     return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
 
 
-def _load_hf_config(path: Path, name: str) -> Loaded:
+def _load_hf_config(path: Path, name: str, dtype: str = "auto") -> Loaded:
     """A config.json alone: the architecture with random weights (seeded, so runs repeat)."""
     from transformers import AutoConfig
 
@@ -168,6 +203,7 @@ def _load_hf_config(path: Path, name: str) -> Loaded:
     torch.manual_seed(0)
     cls = _model_class(config)
     model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    _in_dtype(model, dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
     return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
 
 

@@ -128,6 +128,11 @@ def save_pack(pack: Pack, path: str | Path) -> Path:
             fmt = ort.AdapterFormat()
             fmt.set_adapter_version(PACK_FORMAT)
             fmt.set_model_version(pack.fingerprint)
+            if any(t.dtype == torch.bfloat16 for t in pack.tensors.values()):
+                raise SurgeryError(
+                    f"{path}: a bf16 pack is written as .safetensors (numpy, and so ORT's adapter writer, has no "
+                    "bfloat16); AdaptedSession converts it to the session's dtype when it loads it"
+                )
             fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(t.numpy()) for n, t in pack.tensors.items()})
             fmt.export_adapter(str(tmp))
     return path
@@ -212,8 +217,8 @@ def check_pack(
                 f"{name}: tensor {tensor_name} has shape {list(tensor.shape)}, expected {list(want)} "
                 f"(d={widths[site]}, r={rank}); the pack is damaged or mixes ranks"
             )
-        if tensor.dtype != torch.float32:
-            raise SurgeryError(f"{name}: tensor {tensor_name} is {tensor.dtype}, expected torch.float32")
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise SurgeryError(f"{name}: tensor {tensor_name} is {tensor.dtype}, expected float32, float16 or bfloat16")
     if max_rank is not None and rank > max_rank:
         raise SurgeryError(
             f"{name} has rank {rank}, above this engine's maximum {max_rank}; rebuild with a larger --max-r"

@@ -30,6 +30,23 @@ from surgery.signature import Signature
 # a weight matrix scaled by 1.01 or one adapter tensor changed moves outputs by 1e-3..1e-1 of their scale.
 ATOL = 1e-4
 RTOL = 1e-4
+# Half-precision exports against torch at the same precision (atol, rtol), set from benchmarks/precision.py on real
+# checkpoints (README "Parity"): ORT rounds other intermediates than torch does, so the two differ by about the
+# dtype's precision times the depth; the defaults sit above the largest difference measured, and below what a
+# corrupted weight moves.
+HALF_TOLERANCES = {torch.float16: (1e-3, 1e-2), torch.bfloat16: (1e-2, 5e-2)}
+
+
+def tolerances(dtype: torch.dtype, atol: float | None = None, rtol: float | None = None) -> tuple[float, float]:
+    """(atol, rtol) for a model in `dtype`: the given ones, else the defaults of its precision."""
+    default = HALF_TOLERANCES.get(dtype, (ATOL, RTOL))
+    return (default[0] if atol is None else atol, default[1] if rtol is None else rtol)
+
+
+def weights_dtype(module: Any) -> torch.dtype:
+    """The dtype of a module's floating-point parameters (fp32 when it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
 
 # Test shapes by axis name: an odd padded batch, then one row of the benchmark length.
 CHECK_SIZES = ({"batch": 3, "seq": 37}, {"batch": 1, "seq": 128})

@@ -469,6 +469,21 @@ def check_onnx_data(path: str | Path) -> None:
             )
 
 
+def external_locations(path: str | Path) -> list[str]:
+    """The external-data files an ONNX model reads (relative to its folder); check_onnx_data them first."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    found = {
+        e.value
+        for t in _onnx_tensors(model.graph)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+    return sorted(found)
+
+
 def _onnx_tensors(graph: Any) -> Iterator[Any]:
     """Every tensor of a graph: initializers, sparse initializers, node attributes, and those of subgraphs."""
     yield from graph.initializer
