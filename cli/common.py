@@ -50,6 +50,9 @@ InputShape = Annotated[
         help="Input shape of a plain nn.Module, e.g. batch,seq,64 (names are dynamic axes). Once per input.",
     ),
 ]
+from surgery.tasks import TASK_HELP  # noqa: E402
+
+Task = Annotated[Optional[str], typer.Option("--task", help=TASK_HELP)]
 InputDtype = Annotated[str, typer.Option("--input-dtype", help="dtype of the --input-shape inputs.")]
 Output = Annotated[Optional[str], typer.Option("-o", "--output", help="Output file (written atomically).")]
 Targets = Annotated[

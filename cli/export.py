@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import InputDtype, InputShape, Json, Output, Rtol, Tolerance, Trust, emit_json, out, step
+from cli.common import Task, InputDtype, InputShape, Json, Output, Rtol, Tolerance, Trust, emit_json, out, step
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.swappable import export_routed, export_swappable
@@ -72,6 +72,7 @@ def export(
     trust: Trust = False,
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
+    task: Task = None,
     json: Json = False,
 ) -> None:
     """Export to ONNX with dynamic batch and sequence; written only if ONNX Runtime matches torch."""
@@ -81,7 +82,9 @@ def export(
     if len(sources) > 1 and not route:
         raise SurgeryError(f"{len(sources)} models given; export takes one, or several with --route")
     if trt:
-        opener = lambda: open_model(sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype)  # noqa: E731
+        opener = lambda: open_model(  # noqa: E731
+            sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype, task=task
+        )
         return _export_trt(
             sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo,
             tolerance, rtol, json,
@@ -95,13 +98,15 @@ def export(
             raise SurgeryError(
                 "--fused-pt2 writes a torch program; --swappable, --route and --triton-repo are ONNX exports"
             )
-        return _export_fused_pt2(sources[0], output, tolerance, rtol, trust, input_shape, input_dtype, json)
+        return _export_fused_pt2(sources[0], output, tolerance, rtol, trust, input_shape, input_dtype, task, json)
     if triton_repo and (swappable or route):
         raise SurgeryError("--triton-repo takes a baked model (plain ONNX or --trt); Triton cannot feed adapter slots")
     suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
     path = check_output(output or default_output(sources[0], suffix))
     with step(f"load {', '.join(s or 'minilm' for s in sources)}"):
-        models = [open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype) for s in sources]
+        models = [
+            open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, task=task) for s in sources
+        ]
     with step(f"export {path} and check it against torch"):
         if route:
             result = export_routed(models, path, tolerance=tolerance, rtol=rtol)
@@ -133,10 +138,10 @@ def export(
         )
 
 
-def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input_dtype, json) -> None:
+def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input_dtype, task, json) -> None:
     path = check_output(output or default_output(source, ".fused.pt2"))
     with step(f"load {source or 'minilm'}"):
-        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
+        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, task=task)
     with step(f"export {path} and check it against the adapted model"):
         result = export_kernel_program(captured, path, tolerance=tolerance, rtol=rtol)
     if json:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli import bench, count, demo, export, import_peft, inspect, insert, merge, pack, run, trt
+from cli import bench, count, demo, export, generate, import_peft, inspect, insert, merge, pack, run, trt
 from cli.common import Run, error_line, fail, quiet_libraries
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app.command("check-trt")(trt.check_trt)
 app.command("count")(count.count)
 app.command("merge")(merge.merge)
 app.command("import-peft")(import_peft.import_peft)
+app.command("generate")(generate.generate)
 
 
 @app.callback()

@@ -105,7 +105,9 @@ def export_swappable(
         raise SurgeryError(f"{captured.source.name}: --swappable needs an adapted model; run `surgery insert` first")
     start = time.perf_counter()
     what = str(path)
-    proto = lean_proto(onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what))
+    proto = lean_proto(
+        onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what), captured.signature
+    )
     slots = make_slots(proto, captured.manifest)
     with atomic_output(path) as tmp:
         onnx.save(proto, str(tmp))
@@ -182,7 +184,7 @@ def export_routed(
     n = len(models)
     ids = [0, n - 1, -1, 1 % n]
     with atomic_output(path) as tmp:
-        onnx.save(lean_proto(onnx_program(routed.gm, routed.signature, what)), str(tmp))
+        onnx.save(lean_proto(onnx_program(routed.gm, routed.signature, what), routed.signature), str(tmp))
         check_model(tmp, what)
         session = ort_session(tmp)
         parity = check_session(session, routed.gm, routed.signature, tolerance, rtol=rtol)

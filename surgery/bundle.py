@@ -23,6 +23,7 @@ from surgery.io import atomic_output
 from surgery.signature import Signature
 from surgery.sites import Site
 from surgery.source import Source
+from surgery.tasks import TASKS
 
 if TYPE_CHECKING:
     from surgery.capture import Captured
@@ -93,6 +94,7 @@ class Manifest:
     average: Average | None = None
     peft: Peft | None = None
     route: tuple[str, ...] | None = None
+    task: str = "feature-extraction"  # the head captured (tasks.py); manifests before it had none: feature-extraction
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter, (AdapterSpec, LoraSpec, StackSpec)):
@@ -101,6 +103,8 @@ class Manifest:
             raise SurgeryError(f"manifest: lists no adapted sites; {_REMAKE}")
         if not 0 <= self.trainable <= self.total:
             raise SurgeryError(f"manifest: {self.trainable} adapter parameters of {self.total} in all; {_REMAKE}")
+        if self.task not in TASKS:
+            raise SurgeryError(f"manifest: task {self.task!r} is none of {', '.join(TASKS)}; {_REMAKE}")
         if isinstance(self.adapter, StackSpec) != (self.stack is not None):
             raise SurgeryError(f"manifest: a stack's adapter and its parts must come together; {_REMAKE}")
 
@@ -119,6 +123,8 @@ class Manifest:
             "params": {"trainable": self.trainable, "total": self.total},
             "signature": self.signature.to_json(),
         }
+        if self.task != "feature-extraction":  # the head before tasks existed: such files stay as they were
+            d["task"] = self.task
         if self.merged is not None:
             d["merged"] = {**asdict(self.merged), "kinds": list(self.merged.kinds)}
         if self.stack is not None:
@@ -154,6 +160,7 @@ class Manifest:
                 else None,
                 peft=Peft(**peft) if peft is not None else None,
                 route=tuple(d["route"]) if "route" in d else None,
+                task=str(d.get("task", "feature-extraction")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SurgeryError(f"{where}: damaged manifest ({type(exc).__name__}: {exc}); {_REMAKE}") from exc
@@ -170,6 +177,7 @@ def adapted_manifest(
         trainable=report.trainable,
         total=report.total,
         signature=captured.signature,
+        task=captured.task,
         **extra,
     )
 

@@ -24,6 +24,7 @@ from surgery.errors import SurgeryError
 from surgery.safe_files import check_pt2, read_config
 from surgery.signature import Axis, InputSpec, Signature, parse_input_shape
 from surgery.source import Source
+from surgery.tasks import CAUSAL_LM, FEATURE_EXTRACTION, check_task, default_task, task_class, with_past
 
 DEFAULT_MODEL = "minilm"
 WEIGHT_FILES = (
@@ -44,6 +45,7 @@ class Loaded:
     module: nn.Module | None = None
     program: torch.export.ExportedProgram | None = None
     manifest: Manifest | None = None  # present when the source is a `.adapted.pt2` written by this tool
+    task: str = FEATURE_EXTRACTION  # the head captured (tasks.py)
 
 
 def load(
@@ -52,14 +54,17 @@ def load(
     trust: bool = False,
     input_shapes: list[str] | None = None,
     input_dtype: str = "float32",
+    task: str | None = None,
 ) -> Loaded:
     """Load `source` (default: the embedded pretrained MiniLM).
 
-    `input_shapes` (`--input-shape`) describes the inputs of a module that is not a HF model.
+    `input_shapes` (`--input-shape`) describes the inputs of a module that is not a HF model. `task` (tasks.py)
+    picks the head of a HF source; None: the one its config's `architectures` names.
     """
     name = str(source) if source is not None else DEFAULT_MODEL
+    check_task(task)
     if name == DEFAULT_MODEL:
-        return _load_hf_folder(_minilm_path(), name)
+        return _load_hf_folder(_minilm_path(), name, task)
     path = Path(name)
     if not path.exists():
         raise SurgeryError(
@@ -67,14 +72,20 @@ def load(
             f"a .pt (with --trust), or '{DEFAULT_MODEL}' for the embedded pretrained model"
         )
     if path.is_dir():
-        return _load_hf_folder(path, name)
+        return _load_hf_folder(path, name, task)
     if path.suffix == ".gguf":
-        return _load_gguf(path, name)
+        return _load_gguf(path, name, task)
     if path.suffix == ".json":
-        return _load_hf_config(path, name)
+        return _load_hf_config(path, name, task)
     kind = _file_kind(path)
     if kind == "pt2":
-        return _load_pt2(path, name, trust)
+        loaded = _load_pt2(path, name, trust)
+        if task is not None and task != loaded.task:
+            raise SurgeryError(
+                f"{name}: captured as {loaded.task}, not {task}; a .pt2 keeps the head it was captured with: "
+                f"capture the Hugging Face source again with --task {task}"
+            )
+        return loaded
     if kind in ("torch-zip", "pickle"):
         return _load_pickled(path, name, trust, input_shapes, input_dtype)
     raise SurgeryError(
@@ -110,12 +121,12 @@ def _minilm_path() -> Path:
     return Path(get_model_path())
 
 
-def _load_hf_folder(path: Path, name: str) -> Loaded:
+def _load_hf_folder(path: Path, name: str, task: str | None = None) -> Loaded:
     from transformers import AutoConfig
 
     ggufs = sorted(path.glob("*.gguf"))
     if not (path / "config.json").is_file() and len(ggufs) == 1:
-        return _load_gguf(ggufs[0], name)
+        return _load_gguf(ggufs[0], name, task)
     if not (path / "config.json").is_file():
         if ggufs:
             raise SurgeryError(
@@ -132,12 +143,12 @@ def _load_hf_folder(path: Path, name: str) -> Loaded:
             f"to build the architecture with random weights, pass the config itself: {path / 'config.json'}"
         )
     config = _read_config(path / "config.json", name, AutoConfig)
-    model_cls = _model_class(config)
-    model = model_cls.from_pretrained(path, config=config)
-    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
+    task = task or default_task(config)
+    model = _model_class(config, task).from_pretrained(path, config=config)
+    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type), task)
 
 
-def _load_gguf(path: Path, name: str) -> Loaded:
+def _load_gguf(path: Path, name: str, task: str | None = None) -> Loaded:
     """A GGUF file (llama.cpp's format): transformers reads its config and dequantizes its tensors to fp32."""
     from transformers import AutoConfig
 
@@ -156,19 +167,23 @@ def _load_gguf(path: Path, name: str) -> Loaded:
             "its GGUF support lists (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-2, T5 ...): convert others to a "
             "Hugging Face folder"
         ) from exc
-    model = _model_class(config).from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=torch.float32)
-    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
+    task = task or default_task(config)
+    model = _model_class(config, task).from_pretrained(
+        path.parent, gguf_file=path.name, config=config, dtype=torch.float32
+    )
+    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type), task)
 
 
-def _load_hf_config(path: Path, name: str) -> Loaded:
+def _load_hf_config(path: Path, name: str, task: str | None = None) -> Loaded:
     """A config.json alone: the architecture with random weights (seeded, so runs repeat)."""
     from transformers import AutoConfig
 
     config = _read_config(path, name, AutoConfig)
+    task = task or default_task(config)
     torch.manual_seed(0)
-    cls = _model_class(config)
+    cls = _model_class(config, task)
     model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
+    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type), task)
 
 
 def _read_config(path: Path, name: str, auto_config: Any) -> Any:
@@ -182,14 +197,12 @@ def _read_config(path: Path, name: str, auto_config: Any) -> Any:
         ) from exc
 
 
-def _model_class(config: Any) -> Any:
-    import transformers
-
+def _model_class(config: Any, task: str = FEATURE_EXTRACTION) -> Any:
     arch = architecture(config.model_type)
-    return getattr(transformers, arch.model_class) if arch and arch.model_class else transformers.AutoModel
+    return task_class(config, task, arch.model_class if arch else None)
 
 
-def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
+def _hf_loaded(model: nn.Module, source: Source, task: str = FEATURE_EXTRACTION) -> Loaded:
     """Ready a HF model for capture: eval mode, no KV cache, and plain tuple outputs.
 
     A `ModelOutput` return type would be recorded in the exported program, and `torch.export.load`
@@ -198,6 +211,9 @@ def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
     """
     model.eval()
     config = model.config
+    if task == CAUSAL_LM:
+        wrapper, signature = with_past(model)
+        return Loaded(source=source, signature=signature, module=wrapper, task=task)
     if hasattr(config, "use_cache"):
         config.use_cache = False
     arch = architecture(config.model_type)
@@ -211,7 +227,7 @@ def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
     model.config = copy.copy(config)
     model.config.return_dict = False
     names = tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
-    return Loaded(source=source, signature=replace(signature, outputs=names), module=model)
+    return Loaded(source=source, signature=replace(signature, outputs=names), module=model, task=task)
 
 
 def _decoder_inputs_from_input_ids(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
@@ -296,6 +312,7 @@ def _load_pt2(path: Path, name: str, trust: bool = False) -> Loaded:
         signature=signature,
         program=program,
         manifest=manifest,
+        task=manifest.task if manifest is not None else FEATURE_EXTRACTION,
     )
 
 

@@ -29,10 +29,15 @@ from surgery.sites import ADAPTER_ROOT, Site
 
 
 def open_model(
-    source: str | None, *, trust: bool = False, input_shapes: list[str] | None = None, input_dtype: str = "float32"
+    source: str | None,
+    *,
+    trust: bool = False,
+    input_shapes: list[str] | None = None,
+    input_dtype: str = "float32",
+    task: str | None = None,
 ) -> Captured:
-    """Load `source` and capture it as a GraphModule."""
-    return capture(load(source, trust=trust, input_shapes=input_shapes, input_dtype=input_dtype))
+    """Load `source` (with the head of `task`, tasks.py) and capture it as a GraphModule."""
+    return capture(load(source, trust=trust, input_shapes=input_shapes, input_dtype=input_dtype, task=task))
 
 
 def adapt(captured: Captured, spec: AdapterSpec | LoraSpec, seed: int = 0) -> InsertReport:
