@@ -93,7 +93,9 @@ class Signature:
         """Example tensors at the capture shape, or at `sizes` (axis name -> size).
 
         With `pad`, an `attention_mask` gets trailing zeros on every row but the first (row i keeps
-        about 1 - i/(2B) of its positions), the padded batch a server sends.
+        about 1 - i/(2B) of its positions), the padded batch a server sends. `position_ids` beside an attention
+        mask are the positions it implies (of the last `seq` of its columns), as a generation loop feeds them:
+        random positions up to a large maximum (8192) turn rotary angles into fp32 rounding noise.
         """
         g = torch.Generator().manual_seed(seed)
         sizes = self.resolve(sizes)
@@ -115,6 +117,11 @@ class Signature:
             else:
                 t = torch.randint(0, spec.high or 2, shape, generator=g, dtype=dtype)
             tensors.append(t)
+        names = self.names
+        if "position_ids" in names and "attention_mask" in names:  # a causal LM's: where each token sits
+            mask, i = tensors[names.index("attention_mask")], names.index("position_ids")
+            seq = tensors[i].shape[-1]
+            tensors[i] = (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[-1] - seq :].to(tensors[i].dtype)
         return tensors
 
     def resolve(self, sizes: dict[str, int] | None) -> dict[str, int] | None:

@@ -19,11 +19,11 @@ ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "iden
 
 
 def hf_model(config_path: Any, adapted: Captured, spec: Any = None, sites: Any = None) -> torch.nn.Module:
-    """The HF causal LM of `config_path` with `adapted`'s weights, its adapters as hooks (none for a base model);
-    `spec` and `sites` where `adapted` has no manifest (adapted in memory)."""
+    """The HF causal LM of `config_path` (or a config object) with `adapted`'s weights, its adapters as hooks (none
+    for a base model); `spec` and `sites` where `adapted` has no manifest (adapted in memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(config_path)
+    config = config_path if hasattr(config_path, "model_type") else AutoConfig.from_pretrained(config_path)
     model = AutoModelForCausalLM.from_config(config).eval()
     state = adapted.gm.state_dict()
     base = {k: v for k, v in state.items() if not k.startswith(("adapters.", "lifted_tensor"))}
