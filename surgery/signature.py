@@ -121,7 +121,7 @@ class Signature:
         if "position_ids" in names and "attention_mask" in names:  # a causal LM's: where each token sits
             mask, i = tensors[names.index("attention_mask")], names.index("position_ids")
             seq = tensors[i].shape[-1]
-            tensors[i] = (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[-1] - seq :].to(tensors[i].dtype)
+            tensors[i] = (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[-1] - seq :].to(tensors[i].dtype).contiguous()
         return tensors
 
     def resolve(self, sizes: dict[str, int] | None) -> dict[str, int] | None:

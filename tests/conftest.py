@@ -152,7 +152,7 @@ LM_CONFIGS = {
     "gemma": (
         "gemma3_text",
         "Gemma3ForCausalLM",
-        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=512),
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=512, tie_word_embeddings=False),
     ),
     "gpt2": ("gpt2", "GPT2LMHeadModel", dict(n_layer=2, n_embd=64, n_head=4, n_positions=128)),
 }
