@@ -93,7 +93,10 @@ class Signature:
         """Example tensors at the capture shape, or at `sizes` (axis name -> size).
 
         With `pad`, an `attention_mask` gets trailing zeros on every row but the first (row i keeps
-        about 1 - i/(2B) of its positions), the padded batch a server sends. `position_ids` beside an attention
+        about 1 - i/(2B) of its positions), the padded batch a server sends; a KV cache's mask (over past + seq)
+        is padded on the left and within the past only (row i loses i/B of it), as a generation loop pads its
+        prompts: every new token is a real one (what a model computes at a padded query is unspecified, and its
+        garbage would sit in the present tensors, which no mask covers). `position_ids` beside an attention
         mask are the positions it implies (of the last `seq` of its columns), as a generation loop feeds them:
         random positions up to a large maximum (8192) turn rotary angles into fp32 rounding noise.
         """
@@ -105,7 +108,11 @@ class Signature:
             dtype = spec.torch_dtype
             if spec.name == "attention_mask":
                 t = torch.ones(shape, dtype=dtype)
-                if pad and len(shape) == 2:
+                past = sizes.get("past", 0) if sizes and any(a.sum_of for a in spec.axes.values()) else None
+                if pad and len(shape) == 2 and past is not None:  # a KV cache's: padded on the left, in the past
+                    for row in range(1, shape[0]):
+                        t[row, : (row * past) // shape[0]] = 0
+                elif pad and len(shape) == 2:
                     b, s = shape
                     for row in range(1, b):
                         keep = max(1, s - (row * s) // (2 * b))
