@@ -9,7 +9,8 @@ batch on adapters 0..3). Each is measured through `exporters.runtime.Generator` 
 - prefill: the first step of a 128-token prompt (the graph's run at past length 0, and the argmax);
 - ttft: time to the first token of a short prompt (the issue's peers' measure);
 - decode tok/s at batch 1 and 8: 32 new tokens from that prompt, per stream.
-Median of `--runs`, variants in turn within each run. Writes JSON and Markdown beside the printed table.
+Median of `--runs`, variants in turn within each run; ONNX Runtime's spinning is off (DESIGN.md: sessions timed in
+turn in one process fight over spinning thread pools). Writes JSON and Markdown beside the printed table.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def build(variant: str, base, work: Path) -> tuple[Generator, dict]:
     path = work / f"{variant}.onnx"
     if variant == "base":
         export_onnx(base.gm, base.signature, path)
-        return Generator(path), {}
+        return Generator(path, spinning=False), {}
     if variant in ("houlsby", "lora", "lora-merged"):
         m = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
         spec = AdapterSpec("houlsby", r=8) if variant == "houlsby" else LoraSpec({"q": 8, "v": 8})
@@ -52,18 +53,18 @@ def build(variant: str, base, work: Path) -> tuple[Generator, dict]:
         if variant == "lora-merged":
             merge_adapters(m.gm)
         export_onnx(m.gm, m.signature, path)
-        return Generator(path), {}
+        return Generator(path, spinning=False), {}
     models = [
         stand_in_adapted(base, AdapterSpec("houlsby", r=8), work / f"m{k}.adapted.pt2", seed=k, weights_seed=10 + k)
         for k in range(4 if variant == "routed" else 1)
     ]
     if variant == "swappable":
         export_swappable(models[0], path)
-        gen = Generator(path)
+        gen = Generator(path, spinning=False)
         gen.load("own", save_pack(pack_from_model(models[0].gm.state_dict(), models[0].manifest), work / "own.pack"))
         return gen, {"adapter": "own"}
     export_routed(models, path)
-    return Generator(path), {"adapter_ids": [0]}
+    return Generator(path, spinning=False), {"adapter_ids": [0]}
 
 
 def measure(gen: Generator, kwargs: dict, prompt: list[int], long_prompt: list[int]) -> dict[str, float]:
