@@ -25,6 +25,7 @@ from cli.common import (
     emit_json,
     out,
     step,
+    Task,
 )
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import THRESHOLD_ENV, export_onnx, onnx_files, onnx_size
@@ -99,6 +100,7 @@ def export(
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
     dtype: Dtype = "auto",
+    task: Task = None,
     json: Json = False,
 ) -> None:
     """Export to ONNX with dynamic batch and sequence; written only if ONNX Runtime matches torch."""
@@ -109,7 +111,7 @@ def export(
         raise SurgeryError(f"{len(sources)} models given; export takes one, or several with --route")
     if trt:
         opener = lambda: open_model(  # noqa: E731
-            sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype
+            sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype, task=task
         )
         return _export_trt(
             sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo,
@@ -124,14 +126,15 @@ def export(
             raise SurgeryError(
                 "--fused-pt2 writes a torch program; --swappable, --route and --triton-repo are ONNX exports"
             )
-        return _export_fused_pt2(sources[0], output, tolerance, rtol, trust, input_shape, input_dtype, json)
+        return _export_fused_pt2(sources[0], output, tolerance, rtol, trust, input_shape, input_dtype, task, json)
     if triton_repo and Path(triton_repo).exists() and not Path(triton_repo).is_dir():
         raise SurgeryError(f"--triton-repo {triton_repo}: exists and is not a folder; name a folder (it is created)")
     suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
     path = check_output(output or default_output(sources[0], suffix))
     with step(f"load {', '.join(s or 'minilm' for s in sources)}"):
         models = [
-            open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype) for s in sources
+            open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype, task=task)
+            for s in sources
         ]
     tolerance, rtol = tolerances(weights_dtype(models[0].gm), tolerance, rtol)
     with step(f"export {path} and check it against torch"):
@@ -195,10 +198,10 @@ def _triton(repo, path, sources, models, route, swappable) -> list[str]:
     return [str(c) for c in written]
 
 
-def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input_dtype, json) -> None:
+def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input_dtype, task, json) -> None:
     path = check_output(output or default_output(source, ".fused.pt2"))
     with step(f"load {source or 'minilm'}"):
-        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
+        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, task=task)
     tolerance, rtol = tolerances(weights_dtype(captured.gm), tolerance, rtol)
     with step(f"export {path} and check it against the adapted model"):
         result = export_kernel_program(captured, path, tolerance=tolerance, rtol=rtol)

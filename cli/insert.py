@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from cli.common import (
+    Task,
     Act,
     Alpha,
     Dtype,
@@ -45,13 +46,16 @@ def insert(
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
     dtype: Dtype = "auto",
+    task: Task = None,
     json: Json = False,
 ) -> None:
     """Insert adapters (bottlenecks x + W_up σ(W_down x), parallel, LoRA) at the chosen sites; the base stays frozen."""
     spec = parse_spec(method, r, act, targets, alpha, scale)
     path = check_output(output or default_output(source, SUFFIX))
     with step(f"load and capture {source or 'minilm'}"):
-        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype)
+        captured = open_model(
+            source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype, task=task
+        )
     with step(f"insert {method} adapters, r={r}" + ("" if method == "lora" else f", σ={act}")):
         report = adapt(captured, spec, seed=seed)
     with step(f"save {path}"):
@@ -64,6 +68,7 @@ def insert(
         emit_json(
             {
                 "output": str(path),
+                "task": captured.task,
                 **spec.to_json(),
                 "sites": [s.path for s in report.sites],
                 "trainable_params": report.trainable,
@@ -73,7 +78,8 @@ def insert(
         )
         return
     out.print(
-        f"{len(report.sites)} sites in {layers} layers: {report.trainable:,} trainable of {report.total:,} parameters"
+        f"{len(report.sites)} sites in {layers} layers: {report.trainable:,} trainable of {report.total:,} parameters "
+        f"({captured.task})"
     )
     if formula is not None:
         verdict = "equal" if formula == report.trainable else "[red]DIFFERENT[/]"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from cli.common import InputDtype, InputShape, Json, Source, Targets, Trust, emit_json, out, step
+from cli.common import Task, InputDtype, InputShape, Json, Source, Targets, Trust, emit_json, out, step
 from surgery.adapters import LoraSpec, StackSpec
 from surgery.bundle import Manifest
 from surgery.errors import SurgeryError
@@ -21,6 +21,7 @@ def inspect(
     trust: Trust = False,
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
+    task: Task = None,
     json: Json = False,
 ) -> None:
     """Show the Transformer's layers and the insertion sites found in its graph (or a pack's contents)."""
@@ -28,7 +29,7 @@ def inspect(
         _show_pack(source, json)
         return
     with step(f"load and capture {source or 'minilm'}"):
-        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype)
+        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, task=task)
     if captured.manifest is not None:
         _show_manifest(captured.manifest, json)
         return

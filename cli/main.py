@@ -14,6 +14,7 @@ from cli import (
     demo,
     export,
     export_peft,
+    generate,
     import_adapters,
     import_peft,
     inspect,
@@ -48,6 +49,7 @@ app.command("import-peft")(import_peft.import_peft)
 app.command("import-adapters")(import_adapters.import_adapters)
 app.command("export-peft")(export_peft.export_peft)
 app.command("serve")(serve.serve)
+app.command("generate")(generate.generate)
 
 
 @app.callback()

@@ -149,7 +149,7 @@ def onnx_program(gm: fx.GraphModule, signature: Signature, what: str) -> Any:
         raise SurgeryError(f"{what}: ONNX export failed ({type(exc).__name__}: {first})") from exc
 
 
-def lean_proto(program: Any) -> onnx.ModelProto:
+def lean_proto(program: Any, signature: Signature | None = None) -> onnx.ModelProto:
     """The exported ModelProto without `value_info` (the exporter's inferred intermediate shapes).
 
     Measured on MiniLM, ONNX Runtime 1.32 CPU, b1 s128, interleaved: the same graph runs about 8-10%
@@ -159,7 +159,32 @@ def lean_proto(program: Any) -> onnx.ModelProto:
     """
     proto = program.model_proto
     del proto.graph.value_info[:]
+    if signature is not None:
+        name_cache_axes(proto, signature)
     return proto
+
+
+CACHE_META = {"task": "surgery.task", "max_positions": "surgery.max_positions", "layers": "surgery.layers"}
+
+
+def name_cache_axes(proto: onnx.ModelProto, signature: Signature) -> None:
+    """A causal LM with its cache (surgery/tasks.py): the attention mask's and the present tensors' length axis is
+    named `total` (torch names it after a symbol, `s53`, or writes `past + seq`), and the metadata says what the
+    model is: `surgery.task`, `surgery.max_positions` (the positions a prompt and its new tokens may fill) and
+    `surgery.layers` (for `exporters.runtime.Generator`)."""
+    from surgery.tasks import CAUSAL_LM, TOTAL, cache_layout
+
+    layers = cache_layout(signature)
+    if layers is None:
+        return
+    for value in [*proto.graph.input, *proto.graph.output]:
+        if value.name == "attention_mask" or value.name.startswith("present."):
+            axis = 1 if value.name == "attention_mask" else 2
+            value.type.tensor_type.shape.dim[axis].dim_param = TOTAL
+    seq = signature.axes()["seq"]
+    meta = {"task": CAUSAL_LM, "max_positions": str(seq.max), "layers": str(layers)}
+    for key, value in meta.items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=CACHE_META[key], value=value))
 
 
 def check_model(path: Path, what: str) -> None:
@@ -197,7 +222,7 @@ def export_onnx(
     start = time.perf_counter()
     exported = (fused_copy(gm, manifest) if fuse else None) or gm
     with atomic_onnx(path) as tmp:
-        data = save_onnx(lean_proto(onnx_program(exported, signature, str(path))), tmp, external)
+        data = save_onnx(lean_proto(onnx_program(exported, signature, str(path)), signature), tmp, external)
         seconds = time.perf_counter() - start
         check_model(tmp, str(path))
         parity = check_onnx(tmp, gm, signature, tolerance=tolerance, rtol=rtol)

@@ -108,7 +108,9 @@ def export_swappable(
         raise SurgeryError(f"{captured.source.name}: --swappable needs an adapted model; run `surgery insert` first")
     start = time.perf_counter()
     what = str(path)
-    proto = lean_proto(onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what))
+    proto = lean_proto(
+        onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what), captured.signature
+    )
     slots = make_slots(proto, captured.manifest)
     with atomic_onnx(path) as tmp:
         data = save_onnx(proto, tmp, external)
@@ -192,7 +194,7 @@ def export_routed(
     n = len(models)
     ids = [0, n - 1, -1, 1 % n]
     with atomic_onnx(path) as tmp:
-        data = save_onnx(lean_proto(onnx_program(routed.gm, routed.signature, what)), tmp, external)
+        data = save_onnx(lean_proto(onnx_program(routed.gm, routed.signature, what), routed.signature), tmp, external)
         check_model(tmp, what)
         session = ort_session(tmp)
         parity = check_session(session, routed.gm, routed.signature, tolerance, rtol=rtol)

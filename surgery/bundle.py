@@ -23,6 +23,7 @@ from surgery.io import atomic_output
 from surgery.signature import Signature
 from surgery.sites import Site
 from surgery.source import Source
+from surgery.tasks import TASKS
 
 if TYPE_CHECKING:
     from surgery.capture import Captured
@@ -106,6 +107,7 @@ class Manifest:
     peft: Peft | None = None
     route: tuple[str, ...] | None = None
     adapterhub: AdapterHub | None = None
+    task: str = "feature-extraction"  # the head captured (tasks.py); manifests before it had none: feature-extraction
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter, (AdapterSpec, LoraSpec, StackSpec)):
@@ -114,6 +116,8 @@ class Manifest:
             raise SurgeryError(f"manifest: lists no adapted sites; {_REMAKE}")
         if not 0 <= self.trainable <= self.total:
             raise SurgeryError(f"manifest: {self.trainable} adapter parameters of {self.total} in all; {_REMAKE}")
+        if self.task not in TASKS:
+            raise SurgeryError(f"manifest: task {self.task!r} is none of {', '.join(TASKS)}; {_REMAKE}")
         if isinstance(self.adapter, StackSpec) != (self.stack is not None):
             raise SurgeryError(f"manifest: a stack's adapter and its parts must come together; {_REMAKE}")
 
@@ -132,6 +136,8 @@ class Manifest:
             "params": {"trainable": self.trainable, "total": self.total},
             "signature": self.signature.to_json(),
         }
+        if self.task != "feature-extraction":  # the head before tasks existed: such files stay as they were
+            d["task"] = self.task
         if self.merged is not None:
             d["merged"] = {**asdict(self.merged), "kinds": list(self.merged.kinds)}
         if self.stack is not None:
@@ -170,6 +176,7 @@ class Manifest:
                 peft=Peft(**peft) if peft is not None else None,
                 route=tuple(d["route"]) if "route" in d else None,
                 adapterhub=_adapterhub(d.get("adapterhub")),
+                task=str(d.get("task", "feature-extraction")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SurgeryError(f"{where}: damaged manifest ({type(exc).__name__}: {exc}); {_REMAKE}") from exc
@@ -190,6 +197,7 @@ def adapted_manifest(
         trainable=report.trainable,
         total=report.total,
         signature=captured.signature,
+        task=captured.task,
         **extra,
     )
 

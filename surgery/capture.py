@@ -25,6 +25,7 @@ class Captured:
     signature: Signature
     source: Source
     manifest: Manifest | None = None  # the manifest of an adapted .pt2, if that was the source
+    task: str = "feature-extraction"  # the head captured (tasks.py)
 
 
 def export_program(module: nn.Module, signature: Signature, what: str) -> torch.export.ExportedProgram:
@@ -48,4 +49,4 @@ def capture(loaded: Loaded) -> Captured:
         assert loaded.module is not None
         program = export_program(loaded.module, loaded.signature, loaded.source.name)
     gm = program.module()
-    return Captured(gm=gm, signature=loaded.signature, source=loaded.source, manifest=loaded.manifest)
+    return Captured(gm=gm, signature=loaded.signature, source=loaded.source, manifest=loaded.manifest, task=loaded.task)

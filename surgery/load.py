@@ -24,6 +24,7 @@ from surgery.errors import SurgeryError
 from surgery.safe_files import check_pt2, read_config
 from surgery.signature import Axis, InputSpec, Signature, parse_input_shape
 from surgery.source import Source
+from surgery.tasks import CAUSAL_LM, FEATURE_EXTRACTION, check_task, default_task, task_class, with_past
 
 DEFAULT_MODEL = "minilm"
 WEIGHT_FILES = (
@@ -46,6 +47,7 @@ class Loaded:
     module: nn.Module | None = None
     program: torch.export.ExportedProgram | None = None
     manifest: Manifest | None = None  # present when the source is a `.adapted.pt2` written by this tool
+    task: str = FEATURE_EXTRACTION  # the head captured (tasks.py)
 
 
 def load(
@@ -55,15 +57,17 @@ def load(
     input_shapes: list[str] | None = None,
     input_dtype: str = "float32",
     dtype: str = "auto",
+    task: str | None = None,
 ) -> Loaded:
     """Load `source` (default: the embedded pretrained MiniLM) in `dtype` (`--dtype`: fp32, fp16, bf16, or auto,
     the checkpoint's own: a folder's config `dtype`, a config.json's, fp32 for GGUF, the program's for a .pt2).
 
-    `input_shapes` (`--input-shape`) describes the inputs of a module that is not a HF model.
+    `input_shapes` (`--input-shape`) describes the inputs of a module that is not a HF model. `task` (tasks.py)
+    picks the head of a HF source; None: the one its config's `architectures` names.
     """
     if dtype != "auto" and dtype not in DTYPES:
         raise SurgeryError(f"--dtype {dtype}: choose auto, {', '.join(DTYPES)}")
-    loaded = _load(source, trust, input_shapes, input_dtype, dtype)
+    loaded = _load(source, trust, input_shapes, input_dtype, dtype, task)
     have = model_dtype(loaded)
     if dtype != "auto" and have != DTYPES[dtype]:
         raise SurgeryError(
@@ -85,10 +89,11 @@ def _in_dtype(model: nn.Module, dtype: str, own: Any = None) -> nn.Module:
     return model.to(target) if target is not None else model
 
 
-def _load(source, trust, input_shapes, input_dtype, dtype) -> Loaded:  # noqa: ANN001  load()'s own arguments
+def _load(source, trust, input_shapes, input_dtype, dtype, task) -> Loaded:  # noqa: ANN001  load()'s own arguments
     name = str(source) if source is not None else DEFAULT_MODEL
+    check_task(task)
     if name == DEFAULT_MODEL:
-        return _load_hf_folder(_minilm_path(), name, dtype)
+        return _load_hf_folder(_minilm_path(), name, dtype, task)
     path = Path(name)
     if not path.exists():
         raise SurgeryError(
@@ -96,14 +101,20 @@ def _load(source, trust, input_shapes, input_dtype, dtype) -> Loaded:  # noqa: A
             f"a .pt (with --trust), or '{DEFAULT_MODEL}' for the embedded pretrained model"
         )
     if path.is_dir():
-        return _load_hf_folder(path, name, dtype)
+        return _load_hf_folder(path, name, dtype, task)
     if path.suffix == ".gguf":
-        return _load_gguf(path, name, dtype)
+        return _load_gguf(path, name, dtype, task)
     if path.suffix == ".json":
-        return _load_hf_config(path, name, dtype)
+        return _load_hf_config(path, name, dtype, task)
     kind = _file_kind(path)
     if kind == "pt2":
-        return _load_pt2(path, name, trust)
+        loaded = _load_pt2(path, name, trust)
+        if task is not None and task != loaded.task:
+            raise SurgeryError(
+                f"{name}: captured as {loaded.task}, not {task}; a .pt2 keeps the head it was captured with: "
+                f"capture the Hugging Face source again with --task {task}"
+            )
+        return loaded
     if kind in ("torch-zip", "pickle"):
         loaded = _load_pickled(path, name, trust, input_shapes, input_dtype)
         if loaded.module is not None:
@@ -142,12 +153,12 @@ def _minilm_path() -> Path:
     return Path(get_model_path())
 
 
-def _load_hf_folder(path: Path, name: str, dtype: str = "auto") -> Loaded:
+def _load_hf_folder(path: Path, name: str, dtype: str = "auto", task: str | None = None) -> Loaded:
     from transformers import AutoConfig
 
     ggufs = sorted(path.glob("*.gguf"))
     if not (path / "config.json").is_file() and len(ggufs) == 1:
-        return _load_gguf(ggufs[0], name, dtype)
+        return _load_gguf(ggufs[0], name, dtype, task)
     if not (path / "config.json").is_file():
         if ggufs:
             raise SurgeryError(
@@ -164,14 +175,14 @@ def _load_hf_folder(path: Path, name: str, dtype: str = "auto") -> Loaded:
             f"to build the architecture with random weights, pass the config itself: {path / 'config.json'}"
         )
     config = _read_config(path / "config.json", name, AutoConfig)
-    model_cls = _model_class(config)
+    task = task or default_task(config)
     own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     wanted = DTYPES.get(dtype) or (own if own in DTYPE_NAMES else torch.float32)
-    model = model_cls.from_pretrained(path, config=config, dtype=wanted)
-    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
+    model = _model_class(config, task).from_pretrained(path, config=config, dtype=wanted)
+    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type), task)
 
 
-def _load_gguf(path: Path, name: str, dtype: str = "auto") -> Loaded:
+def _load_gguf(path: Path, name: str, dtype: str = "auto", task: str | None = None) -> Loaded:
     """A GGUF file (llama.cpp's format): transformers reads its config and dequantizes its tensors to fp32."""
     from transformers import AutoConfig
 
@@ -190,21 +201,23 @@ def _load_gguf(path: Path, name: str, dtype: str = "auto") -> Loaded:
             "its GGUF support lists (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, GPT-2, T5 ...): convert others to a "
             "Hugging Face folder"
         ) from exc
+    task = task or default_task(config)
     wanted = DTYPES.get(dtype, torch.float32)  # auto: fp32, what transformers dequantizes GGUF tensors to
-    model = _model_class(config).from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=wanted)
-    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
+    model = _model_class(config, task).from_pretrained(path.parent, gguf_file=path.name, config=config, dtype=wanted)
+    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type), task)
 
 
-def _load_hf_config(path: Path, name: str, dtype: str = "auto") -> Loaded:
+def _load_hf_config(path: Path, name: str, dtype: str = "auto", task: str | None = None) -> Loaded:
     """A config.json alone: the architecture with random weights (seeded, so runs repeat)."""
     from transformers import AutoConfig
 
     config = _read_config(path, name, AutoConfig)
+    task = task or default_task(config)
     torch.manual_seed(0)
-    cls = _model_class(config)
+    cls = _model_class(config, task)
     model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
     _in_dtype(model, dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
-    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type))
+    return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type), task)
 
 
 def _read_config(path: Path, name: str, auto_config: Any) -> Any:
@@ -218,14 +231,12 @@ def _read_config(path: Path, name: str, auto_config: Any) -> Any:
         ) from exc
 
 
-def _model_class(config: Any) -> Any:
-    import transformers
-
+def _model_class(config: Any, task: str = FEATURE_EXTRACTION) -> Any:
     arch = architecture(config.model_type)
-    return getattr(transformers, arch.model_class) if arch and arch.model_class else transformers.AutoModel
+    return task_class(config, task, arch.model_class if arch else None)
 
 
-def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
+def _hf_loaded(model: nn.Module, source: Source, task: str = FEATURE_EXTRACTION) -> Loaded:
     """Ready a HF model for capture: eval mode, no KV cache, and plain tuple outputs.
 
     A `ModelOutput` return type would be recorded in the exported program, and `torch.export.load`
@@ -234,6 +245,9 @@ def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
     """
     model.eval()
     config = model.config
+    if task == CAUSAL_LM:
+        wrapper, signature = with_past(model)
+        return Loaded(source=source, signature=signature, module=wrapper, task=task)
     if hasattr(config, "use_cache"):
         config.use_cache = False
     arch = architecture(config.model_type)
@@ -247,7 +261,7 @@ def _hf_loaded(model: nn.Module, source: Source) -> Loaded:
     model.config = copy.copy(config)
     model.config.return_dict = False
     names = tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
-    return Loaded(source=source, signature=replace(signature, outputs=names), module=model)
+    return Loaded(source=source, signature=replace(signature, outputs=names), module=model, task=task)
 
 
 def _decoder_inputs_from_input_ids(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
@@ -332,6 +346,7 @@ def _load_pt2(path: Path, name: str, trust: bool = False) -> Loaded:
         signature=signature,
         program=program,
         manifest=manifest,
+        task=manifest.task if manifest is not None else FEATURE_EXTRACTION,
     )
 
 

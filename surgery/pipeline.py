@@ -35,9 +35,12 @@ def open_model(
     input_shapes: list[str] | None = None,
     input_dtype: str = "float32",
     dtype: str = "auto",
+    task: str | None = None,
 ) -> Captured:
-    """Load `source` in `dtype` (auto: the checkpoint's own) and capture it as a GraphModule."""
-    return capture(load(source, trust=trust, input_shapes=input_shapes, input_dtype=input_dtype, dtype=dtype))
+    """Load `source` in `dtype` (auto: the checkpoint's own) with the head of `task` (tasks.py) and capture it."""
+    return capture(
+        load(source, trust=trust, input_shapes=input_shapes, input_dtype=input_dtype, dtype=dtype, task=task)
+    )
 
 
 def adapt(captured: Captured, spec: AdapterSpec | LoraSpec, seed: int = 0) -> InsertReport:

@@ -170,5 +170,5 @@ def route(models: list[Captured]) -> tuple[Captured, RouteReport]:
     id_spec = InputSpec(ROUTE_INPUT, (signature.inputs[0].shape[0],), "int64", {0: batch}, high=len(models))
     routed_sig = replace(signature, inputs=signature.inputs + (id_spec,), positional=True)
     manifest = replace(first, route=tuple(m.source.name for m in models), signature=routed_sig)
-    routed = Captured(gm=gm, signature=routed_sig, source=models[0].source, manifest=manifest)
+    routed = Captured(gm=gm, signature=routed_sig, source=models[0].source, manifest=manifest, task=models[0].task)
     return routed, RouteReport(sites=sites, models=len(models), rank=int(rank))

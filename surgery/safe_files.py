@@ -261,6 +261,7 @@ SYMPY_CALLS = frozenset(
 )
 GUARD_METHODS = {"size", "stride", "storage_offset", "dim", "numel", "isnan", "isinf", "trunc", "floor", "ceil"}
 GUARD_NAMES = {"L", "math", "inf", "True", "False", "None"}
+GUARD_CALLS = {"min", "max"}  # builtins over sizes (a KV cache's past + seq: `min(16*a + 16*b, 32*a + 32*b) == ...`)
 _EXPR_NODES = (
     ast.Expression,
     ast.Call,
@@ -294,11 +295,12 @@ def _plain_expression(text: str, guard: bool) -> bool:
         if not isinstance(node, _EXPR_NODES):
             return False
         if isinstance(node, ast.Name) and not (
-            node.id in SYMPY_CALLS or SIZE_SYMBOL.match(node.id) or (guard and node.id in GUARD_NAMES)
+            node.id in SYMPY_CALLS or SIZE_SYMBOL.match(node.id) or (guard and node.id in GUARD_NAMES | GUARD_CALLS)
         ):
             return False
         if isinstance(node, ast.Call) and not (
             (isinstance(node.func, ast.Name) and node.func.id in SYMPY_CALLS)
+            or (guard and isinstance(node.func, ast.Name) and node.func.id in GUARD_CALLS)
             or (guard and isinstance(node.func, ast.Attribute) and node.func.attr in GUARD_METHODS)
         ):
             return False

@@ -26,6 +26,7 @@ class Axis:
     name: str
     min: int
     max: int
+    sum_of: tuple[str, ...] = ()  # a derived axis: the sum of these axes (a KV cache's total = past + seq)
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,13 @@ class InputSpec:
             "name": self.name,
             "shape": list(self.shape),
             "dtype": self.dtype,
-            "axes": {str(i): [a.name, a.min, a.max] for i, a in self.axes.items()},
+            "axes": {str(i): [a.name, a.min, a.max] + [list(a.sum_of)] * bool(a.sum_of) for i, a in self.axes.items()},
             "high": self.high,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> InputSpec:
-        axes = {int(i): Axis(n, lo, hi) for i, (n, lo, hi) in d["axes"].items()}
+        axes = {int(i): Axis(a[0], a[1], a[2], tuple(a[3]) if len(a) > 3 else ()) for i, a in d["axes"].items()}
         return cls(d["name"], tuple(d["shape"]), d["dtype"], axes, d.get("high"))
 
 
@@ -79,8 +80,10 @@ class Signature:
         return {a.name: a for i in self.inputs for a in i.axes.values()}
 
     def dynamic_shapes(self) -> dict[str, Any] | tuple[Any, ...]:
-        """`torch.export` dynamic shapes; an axis name shared by several inputs becomes one `Dim`."""
-        dims = {a.name: torch.export.Dim(a.name, min=a.min, max=a.max) for a in self.axes().values()}
+        """`torch.export` dynamic shapes; an axis name shared by several inputs becomes one `Dim`. A derived axis
+        (`sum_of`) is `Dim.AUTO`: torch.export finds the sum itself (a `Dim` cannot be the sum of two others)."""
+        Dim = torch.export.Dim
+        dims = {a.name: Dim.AUTO if a.sum_of else Dim(a.name, min=a.min, max=a.max) for a in self.axes().values()}
         per_input = [{i: dims[a.name] for i, a in spec.axes.items()} or None for spec in self.inputs]
         if self.positional:
             return tuple(per_input)
@@ -90,16 +93,26 @@ class Signature:
         """Example tensors at the capture shape, or at `sizes` (axis name -> size).
 
         With `pad`, an `attention_mask` gets trailing zeros on every row but the first (row i keeps
-        about 1 - i/(2B) of its positions), the padded batch a server sends.
+        about 1 - i/(2B) of its positions), the padded batch a server sends; a KV cache's mask (over past + seq)
+        is padded on the left and within the past only (row i loses i/B of it), as a generation loop pads its
+        prompts: every new token is a real one (what a model computes at a padded query is unspecified, and its
+        garbage would sit in the present tensors, which no mask covers). `position_ids` beside an attention
+        mask are the positions it implies (of the last `seq` of its columns), as a generation loop feeds them:
+        random positions up to a large maximum (8192) turn rotary angles into fp32 rounding noise.
         """
         g = torch.Generator().manual_seed(seed)
+        sizes = self.resolve(sizes)
         tensors = []
         for spec in self.inputs:
             shape = spec.sizes(sizes)
             dtype = spec.torch_dtype
             if spec.name == "attention_mask":
                 t = torch.ones(shape, dtype=dtype)
-                if pad and len(shape) == 2:
+                past = sizes.get("past", 0) if sizes and any(a.sum_of for a in spec.axes.values()) else None
+                if pad and len(shape) == 2 and past is not None:  # a KV cache's: padded on the left, in the past
+                    for row in range(1, shape[0]):
+                        t[row, : (row * past) // shape[0]] = 0
+                elif pad and len(shape) == 2:
                     b, s = shape
                     for row in range(1, b):
                         keep = max(1, s - (row * s) // (2 * b))
@@ -111,7 +124,22 @@ class Signature:
             else:
                 t = torch.randint(0, spec.high or 2, shape, generator=g, dtype=dtype)
             tensors.append(t)
+        names = self.names
+        if "position_ids" in names and "attention_mask" in names:  # a causal LM's: where each token sits
+            mask, i = tensors[names.index("attention_mask")], names.index("position_ids")
+            seq = tensors[i].shape[-1]
+            tensors[i] = (mask.cumsum(-1) - 1).clamp(min=0)[:, mask.shape[-1] - seq :].to(tensors[i].dtype).contiguous()
         return tensors
+
+    def resolve(self, sizes: dict[str, int] | None) -> dict[str, int] | None:
+        """`sizes` with every derived axis (`sum_of`) set to the sum of its parts, each part from `sizes` or
+        the captured example; unchanged where no axis is derived."""
+        derived = [a for a in self.axes().values() if a.sum_of]
+        if not derived:
+            return sizes
+        example = {a.name: spec.shape[i] for spec in self.inputs for i, a in spec.axes.items()}
+        full = {**example, **(sizes or {})}
+        return {**full, **{a.name: sum(full[p] for p in a.sum_of) for a in derived}}
 
     def call(self, module: Any, tensors: list[torch.Tensor]) -> Any:
         if self.positional:

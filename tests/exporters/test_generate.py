@@ -1,0 +1,240 @@
+"""Causal LMs with their KV cache: export, `exporters.runtime.Generator`, and `surgery generate`.
+
+Everything is held to transformers itself: the HF model with the same weights and the adapters as forward hooks
+(tests/lm_reference.py), its greedy `generate` for the tokens and its per-step logits for `surgery.parity.compare`.
+Adapters carry distinct random non-zero weights. The fast tier runs one family (Llama-shaped, grouped-query attention)
+baked; the four families, swappable packs, routed rows and the CLI are `slow`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+
+from exporters.onnx import export_onnx
+from exporters.runtime import Generator
+from surgery.adapters import AdapterSpec, stand_in_weights
+from surgery.parity import compare
+from surgery.pipeline import adapt, stand_in_adapted
+from tests.lm_reference import hf_generate, hf_model
+
+PROMPTS = [[5, 17, 300, 42, 9, 77, 123], [8, 250, 31], [600, 2, 19, 44, 71], [99, 98, 97, 96, 95, 94, 93, 92, 91]]
+NEW = 32
+
+
+def _logits_match(reference: list[np.ndarray], got: list[np.ndarray], where: str) -> None:
+    assert len(reference) == len(got), (len(reference), len(got))
+    for step, (want, have) in enumerate(zip(reference, got)):
+        parity = compare([want], [have], names=["logits"], where=f"{where}, step {step}")
+        assert parity.ok, parity.summary()
+
+
+@pytest.fixture(scope="module")
+def llama_baked(lm_base, lm_config, tmp_path_factory):
+    """The Llama-shaped LM adapted in memory (Houlsby r=4, random weights), exported baked; and its HF reference."""
+    base = lm_base("llama")
+    adapted = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
+    spec = AdapterSpec("houlsby", r=4)
+    report = adapt(adapted, spec)
+    stand_in_weights(adapted.gm, seed=3)
+    path = tmp_path_factory.mktemp("llama-baked") / "llama.onnx"
+    export_onnx(adapted.gm, adapted.signature, path)
+    return path, hf_model(lm_config("llama"), adapted, spec, report.sites), hf_model(lm_config("llama"), base)
+
+
+def test_greedy_tokens_and_logits_equal_transformers_with_and_without_cache(llama_baked):
+    path, reference, base = llama_baked
+    gen = Generator(path)
+    assert (gen.layers, gen.kv_heads, gen.head_dim, gen.max_positions) == (2, 2, 16, 128)  # GQA: 2 KV heads of 4
+    want, want_logits = hf_generate(reference, PROMPTS[0], NEW)
+    assert len(set(want)) > 4, f"a degenerate reference proves little: {want}"
+    assert want != hf_generate(base, PROMPTS[0], NEW)[0], "the adapters must change the tokens"
+    for use_cache in (True, False):
+        out = gen.generate(PROMPTS[0], NEW, keep_logits=True, use_cache=use_cache)
+        assert out.tokens[0] == want, f"use_cache={use_cache}"
+        _logits_match(want_logits, [x[0:1] for x in out.logits], f"use_cache={use_cache}")
+    assert out.ttft_s > 0 and out.steps == NEW
+
+
+def test_cache_shapes_across_prefill_and_decode(llama_baked):
+    gen = Generator(llama_baked[0])
+    seen = []
+    original = gen._run
+
+    def spy(feeds, options):
+        result = original(feeds, options)
+        seen.append((feeds["past_key_values.1.value"].shape, result["present.1.value"].shape, result["logits"].shape))
+        return result
+
+    gen._run = spy
+    gen.generate([PROMPTS[0], PROMPTS[1]], 3)
+    assert seen == [
+        ((2, 2, 0, 16), (2, 2, 7, 16), (2, 7, 1000)),  # prefill: past 0, both prompts left-padded to 7
+        ((2, 2, 7, 16), (2, 2, 8, 16), (2, 1, 1000)),
+        ((2, 2, 8, 16), (2, 2, 9, 16), (2, 1, 1000)),
+    ]
+
+
+def test_stop_token_ends_the_row_where_transformers_stops(llama_baked):
+    path, reference, _ = llama_baked
+    full, _ = hf_generate(reference, PROMPTS[0], NEW)
+    stop = full[6]
+    want, _ = hf_generate(reference, PROMPTS[0], NEW, stop=stop)
+    assert want == full[: full.index(stop) + 1]
+    out = Generator(path).generate([PROMPTS[0]], NEW, stop_tokens=[stop])
+    assert out.tokens[0] == want and out.steps == len(want)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(llama_baked):
+    gen = Generator(llama_baked[0])
+    greedy = gen.generate(PROMPTS[2], 12).tokens
+    a = gen.generate(PROMPTS[2], 12, temperature=1.5, top_p=0.9, seed=7).tokens
+    assert a == gen.generate(PROMPTS[2], 12, temperature=1.5, top_p=0.9, seed=7).tokens
+    assert a != gen.generate(PROMPTS[2], 12, temperature=1.5, top_p=0.9, seed=8).tokens
+    assert gen.generate(PROMPTS[2], 12, temperature=1.5, top_k=1, seed=1).tokens == greedy
+    streamed = []
+    gen.generate(PROMPTS[2], 12, on_token=lambda step, tokens: streamed.append((step, int(tokens[0]))))
+    assert streamed == list(enumerate(greedy[0]))
+
+
+# The slow tier: four families, packs per request, adapters per row, the CLI.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma"])
+def test_families_greedy_parity_with_and_without_cache(family, lm_base, lm_config, tmp_path):
+    base = lm_base(family)
+    adapted = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
+    spec = AdapterSpec("houlsby", r=4)
+    report = adapt(adapted, spec)
+    stand_in_weights(adapted.gm, seed=5)
+    export_onnx(adapted.gm, adapted.signature, tmp_path / "m.onnx")
+    reference = hf_model(lm_config(family), adapted, spec, report.sites)
+    want, want_logits = hf_generate(reference, PROMPTS[0], NEW)
+    assert len(set(want)) > 4, f"a degenerate reference proves little: {want}"
+    gen = Generator(tmp_path / "m.onnx")
+    for use_cache in (True, False):
+        out = gen.generate(PROMPTS[0], NEW, keep_logits=True, use_cache=use_cache)
+        assert out.tokens[0] == want, f"{family}, use_cache={use_cache}"
+        _logits_match(want_logits, out.logits, f"{family}, use_cache={use_cache}")
+
+
+@pytest.fixture(scope="module")
+def llama_models(lm_base, tmp_path_factory):
+    """Three adapted copies of the Llama-shaped LM (Houlsby r=4, then r=2 and r=6: other random weights, other
+    ranks), saved as .adapted.pt2 and reopened, as trained models arrive."""
+    base = lm_base("llama")
+    folder = tmp_path_factory.mktemp("llama-models")
+    return [
+        stand_in_adapted(base, AdapterSpec("houlsby", r=r), folder / f"m{k}.adapted.pt2", seed=k, weights_seed=50 + k)
+        for k, r in enumerate((4, 2, 6))
+    ]
+
+
+@pytest.fixture(scope="module")
+def llama_swappable(llama_models, tmp_path_factory):
+    """The first model exported --swappable, and the packs of the first two."""
+    from exporters.swappable import export_swappable
+    from surgery.packs import pack_from_model, save_pack
+
+    folder = tmp_path_factory.mktemp("llama-swappable")
+    export_swappable(llama_models[0], folder / "s.onnx")
+    packs = [
+        save_pack(pack_from_model(m.gm.state_dict(), m.manifest), folder / f"p{k}.onnx_adapter")
+        for k, m in enumerate(llama_models[:2])
+    ]
+    return folder / "s.onnx", packs
+
+
+@pytest.mark.slow
+def test_swappable_pack_switch_between_requests_in_one_session(llama_swappable, llama_models, lm_base, lm_config):
+    path, packs = llama_swappable
+    gen = Generator(path)
+    for k, pack in enumerate(packs):
+        gen.load(f"p{k}", pack)
+    config = lm_config("llama")
+    expected = {
+        "p0": hf_generate(hf_model(config, llama_models[0]), PROMPTS[1], NEW),
+        "p1": hf_generate(hf_model(config, llama_models[1]), PROMPTS[1], NEW),
+        None: hf_generate(hf_model(config, lm_base("llama")), PROMPTS[1], NEW),
+    }
+    assert len({tuple(t) for t, _ in expected.values()}) == 3, "each adapter must change the tokens"
+    for adapter in ("p0", "p1", None, "p0"):  # switches between requests, and back
+        out = gen.generate(PROMPTS[1], NEW, adapter=adapter, keep_logits=True)
+        assert out.tokens[0] == expected[adapter][0], adapter
+        _logits_match(expected[adapter][1], out.logits, f"pack {adapter}")
+
+
+@pytest.mark.slow
+def test_routed_batch_of_four_streams_equals_four_separate_runs(llama_models, lm_base, lm_config, tmp_path):
+    from exporters.swappable import export_routed
+
+    export_routed(llama_models, tmp_path / "r.onnx")
+    gen = Generator(tmp_path / "r.onnx")
+    ids = [2, -1, 0, 1]  # each row another adapter, one none; prompts of 4 lengths (left padding)
+    batch = gen.generate(PROMPTS, NEW, adapter_ids=ids, keep_logits=True)
+    config = lm_config("llama")
+    for row, (prompt, i) in enumerate(zip(PROMPTS, ids)):
+        alone = gen.generate(prompt, NEW, adapter_ids=[i], keep_logits=True)
+        assert batch.tokens[row] == alone.tokens[0], f"row {row}, adapter {i}"
+        _logits_match([x[0:1] for x in alone.logits], [x[row : row + 1] for x in batch.logits], f"row {row}")
+        want, _ = hf_generate(hf_model(config, llama_models[i] if i >= 0 else lm_base("llama")), prompt, NEW)
+        assert alone.tokens[0] == want, f"row {row}, adapter {i}: against transformers"
+    assert len({tuple(t) for t in batch.tokens}) == 4
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A folder with a tokenizer.json over the tiny vocabulary (1000 words: w0 ... w999, w0 unknown)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(1000)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.mark.slow
+def test_cli_generate_streams_text_and_refuses_bad_input_in_one_line(
+    cli, llama_swappable, llama_models, lm_config, word_tokenizer, tmp_path
+):
+    from surgery.packs import pack_from_model, save_pack
+
+    path, packs = llama_swappable
+    prompt = " ".join(f"w{i}" for i in PROMPTS[1])
+    done = cli("generate", path, "--tokenizer", word_tokenizer, "--prompt", prompt, "--adapter", packs[1], "--json")
+    assert done.code == 0, done.stderr
+    want, _ = hf_generate(hf_model(lm_config("llama"), llama_models[1]), PROMPTS[1], 16)
+    data = done.json
+    assert data["prompt_tokens"] == 3 and data["tokens"][0][:16] == want and data["steps"] == NEW
+    assert data["text"].split()[:16] == [f"w{t}" for t in want] and data["ttft_ms"] > 0
+    assert data["decode_tokens_per_s"] > 0
+
+    streamed = cli("generate", path, "--tokenizer", word_tokenizer, "--prompt", prompt, "--max-new-tokens", "4")
+    assert (
+        streamed.code == 0
+        and streamed.stdout.split()[:4] == [f"w{t}" for t in data["tokens"][0][:4]]
+        or (streamed.code == 0 and len(streamed.stdout.split()) == 4)
+    ), streamed.stderr
+    assert "time to first token" in streamed.stderr and "tokens/s" in streamed.stderr
+
+    other = llama_models[1].manifest
+    foreign = dataclasses.replace(other, source=dataclasses.replace(other.source, sha256="0" * 64))
+    save_pack(pack_from_model(llama_models[1].gm.state_dict(), foreign), tmp_path / "foreign.onnx_adapter")
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "longer than the model's 128 positions": ["--prompt", " ".join(["w5"] * 200)],
+        "holds no tokenizer.json": ["--prompt", prompt, "--tokenizer", tmp_path / "empty"],
+        "was made for another model": ["--prompt", prompt, "--adapter", tmp_path / "foreign.onnx_adapter"],
+    }
+    for message, args in cases.items():
+        if "--tokenizer" not in args:
+            args = [*args, "--tokenizer", word_tokenizer]
+        bad = cli("generate", path, *args)
+        assert bad.code == 2, (message, bad.stderr)
+        assert message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) <= 2, bad.stderr
