@@ -28,7 +28,8 @@ from cli.common import (
     Task,
 )
 from exporters.kernel_program import export_kernel_program
-from exporters.onnx import THRESHOLD_ENV, export_onnx, onnx_files, onnx_size
+from exporters.onnx import export_onnx
+from exporters.onnx_files import THRESHOLD_ENV, onnx_files, onnx_size
 from exporters.swappable import export_routed, export_swappable
 from exporters.tensorrt import TensorRTMissing, build_engine, parse_shapes, prepare_trt
 from exporters.triton import write_python_model, write_triton_repo

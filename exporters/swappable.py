@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 import torch
 
-from exporters.onnx import atomic_onnx, check_model, lean_proto, onnx_program, refuse_mismatch, save_onnx
+from exporters.onnx import check_model, lean_proto, onnx_program, refuse_mismatch
+from exporters.onnx_files import atomic_onnx, save_onnx
 from exporters.runtime import AdaptedSession
 from exporters.slots import SwappableMeta
 from exporters.verify import check_session, feeds, ort_session

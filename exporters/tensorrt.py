@@ -41,7 +41,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from exporters.onnx import atomic_onnx, check_model, export_onnx, onnx_program, refuse_mismatch, save_onnx
+from exporters.onnx import check_model, export_onnx, onnx_program, refuse_mismatch
+from exporters.onnx_files import atomic_onnx, save_onnx
 from exporters.slots import SwappableMeta
 from exporters.swappable import _with_adapters
 from exporters.verify import check_onnx

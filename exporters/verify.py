@@ -45,7 +45,7 @@ def upcast_bf16(path: str | Path, out: str | Path) -> Path:
     import onnx
     from onnx import numpy_helper
 
-    from exporters.onnx import save_onnx
+    from exporters.onnx_files import save_onnx
 
     model = onnx.load(str(path))
     bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT

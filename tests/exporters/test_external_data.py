@@ -8,7 +8,8 @@ import onnx
 import pytest
 
 import exporters.onnx as onnx_exporter
-from exporters.onnx import THRESHOLD_ENV, export_onnx, onnx_files
+from exporters.onnx import export_onnx
+from exporters.onnx_files import THRESHOLD_ENV, onnx_files
 from exporters.runtime import AdaptedSession
 from exporters.swappable import export_routed, export_swappable
 from exporters.triton import write_triton_repo
