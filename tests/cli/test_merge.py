@@ -51,6 +51,7 @@ def test_merge_then_unmerge(models, cli):
     assert run.json["sites"] == 12 and run.json["trainable_params"] == 6 * 2 * 8 * 768
 
 
+@pytest.mark.slow  # a CLI chain of several subprocesses; the library tests cover its parts in make test
 def test_stack_and_average(models, cli):
     run = cli(
         "merge", "houlsby.adapted.pt2", "lora8.adapted.pt2", "--stack", "-o", "ab.adapted.pt2", "--json", cwd=models
@@ -93,7 +94,10 @@ BAD = [
 # Averaging different shapes, and --unmerge of a model that is not merged: tests/surgery/test_merge.py.
 
 
-@pytest.mark.parametrize("args, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+@pytest.mark.parametrize(
+    "args, message",
+    [pytest.param(*b[1:], id=b[0], marks=() if i == 0 else pytest.mark.slow) for i, b in enumerate(BAD)],
+)  # one refusal in make test, all of them in make test-slow
 def test_refusals_are_one_line_exit_2_and_nothing_written(models, cli, args, message):
     before = sorted(p.name for p in models.iterdir())
     run = cli(*args, cwd=models)

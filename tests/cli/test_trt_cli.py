@@ -59,6 +59,7 @@ def test_export_trt_without_tensorrt_writes_onnx_and_trtexec_then_exits_2(folder
 
 
 @no_trt
+@pytest.mark.slow  # a CLI chain of several subprocesses; the library tests cover its parts in make test
 def test_export_refittable_without_tensorrt_json(folder, cli):
     run = cli(
         "export", "minilm.adapted.pt2", "--trt", "--swappable", "--max-r", "16", "-o", "r.plan", "--json", cwd=folder

@@ -185,9 +185,8 @@ def test_routing_refuses_models_with_different_sites(tmp_path, models, minilm_ba
     assert not (tmp_path / "r.onnx").exists()
 
 
-@pytest.mark.parametrize(  # llama and t5 also in every make test-matrix run
-    "model_type", ["gpt2", pytest.param("llama", marks=pytest.mark.slow), pytest.param("t5", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # every family also in each make test-matrix run
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "t5"])
 def test_swappable_and_routed_on_small_architectures(tmp_path, small_config, model_type):
     base = open_model(str(small_config(model_type)))
     a, b = make_adapted(base, tmp_path, 4, seed=0), make_adapted(base, tmp_path, 8, seed=1)

@@ -137,6 +137,7 @@ def test_other_code_in_an_archive_is_refused(variant, adapted_pt2, tmp_path):
     assert not marker.exists() and "--trust" in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow  # subprocesses that capture and export
 def test_trust_opens_a_legitimately_pickled_pt2(adapted_pt2, tmp_path, cli):
     """Sample inputs pickled with a harmless global outside torch's allow-list: refused, then opened with --trust."""
     import collections
@@ -333,6 +334,7 @@ def test_hostile_config_json(case, tmp_path, cli):
     refused(cli("inspect", name, cwd=tmp_path), tmp_path, before, marker, words)
 
 
+@pytest.mark.slow  # subprocesses that capture and export
 def test_peft_bin_loads_tensors_only(small_bert, tmp_path, cli):
     """adapter_model.bin: a pickle that runs code is refused; a plain state dict of tensors imports."""
     marker = tmp_path / "MARKER"

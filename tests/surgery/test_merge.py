@@ -130,6 +130,7 @@ def test_merge_of_a_reloaded_pt2_lifts_its_adapters_first(tmp_path, gpt2_base):
     torch.testing.assert_close(_outputs(reopened), adapted, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow  # three ONNX exports of MiniLM
 def test_merged_lora_onnx_has_the_base_node_count(tmp_path, minilm_base):
     captured, _ = _adapted(minilm_base, LoraSpec({"q": 8, "v": 8}))
     unmerged = export_onnx(captured.gm, captured.signature, tmp_path / "lora.onnx")
