@@ -22,6 +22,7 @@ def folder(tmp_path_factory, cli):
 
 
 @no_trt
+@pytest.mark.slow  # a CLI export of MiniLM; the TensorRT ONNX and its checks are tested in-process in make test
 def test_export_trt_without_tensorrt_writes_onnx_and_trtexec_then_exits_2(folder, cli):
     run = cli(
         "export",
