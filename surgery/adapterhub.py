@@ -47,7 +47,7 @@ from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.graph import adapter_target
 from surgery.insert import InsertReport, insert_adapters
-from surgery.peft_import import read_tensors, resolve
+from surgery.peft_import import adapter_files, read_tensors, resolve
 from surgery.safe_files import read_config
 from surgery.sites import (
     AFTER_ADD,
@@ -95,13 +95,12 @@ KEEP = (
 def read_adapterhub(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[str]]:
     """The saved config (with its `config`), tensors and the names of skipped files, after the refusals."""
     folder = Path(folder)
-    config_path = folder / "adapter_config.json"
-    weights_path = next((p for p in (folder / n for n in WEIGHT_FILES) if p.is_file()), None)
-    if not config_path.is_file() or weights_path is None:
-        raise SurgeryError(
-            f"{folder}: not an AdapterHub adapter folder (needs adapter_config.json and pytorch_adapter.bin or "
-            f"adapter.safetensors); save it with {SAVE}"
-        )
+    config_path, weights_path = adapter_files(
+        folder,
+        WEIGHT_FILES,
+        "not an AdapterHub adapter folder (needs adapter_config.json and pytorch_adapter.bin or "
+        f"adapter.safetensors); save it with {SAVE}",
+    )
     saved = read_config(config_path, str(folder))
     config = saved.get("config")
     if not isinstance(config, dict) or not isinstance(saved.get("name"), str):

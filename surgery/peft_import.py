@@ -36,16 +36,25 @@ PREFIX = "base_model.model."
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # in order of preference
 
 
+def adapter_files(folder: Path, weight_files: tuple[str, ...], refusal: str) -> tuple[Path, Path]:
+    """A saved adapter folder's `adapter_config.json` and the first of `weight_files` it holds (PEFT and AdapterHub
+    write the same layout); a SurgeryError naming the folder and `refusal` when either is missing."""
+    config_path = folder / "adapter_config.json"
+    weights_path = next((p for p in (folder / n for n in weight_files) if p.is_file()), None)
+    if not config_path.is_file() or weights_path is None:
+        raise SurgeryError(f"{folder}: {refusal}")
+    return config_path, weights_path
+
+
 def read_peft(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The adapter config and tensors of a PEFT folder, after refusing what this tool does not support."""
     folder = Path(folder)
-    config_path = folder / "adapter_config.json"
-    weights_path = next((p for p in (folder / n for n in WEIGHT_FILES) if p.is_file()), None)
-    if not config_path.is_file() or weights_path is None:
-        raise SurgeryError(
-            f"{folder}: not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors); "
-            "save it with peft_model.save_pretrained(folder)"
-        )
+    config_path, weights_path = adapter_files(
+        folder,
+        WEIGHT_FILES,
+        "not a PEFT adapter folder (needs adapter_config.json and adapter_model.safetensors); "
+        "save it with peft_model.save_pretrained(folder)",
+    )
     config = read_config(config_path, str(folder))
     kind = config.get("peft_type")
     if kind != "LORA":
