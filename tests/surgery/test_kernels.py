@@ -103,7 +103,7 @@ json.dump(errors, sys.stdout)
 
 
 def test_triton_kernel_in_the_interpreter():
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason="the triton compiler ships with CUDA builds of torch, not the CPU wheel")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.run(
         [sys.executable, "-c", INTERPRETED], check=False, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
