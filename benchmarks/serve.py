@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -130,22 +131,26 @@ def load(server, model: str, adapters: list, clients: int, seconds: float, seq: 
     }
 
 
-def markdown(summary: dict, settings: dict, host: dict) -> str:
+def markdown(summary: dict, settings: dict, host: dict, runs: dict) -> str:
+    """The table; `runs` ("CLIENTS CASE": one dict per repeat) gives each throughput's range over the repeats."""
     lines = [
-        "| clients | case | requests/s | p50 ms | p99 ms | mean batch | vs (a) |",
-        "|---|---|---|---|---|---|---|",
+        "| clients | case | requests/s | range over repeats | p50 ms | p99 ms | mean batch | vs (a) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for clients, cases in summary.items():
         ref = cases["one adapter (a)"]["throughput"]
         for case, s in cases.items():
+            each = [r["throughput"] for r in runs[f"{clients} {case}"]]
             lines.append(
-                f"| {clients} | {case} | {s['throughput']:.1f} | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} | "
-                f"{s['mean_batch']:.1f} | {100 * (s['throughput'] / ref - 1):+.1f}% |"
+                f"| {clients} | {case} | {s['throughput']:.1f} | {min(each):.1f}-{max(each):.1f} | {s['p50_ms']:.1f} | "
+                f"{s['p99_ms']:.1f} | {s['mean_batch']:.1f} | {100 * (s['throughput'] / ref - 1):+.1f}% |"
             )
+    load = settings.get("load_before")
     head = (
         f"MiniLM, Houlsby r=8, 4 adapters; batch-1 requests of {settings['seq']} tokens over gRPC; "
         f"{settings['seconds']} s per run, {settings['repeats']} interleaved repeats, medians. "
-        f"{host.get('cpu', '')}, {host.get('cores', '')} cores (shared with other work while measured)."
+        f"{host.get('cpu', '')}, {host.get('cores', '')} cores, server and clients on the same machine"
+        + (f"; load average {load:.2f} before the run." if load is not None else ".")
     )
     return head + "\n\n" + "\n".join(lines) + "\n"
 
@@ -160,6 +165,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
+    load_before = os.getloadavg()[0]  # the table says how quiet the machine was
     folder = Path(args.workdir or tempfile.mkdtemp(prefix="surgery-serve-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     print(f"building the repository in {folder} ...", flush=True)
@@ -185,7 +191,13 @@ def main() -> None:
         c: {case: {k: statistics.median(r[k] for r in runs[(c, case)]) for k in runs[(c, case)][0]} for case in CASES}
         for c in clients
     }
-    settings = {"seconds": args.seconds, "repeats": args.repeats, "seq": args.seq, "clients": clients}
+    settings = {
+        "seconds": args.seconds,
+        "repeats": args.repeats,
+        "seq": args.seq,
+        "clients": clients,
+        "load_before": load_before,
+    }
     host = machine()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +208,7 @@ def main() -> None:
         "runs": {f"{c} {k}": v for (c, k), v in runs.items()},
     }
     (out / "serve.json").write_text(json.dumps(report, indent=1))
-    text = markdown(summary, settings, host)
+    text = markdown(summary, settings, host, report["runs"])
     (out / "serve.md").write_text(text)
     print(text)
 
