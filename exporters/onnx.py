@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from surgery.bundle import Manifest
 
 OPSET = 20
+# A causal LM with its cache is exported at opset 23, where the exporter writes RMSNormalization, RotaryEmbedding and
+# Attention as one op each and ONNX Runtime runs each as one kernel. SmolLM2-135M, one decode step (2 threads, ONNX
+# Runtime 1.32, alternated in one process): 992 kernels instead of 1715, 0.90x the time.
+OPSET_CACHE = 23
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,15 @@ def output_names(outputs: Any) -> list[str]:
     return names
 
 
-def onnx_program(gm: fx.GraphModule, signature: Signature, what: str) -> Any:
-    """`torch.onnx.export` (dynamo, opset 20) of `gm` over the signature's dynamic axes: an ONNXProgram."""
+def onnx_program(gm: fx.GraphModule, signature: Signature, what: str, opset: int | None = None) -> Any:
+    """`torch.onnx.export` (dynamo) of `gm` over the signature's dynamic axes: an ONNXProgram.
+
+    The opset is `OPSET`, except for a causal LM with its KV cache, which gets `OPSET_CACHE` unless `opset` says
+    otherwise (the TensorRT path keeps `OPSET`)."""
+    if opset is None:
+        from surgery.tasks import cache_layout
+
+        opset = OPSET_CACHE if cache_layout(signature) is not None else OPSET
     if any(n.op == "call_function" and "surgery.bottleneck" in str(n.target) for n in gm.graph.nodes):
         raise SurgeryError(
             f"{what}: this program calls surgery::bottleneck (written by `export --fused-pt2` for torch on CUDA), "
@@ -81,7 +92,7 @@ def onnx_program(gm: fx.GraphModule, signature: Signature, what: str) -> Any:
             dynamic_shapes=signature.dynamic_shapes(),
             input_names=signature.names,
             output_names=names,
-            opset_version=OPSET,
+            opset_version=opset,
             dynamo=True,
             external_data=False,
             verbose=False,
@@ -101,9 +112,42 @@ def lean_proto(program: Any, signature: Signature | None = None) -> onnx.ModelPr
     """
     proto = program.model_proto
     del proto.graph.value_info[:]
+    rms_norm_as_div(proto.graph)
     if signature is not None:
         name_cache_axes(proto, signature)
     return proto
+
+
+def rms_norm_as_div(graph: onnx.GraphProto) -> int:
+    """Rewrite `x * Reciprocal(Sqrt(v))` as `x / Sqrt(v)`; returns how many Reciprocals went.
+
+    torch writes RMSNorm (Llama, Qwen2, Gemma, SmolLM) with `rsqrt`, which the exporter spells Sqrt then Reciprocal
+    then Mul. ONNX Runtime's SimplifiedLayerNormFusion only matches Sqrt then Div, so as exported every RMSNorm ran as
+    six kernels. Measured on SmolLM2-135M (decode step, 2 threads, alternated in one process): 2081 kernels per step
+    become 1715 (61 fused norms), and the step takes 0.94x the time. Same algebra; the result may differ by an ulp.
+    """
+    made = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+    gone = []
+    for n in graph.node:
+        if n.op_type != "Reciprocal" or getattr(made.get(n.input[0]), "op_type", None) != "Sqrt":
+            continue
+        readers = users.get(n.output[0], [])
+        if not readers or any(r.op_type != "Mul" or list(r.input).count(n.output[0]) != 1 for r in readers):
+            continue
+        if any(n.output[0] == o.name for o in graph.output):
+            continue
+        for r in readers:
+            other = r.input[1] if r.input[0] == n.output[0] else r.input[0]
+            r.op_type = "Div"
+            r.input[:] = [other, n.input[0]]
+        gone.append(n)
+    for n in gone:
+        graph.node.remove(n)
+    return len(gone)
 
 
 CACHE_META = {"task": "surgery.task", "max_positions": "surgery.max_positions", "layers": "surgery.layers"}

@@ -41,7 +41,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from exporters.onnx import check_model, export_onnx, onnx_program, refuse_mismatch
+from exporters.onnx import OPSET, check_model, export_onnx, onnx_program, refuse_mismatch
 from exporters.onnx_files import atomic_onnx, save_onnx
 from exporters.slots import SwappableMeta
 from exporters.swappable import _with_adapters
@@ -237,7 +237,8 @@ def refittable_onnx(captured: Captured, max_r: int, pack: Pack | None = None) ->
     pack = pack or pack_from_model(captured.gm.state_dict(), manifest)
     meta = slots.to_metadata()
     padded = refit_weights(meta, pack, f"--max-r {max_r}: the model's own adapters")
-    proto = onnx_program(_with_adapters(captured.gm, "random"), captured.signature, captured.source.name).model_proto
+    program = onnx_program(_with_adapters(captured.gm, "random"), captured.signature, captured.source.name, OPSET)
+    proto = program.model_proto
     found = {init.name: init for init in proto.graph.initializer if init.name in padded}
     assert set(found) == set(padded), f"exporter lost adapter initializers: {sorted(set(padded) - set(found))[:3]}"
     for name, array in padded.items():

@@ -238,3 +238,34 @@ def test_cli_generate_streams_text_and_refuses_bad_input_in_one_line(
         assert bad.code == 2, (message, bad.stderr)
         assert message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) <= 2, bad.stderr
+
+
+def _kernels(path, folder) -> list[str]:
+    """The op types ONNX Runtime runs for `path` once its graph optimizations are done."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(folder / f"{path.stem}.optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+def test_rms_norm_and_attention_reach_onnx_runtime_as_one_kernel_each(llama_baked, lm_config, tmp_path):
+    """The tiny Llama has 5 RMSNorms (2 per layer, 1 final) and 2 attentions.
+    - With its cache (opset 23), each is one ONNX op, RMSNormalization, RotaryEmbedding, Attention.
+    - Without it (opset 20), torch's rsqrt is exported as Sqrt, Reciprocal, Mul, which ONNX Runtime does not fuse;
+      `lean_proto` rewrites it as Sqrt, Div, which ONNX Runtime fuses into SimplifiedLayerNormalization."""
+    from surgery.pipeline import open_model
+
+    cached = _kernels(llama_baked[0], tmp_path)
+    assert (cached.count("RMSNormalization"), cached.count("Attention")) == (5, 2), sorted(set(cached))
+    assert cached.count("RotaryEmbedding") == 4, sorted(set(cached))  # queries and keys of each layer
+
+    plain = open_model(str(lm_config("llama")), task="feature-extraction")
+    path = tmp_path / "features.onnx"
+    export_onnx(plain.gm, plain.signature, path)
+    kernels = _kernels(path, tmp_path)
+    assert "Reciprocal" not in kernels
+    assert kernels.count("SimplifiedLayerNormalization") == 5, sorted(set(kernels))
