@@ -19,6 +19,9 @@ model's own (`model`, `lm_head`), so module paths, and so sites, read as in the 
 from __future__ import annotations
 
 import inspect
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -105,16 +108,33 @@ class CausalLMWithPast(nn.Module):
         allowed = (kv[None, :] <= q[:, None])[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, S, T)
         dtype = self.lm_head.weight.dtype if hasattr(self, "lm_head") else torch.float32
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=True,
-            return_dict=True,
-            **{self.cache_arg: cache},
-        )
+        with _gqa_in_sdpa():
+            out = self.lm(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=True,
+                return_dict=True,
+                **{self.cache_arg: cache},
+            )
         present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (out.logits, *present)
+
+
+@contextmanager
+def _gqa_in_sdpa() -> Iterator[None]:
+    """transformers repeats the KV heads before SDPA (`repeat_kv`) when there is a mask, unless this switch is on;
+    with it, SDPA gets `enable_gqa=True`, which the exporter writes into the ONNX Attention op: no Expand of the whole
+    cache per layer and step (the tiny Llama: 5 Expand nodes become 1). The switch is read during the call only."""
+    key, old = "TRANSFORMERS_SDPA_FORCE_GQA", os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def with_past(lm: nn.Module) -> tuple[nn.Module, Signature]:

@@ -254,7 +254,8 @@ def _kernels(path, folder) -> list[str]:
 
 def test_rms_norm_and_attention_reach_onnx_runtime_as_one_kernel_each(llama_baked, lm_config, tmp_path):
     """The tiny Llama has 5 RMSNorms (2 per layer, 1 final) and 2 attentions.
-    - With its cache (opset 23), each is one ONNX op, RMSNormalization, RotaryEmbedding, Attention.
+    - With its cache (opset 23), each is one ONNX op, RMSNormalization, RotaryEmbedding, Attention, and the cache
+      reaches Attention with its 2 KV heads (no repeat_kv copy of it per step).
     - Without it (opset 20), torch's rsqrt is exported as Sqrt, Reciprocal, Mul, which ONNX Runtime does not fuse;
       `lean_proto` rewrites it as Sqrt, Div, which ONNX Runtime fuses into SimplifiedLayerNormalization."""
     from surgery.pipeline import open_model
@@ -262,6 +263,11 @@ def test_rms_norm_and_attention_reach_onnx_runtime_as_one_kernel_each(llama_bake
     cached = _kernels(llama_baked[0], tmp_path)
     assert (cached.count("RMSNormalization"), cached.count("Attention")) == (5, 2), sorted(set(cached))
     assert cached.count("RotaryEmbedding") == 4, sorted(set(cached))  # queries and keys of each layer
+    import onnx
+
+    graph = onnx.load(str(llama_baked[0])).graph  # 2 KV heads for 4 query heads, grouped inside Attention
+    readers = [n.op_type for n in graph.node if any(i.startswith("present.") for i in n.input)]
+    assert set(readers) == {"Attention"}, readers
 
     plain = open_model(str(lm_config("llama")), task="feature-extraction")
     path = tmp_path / "features.onnx"
