@@ -48,7 +48,7 @@ def llama_baked(lm_base, lm_config, tmp_path_factory):
 def test_greedy_tokens_and_logits_equal_transformers_with_and_without_cache(llama_baked):
     path, reference, base = llama_baked
     gen = Generator(path)
-    assert (gen.layers, gen.kv_heads, gen.head_dim, gen.max_positions) == (2, 2, 16, 128)  # GQA: 2 KV heads of 4
+    assert (gen.layers, gen.kv_heads, gen.head_dim, gen.max_positions) == (2, 2, 16, 256)  # GQA: 2 KV heads of 4
     want, want_logits = hf_generate(reference, PROMPTS[0], NEW)
     assert len(set(want)) > 4, f"a degenerate reference proves little: {want}"
     assert want != hf_generate(base, PROMPTS[0], NEW)[0], "the adapters must change the tokens"
@@ -227,7 +227,7 @@ def test_cli_generate_streams_text_and_refuses_bad_input_in_one_line(
     save_pack(pack_from_model(llama_models[1].gm.state_dict(), foreign), tmp_path / "foreign.onnx_adapter")
     (tmp_path / "empty").mkdir()
     cases = {
-        "longer than the model's 128 positions": ["--prompt", " ".join(["w5"] * 200)],
+        "longer than the model's 256 positions": ["--prompt", " ".join(["w5"] * 300)],
         "holds no tokenizer.json": ["--prompt", prompt, "--tokenizer", tmp_path / "empty"],
         "was made for another model": ["--prompt", prompt, "--adapter", tmp_path / "foreign.onnx_adapter"],
     }
