@@ -183,18 +183,20 @@ def cache_ranges(signature: Signature, overrides: dict[str | None, dict[str, Axi
     axes = signature.axes()
     overrides = overrides or {}
     positions = axes["seq"].max
-    shared = dict(overrides.get(None, {}))
-    for name, r in [(n, r) for o in overrides.values() for n, r in o.items()]:
+    shared = overrides.get(None, {})
+    for name in {n for ranges in overrides.values() for n in ranges}:
         if name == TOTAL:
             raise SurgeryError(f"--shapes {TOTAL}=...: {TOTAL} is {PAST} + seq; set those instead")
         if name not in axes:
             raise SurgeryError(f"--shapes names axis {name!r}; this model's axes are batch, seq, {PAST}")
-    if PREFILL in overrides and PAST in overrides[PREFILL]:
-        raise SurgeryError(f"--shapes {PREFILL}:{PAST}=...: the prefill profile has no cache ({PAST} 0); "
-                           f"set {PAST} for the {DECODE} profile")  # fmt: skip
-    if DECODE in overrides and "seq" in overrides[DECODE]:
-        raise SurgeryError(f"--shapes {DECODE}:seq=...: the decode profile takes one new token (seq 1); "
-                           f"set seq for the {PREFILL} profile")  # fmt: skip
+    if PAST in overrides.get(PREFILL, {}):
+        raise SurgeryError(
+            f"--shapes {PREFILL}:{PAST}=...: the prefill profile has no cache ({PAST} 0); set {PAST} for {DECODE}"
+        )
+    if "seq" in overrides.get(DECODE, {}):
+        raise SurgeryError(
+            f"--shapes {DECODE}:seq=...: the decode profile takes one new token (seq 1); set seq for {PREFILL}"
+        )
     batch = axes["batch"]
     defaults = {
         "batch": AxisRange(batch.min, min(max(1, batch.min), batch.max), batch.max),
@@ -227,17 +229,18 @@ def plan_profiles(signature: Signature, shapes: str | list[str] | dict[str, Axis
     (`cache_ranges`), else {ONE} (`axis_ranges`); `shapes` is what `--shapes` said, or `parse_shapes` of it."""
     from surgery.tasks import cache_layout
 
-    if isinstance(shapes, dict):  # parsed already, for every profile
-        parsed: dict[str | None, dict[str, AxisRange]] = {None: shapes}
-    if cache_layout(signature):
-        parsed = parsed if isinstance(shapes, dict) else parse_profiles(shapes, (PREFILL, DECODE))
+    cache = bool(cache_layout(signature))
+    # a dict: parsed already, for every profile
+    parsed = (
+        {None: shapes} if isinstance(shapes, dict) else parse_profiles(shapes, (PREFILL, DECODE) if cache else (ONE,))
+    )
+    if cache:
         return {name: profile_shapes(signature, r) for name, r in cache_ranges(signature, parsed).items()}
-    parsed = parsed if isinstance(shapes, dict) else parse_profiles(shapes, (ONE,))
     return {ONE: profile_shapes(signature, axis_ranges(signature, {**parsed.get(None, {}), **parsed.get(ONE, {})}))}
 
 
-def _fits(shape: tuple[int, ...], triple: Any) -> bool:
-    lo, hi = (triple["min"], triple["max"]) if isinstance(triple, dict) else (triple[0], triple[2])
+def _fits(shape: tuple[int, ...], triple: dict[str, list[int]]) -> bool:
+    lo, hi = triple["min"], triple["max"]
     return len(shape) == len(lo) and all(a <= s <= b for s, a, b in zip(shape, lo, hi))
 
 
