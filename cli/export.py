@@ -31,7 +31,7 @@ from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.onnx_files import THRESHOLD_ENV, onnx_files, onnx_size
 from exporters.swappable import export_routed, export_swappable
-from exporters.tensorrt import TensorRTMissing, build_engine, parse_shapes, prepare_trt
+from exporters.tensorrt import DECODE, ONE, PREFILL, TensorRTMissing, build_engine, parse_profiles, prepare_trt
 from exporters.triton import write_python_model, write_triton_repo
 from surgery.errors import SurgeryError
 from surgery.io import check_output
@@ -76,8 +76,12 @@ def export(
         ),
     ] = False,
     shapes: Annotated[
-        Optional[str],
-        typer.Option("--shapes", help="Engine profile per axis, e.g. batch=1:8:64,seq=16:128:512 (MIN:OPT:MAX)."),
+        Optional[list[str]],
+        typer.Option(
+            "--shapes",
+            help="Engine profile per axis, e.g. batch=1:8:64,seq=16:128:512 (MIN:OPT:MAX). A causal LM's cache graph "
+            "has two profiles: prefill (past 0) and decode (seq 1); prefix one with prefill: or decode:, repeat it.",
+        ),
     ] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Engine in fp16 (tolerance 2e-2).")] = False,
     bf16: Annotated[bool, typer.Option("--bf16", help="Engine in bf16 (tolerance 1e-1).")] = False,
@@ -235,13 +239,13 @@ def _export_trt(
         )
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
     path = check_output(output or default_output(source, ".refit.plan" if swappable else ".plan"))
-    ranges = parse_shapes(shapes)
+    parse_profiles(shapes, (ONE, PREFILL, DECODE))  # its syntax, before the model loads
     with step(f"load {source or 'minilm'}"):
         captured = opener()
     tolerance, rtol = tolerances(weights_dtype(captured.gm), tolerance, rtol)
     with step("export the TensorRT-ready ONNX and check it against torch"):
         plan = prepare_trt(
-            captured, path, precision=precision, shapes=ranges, max_r=max_r, timing_cache=timing_cache,
+            captured, path, precision=precision, shapes=shapes, max_r=max_r, timing_cache=timing_cache,
             tolerance=tolerance, rtol=rtol, external=external_data,
         )  # fmt: skip
     name = path.name.split(".")[0]

@@ -9,7 +9,7 @@ import numpy as np
 import typer
 
 from cli.common import RTOL_HELP, TOLERANCE_HELP, Json, Trust, emit_json, out, stage
-from exporters.inputs import check_feeds, graph_inputs, vocab_size
+from exporters.inputs import ORT_DTYPES, CacheLayout, check_cache_feeds, check_feeds, graph_inputs, vocab_size
 from exporters.runtime import AdaptedSession
 from exporters.verify import ort_session
 from surgery.errors import SurgeryError
@@ -19,8 +19,10 @@ from surgery.safe_files import check_onnx_data
 
 def _inputs(session, input_file: Optional[Path], shape: str, onnx_path: Path) -> dict[str, np.ndarray]:
     """Inputs from an .npz (arrays by input name), or random token ids and a full mask of `shape`; checked against
-    the graph's inputs and vocabulary (`exporters/inputs.py`) before ONNX Runtime sees them."""
+    the graph's inputs and vocabulary (`exporters/inputs.py`) before ONNX Runtime sees them. A causal LM's cache
+    graph takes `past=N` in `shape` (default 0, a prompt), and its feeds are checked as a cache too."""
     vocab = vocab_size(onnx_path)
+    cache = CacheLayout.of(graph_inputs(session), session.get_modelmeta().custom_metadata_map)
     if input_file is not None:
         if not input_file.is_file():
             raise SurgeryError(f"--input {input_file}: no such file; give an .npz with one array per input name")
@@ -29,12 +31,17 @@ def _inputs(session, input_file: Optional[Path], shape: str, onnx_path: Path) ->
                 feeds = {k: data[k] for k in data.files}
         except (ValueError, OSError) as exc:
             raise SurgeryError(f"--input {input_file}: not a readable .npz ({exc})") from exc
+        if cache is not None:
+            check_cache_feeds(feeds, cache, f"--input {input_file}")
         check_feeds(feeds, graph_inputs(session), vocab, f"--input {input_file}")
         return feeds
     try:
         sizes = dict((k, int(v)) for k, v in (kv.split("=") for kv in shape.split(",")))
     except ValueError as exc:
         raise SurgeryError(f"--shape {shape!r}: write it as batch=1,seq=128") from exc
+    if cache is not None:  # the mask covers the past and the new tokens
+        sizes = {"batch": 1, "seq": 128, **sizes}
+        sizes.update(past=sizes.get("past", 0), total=sizes.get("past", 0) + sizes["seq"])
     rng = np.random.default_rng(0)
     feeds = {}
     for i in session.get_inputs():
@@ -44,14 +51,18 @@ def _inputs(session, input_file: Optional[Path], shape: str, onnx_path: Path) ->
             d if isinstance(d, int) else sizes.get(d, sizes.get("seq" if k else "batch", 1))
             for k, d in enumerate(i.shape)
         ]
-        if "float" in i.type:
-            feeds[i.name] = rng.standard_normal(dims).astype(np.float32)
+        if "float" in i.type:  # in the graph's float type (a half-precision export's cache is fp16)
+            feeds[i.name] = rng.standard_normal(dims).astype(ORT_DTYPES.get(i.type, np.float32))
         elif i.name == "attention_mask":
             feeds[i.name] = np.ones(dims, dtype=np.int64)
         elif i.name == "adapter_id":
             feeds[i.name] = np.zeros(dims, dtype=np.int64)
+        elif i.name == "position_ids" and cache is not None:  # the new tokens sit after the past
+            feeds[i.name] = np.broadcast_to(np.arange(sizes["past"], sizes["total"]), dims).astype(np.int64)
         else:
             feeds[i.name] = rng.integers(0, min(vocab or 1000, 1000), dims, dtype=np.int64)
+    if cache is not None:
+        check_cache_feeds(feeds, cache, f"--shape {shape}")
     check_feeds(feeds, graph_inputs(session), vocab, f"--shape {shape}")
     return feeds
 
@@ -96,7 +107,8 @@ def run(
     ] = None,
     input_file: Annotated[Optional[Path], typer.Option("--input", help=".npz with one array per input name.")] = None,
     shape: Annotated[
-        str, typer.Option("--shape", help="Random inputs of this size when no --input.")
+        str,
+        typer.Option("--shape", help="Random inputs of this size when no --input (a KV-cache graph: past=N too)."),
     ] = "batch=1,seq=128",
     save: Annotated[Optional[Path], typer.Option("--save", help="Write the outputs to this .npz.")] = None,
     against: Annotated[

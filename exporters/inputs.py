@@ -126,3 +126,93 @@ def check_feeds(feeds: dict[str, np.ndarray], inputs: list[GraphInput], vocab: i
         if low < 0 or high >= vocab:
             bad = low if low < 0 else high
             raise SurgeryError(f"{what}: {TOKEN_IDS} holds token id {bad}; this model's vocabulary is 0..{vocab - 1}")
+
+
+# A causal LM exported with its KV cache (surgery/tasks.py): inputs input_ids, attention_mask (batch, past + seq),
+# position_ids (batch, seq) and past_key_values.N.key/.value (batch, kv_heads, past, head_dim), N = 0..layers-1.
+CACHE_PREFIX = "past_key_values."
+MAX_POSITIONS = "surgery.max_positions"  # the export's metadata
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What a cache graph's past tensors look like, read from its inputs: layers, KV heads, head size, dtype, and
+    the model's positions (its metadata)."""
+
+    layers: int
+    kv_heads: int | str | None
+    head_dim: int | str | None
+    dtype: Any
+    max_positions: int | None
+
+    @classmethod
+    def of(cls, inputs: list[GraphInput], meta: dict[str, str] | None = None) -> CacheLayout | None:
+        """The layout of a graph in the KV-cache form, else None."""
+        past = [i for i in inputs if i.name.startswith(CACHE_PREFIX)]
+        if not past or "position_ids" not in {i.name for i in inputs}:
+            return None
+        first = past[0]
+        positions = (meta or {}).get(MAX_POSITIONS)
+        layers = len({i.name.split(".")[1] for i in past})
+        return cls(layers, first.dims[1], first.dims[3], first.dtype, int(positions) if positions else None)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{CACHE_PREFIX}{n}.{kind}" for n in range(self.layers) for kind in ("key", "value")]
+
+    def describe(self) -> str:
+        dtype = np.dtype(self.dtype).name if self.dtype is not None else "?"
+        return (
+            f"{CACHE_PREFIX}N.key/.value for N in 0..{self.layers - 1}, each {dtype} "
+            f"(batch, {self.kv_heads} KV heads, past, {self.head_dim} per head)"
+        )
+
+
+def check_cache_feeds(feeds: dict[str, np.ndarray], cache: CacheLayout, what: str) -> None:
+    """Refuse, one line each, what a cache graph would fail on or compute wrongly: a missing or misshapen past
+    tensor, layers whose past lengths or batches disagree, an attention_mask not over past + seq positions,
+    position_ids not shaped like input_ids or past the model's positions, past + seq beyond them."""
+    missing = [n for n in cache.names if n not in feeds]
+    if missing:
+        raise SurgeryError(
+            f"{what}: no {missing[0]}; this model takes its KV cache as {cache.describe()}; "
+            "for a prompt with no cache yet give them with past 0"
+        )
+    past_len = batch = None
+    for name in cache.names:
+        a = feeds[name]
+        if a.ndim != 4 or any(
+            isinstance(want, int) and a.shape[k] != want for k, want in ((1, cache.kv_heads), (3, cache.head_dim))
+        ):
+            raise SurgeryError(f"{what}: {name} is shaped {list(a.shape)}; this model's cache is {cache.describe()}")
+        if cache.dtype is not None and a.dtype != np.dtype(cache.dtype):
+            raise SurgeryError(f"{what}: {name} is {a.dtype}; this model's cache is {cache.describe()}")
+        if past_len is None:
+            past_len, batch, first = a.shape[2], a.shape[0], name
+        elif (a.shape[0], a.shape[2]) != (batch, past_len):
+            raise SurgeryError(
+                f"{what}: {name} holds {a.shape[0]} rows of {a.shape[2]} past positions, {first} {batch} of "
+                f"{past_len}; every layer's cache has the same batch and past length"
+            )
+    ids, mask, positions = (feeds.get(n) for n in (TOKEN_IDS, "attention_mask", "position_ids"))
+    if ids is None or ids.ndim != 2 or mask is None or mask.ndim != 2 or positions is None:
+        return  # check_feeds names what is missing or misshapen there
+    seq = ids.shape[1]
+    if mask.shape[1] != past_len + seq:
+        raise SurgeryError(
+            f"{what}: attention_mask covers {mask.shape[1]} positions; with {past_len} past and {seq} new tokens "
+            f"it covers {past_len + seq} (the past's, then the new tokens')"
+        )
+    if positions.shape != ids.shape:
+        raise SurgeryError(
+            f"{what}: position_ids is shaped {list(positions.shape)}; it gives each new token its position, "
+            f"shaped like input_ids {list(ids.shape)}"
+        )
+    top = cache.max_positions
+    if top is not None and past_len + seq > top:
+        raise SurgeryError(
+            f"{what}: {past_len} past + {seq} new tokens = {past_len + seq} positions; the model has {top}"
+        )
+    if top is not None and positions.size and (positions.min() < 0 or positions.max() >= top):
+        bad = int(positions.min() if positions.min() < 0 else positions.max())
+        raise SurgeryError(f"{what}: position_ids holds {bad}; this model's positions are 0..{top - 1}")

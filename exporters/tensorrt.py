@@ -142,6 +142,139 @@ def profile_shapes(signature: Signature, ranges: dict[str, AxisRange]) -> dict[s
     return shapes
 
 
+# A causal LM's cache graph (surgery/tasks.py) gets two profiles, as KV-cache engines are built: the prompt at past
+# length 0, and one new token over a cache of 1..max positions. TensorRT takes a zero-length dimension in a profile
+# (an empty tensor: the prefill's past_key_values); trtexec builds one profile per repeat of --minShapes/--optShapes/
+# --maxShapes, in order, and a runner picks one per call (`pick_profile`, Polygraphy's `TrtRunner.set_profile`).
+PREFILL, DECODE = "prefill", "decode"
+ONE = "default"  # the name of the one profile of a graph without a cache
+Shapes = dict[str, tuple[tuple[int, ...], ...]]
+
+
+def parse_profiles(texts: str | list[str] | None, names: tuple[str, ...]) -> dict[str | None, dict[str, AxisRange]]:
+    """`--shapes`, given once or more, each `[PROFILE:]AXIS=MIN:OPT:MAX,...` (several may also be joined by `;`):
+    {profile name or None (every profile): {axis: AxisRange}}. `names` are the model's profiles."""
+    items = [texts] if isinstance(texts, str) else list(texts or [])
+    parsed: dict[str | None, dict[str, AxisRange]] = {}
+    for text in (t.strip() for item in items for t in item.split(";")):
+        if not text:
+            continue
+        head, sep, rest = text.partition(":")
+        profile = head.strip() if sep and "=" not in head else None
+        if profile is not None and profile not in names:
+            raise SurgeryError(
+                f"--shapes {text!r}: this model's profiles are {', '.join(names)}"
+                + ("; drop the prefix" if names == (ONE,) else "")
+            )
+        for axis, r in parse_shapes(rest if profile is not None else text).items():
+            parsed.setdefault(profile, {})[axis] = r
+    return parsed
+
+
+def cache_ranges(signature: Signature, overrides: dict[str | None, dict[str, AxisRange]] | None = None) -> dict:
+    """{PREFILL: ranges, DECODE: ranges} of a cache graph's axes (batch, seq, past and their sum, total).
+
+    Defaults: batch over its captured range (opt 1); prefill seq 1..positions (opt 128), past 0; decode seq 1,
+    past 1..positions-1 (opt 128). `--shapes` without a prefix sets batch in both profiles, seq in the prefill's
+    and past in the decode's; `prefill:` and `decode:` set one profile's. Every range stays inside the capture's.
+    """
+    from surgery.tasks import PAST, TOTAL
+
+    axes = signature.axes()
+    overrides = overrides or {}
+    positions = axes["seq"].max
+    shared = overrides.get(None, {})
+    for name in {n for ranges in overrides.values() for n in ranges}:
+        if name == TOTAL:
+            raise SurgeryError(f"--shapes {TOTAL}=...: {TOTAL} is {PAST} + seq; set those instead")
+        if name not in axes:
+            raise SurgeryError(f"--shapes names axis {name!r}; this model's axes are batch, seq, {PAST}")
+    if PAST in overrides.get(PREFILL, {}):
+        raise SurgeryError(
+            f"--shapes {PREFILL}:{PAST}=...: the prefill profile has no cache ({PAST} 0); set {PAST} for {DECODE}"
+        )
+    if "seq" in overrides.get(DECODE, {}):
+        raise SurgeryError(
+            f"--shapes {DECODE}:seq=...: the decode profile takes one new token (seq 1); set seq for {PREFILL}"
+        )
+    batch = axes["batch"]
+    defaults = {
+        "batch": AxisRange(batch.min, min(max(1, batch.min), batch.max), batch.max),
+        "seq": AxisRange(1, min(128, positions), positions),
+        PAST: AxisRange(1, min(128, positions - 1), positions - 1),
+    }
+    profiles = {}
+    for profile, fixed in ((PREFILL, {PAST: AxisRange(0, 0, 0)}), (DECODE, {"seq": AxisRange(1, 1, 1)})):
+        given = {**{k: v for k, v in shared.items() if k not in fixed}, **overrides.get(profile, {})}
+        ranges = {name: given.get(name, defaults[name]) for name in ("batch", "seq", PAST)} | fixed
+        for name, r in ranges.items():
+            axis = axes[name]
+            if r.min < axis.min or r.max > axis.max:
+                raise SurgeryError(
+                    f"--shapes {profile}:{name}={r.min}:{r.opt}:{r.max} leaves the captured range "
+                    f"{axis.min}..{axis.max}; re-capture with a wider range or narrow --shapes"
+                )
+        total = AxisRange(*(getattr(ranges[PAST], k) + getattr(ranges["seq"], k) for k in ("min", "opt", "max")))
+        if total.max > positions:
+            raise SurgeryError(
+                f"--shapes: the {profile} profile reaches {total.max} positions ({PAST} {ranges[PAST].max} + seq "
+                f"{ranges['seq'].max}); the model has {positions}"
+            )
+        profiles[profile] = {**ranges, TOTAL: total}
+    return profiles
+
+
+def plan_profiles(signature: Signature, shapes: str | list[str] | dict[str, AxisRange] | None) -> dict[str, Shapes]:
+    """The engine's optimization profiles by name, in TensorRT's order: {PREFILL, DECODE} for a cache graph
+    (`cache_ranges`), else {ONE} (`axis_ranges`); `shapes` is what `--shapes` said, or `parse_shapes` of it."""
+    from surgery.tasks import cache_layout
+
+    cache = bool(cache_layout(signature))
+    # a dict: parsed already, for every profile
+    parsed = (
+        {None: shapes} if isinstance(shapes, dict) else parse_profiles(shapes, (PREFILL, DECODE) if cache else (ONE,))
+    )
+    if cache:
+        return {name: profile_shapes(signature, r) for name, r in cache_ranges(signature, parsed).items()}
+    return {ONE: profile_shapes(signature, axis_ranges(signature, {**parsed.get(None, {}), **parsed.get(ONE, {})}))}
+
+
+def _fits(shape: tuple[int, ...], triple: dict[str, list[int]]) -> bool:
+    lo, hi = triple["min"], triple["max"]
+    return len(shape) == len(lo) and all(a <= s <= b for s, a, b in zip(shape, lo, hi))
+
+
+def pick_profile(
+    profiles: list[dict[str, Any]], shapes: dict[str, tuple[int, ...]], what: str = "engine", names: Any = None
+) -> int:
+    """The index of the first profile (sidecar form: {input: {min, opt, max}}) whose ranges hold every input's shape;
+    `names` (the sidecar's profile_names) name them in the refusal."""
+    for index, profile in enumerate(profiles):
+        if all(_fits(tuple(shapes[n]), t) for n, t in profile.items() if n in shapes):
+            return index
+    fed = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
+    names = list(names or []) or [str(k) for k in range(len(profiles))]
+    takes = "; ".join(
+        f"{name}: " + ", ".join(f"{n} {t['min']}..{t['max']}" for n, t in p.items() if n in shapes)
+        for name, p in zip(names, profiles)
+    )
+    raise SurgeryError(f"{what}: no optimization profile takes {fed}; its profiles take {takes}")
+
+
+def profile_sizes(signature: Signature, profiles: list[dict[str, Any]]) -> list[dict[str, int]]:
+    """One parity shape per profile (sidecar form), inside it: the check's first shape (`CHECK_SIZES`) clamped."""
+    sizes = []
+    for profile in profiles:
+        chosen: dict[str, int] = {}
+        for spec in signature.inputs:
+            lo, hi = profile[spec.name]["min"], profile[spec.name]["max"]
+            for i, axis in spec.axes.items():
+                if not axis.sum_of:
+                    chosen[axis.name] = min(max(CHECK_SIZES[0].get(axis.name, lo[i]), lo[i]), hi[i])
+        sizes.append(chosen)
+    return sizes
+
+
 # --- the TensorRT-ready ONNX and the trtexec command --------------------------------------------------
 
 
@@ -152,7 +285,7 @@ class TrtPlan:
     onnx: Path
     engine: Path
     precision: str
-    shapes: dict[str, tuple[tuple[int, ...], ...]]
+    profiles: dict[str, Shapes]  # {profile name: {input: (min, opt, max)}}, in TensorRT's profile order
     timing_cache: Path
     max_r: int | None = None  # refittable engine at this adapter rank
     parity: Parity | None = None
@@ -163,19 +296,25 @@ class TrtPlan:
     def refit(self) -> bool:
         return self.max_r is not None
 
-    def trtexec(self) -> str:
-        def spec(k: int) -> str:
-            return ",".join(f"{n}:{'x'.join(map(str, s[k]))}" for n, s in self.shapes.items())
+    @property
+    def shapes(self) -> Shapes:
+        """The first profile (the only one of a graph without a cache)."""
+        return next(iter(self.profiles.values()))
 
-        args = [
-            "trtexec",
-            f"--onnx={self.onnx}",
-            f"--saveEngine={self.engine}",
-            f"--minShapes={spec(0)}",
-            f"--optShapes={spec(1)}",
-            f"--maxShapes={spec(2)}",
-            f"--timingCacheFile={self.timing_cache}",
+    def sidecar_profiles(self) -> list[dict[str, dict[str, list[int]]]]:
+        return [
+            {n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in shapes.items()}
+            for shapes in self.profiles.values()
         ]
+
+    def trtexec(self) -> str:
+        def spec(shapes: Shapes, k: int) -> str:
+            return ",".join(f"{n}:{'x'.join(map(str, s[k]))}" for n, s in shapes.items())
+
+        args = ["trtexec", f"--onnx={self.onnx}", f"--saveEngine={self.engine}"]
+        for shapes in self.profiles.values():  # one profile per repeat of the three flags
+            args += [f"--{pick}Shapes={spec(shapes, k)}" for k, pick in enumerate(("min", "opt", "max"))]
+        args.append(f"--timingCacheFile={self.timing_cache}")
         args += {"fp32": ["--noTF32"], "fp16": ["--fp16"], "bf16": ["--bf16"]}[self.precision]
         if self.refit:
             args.append("--refit")
@@ -186,7 +325,11 @@ class TrtPlan:
             "onnx": str(self.onnx),
             "engine": str(self.engine),
             "precision": self.precision,
-            "profile": {n: {"min": s[0], "opt": s[1], "max": s[2]} for n, s in self.shapes.items()},
+            **(
+                {"profile": self.sidecar_profiles()[0]}
+                if list(self.profiles) == [ONE]
+                else {"profiles": dict(zip(self.profiles, self.sidecar_profiles()))}
+            ),
             "timing_cache": str(self.timing_cache),
             "max_r": self.max_r,
             "trtexec": self.trtexec(),
@@ -284,7 +427,7 @@ def prepare_trt(
     engine: str | Path,
     *,
     precision: str = "fp32",
-    shapes: dict[str, AxisRange] | None = None,
+    shapes: str | list[str] | dict[str, AxisRange] | None = None,
     max_r: int | None = None,
     timing_cache: str | Path | None = None,
     tolerance: float = ATOL,
@@ -292,17 +435,18 @@ def prepare_trt(
     external: bool = False,
 ) -> TrtPlan:
     """Write the TensorRT-ready ONNX beside `engine` (verified in ONNX Runtime) and the trtexec command file.
-    Past 2 GB of initializers (or with `external`) that ONNX is NAME.onnx + NAME.onnx.data."""
+    Past 2 GB of initializers (or with `external`) that ONNX is NAME.onnx + NAME.onnx.data. `shapes` is `--shapes`
+    (`plan_profiles`): one profile, or a cache graph's prefill and decode profiles."""
     if precision not in PRECISIONS:
         raise SurgeryError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     engine = Path(engine)
-    ranges = axis_ranges(captured.signature, shapes)
+    profiles = plan_profiles(captured.signature, shapes)
     onnx_path = engine.with_suffix(".refit.onnx" if max_r is not None else ".onnx")
     plan = TrtPlan(
         onnx=onnx_path,
         engine=engine,
         precision=precision,
-        shapes=profile_shapes(captured.signature, ranges),
+        profiles=profiles,
         timing_cache=Path(timing_cache) if timing_cache else engine.parent / "timing.cache",
         max_r=max_r,
     )
@@ -388,14 +532,17 @@ def build_engine(plan: TrtPlan) -> dict[str, Any]:
         raise TensorRTMissing("no CUDA GPU found: TensorRT builds engines on the GPU that will run them", plan)
     from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
 
-    profile = Profile()
-    for name, (lo, opt, hi) in plan.shapes.items():
-        profile.add(name, min=lo, opt=opt, max=hi)
+    profiles = []
+    for shapes in plan.profiles.values():  # IBuilderConfig.add_optimization_profile, in order: index = position
+        profile = Profile()
+        for name, (lo, opt, hi) in shapes.items():
+            profile.add(name, min=lo, opt=opt, max=hi)
+        profiles.append(profile)
     config = CreateConfig(
         fp16=plan.precision == "fp16",
         bf16=plan.precision == "bf16",
         refittable=plan.refit,
-        profiles=[profile],
+        profiles=profiles,
         load_timing_cache=str(plan.timing_cache),
     )
     start = time.perf_counter()
@@ -408,7 +555,8 @@ def build_engine(plan: TrtPlan) -> dict[str, Any]:
         "gpu": gpu_name(),
         "host": platform.node(),
         "precision": plan.precision,
-        "profiles": [{n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for n, s in plan.shapes.items()}],
+        "profiles": plan.sidecar_profiles(),
+        "profile_names": list(plan.profiles),
         "source_onnx": str(plan.onnx),
         "source_sha256": sha256_of(plan.onnx),
         "refittable": plan.refit,
@@ -473,9 +621,20 @@ def engine_runner(engine_path: str | Path) -> Any:
     return TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
 
 
+def _use_profile(runner: Any, sidecar: dict[str, Any], feeds: dict[str, np.ndarray], what: str) -> None:
+    """Activate the profile that takes `feeds` (a cache engine: prefill or decode); one profile needs no choice."""
+    profiles = sidecar.get("profiles", [])
+    if len(profiles) > 1:
+        shapes = {n: a.shape for n, a in feeds.items()}
+        runner.set_profile(pick_profile(profiles, shapes, what, sidecar.get("profile_names", [])))
+
+
 def run_engine(engine_path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run an engine once on host arrays; outputs by name (`TrtRunner.infer` copies in and out)."""
+    """Run an engine once on host arrays, in the profile that takes their shapes; outputs by name
+    (`TrtRunner.infer` copies in and out)."""
+    sidecar = read_sidecar(engine_path)
     with engine_runner(engine_path) as runner:
+        _use_profile(runner, sidecar, feeds, str(engine_path))
         return {k: np.asarray(v) for k, v in runner.infer(feed_dict=feeds).items()}
 
 
@@ -496,12 +655,19 @@ def check_engine(
     rtol: float | None = None,
 ) -> Parity:
     """Run a TensorRT engine (Polygraphy's TrtRunner) on padded batches and compare with torch per output, within
-    the precision's `ENGINE_TOLERANCE` unless `atol`/`rtol` say otherwise."""
+    the precision's `ENGINE_TOLERANCE` unless `atol`/`rtol` say otherwise. An engine of several profiles (a cache
+    graph's prefill and decode) is checked by default at one shape inside each, run in the profile that takes it."""
     default_atol, default_rtol = ENGINE_TOLERANCE[precision]
+    sidecar = read_sidecar(engine)
+    profiles = sidecar.get("profiles", [])
+    if sizes is None and len(profiles) > 1:
+        sizes = profile_sizes(signature, profiles)
 
     def run(tensors: list[torch.Tensor]) -> tuple[list[str], list[np.ndarray]]:
         wanted = set(runner.get_input_metadata().keys())  # an unused input may have been dropped
-        got = runner.infer(feed_dict={n: t.numpy() for n, t in zip(signature.names, tensors) if n in wanted})
+        feeds = {n: t.numpy() for n, t in zip(signature.names, tensors) if n in wanted}
+        _use_profile(runner, sidecar, feeds, str(engine))
+        got = runner.infer(feed_dict=feeds)
         return list(got), [np.asarray(v) for v in got.values()]
 
     with engine_runner(engine) as runner:

@@ -18,7 +18,7 @@ from torch import nn
 
 from surgery.capture import Captured
 from surgery.pipeline import open_model, stand_in_adapted
-from tests.families import write_config
+from tests.families import write_config, write_lm_config
 
 SURGERY = [sys.executable, "-m", "cli.main"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,39 +133,16 @@ def cli():
     return run
 
 
-# Causal LMs (tests/exporters/test_generate.py): tiny configs of four families, saved as a Hugging Face class
-# (`architectures`), so the default task is causal-lm. initializer_range 0.2: logits that vary from step to step
-# (at the default 0.02 a tiny random model repeats one token, which would prove little about generation).
-LM_CONFIGS = {
-    "llama": ("llama", "LlamaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2)),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2)),
-    "gemma": (
-        "gemma3_text",
-        "Gemma3ForCausalLM",
-        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=512, tie_word_embeddings=False),
-    ),
-    "gpt2": ("gpt2", "GPT2LMHeadModel", dict(n_layer=2, n_embd=64, n_head=4, n_positions=128)),
-}
-_LLAMA_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=128)
-
-
+# Causal LMs (tests/exporters/test_generate.py): tiny configs of four families, rows of tests/families.py FAMILIES
+# saved as a Hugging Face causal-LM class (CAUSAL_LMS there), so the default task is causal-lm.
 @pytest.fixture(scope="session")
 def lm_config(tmp_path_factory: pytest.TempPathFactory):
-    """The config.json of a tiny causal LM of `family` (LM_CONFIGS), written once per session."""
-    from transformers import AutoConfig
-
+    """The config.json of a tiny causal LM of `family` (tests/families.py CAUSAL_LMS), written once per session."""
     made: dict[str, Path] = {}
 
     def make(family: str) -> Path:
         if family not in made:
-            model_type, cls, extra = LM_CONFIGS[family]
-            shape = {} if model_type == "gpt2" else _LLAMA_SHAPE
-            folder = tmp_path_factory.mktemp(f"lm-{family}")
-            config = AutoConfig.for_model(
-                model_type, vocab_size=1000, initializer_range=0.2, architectures=[cls], **shape, **extra
-            )
-            config.save_pretrained(folder)
-            made[family] = folder / "config.json"
+            made[family] = write_lm_config(family, tmp_path_factory.mktemp(f"lm-{family}"))
         return made[family]
 
     return make

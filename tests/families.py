@@ -1,5 +1,6 @@
 """One small config per Hugging Face family (random weights, 2 layers, width 64): the support matrix's rows
-(`tests/surgery/test_matrix.py`) and the `small_config` fixture of the fast tier build models from this one table."""
+(`tests/surgery/test_matrix.py`), the `small_config` fixture of the fast tier and the causal LMs of `lm_config`
+(`CAUSAL_LMS`) build models from this one table."""
 
 from __future__ import annotations
 
@@ -68,8 +69,31 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+# The decoder families' causal-LM heads (tests/exporters/test_generate.py): the family's row above, saved as the HF
+# class `architectures` names (so the default task is causal-lm), with what generation needs beyond the shape.
+# initializer_range 0.2: logits that vary from step to step (at the default 0.02 a tiny random model repeats one
+# token, which would prove little about generation).
+CAUSAL_LMS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("llama", "LlamaForCausalLM", {}),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", {}),
+    "gemma": ("gemma3_text", "Gemma3ForCausalLM", dict(tie_word_embeddings=False)),
+    "gpt2": ("gpt2", "GPT2LMHeadModel", {}),
+}
+LM_INIT = dict(initializer_range=0.2)
+
+
 def write_config(model_type: str, folder: Path) -> Path:
     from transformers import AutoConfig
 
     AutoConfig.for_model(model_type, **FAMILIES[model_type]).save_pretrained(folder)
+    return folder / "config.json"
+
+
+def write_lm_config(family: str, folder: Path) -> Path:
+    """The config.json of the causal LM of `family` (CAUSAL_LMS): its FAMILIES row under its LM class."""
+    from transformers import AutoConfig
+
+    model_type, cls, extra = CAUSAL_LMS[family]
+    config = AutoConfig.for_model(model_type, **{**FAMILIES[model_type], **LM_INIT, **extra}, architectures=[cls])
+    config.save_pretrained(folder)
     return folder / "config.json"

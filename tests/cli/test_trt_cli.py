@@ -73,6 +73,36 @@ def test_export_refittable_without_tensorrt_json(folder, cli):
     assert (folder / "r.refit.onnx").is_file() and not (folder / "r.plan").exists()
 
 
+@no_trt
+@pytest.mark.slow  # an insert and an export of the tiny LM as subprocesses
+def test_export_trt_of_a_cache_graph_has_a_prefill_and_a_decode_profile(lm_config, cli, tmp_path):
+    run = cli("insert", "--r", "4", lm_config("llama"), "-o", "lm.adapted.pt2", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    run = cli(
+        "export", "lm.adapted.pt2", "--trt", "-o", "lm.plan", "--shapes", "batch=1:2:4",
+        "--shapes", "prefill:seq=1:32:64", "--shapes", "decode:past=1:32:128", "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert run.code == 2, run.stderr
+    profiles = run.json["profiles"]
+    assert list(profiles) == ["prefill", "decode"] and run.json["max_abs_diff"] < 1e-4
+    assert profiles["prefill"]["past_key_values.0.key"] == {
+        "min": [1, 2, 0, 16],
+        "opt": [2, 2, 0, 16],
+        "max": [4, 2, 0, 16],
+    }
+    assert profiles["decode"]["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [4, 1]}
+    assert profiles["decode"]["attention_mask"]["max"] == [4, 129]
+    assert (
+        shlex.split(run.json["trtexec"]).count(
+            "--minShapes=" + ",".join(f"{n}:{'x'.join(map(str, t['min']))}" for n, t in profiles["decode"].items())
+        )
+        == 1
+    )
+    bad = cli("export", "lm.adapted.pt2", "--trt", "--shapes", "decode:seq=1:2:4", cwd=tmp_path)
+    assert bad.code == 2 and "the decode profile takes one new token (seq 1)" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "lm.plan").exists()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -3,7 +3,8 @@
 Everything is held to transformers itself: the HF model with the same weights and the adapters as forward hooks
 (tests/lm_reference.py), its greedy `generate` for the tokens and its per-step logits for `surgery.parity.compare`.
 Adapters carry distinct random non-zero weights. The fast tier runs one family (Llama-shaped, grouped-query attention)
-baked; the four families, swappable packs, routed rows and the CLI are `slow`.
+baked, and the checks `surgery run` makes of a cache graph's inputs; the four families, swappable packs, routed rows
+and the CLI are `slow`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import re
+
 import numpy as np
 import pytest
 
 from exporters.onnx import export_onnx
 from exporters.runtime import Generator
 from surgery.adapters import AdapterSpec, stand_in_weights
+from surgery.errors import SurgeryError
 from surgery.parity import compare
 from surgery.pipeline import adapt, stand_in_adapted
 from tests.lm_reference import hf_generate, hf_model
@@ -48,7 +52,7 @@ def llama_baked(lm_base, lm_config, tmp_path_factory):
 def test_greedy_tokens_and_logits_equal_transformers_with_and_without_cache(llama_baked):
     path, reference, base = llama_baked
     gen = Generator(path)
-    assert (gen.layers, gen.kv_heads, gen.head_dim, gen.max_positions) == (2, 2, 16, 128)  # GQA: 2 KV heads of 4
+    assert (gen.layers, gen.kv_heads, gen.head_dim, gen.max_positions) == (2, 2, 16, 256)  # GQA: 2 KV heads of 4
     want, want_logits = hf_generate(reference, PROMPTS[0], NEW)
     assert len(set(want)) > 4, f"a degenerate reference proves little: {want}"
     assert want != hf_generate(base, PROMPTS[0], NEW)[0], "the adapters must change the tokens"
@@ -98,6 +102,67 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(llama_baked):
     streamed = []
     gen.generate(PROMPTS[2], 12, on_token=lambda step, tokens: streamed.append((step, int(tokens[0]))))
     assert streamed == list(enumerate(greedy[0]))
+
+
+# `surgery run` on a cache graph: its inputs checked as a KV cache before ONNX Runtime sees them.
+
+
+def _cache_feeds(batch=2, seq=5, past=3, layers=2, **changes) -> dict[str, np.ndarray]:
+    """Feeds of the Llama-shaped cache graph (2 KV heads of 16): `seq` new tokens after `past` cached positions."""
+    rng = np.random.default_rng(0)
+    feeds = {
+        "input_ids": rng.integers(0, 1000, (batch, seq)),
+        "attention_mask": np.ones((batch, past + seq), dtype=np.int64),
+        "position_ids": np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(np.int64),
+        **{
+            f"past_key_values.{n}.{kind}": rng.standard_normal((batch, 2, past, 16)).astype(np.float32)
+            for n in range(layers)
+            for kind in ("key", "value")
+        },
+    }
+    feeds.update(changes)
+    return {k: v for k, v in feeds.items() if v is not None}
+
+
+CACHE = "past_key_values.N.key/.value for N in 0..1, each float32 (batch, 2 KV heads, past, 16 per head)"
+BAD_CACHE_FEEDS = {
+    "no cache": (dict(layers=1), f"no past_key_values.1.key; this model takes its KV cache as {CACHE}; for a prompt"),
+    "kv heads": (dict(**{"past_key_values.1.key": np.zeros((2, 4, 3, 16), np.float32)}), "is shaped [2, 4, 3, 16]"),
+    "dtype": (dict(**{"past_key_values.0.value": np.zeros((2, 2, 3, 16))}), "past_key_values.0.value is float64"),
+    "layers disagree": (
+        dict(**{"past_key_values.1.value": np.zeros((2, 2, 4, 16), np.float32)}),
+        "past_key_values.1.value holds 2 rows of 4 past positions, past_key_values.0.key 2 of 3",
+    ),
+    "mask without the past": (
+        dict(attention_mask=np.ones((2, 5), np.int64)),
+        "attention_mask covers 5 positions; with 3 past and 5 new tokens it covers 8",
+    ),
+    "position_ids shape": (dict(position_ids=np.zeros((2, 4), np.int64)), "position_ids is shaped [2, 4]"),
+    "position past the end": (
+        dict(position_ids=np.full((2, 5), 300)),
+        "position_ids holds 300; this model's positions",
+    ),
+    "too long": (dict(past=254), "254 past + 5 new tokens = 259 positions; the model has 256"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CACHE_FEEDS))
+def test_cache_graph_inputs_are_refused_in_one_line_before_onnx_runtime(llama_baked, case):
+    from exporters.inputs import CacheLayout, check_cache_feeds, check_feeds, graph_inputs
+    from exporters.verify import ort_session
+
+    session = ort_session(llama_baked[0])
+    inputs = graph_inputs(session)
+    cache = CacheLayout.of(inputs, session.get_modelmeta().custom_metadata_map)
+    assert (cache.layers, cache.kv_heads, cache.head_dim, cache.max_positions) == (2, 2, 16, 256)
+    changes, message = BAD_CACHE_FEEDS[case]
+    with pytest.raises(SurgeryError, match=re.escape(message)):
+        check_cache_feeds(_cache_feeds(**changes), cache, "--input x.npz")
+    good = _cache_feeds()
+    check_cache_feeds(good, cache, "--input x.npz")
+    check_feeds(good, inputs, 1000, "--input x.npz")
+    logits, present = session.run(["logits", "present.1.value"], good)
+    assert logits.shape == (2, 5, 1000) and present.shape == (2, 2, 8, 16)
 
 
 # The slow tier: four families, packs per request, adapters per row, the CLI.
@@ -227,7 +292,7 @@ def test_cli_generate_streams_text_and_refuses_bad_input_in_one_line(
     save_pack(pack_from_model(llama_models[1].gm.state_dict(), foreign), tmp_path / "foreign.onnx_adapter")
     (tmp_path / "empty").mkdir()
     cases = {
-        "longer than the model's 128 positions": ["--prompt", " ".join(["w5"] * 200)],
+        "longer than the model's 256 positions": ["--prompt", " ".join(["w5"] * 300)],
         "holds no tokenizer.json": ["--prompt", prompt, "--tokenizer", tmp_path / "empty"],
         "was made for another model": ["--prompt", prompt, "--adapter", tmp_path / "foreign.onnx_adapter"],
     }
@@ -275,3 +340,25 @@ def test_rms_norm_and_attention_reach_onnx_runtime_as_one_kernel_each(llama_bake
     kernels = _kernels(path, tmp_path)
     assert "Reciprocal" not in kernels
     assert kernels.count("SimplifiedLayerNormalization") == 5, sorted(set(kernels))
+
+
+@pytest.mark.slow
+def test_cli_run_on_a_cache_graph_takes_past_and_refuses_bad_input_in_one_line(llama_baked, cli, tmp_path):
+    path = llama_baked[0]
+    run = cli("run", path, "--shape", "batch=2,seq=3,past=4", "--json")
+    assert run.code == 0, run.stderr
+    outputs = run.json["outputs"]
+    assert outputs["logits"]["shape"] == [2, 3, 1000] and outputs["present.0.key"]["shape"] == [2, 2, 7, 16]
+    prompt = cli("run", path, "--json")  # the default: a prompt of 128 tokens, past 0
+    assert prompt.code == 0 and prompt.json["outputs"]["present.1.value"]["shape"] == [1, 2, 128, 16], prompt.stderr
+    np.savez(tmp_path / "no_cache.npz", **_cache_feeds(layers=1))
+    cases = {
+        "no past_key_values.1.key; this model takes its KV cache as": ["--input", tmp_path / "no_cache.npz"],
+        "250 past + 10 new tokens = 260 positions; the model has 256": ["--shape", "seq=10,past=250"],
+    }
+    for message, args in cases.items():
+        bad = cli("run", path, *args, "--save", tmp_path / "out.npz")
+        assert bad.code == 2, (message, bad.stderr)
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in bad.stderr, bad.stderr
+        assert not (tmp_path / "out.npz").exists()
