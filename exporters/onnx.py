@@ -60,8 +60,9 @@ def output_names(outputs: Any) -> list[str]:
     return names
 
 
-def onnx_program(gm: fx.GraphModule, signature: Signature, what: str) -> Any:
-    """`torch.onnx.export` (dynamo, opset 20) of `gm` over the signature's dynamic axes: an ONNXProgram."""
+def onnx_program(gm: fx.GraphModule, signature: Signature, what: str, optimize: bool = True) -> Any:
+    """`torch.onnx.export` (dynamo, opset 20) of `gm` over the signature's dynamic axes: an ONNXProgram.
+    `optimize=False` leaves the graph as traced (weights keep their names; exporters/stream.py optimizes it)."""
     if any(n.op == "call_function" and "surgery.bottleneck" in str(n.target) for n in gm.graph.nodes):
         raise SurgeryError(
             f"{what}: this program calls surgery::bottleneck (written by `export --fused-pt2` for torch on CUDA), "
@@ -85,6 +86,7 @@ def onnx_program(gm: fx.GraphModule, signature: Signature, what: str) -> Any:
             dynamo=True,
             external_data=False,
             verbose=False,
+            optimize=optimize,
         )
     except Exception as exc:  # the exporter raises many types; its first line says which op failed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
