@@ -2,16 +2,23 @@
 per step, as subprocesses under `/usr/bin/time -f %M`, against the model's weight bytes.
 
     python -m benchmarks.large --model qwen2.5-0.5b --dtype fp32 bf16 --out benchmarks/results/large.json
+    python -m benchmarks.large --model llama-2-7b --dtype bf16 --stream
 
 The model is a config alone (random weights, no download): its shape is what costs memory. `qwen2.5-0.5b` is
 Qwen2.5-0.5B's config (494M parameters, 1.98 GB in fp32), `llama-559m` a Llama-shaped model past 2 GB in fp32
-(559M parameters).
+(559M parameters), `llama-2-7b` Llama-2-7B's shape (6.74B parameters, 13.5 GB in bf16).
+
+`--stream` measures the streamed path instead: random weights written as safetensors shards of 2 GB (tensor by
+tensor), then `surgery export FOLDER --stream --method lora --r 8` (capture with fake weights, insert, stream the
+shards into NAME.onnx.data, verify block by block) as one step. Each artefact is deleted when the next step no
+longer needs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -43,7 +50,18 @@ CONFIGS = {
         max_position_embeddings=512,
     ),
 }
+CONFIGS["llama-2-7b"] = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+SHARD = 2_000_000_000  # bytes per safetensors shard written by --stream
 
 
 def timed(args: list[str], cwd: Path) -> dict:
@@ -62,6 +80,7 @@ def timed(args: list[str], cwd: Path) -> dict:
         "peak_rss_gb": round(peak / 1e6, 2),
         "exit": p.returncode,
         "last_stderr": errors[-1] if errors and p.returncode else "",
+        "stdout": p.stdout,
     }
 
 
@@ -83,9 +102,81 @@ def run(model: str, dtype: str, folder: Path) -> dict:
     }
     steps["export (verified)"] = timed(["export", "m.adapted.pt2", "--onnx", "-o", "m.onnx"], folder)
     for step in steps.values():
+        step.pop("stdout")
         step["rss_over_weights"] = round(step["peak_rss_gb"] * 1e9 / weight_bytes, 2)
         print(model, dtype, json.dumps(step), flush=True)
     return {"params": params, "weight_gb": round(weight_bytes / 1e9, 2), "steps": steps}
+
+
+def write_checkpoint(model: str, dtype: str, folder: Path) -> tuple[int, float]:
+    """Random weights (std 0.02) of `model`'s shape as safetensors shards + index, one tensor in memory at a time
+    plus the shard being filled; returns (parameters, seconds)."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    start = time.perf_counter()
+    spec = dict(CONFIGS[model])
+    config = AutoConfig.for_model(spec.pop("model_type"), dtype=dtype_name(dtype), **spec)
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in transformers.AutoModel.from_config(config).named_parameters()}
+    torch.manual_seed(0)
+    target = getattr(torch, dtype_name(dtype))
+    shard: dict = {}
+    size, k, weight_map = 0, 0, {}
+
+    def flush() -> None:
+        nonlocal shard, size, k
+        if shard:
+            name = f"model-{k:05d}.safetensors"
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            weight_map.update({n: name for n in shard})
+            shard, size, k = {}, 0, k + 1
+
+    for n, shape in shapes.items():
+        t = (torch.randn(shape) * 0.02).to(target) if len(shape) > 1 else torch.ones(shape, dtype=target)
+        if size + t.numel() * t.element_size() > SHARD:
+            flush()
+        shard[n] = t
+        size += t.numel() * t.element_size()
+    flush()
+    index = {"metadata": {"total_size": sum((folder / f).stat().st_size for f in set(weight_map.values()))}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+    return sum(math.prod(s) for s in shapes.values()), time.perf_counter() - start
+
+
+def dtype_name(dtype: str) -> str:
+    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+
+
+def run_streamed(model: str, dtype: str, folder: Path) -> dict:
+    """The streamed path: the checkpoint written, then one `export --stream` (capture, insert, stream, verify)."""
+    ckpt = folder / "checkpoint"
+    ckpt.mkdir()
+    params, seconds = write_checkpoint(model, dtype, ckpt)
+    weight_bytes = params * BYTES[dtype]
+    print(model, dtype, f"checkpoint: {params} parameters, {weight_bytes / 1e9:.2f} GB, {seconds:.0f} s", flush=True)
+    args = ["export", str(ckpt), "--stream", "--task", "feature-extraction", "--method", "lora", "--r", "8"]
+    step = timed([*args, "--dtype", dtype, "-o", "m.onnx", "--json"], folder)
+    data = folder / "m.onnx.data"
+    step["output_gb"] = round(data.stat().st_size / 1e9, 2) if data.exists() else None
+    out = step.pop("stdout")
+    if step["exit"] == 0:
+        result = json.loads(out)
+        blocks = result["blockwise"]
+        worst = max(blocks["parts"], key=lambda p: p["max_rel_diff"])
+        step.update(
+            export_seconds=result["export_seconds"],
+            verify_seconds=result["verify_seconds"],
+            blocks_ok=blocks["ok"],
+            parts_checked=len(blocks["parts"]),
+            worst_part=f"{worst['part']}: {worst['max_abs_diff']:.2e} abs, {worst['max_rel_diff']:.2e} of max|torch|",
+        )
+    step["rss_over_weights"] = round(step["peak_rss_gb"] * 1e9 / weight_bytes, 2)
+    print(model, dtype, json.dumps(step), flush=True)
+    return {"params": params, "weight_gb": round(weight_bytes / 1e9, 2), "steps": {"export --stream (verified)": step}}
 
 
 def main() -> None:
@@ -93,15 +184,17 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(CONFIGS), default="qwen2.5-0.5b")
     parser.add_argument("--dtype", nargs="+", choices=sorted(BYTES), default=["fp32"])
     parser.add_argument("--out", default="benchmarks/results/large.json")
+    parser.add_argument("--stream", action="store_true", help="The streamed path (export --stream) on safetensors.")
+    parser.add_argument("--tmp", default=None, help="Folder for the temporary checkpoint and outputs.")
     args = parser.parse_args()
     results = {}
     for dtype in args.dtype:
-        with tempfile.TemporaryDirectory(prefix="surgery-large-") as folder:
-            results[dtype] = run(args.model, dtype, Path(folder))
-    report = {"machine": platform.machine(), "model": args.model, "results": results}
+        with tempfile.TemporaryDirectory(prefix="surgery-large-", dir=args.tmp) as folder:
+            results[dtype] = (run_streamed if args.stream else run)(args.model, dtype, Path(folder))
+    report = {"machine": platform.machine(), "model": args.model, "stream": args.stream, "results": results}
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else {}
-    old[args.model] = report
+    old[args.model + (" (stream)" if args.stream else "")] = report
     out.write_text(json.dumps(old, indent=1) + "\n")
     print("| model | dtype | weights | step | wall | peak RSS | RSS / weights |\n|---|---|---|---|---|---|---|")
     for dtype, r in results.items():

@@ -14,6 +14,10 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import (
+    Act,
+    Alpha,
+    Rank,
+    Targets,
     RTOL_HELP,
     TOLERANCE_HELP,
     Dtype,
@@ -30,6 +34,7 @@ from cli.common import (
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.onnx_files import THRESHOLD_ENV, onnx_files, onnx_size
+from exporters.stream import export_streamed
 from exporters.swappable import export_routed, export_swappable
 from exporters.tensorrt import DECODE, ONE, PREFILL, TensorRTMissing, build_engine, parse_profiles, prepare_trt
 from exporters.triton import write_python_model, write_triton_repo
@@ -37,7 +42,9 @@ from surgery.errors import SurgeryError
 from surgery.io import check_output
 from surgery.packs import pack_from_model
 from surgery.parity import tolerances, weights_dtype
-from surgery.pipeline import default_output, open_model
+from surgery.adapters import parse_spec
+from surgery.meta import capture_meta
+from surgery.pipeline import adapt, default_output, open_model
 
 Sources = Annotated[
     Optional[list[str]],
@@ -101,6 +108,22 @@ def export(
             help=f"Tensors in NAME.onnx.data beside NAME.onnx (always past 2 GB; ${THRESHOLD_ENV} sets the bytes).",
         ),
     ] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="A Hugging Face folder past memory: captured without weights, its safetensors streamed into "
+            "NAME.onnx.data tensor by tensor, verified block by block.",
+        ),
+    ] = False,
+    method: Annotated[
+        Optional[str],
+        typer.Option("--method", help="With --stream: insert these adapters first (as `surgery insert` does)."),
+    ] = None,
+    r: Rank = "8",
+    act: Act = "relu",
+    targets: Targets = None,
+    alpha: Alpha = None,
     trust: Trust = False,
     input_shape: InputShape = None,
     input_dtype: InputDtype = "float32",
@@ -110,6 +133,15 @@ def export(
 ) -> None:
     """Export to ONNX with dynamic batch and sequence; written only if ONNX Runtime matches torch."""
     sources = sources or [None]
+    if stream:
+        if swappable or route or trt or fused_pt2 or triton_repo or len(sources) > 1:
+            raise SurgeryError(
+                "--stream writes a baked ONNX of one Hugging Face folder; --swappable, --route, --trt, --fused-pt2 "
+                "and --triton-repo take models in memory: drop them, or drop --stream"
+            )
+        return _export_streamed(sources[0], output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json)
+    if method is not None:
+        raise SurgeryError(f"--method {method}: export inserts adapters with --stream only; run `surgery insert` first")
     if swappable and route:
         raise SurgeryError("--swappable and --route are two kinds of export; choose one")
     if len(sources) > 1 and not route:
@@ -177,6 +209,29 @@ def export(
         out.print(f"wrote {config}")
     if triton_repo:
         out.print(f"serve it with: surgery serve {triton_repo}")
+
+
+def _export_streamed(source, output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json) -> None:
+    """--stream: capture without weights, insert, write the pair from the checkpoint's shards, verify per block."""
+    if source is None:
+        raise SurgeryError("--stream takes a Hugging Face folder (config.json and safetensors weights); name it")
+    spec = parse_spec(method, r, act, targets, alpha) if method else None
+    path = check_output(output or default_output(source, ".onnx"))
+    with step(f"capture {source} without its weights"):
+        captured = capture_meta(source, dtype=dtype, task=task)
+    if spec is not None:
+        with step(f"insert {method} adapters, r={r}"):
+            adapt(captured, spec)
+    tolerance, rtol = tolerances(captured.dtype, tolerance, rtol)
+    with step(f"stream {captured.checkpoint.bytes() / 1e9:.2f} GB of weights into {path}.data, verify block by block"):
+        result = export_streamed(captured, path, tolerance=tolerance, rtol=rtol)
+    if json:
+        emit_json(result.to_json())
+        return
+    out.print(f"wrote {' + '.join(map(str, onnx_files(path)))} ({onnx_size(path) / 1e6:.1f} MB)")
+    assert result.blocks is not None
+    out.print(result.blocks.markdown(), soft_wrap=True)
+    out.print(result.blocks.summary())
 
 
 def adapter_name(source: str | None) -> str:

@@ -64,11 +64,14 @@ def output_names(outputs: Any) -> list[str]:
     return names
 
 
-def onnx_program(gm: fx.GraphModule, signature: Signature, what: str, opset: int | None = None) -> Any:
+def onnx_program(
+    gm: fx.GraphModule, signature: Signature, what: str, opset: int | None = None, optimize: bool = True
+) -> Any:
     """`torch.onnx.export` (dynamo) of `gm` over the signature's dynamic axes: an ONNXProgram.
 
     The opset is `OPSET`, except for a causal LM with its KV cache, which gets `OPSET_CACHE` unless `opset` says
-    otherwise (the TensorRT path keeps `OPSET`)."""
+    otherwise (the TensorRT path keeps `OPSET`). `optimize=False` leaves the graph as traced (weights keep their
+    names; exporters/stream.py optimizes it)."""
     if opset is None:
         from surgery.tasks import cache_layout
 
@@ -96,6 +99,7 @@ def onnx_program(gm: fx.GraphModule, signature: Signature, what: str, opset: int
             dynamo=True,
             external_data=False,
             verbose=False,
+            optimize=optimize,
         )
     except Exception as exc:  # the exporter raises many types; its first line says which op failed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

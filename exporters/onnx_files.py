@@ -50,6 +50,8 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, external: bool = False) 
         size_threshold=1024,  # small tensors (shapes, scalars) stay in the graph
         convert_attribute=False,
     )
+    if not data.exists():  # every tensor under size_threshold: they all stayed in the graph
+        return None
     data.chmod(path.stat().st_mode & 0o777)  # onnx creates it private; the pair shares one mode
     return data
 

@@ -1,0 +1,194 @@
+"""Streamed ONNX export: the graph of a weightless capture (surgery/meta.py), its base weights copied from the
+checkpoint's safetensors shards into NAME.onnx.data one tensor at a time, in the target dtype.
+
+    capture_meta(folder) -> adapters inserted (real, small) -> torch.onnx.export over fake weights (graph only)
+    -> each initializer an external reference (location, offset, length) -> NAME.onnx
+    -> the shards read tensor by tensor into NAME.onnx.data at those offsets
+
+The model is never held in memory, once or twice: peak memory is the graph, the largest tensor and the OS's
+page cache. Both files are written as a pair (`atomic_onnx`). The graph is optimized (onnxscript) with the
+weights held aside as inputs, so nothing folds them: a Linear's weight stays the checkpoint's tensor under its
+own name, transposed by the graph (ONNX Runtime folds that Transpose when it loads the model).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from exporters.blockwise import BlockwiseReport, verify_blockwise
+from exporters.onnx import check_model, name_cache_axes, onnx_program, rms_norm_as_div
+from exporters.onnx_files import DATA, atomic_onnx
+from surgery.errors import SurgeryError
+from surgery.meta import MetaCaptured, is_fake
+from surgery.parity import ATOL, RTOL
+
+INLINE = 1024  # bytes: smaller tensors (shapes, scalars) stay in the graph, as save_onnx leaves them
+ALIGN = 4096  # offsets of the data file: page-aligned, so ONNX Runtime can map tensors in place
+
+Progress = Callable[[int, int], None]  # (tensors written, of how many)
+
+
+@dataclass(frozen=True)
+class StreamExport:
+    """A streamed export: the pair written, the tensors and bytes of its data file, how long it took."""
+
+    path: Path
+    data: Path
+    tensors: int  # in the data file: base weights from the checkpoint, adapters and buffers from memory
+    from_checkpoint: int
+    data_bytes: int
+    seconds: float  # the export, without the verification
+    blocks: BlockwiseReport | None = None  # the block-wise verification, where it ran
+    verify_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "onnx": str(self.path),
+            "external_data": str(self.data),
+            "tensors": self.tensors,
+            "from_checkpoint": self.from_checkpoint,
+            "data_bytes": self.data_bytes,
+            "export_seconds": round(self.seconds, 2),
+            "verify_seconds": round(self.verify_seconds, 2),
+            "blockwise": self.blocks.to_json() if self.blocks else None,
+        }
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor of the data file: where it goes, and where it comes from (a checkpoint key or a real tensor)."""
+
+    name: str
+    offset: int
+    length: int
+    key: str | None = None  # checkpoint tensor name
+    dtype: torch.dtype | None = None  # what the graph takes it in
+    tensor: torch.Tensor | None = None  # adapters, buffers, constants the exporter made
+
+
+def _optimize_around(model: Any, held: list[Any]) -> None:
+    """onnxscript's optimizer over `model` with the `held` initializers (fake weights) made graph inputs for the
+    while: it folds what it can compute (shapes, casts, constants) and leaves the weights as they are."""
+    import onnxscript
+
+    graph = model.graph
+    values = {}
+    for v in held:
+        graph.initializers.pop(v.name)
+        values[v.name], v.const_value = v.const_value, None
+        graph.inputs.append(v)
+    try:
+        onnxscript.optimizer.optimize(model)
+    finally:
+        for v in held:
+            graph.inputs.remove(v)
+            v.const_value = values[v.name]
+            graph.register_initializer(v)
+
+
+def _raw(value: Any) -> torch.Tensor | None:
+    raw = getattr(value.const_value, "raw", None)
+    return raw if isinstance(raw, torch.Tensor) else None
+
+
+def export_streamed(
+    captured: MetaCaptured,
+    path: str | Path,
+    *,
+    verify: bool = True,
+    tolerance: float = ATOL,
+    rtol: float = RTOL,
+    progress: Progress | None = None,
+    verify_progress: Callable[[str], None] | None = None,
+) -> StreamExport:
+    """Write `captured` (a weightless capture, adapters inserted or not) as NAME.onnx + NAME.onnx.data, its base
+    weights streamed from the checkpoint; with `verify`, checked block by block (exporters/blockwise.py) before
+    the pair is moved into place: a model that fails is not written."""
+    import onnx_ir as ir
+
+    assert captured.checkpoint is not None and captured.keys is not None
+    start = time.perf_counter()
+    path = Path(path)
+    program = onnx_program(captured.gm, captured.signature, str(path), optimize=False)
+    model = program.model
+    names = {id(p): n for n, p in captured.gm.named_parameters()}
+    held = [v for v in model.graph.initializers.values() if _raw(v) is not None and is_fake(_raw(v))]
+    _optimize_around(model, held)
+    data = path.with_name(path.name + DATA)
+    slots, offset = [], 0
+    for v in list(model.graph.initializers.values()):
+        raw = _raw(v)
+        fake = raw is not None and is_fake(raw)
+        key = captured.keys.get(v.name) or captured.keys.get(names.get(id(raw), "")) if fake else None
+        if fake and key is None:
+            raise SurgeryError(f"{path}: the weight {v.name} has no checkpoint tensor; nothing was written")
+        if not fake and (raw is None or raw.numel() * raw.element_size() < INLINE):
+            continue  # a small constant: stays in the graph
+        length = int(math.prod(int(d) for d in v.shape) * v.dtype.itemsize)
+        offset = -(-offset // ALIGN) * ALIGN
+        slots.append(Slot(v.name, offset, length, key, raw.dtype, None if fake else raw.detach()))
+        v.const_value = ir.ExternalTensor(data.name, offset, length, v.dtype, shape=v.shape, name=v.name)
+        offset += length
+    proto = ir.serde.serialize_model(model)
+    del proto.graph.value_info[:]  # as lean_proto: ORT runs the graph faster without them
+    rms_norm_as_div(proto.graph)  # as lean_proto: RMSNorm in the form ORT fuses
+    name_cache_axes(proto, captured.signature)
+    with atomic_onnx(path) as tmp:
+        onnx.save(proto, str(tmp))
+        _write_data(tmp.with_name(data.name), slots, captured, progress)
+        tmp.with_name(data.name).chmod(tmp.stat().st_mode & 0o777)
+        check_model(tmp, str(path))
+        seconds = time.perf_counter() - start
+        report = None
+        if verify:
+            report = verify_blockwise(captured, tmp, tolerance=tolerance, rtol=rtol, progress=verify_progress)
+            if not report.ok:
+                raise SurgeryError(
+                    f"{path}: ONNX Runtime differs from torch by more than --tolerance + --rtol x max|torch| allow, "
+                    f"block by block: {report.summary()}; nothing was written"
+                )
+    from_checkpoint = sum(s.key is not None for s in slots)
+    verified = time.perf_counter() - start - seconds
+    return StreamExport(path, data, len(slots), from_checkpoint, offset, seconds, report, verified if verify else 0.0)
+
+
+def _write_data(data: Path, slots: list[Slot], captured: MetaCaptured, progress: Progress | None) -> None:
+    """The data file: each slot's bytes at its offset; checkpoint tensors one at a time, shard by shard."""
+    assert captured.checkpoint is not None
+    by_key: dict[str, list[Slot]] = {}
+    for s in slots:
+        if s.key is not None:
+            by_key.setdefault(s.key, []).append(s)
+    done = 0
+    with open(data, "wb") as f:
+
+        def put(slot: Slot, t: torch.Tensor) -> None:
+            nonlocal done
+            raw = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            if raw.nbytes != slot.length:
+                raise SurgeryError(
+                    f"{slot.name}: the checkpoint's tensor has {raw.nbytes} bytes, the graph's {slot.length}; "
+                    "the folder's weights do not match its config.json"
+                )
+            f.seek(slot.offset)
+            f.write(memoryview(raw))
+            done += 1
+            if progress is not None:
+                progress(done, len(slots))
+
+        for s in slots:
+            if s.tensor is not None:
+                put(s, s.tensor)
+        for key, t in captured.checkpoint.read({k: ss[0].dtype for k, ss in by_key.items()}):
+            for s in by_key[key]:
+                put(s, t)
+            del t
+        f.truncate(max((s.offset + s.length for s in slots), default=0))
