@@ -73,6 +73,7 @@ def test_export_writes_verified_onnx(trained, cli):
     assert np.abs(got - base)[mask].max() > 0.05
 
 
+@pytest.mark.slow  # make test stays under 6 minutes; CI runs it in make test-slow
 def test_inspect_shows_sites_and_manifest(adapted, cli):
     folder, _ = adapted
     run = cli("inspect", "minilm", "--json")

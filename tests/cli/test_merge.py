@@ -36,6 +36,7 @@ def _manifest(path):
         return json.loads(zf.read(next(n for n in zf.namelist() if n.endswith("/extra/surgery.json"))))
 
 
+@pytest.mark.slow  # make test stays under 6 minutes; CI runs it in make test-slow
 def test_merge_then_unmerge(models, cli):
     run = cli("merge", "lora8.adapted.pt2", "-o", "merged.pt2", "--json", cwd=models)
     assert run.code == 0, run.stderr

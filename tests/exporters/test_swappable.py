@@ -160,6 +160,7 @@ def test_pack_of_another_base_is_refused(tmp_path, small_config, swappable):
         check_pack(load_pack(save_pack(pack, tmp_path / "g.onnx_adapter")), session.fingerprint, session.widths)
 
 
+@pytest.mark.slow  # make test stays under 6 minutes; CI runs it in make test-slow
 def test_routing_matches_each_model_row_by_row(tmp_path, models, minilm_base):
     result = export_routed(models, tmp_path / "routed.onnx")
     assert result.ids == [0, 2, -1, 1] and result.rank == 32

@@ -19,6 +19,7 @@ from surgery.pipeline import adapt, open_model
 OLD = Path(__file__).resolve().parents[1] / "data" / "manifests"
 
 
+@pytest.mark.slow  # make test stays under 6 minutes; CI runs it in make test-slow
 def test_adapted_pt2_runs_in_plain_torch_and_keeps_its_manifest(tmp_path, minilm):
     spec = AdapterSpec("houlsby", r=8, activation="gelu")
     report = adapt(minilm, spec)

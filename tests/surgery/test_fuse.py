@@ -33,6 +33,7 @@ def test_fused_copy_computes_the_adapted_model_and_leaves_it_untouched(minilm):
     assert torch.equal(minilm.gm.get_parameter("encoder.layer.0.attention.output.dense.bias"), bias_before)
 
 
+@pytest.mark.slow  # make test stays under 6 minutes; CI runs it in make test-slow
 def test_reloaded_pt2_exports_fused_and_matches_torch(tmp_path, minilm_base):
     adapted = make_adapted(minilm_base, tmp_path, 8)
     result = export_onnx(adapted.gm, adapted.signature, tmp_path / "m.onnx", manifest=adapted.manifest)
@@ -41,6 +42,7 @@ def test_reloaded_pt2_exports_fused_and_matches_torch(tmp_path, minilm_base):
     assert ops["Gemm"] == 24 + 1  # two per adapter, and the pooler
 
 
+@pytest.mark.slow  # make test stays under 6 minutes; CI runs it in make test-slow
 def test_projections_without_bias_are_left_unfused(tmp_path, small_config):
     adapted = make_adapted(open_model(str(small_config("llama"))), tmp_path, 4)  # o_proj, down_proj: no bias
     assert fused_copy(adapted.gm, adapted.manifest) is None
