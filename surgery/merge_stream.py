@@ -25,7 +25,7 @@ from surgery.adapters import LoRA
 from surgery.errors import SurgeryError
 from surgery.graph import adapter_nodes
 from surgery.merge import _add_lora, _Projection, _projection
-from surgery.meta import SAFETENSORS_DTYPES, MetaCaptured
+from surgery.meta import SAFETENSORS_DTYPES, MetaCaptured, read_tensor
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,8 @@ def _rewrite(shard: Path, touched: dict[str, list[tuple[LoRA, _Projection]]], dt
         for key, loras in touched.items():
             entry = header[key]
             start, end = entry["data_offsets"]
-            f.seek(8 + size + start)
-            raw = bytearray(end - start)
-            f.readinto(raw)
             own = SAFETENSORS_DTYPES[entry["dtype"]]
-            weight = torch.frombuffer(raw, dtype=own).reshape(entry["shape"]).to(dtype)
+            weight = read_tensor(f, size, entry).to(dtype)
             with torch.no_grad():
                 for lora, proj in loras:
                     _add_lora(_Projection(weight, proj.bias_node, proj.node, proj.layout), lora, sign=1.0)

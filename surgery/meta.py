@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -121,18 +122,20 @@ class Checkpoint:
                 size = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(size))
                 for k in names:
-                    entry = header[k]
-                    start, end = entry["data_offsets"]
-                    f.seek(8 + size + start)
-                    raw = bytearray(end - start)
-                    f.readinto(raw)
-                    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-                    t = (
-                        torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"])
-                        if raw
-                        else torch.empty(entry["shape"], dtype=dtype)
-                    )
-                    yield k, t.to(keys[k]).contiguous()
+                    yield k, read_tensor(f, size, header[k]).to(keys[k]).contiguous()
+
+
+def read_tensor(f: Any, size: int, entry: dict[str, Any]) -> torch.Tensor:
+    """One tensor of an open safetensors file (`size`: its header's length; `entry`: the header's record), read with a
+    plain read at its offsets, in its own dtype (not mapped: the pages go once the tensor does)."""
+    start, end = entry["data_offsets"]
+    f.seek(8 + size + start)
+    raw = bytearray(end - start)
+    f.readinto(raw)
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    return (
+        torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"]) if raw else torch.empty(entry["shape"], dtype=dtype)
+    )
 
 
 @dataclass
