@@ -1,7 +1,8 @@
-"""Generation speed of an exported causal LM with its KV cache, on ONNX Runtime CPU, base and adapted.
+"""Generation speed of an exported causal LM with its KV cache, on ONNX Runtime CPU, base and adapted; and the
+same loop over the captured torch graph on the CPU or a CUDA GPU.
 
     python -m benchmarks.generate [--model smollm2-135m,gpt2-medium] [--variants base,houlsby,...] [--runs 5]
-                                  [--out out/generate]
+                                  [--backend ort|torch|torch-cuda] [--out out/generate]
 
 Models (one after the other, each with all its variants): the real SmolLM2-135M (surgery/zoo.py, dequantized fp32)
 and a GPT-2-medium shape with random weights (surgery/architectures.py BUILTIN: 24 layers, d 1024, vocab 50257; a fixed
@@ -17,6 +18,11 @@ turn in one process fight over spinning thread pools). Each adapted variant's ov
 target: decode at batch 1 <= 3% slower per token). Every variant is exported first, one at a time (its torch copies
 freed), then all sessions are opened: GPT-2 medium holds six sessions of 1.4 GB of weights each. Writes
 generate_MODEL.{json,md} per model beside the printed tables.
+
+`--backend torch` / `torch-cuda` (issue 12's GPU rows): base, houlsby, lora and lora-merged run as the captured
+graph itself (re-exported, moved to the device with torch.export's move_to_device_pass), eager, through
+`TorchGenerator`: the same inputs, cache and greedy steps as the ONNX loop, each step's tokens brought to the host.
+Files: generate_MODEL_BACKEND.{json,md}.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 
 from benchmarks.timing import machine
 from exporters.onnx import export_onnx
-from exporters.runtime import Generator, TextTokenizer
+from exporters.runtime import Generation, Generator, TextTokenizer
 from exporters.swappable import export_routed, export_swappable
 from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
 from surgery.architectures import BUILTIN
@@ -41,6 +47,13 @@ from surgery.pipeline import adapt, open_model, stand_in_adapted
 from surgery.zoo import CHECKPOINTS, fetch
 
 VARIANTS = ("base", "houlsby", "lora", "lora-merged", "swappable", "routed")
+TORCH_VARIANTS = ("base", "houlsby", "lora", "lora-merged")  # swappable and routed are ONNX Runtime forms
+LABELS = {
+    "ort": "ONNX Runtime CPU",
+    "torch": "torch CPU, eager",
+    "torch-cuda": "torch CUDA, eager (threads: the host's)",
+}
+BACKENDS = tuple(LABELS)
 MODELS = ("smollm2-135m", "gpt2-medium")
 PROMPT = "The three primary colours are"
 PROMPT_IDS = [464, 1115, 4165, 7577, 389]  # a random-weight model's prompt: 5 tokens, as the text's in SmolLM2
@@ -69,23 +82,26 @@ def open_lm(model: str, work: Path):
     return open_model(str(gguf), task="causal-lm"), TextTokenizer.from_folder(gguf.parent).encode(PROMPT)
 
 
-def export(variant: str, base, work: Path) -> tuple[Path, dict]:
-    """The variant's ONNX (its torch copies are freed on return), and how to open it: the pack it takes, if any,
-    and the generate() arguments that select its adapter."""
+def adapted_variant(variant: str, base):
+    """A baked variant as a captured model (its own copy of the weights): houlsby, lora or lora-merged."""
     import copy
     import dataclasses
 
+    m = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
+    spec = AdapterSpec("houlsby", r=8) if variant == "houlsby" else LoraSpec({"q": 8, "v": 8})
+    adapt(m, spec)
+    stand_in_weights(m.gm, seed=1)
+    if variant == "lora-merged":
+        merge_adapters(m.gm)
+    return m
+
+
+def export(variant: str, base, work: Path) -> tuple[Path, dict]:
+    """The variant's ONNX (its torch copies are freed on return), and how to open it: the pack it takes, if any,
+    and the generate() arguments that select its adapter."""
     path = work / f"{variant}.onnx"
-    if variant == "base":
-        export_onnx(base.gm, base.signature, path, **CHECK)
-        return path, {}
-    if variant in ("houlsby", "lora", "lora-merged"):
-        m = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
-        spec = AdapterSpec("houlsby", r=8) if variant == "houlsby" else LoraSpec({"q": 8, "v": 8})
-        adapt(m, spec)
-        stand_in_weights(m.gm, seed=1)
-        if variant == "lora-merged":
-            merge_adapters(m.gm)
+    if variant in TORCH_VARIANTS:
+        m = base if variant == "base" else adapted_variant(variant, base)
         export_onnx(m.gm, m.signature, path, **CHECK)
         return path, {}
     models = [
@@ -98,6 +114,59 @@ def export(variant: str, base, work: Path) -> tuple[Path, dict]:
         return path, {"pack": pack, "adapter": "own"}
     export_routed(models, path, **CHECK)
     return path, {"adapter_ids": [0]}
+
+
+class TorchGenerator:
+    """Greedy decoding over the captured graph itself in torch, eager, on `device` (cpu or cuda): the torch rows of
+    the benchmark. Step for step what `exporters.runtime.Generator` does on ONNX Runtime (the same inputs and cache
+    layout, one graph for prefill and decode), with each step's tokens brought to the host as a generation loop
+    must (to stream them, to check stop tokens). Prompts of one length (the benchmark's rows are one prompt)."""
+
+    def __init__(self, captured, device: str):
+        import torch
+
+        from benchmarks.worker import on_device
+        from surgery.capture import export_program
+
+        self.torch = torch
+        self.signature = captured.signature
+        self.names = captured.signature.names
+        program = export_program(captured.gm, captured.signature, "the benchmark's torch model")
+        self.module = on_device(program, device)
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if device == "cuda" else device)
+        first = next(s for s in captured.signature.inputs if s.name == "past_key_values.0.key")
+        self.kv_heads, self.head_dim = first.shape[1], first.shape[3]
+        self.past = [n for n in self.names if n.startswith("past_key_values.")]
+
+    def generate(self, prompts, max_new_tokens: int = 32) -> Generation:
+        torch = self.torch
+        rows = [list(prompts)] if isinstance(prompts[0], int) else [list(p) for p in prompts]
+        if len({len(r) for r in rows}) != 1:
+            raise SystemExit("TorchGenerator: prompts of one length only")
+        B = len(rows)
+        ids = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        mask = torch.ones_like(ids)
+        empty = torch.zeros(B, self.kv_heads, 0, self.head_dim, device=self.device)
+        feeds = {n: empty for n in self.past}
+        out = Generation(tokens=[[] for _ in range(B)])
+        with torch.inference_mode():
+            start = time.perf_counter()
+            for step in range(max_new_tokens):
+                total = mask.shape[1]
+                positions = torch.arange(total - ids.shape[1], total, device=self.device).expand(B, -1)
+                feeds.update(input_ids=ids, attention_mask=mask, position_ids=positions)
+                logits, *present = self.signature.call(self.module, [feeds[n] for n in self.names])
+                token = logits[:, -1, :].argmax(-1)
+                for b, t in enumerate(token.tolist()):  # to the host: a synchronize on CUDA
+                    out.tokens[b].append(t)
+                out.steps = step + 1
+                if step == 0:
+                    out.ttft_s = time.perf_counter() - start
+                feeds.update(zip(self.past, present))
+                ids = token[:, None]
+                mask = torch.cat([mask, torch.ones_like(ids)], 1)
+            out.decode_s = time.perf_counter() - start - out.ttft_s
+        return out
 
 
 def open_generator(path: Path, how: dict, threads: int) -> tuple[Generator, dict]:
@@ -150,7 +219,7 @@ def table(model: str, rows: dict, over: dict, args, prompt_tokens: int) -> str:
         return f" ({over[v][key]:+.1%})" if v in over and v != "base" else ""
 
     lines = [
-        f"ONNX Runtime CPU, {args.threads} threads, fp32, greedy; {model}; prompt {prompt_tokens} tokens; "
+        f"{LABELS[args.backend]}, {args.threads} threads, fp32, greedy; {model}; prompt {prompt_tokens} tokens; "
         f"median of {args.runs}; (+x%): more time than base",
         "",
         "| variant | prefill 128 (ms) | time to first token (ms) | decode b1 (tok/s) | b1 decode overhead "
@@ -173,15 +242,26 @@ def bench_model(model: str, variants: list[str], args) -> None:
         work = Path(tmp)
         base, prompt = open_lm(model, work)
         long_prompt = (prompt * 128)[:128]
-        exports = {}
-        for v in variants:
-            t0 = time.perf_counter()
-            exports[v] = export(v, base, work)
+        if args.backend == "ort":
+            exports = {}
+            for v in variants:
+                t0 = time.perf_counter()
+                exports[v] = export(v, base, work)
+                gc.collect()
+                print(f"{model} {v}: exported and checked in {time.perf_counter() - t0:.0f} s", flush=True)
+            del base
             gc.collect()
-            print(f"{model} {v}: exported and checked in {time.perf_counter() - t0:.0f} s", flush=True)
-        del base
-        gc.collect()
-        gens = {v: open_generator(path, how, args.threads) for v, (path, how) in exports.items()}
+            gens = {v: open_generator(path, how, args.threads) for v, (path, how) in exports.items()}
+        else:
+            import torch
+
+            torch.set_num_threads(args.threads)
+            device = "cuda" if args.backend == "torch-cuda" else "cpu"
+            gens = {}
+            for v in variants:
+                gens[v] = (TorchGenerator(base if v == "base" else adapted_variant(v, base), device), {})
+            del base
+            gc.collect()
         for gen, kwargs in gens.values():  # warm-up
             gen.generate(prompt, 4, **kwargs)
         runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
@@ -201,10 +281,12 @@ def bench_model(model: str, variants: list[str], args) -> None:
         "overhead_vs_base": over,
         "target_decode_b1": TARGET,
     }
+    result["backend"] = args.backend
     text = table(model, rows, over, args, len(prompt))
     print(text, flush=True)
-    (args.out / f"generate_{model}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"generate_{model}.md").write_text(text + "\n")
+    name = f"generate_{model}" + ("" if args.backend == "ort" else f"_{args.backend}")
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"{name}.md").write_text(text + "\n")
 
 
 def main() -> None:
@@ -213,12 +295,19 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backend", default="ort", choices=BACKENDS)
     parser.add_argument("--out", type=Path, default=Path("out/generate"))
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
-    unknown = set(variants) - set(VARIANTS)
+    allowed = VARIANTS if args.backend == "ort" else TORCH_VARIANTS
+    unknown = set(variants) - set(allowed)
     if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        raise SystemExit(f"variants {sorted(unknown)} not on --backend {args.backend}; from: {', '.join(allowed)}")
+    if args.backend == "torch-cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--backend torch-cuda: torch sees no CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
     for model in filter(None, args.model.split(",")):
         bench_model(model, variants, args)

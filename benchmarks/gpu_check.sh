@@ -9,9 +9,13 @@
 #      with CUDA graphs ("reduce-overhead"); 16 worker processes, compile time excluded. (houlsby-folded measured
 #      slower than plain in a CUDA graph on an H200, so it is left out here; add it to VARIANTS to measure it.)
 #   2. the `gpu` tests (the Triton kernel against the CPU reference)
-#   3. MODEL (MiniLM) at batch 1 x seq 128, the same variants and backends
-#   4. the LoRA paper's grid (16x256, 32x512) on GPT-2 medium, CUDA graphs: base, houlsby, houlsby-kernel
-#   5. TensorRT and ONNX Runtime CUDA against torch, MiniLM: only where one of them is installed
+#   3. generation with the KV cache on torch CUDA (issue 12's GPU rows): GPT-2 medium shape, base, houlsby, lora,
+#      lora-merged, greedy, prefill 128, time to first token, decode tok/s at batch 1 and 8 (benchmarks/generate.py
+#      --backend torch-cuda). Not ONNX Runtime CUDA: `Generator` feeds numpy, so the cache would cross PCIe every
+#      step; that row needs IO binding first (and onnxruntime-gpu, which the lent machines lack)
+#   4. MODEL (MiniLM) at batch 1 x seq 128, the same variants and backends as 1
+#   5. the LoRA paper's grid (16x256, 32x512) on GPT-2 medium, CUDA graphs: base, houlsby, houlsby-kernel
+#   6. TensorRT and ONNX Runtime CUDA against torch, MiniLM: only where one of them is installed
 # COMPILE_MODE=max-autotune switches the compile backends to max-autotune-no-cudagraphs / max-autotune (minutes
 # of autotuning per model: raise BUILD_S). Needs a CUDA build of torch; Triton for the fused bottleneck kernel.
 set -u
@@ -51,6 +55,9 @@ gpt2=$?
 rm -rf "$WORK/gpt2"
 run 60 $PY -m pytest -q -rs -p no:cacheprovider -m "trt or gpu" tests
 tests=$?
+run 150 $PY -m benchmarks.generate --model gpt2-medium --backend torch-cuda --variants base,houlsby,lora,lora-merged \
+    --runs 3 --out "$REPORTS/generate"
+gen=$?
 run 120 $PY -m benchmarks.latency --model "$MODEL" $COMMON --rounds 12 --calls 10 \
     --out "$REPORTS/minilm_b1" --work "$WORK/minilm"
 minilm=$?
@@ -64,7 +71,8 @@ if $PY -c "import importlib.util as u, onnxruntime as o, sys; sys.exit(not (u.fi
     trt=$?
 fi
 rm -rf "$WORK"
-echo "gpu_check: [$(( $(date +%s) - START )) s] GPT-2 medium b1 exit $gpt2, tests exit $tests, MiniLM exit $minilm," \
+echo "gpu_check: [$(( $(date +%s) - START )) s] GPT-2 medium b1 exit $gpt2, tests exit $tests, generate exit $gen," \
+     "MiniLM exit $minilm," \
      "paper grid exit $grid, TensorRT/ORT CUDA exit $trt (124 = timed out, 125 = no budget left)"
-echo "reports: $REPORTS/gpt2_medium_b1/, $REPORTS/minilm_b1/, $REPORTS/gpt2_medium_paper/, $REPORTS/gpu_latency/"
-[ "$gpt2" -eq 0 ] && [ "$tests" -eq 0 ] && [ "$minilm" -eq 0 ] && [ "$grid" -eq 0 ] && [ "$trt" -eq 0 ]
+echo "reports: $REPORTS/gpt2_medium_b1/, $REPORTS/generate/, $REPORTS/minilm_b1/, $REPORTS/gpt2_medium_paper/, $REPORTS/gpu_latency/"
+[ "$gpt2" -eq 0 ] && [ "$tests" -eq 0 ] && [ "$gen" -eq 0 ] && [ "$minilm" -eq 0 ] && [ "$grid" -eq 0 ] && [ "$trt" -eq 0 ]
