@@ -19,6 +19,16 @@ to
 Measured on MiniLM r=8, ORT 1.32 CPU, b1 s128, 150 interleaved runs, two runs: +2.6% / +3.5% over the base
 model, against +5.5% / +4.9% for the plain form. The rewrite changes base weights (the projection's bias), so it
 is for baked exports only, which are checked against the original, unfused model in torch.
+
+A projection without a bias (Llama, Qwen2, Gemma, Mistral: o_proj, down_proj) has none to take the up-bias. There
+the up-bias rides through the bottleneck as one more rank whose pre-activation is the constant 1:
+
+    W_down' = [W_down | 0],  b_down' = [b_down ; 1],  W_up' = [W_up ; b_up / σ(1)]
+
+so the extra column of σ(W_down' x + b_down') is σ(1) and the extra row of W_up' adds b_up (any σ with σ(1) != 0;
+relu and identity give exactly 1). The adapter is again the two GEMMs, the second adding the residual, and no base
+weight changes. On SmolLM2-135M's decode step (batch 1, one token) the plain form launches 6 kernels per adapter
+(MatMul, Add, Relu, MatMul, Add, Add); this form 2 after ORT's fusions (FusedGemm, Gemm) besides reshapes.
 """
 
 from __future__ import annotations
@@ -89,28 +99,45 @@ def _bias_node(x: fx.Node) -> fx.Node | None:
     return None
 
 
-def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False) -> int:
-    """Fold each bottleneck's up-bias into its projection's bias and make it a FusedBottleneck (in place).
+def _unit_rank(module: Bottleneck) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(W_down', b_down', W_up') carrying the up-bias as one more rank of constant pre-activation 1 (see the
+    module's docstring); None where σ(1) = 0."""
+    down_w, down_b, up_w, up_b = module.down_w, module.down_b, module.up_w, module.up_b
+    at_one = float(ACTIVATIONS[module.activation](torch.ones((), dtype=torch.float32)))
+    if at_one == 0.0:
+        return None
+    with torch.no_grad():
+        w = torch.cat([down_w, down_w.new_zeros(down_w.shape[0], 1)], 1)  # (d, r+1)
+        b = torch.cat([down_b, down_b.new_ones(1)])  # (r+1,)
+        u = torch.cat([up_w, (up_b.float() / at_one).to(up_w.dtype)[None]], 0)  # (r+1, d)
+    return w, b, u
 
-    With `kernel`, a KernelBottleneck (one custom op) instead.
-    A bottleneck whose input is not a biased projection used by the adapter alone is left as it is.
+
+def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False) -> int:
+    """Make each bottleneck a FusedBottleneck (in place): its up-bias folded into its projection's bias, or, for a
+    projection without one, carried as a unit rank (the module's docstring).
+
+    With `kernel`, a KernelBottleneck (one custom op) instead, where the up-bias folds into the projection only.
     Returns how many were fused.
     """
     fused = 0
     for node in adapter_nodes(gm):
         module = gm.get_submodule(str(node.target))
         x = node.args[0]
-        if type(module) is not Bottleneck or len(x.users) != 1:
+        if type(module) is not Bottleneck:
             continue
-        bias_node = _bias_node(x)
-        if bias_node is None:
-            continue
-        bias = gm.get_parameter(str(bias_node.target))
-        with torch.no_grad():
-            bias += module.up_b
-            down_b = module.down_b - module.up_b @ module.down_w
-        kind = KernelBottleneck if kernel else FusedBottleneck
-        gm.add_submodule(str(node.target), kind(module.down_w, down_b, module.up_w, module.activation))
+        bias_node = _bias_node(x) if len(x.users) == 1 else None  # the projection's bias, when only we read it
+        if bias_node is not None:
+            bias = gm.get_parameter(str(bias_node.target))
+            with torch.no_grad():
+                bias += module.up_b
+                down_b = module.down_b - module.up_b @ module.down_w
+            kind = KernelBottleneck if kernel else FusedBottleneck
+            gm.add_submodule(str(node.target), kind(module.down_w, down_b, module.up_w, module.activation))
+        elif kernel or (unit := _unit_rank(module)) is None:
+            continue  # the kernel keeps its rank; an activation with σ(1) = 0 cannot carry the bias
+        else:
+            gm.add_submodule(str(node.target), FusedBottleneck(*unit, module.activation))
         fused += 1
     gm.graph.lint()
     gm.recompile()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import copy
+import dataclasses
 
 import onnx
 import pytest
@@ -42,12 +44,29 @@ def test_reloaded_pt2_exports_fused_and_matches_torch(tmp_path, minilm_base):
     assert ops["Gemm"] == 24 + 1  # two per adapter, and the pooler
 
 
+def test_projections_without_bias_fuse_with_the_up_bias_as_a_unit_rank(small_config):
+    base = open_model(str(small_config("llama")))  # o_proj, down_proj: no bias
+    for activation in ("relu", "gelu"):  # σ(1) = 1, and σ(1) = 0.84, which scales the unit row
+        captured = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
+        adapt(captured, AdapterSpec("houlsby", r=4, activation=activation))
+        stand_in_weights(captured.gm, seed=5)
+        fused = fused_copy(captured.gm)
+        assert fused is not None
+        modules = [m for m in fused.modules() if isinstance(m, FusedBottleneck)]
+        assert len(modules) == 4 and all(m.up_w.shape[0] == 5 for m in modules)  # rank 4 and the unit rank
+        for want, got in zip(_outputs(captured, captured.gm), _outputs(captured, fused)):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m: f"{activation}: {m}")
+        assert fused_copy(captured.gm, kernel=True) is None  # the one-op kernel keeps its rank: left as it is
+
+
 @pytest.mark.slow  # make test stays under 6 minutes; CI runs it in make test-slow
-def test_projections_without_bias_are_left_unfused(tmp_path, small_config):
-    adapted = make_adapted(open_model(str(small_config("llama"))), tmp_path, 4)  # o_proj, down_proj: no bias
-    assert fused_copy(adapted.gm, adapted.manifest) is None
+def test_projections_without_bias_export_as_two_gemms_per_adapter(tmp_path, small_config):
+    adapted = make_adapted(open_model(str(small_config("llama"))), tmp_path, 4)
     result = export_onnx(adapted.gm, adapted.signature, tmp_path / "l.onnx", manifest=adapted.manifest)
     assert result.parity.max_abs_diff < 1e-4
+    graph = onnx.load(str(result.path)).graph
+    assert collections.Counter(n.op_type for n in graph.node)["Gemm"] == 2 * 4
+    assert not [n for n in graph.node if any(".up_b" in i for i in n.input)], "the up-bias rides in the up GEMM"
 
 
 def test_gpt2_conv1d_projections_fuse(small_config):
@@ -55,8 +74,6 @@ def test_gpt2_conv1d_projections_fuse(small_config):
     adapt(captured, AdapterSpec("pfeiffer", r=4))
     stand_in_weights(captured.gm)
     reference = _outputs(captured, captured.gm)
-    import copy
-
     gm = copy.deepcopy(captured.gm)
     assert fuse_bottlenecks(gm) == 2
     for want, got in zip(reference, _outputs(captured, gm)):
