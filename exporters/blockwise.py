@@ -204,9 +204,11 @@ def verify_blockwise(
     rtol: float = RTOL,
     sizes: list[dict[str, int]] | None = None,
     progress: Progress | None = None,
+    overrides: dict[str, torch.Tensor] | None = None,
 ) -> BlockwiseReport:
     """Check the ONNX model at `path` against `captured` (a weightless capture, adapters as exported) block by
-    block; only one part's weights are in memory at a time, on either side."""
+    block; only one part's weights are in memory at a time, on either side. `overrides`: initializers that ONNX
+    Runtime takes with these values instead of the file's (a swappable export's slots, filled by a pack)."""
     assert captured.checkpoint is not None and captured.keys is not None
     path = Path(path)
     sig = captured.signature
@@ -255,7 +257,7 @@ def verify_blockwise(
         part = parts.get(k)
         if part is None:
             continue
-        session = _part_session(extractor, part, path)
+        session = _part_session(extractor, part, path, overrides or {})
         got = []
         for oenv in ort_env:
             feeds = {i: oenv[i] for i in part.inputs if i in {x.name for x in session.get_inputs()}}
@@ -316,9 +318,13 @@ def _is_param(module: torch.nn.Module, target: str) -> bool:
     return name in (module.get_submodule(owner) if owner else module)._parameters
 
 
-def _part_session(extractor: Any, part: OnnxPart, path: Path) -> Any:
-    """An ONNX Runtime session of one part, cut from the model; its weights are read from the model's data file."""
+def _part_session(extractor: Any, part: OnnxPart, path: Path, overrides: dict[str, torch.Tensor]) -> Any:
+    """An ONNX Runtime session of one part, cut from the model; its weights are read from the model's data file,
+    but for the initializers `overrides` names, which take those values."""
     sub = extractor.extract_model(part.inputs, part.outputs)
+    for init in sub.graph.initializer:
+        if init.name in overrides:
+            init.CopyFrom(_tensor_proto(init.name, overrides[init.name]))
     # beside the model, so that its references to NAME.onnx.data resolve (onnx refuses links and `..`)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.part-", suffix=".onnx", dir=path.parent)
     piece = Path(name)
@@ -328,3 +334,13 @@ def _part_session(extractor: Any, part: OnnxPart, path: Path) -> Any:
         return ort_session(piece)
     finally:
         piece.unlink(missing_ok=True)
+
+
+def _tensor_proto(name: str, t: torch.Tensor) -> onnx.TensorProto:
+    """A torch tensor as an initializer of its own dtype (bf16 included, which numpy lacks)."""
+    from onnx import numpy_helper
+
+    if t.dtype != torch.bfloat16:
+        return numpy_helper.from_array(t.detach().contiguous().numpy(), name)
+    raw = t.detach().contiguous().view(torch.int16).numpy().tobytes()
+    return onnx.helper.make_tensor(name, onnx.TensorProto.BFLOAT16, list(t.shape), raw, raw=True)
