@@ -135,10 +135,16 @@ def export(
     """Export to ONNX with dynamic batch and sequence; written only if ONNX Runtime matches torch."""
     sources = sources or [None]
     if stream:
-        if route or trt or fused_pt2 or triton_repo or len(sources) > 1:
+        if route:
             raise SurgeryError(
-                "--stream writes a baked or --swappable ONNX of one Hugging Face folder; --route, --trt, --fused-pt2 "
-                "and --triton-repo take models in memory: drop them, or drop --stream"
+                "--stream --route: routing stacks the adapters of several .adapted.pt2 files, which --stream cannot "
+                "open (it reads one Hugging Face folder); export --stream --swappable and load a pack per request, "
+                "or drop --stream"
+            )
+        if trt or fused_pt2 or triton_repo or len(sources) > 1:
+            raise SurgeryError(
+                "--stream writes a baked or --swappable ONNX of one Hugging Face folder; --trt, --fused-pt2 and "
+                "--triton-repo take models in memory: drop them, or drop --stream"
             )
         return _export_streamed(
             sources[0], output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable

@@ -130,5 +130,6 @@ def test_cli_refuses_stream_swappable_without_adapters_and_stream_route(cli, tmp
     refused = cli("export", tmp_path, "--stream", "--swappable", cwd=tmp_path)
     assert refused.code == 2 and "Traceback" not in refused.stderr and "--method houlsby" in refused.stderr
     route = cli("export", tmp_path, tmp_path, "--stream", "--route", cwd=tmp_path)
-    assert route.code == 2 and "Traceback" not in route.stderr and "--route" in route.stderr
+    assert route.code == 2 and "Traceback" not in route.stderr and "cannot open" in route.stderr
+    assert len(route.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
