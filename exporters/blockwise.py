@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from exporters.verify import ort_session
 from surgery.errors import SurgeryError
@@ -172,15 +173,18 @@ def split_onnx(graph: onnx.GraphProto) -> dict[int, OnnxPart]:
     return parts
 
 
-def _pair(got: dict[str, np.ndarray], torch_values: list[torch.Tensor], label: str) -> dict[str, int]:
-    """Which torch output each of a part's ONNX outputs is: the float one of its shape. ONNX outputs without one
+def _pair(
+    got: dict[str, np.ndarray], torch_values: list[torch.Tensor], label: str, named: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Which torch output each of a part's ONNX outputs is: the model's outputs by name (`named`: a causal LM's
+    present.N.key and .value, of one shape), the others the float one of its shape. ONNX outputs without one
     (shape vectors the optimizer shares between blocks) are not compared, and later parts read ONNX's own."""
     floats = [k for k, t in enumerate(torch_values) if t.is_floating_point()]
-    pairs = {}
+    pairs = {name: k for name, k in (named or {}).items() if name in got}
     for name, value in got.items():
-        if not np.issubdtype(value.dtype, np.floating):
+        if not np.issubdtype(value.dtype, np.floating) or name in pairs:
             continue
-        same = [k for k in floats if tuple(torch_values[k].shape) == value.shape]
+        same = [k for k in floats if tuple(torch_values[k].shape) == value.shape and k not in pairs.values()]
         if len(same) > 1:
             raise SurgeryError(
                 f"block-wise verification: {label} returns {len(same)} values of shape {list(value.shape)}; "
@@ -224,6 +228,7 @@ def verify_blockwise(
     ort_env: list[dict[str, np.ndarray]] = [{} for _ in batches]
     checks: list[BlockCheck] = []
     placeholders = [n for n in top.graph.nodes if n.op == "placeholder"]
+    named = _named_outputs(top, sig.outputs)
     for env, tensors in zip(torch_env, batches):
         env.update({p: t for p, t in zip(placeholders, tensors)})
     for oenv, tensors in zip(ort_env, batches):
@@ -269,7 +274,7 @@ def verify_blockwise(
         if k == PREFIX:
             continue
         # later parts read torch's values (the hidden states torch's block produced); compare this part's
-        pairs = _pair(got[0], outs_t[0], label)
+        pairs = _pair(got[0], outs_t[0], label, named.get(node))
         names = list(pairs)
         result = None
         for b, (oenv, g) in enumerate(zip(ort_env, got)):
@@ -285,6 +290,20 @@ def verify_blockwise(
         assert result is not None
         checks.append(BlockCheck(label, result, time.perf_counter() - start))
     return BlockwiseReport(tuple(checks))
+
+
+def _named_outputs(top: fx.GraphModule, names: tuple[str, ...]) -> dict[fx.Node, dict[str, int]]:
+    """For each part's call, the model outputs it returns: {output name: index among the part's outputs}."""
+    out = next(n for n in top.graph.nodes if n.op == "output")
+    named: dict[fx.Node, dict[str, int]] = {}
+    for name, leaf in zip(names, pytree.tree_leaves(out.args[0])):
+        if not isinstance(leaf, fx.Node):
+            continue
+        if leaf.op == "call_module":
+            named.setdefault(leaf, {})[name] = 0
+        elif leaf.target is operator.getitem and isinstance(leaf.args[0], fx.Node):
+            named.setdefault(leaf.args[0], {})[name] = int(leaf.args[1])  # type: ignore[arg-type]
+    return named
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
