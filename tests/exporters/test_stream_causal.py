@@ -112,3 +112,31 @@ def test_cli_streams_a_causal_lm_with_its_cache(cli, folder, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm.onnx", "lm.onnx.data"]
     gen = Generator(tmp_path / "lm.onnx")
     assert (gen.layers, gen.kv_heads, gen.max_positions) == (2, 2, 128)
+
+
+def test_streamed_swappable_causal_lm_generates_as_the_in_memory_one(folder, tmp_path):
+    """--stream --swappable on the cache graph: the same tokens as the in-memory swappable export, with no pack and
+    with the model's own pack (written beside the pair), and the pack changes them."""
+    from exporters.swappable import export_swappable
+    from surgery.bundle import adapted_manifest
+
+    spec = parse_spec("houlsby", "4")
+
+    def bottlenecks(captured):
+        report = adapt(captured, spec, seed=0)
+        stand_in_weights(captured.gm, seed=3)
+        captured.manifest = adapted_manifest(captured, spec, report)
+        return captured
+
+    streamed = export_streamed(
+        bottlenecks(capture_meta(str(folder))), tmp_path / "s.onnx", swappable=True, pack=tmp_path / "s.onnx_adapter"
+    )
+    assert streamed.no_pack is not None and streamed.no_pack.ok and streamed.blocks is not None and streamed.blocks.ok
+    export_swappable(bottlenecks(open_model(str(folder))), tmp_path / "m.onnx")
+    tokens = {}
+    for name in ("s", "m"):
+        gen = Generator(tmp_path / f"{name}.onnx")
+        gen.load("own", streamed.pack)
+        tokens[name] = (gen.generate(PROMPT, NEW).tokens, gen.generate(PROMPT, NEW, adapter="own").tokens)
+    assert tokens["s"] == tokens["m"]
+    assert tokens["s"][0] != tokens["s"][1]  # the pack changes the tokens: the comparison above sees adapters
