@@ -1,4 +1,5 @@
-"""`surgery merge`: adapters folded into the base weights (or back out), stacked, or averaged."""
+"""`surgery merge`: adapters folded into the base weights (or back out), stacked, or averaged; `--stream`: a PEFT LoRA
+folder merged into a Hugging Face checkpoint on disk, tensor by tensor, for models past memory."""
 
 from __future__ import annotations
 

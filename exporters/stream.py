@@ -9,6 +9,10 @@ The model is never held in memory, once or twice: peak memory is the graph, the 
 page cache. Both files are written as a pair (`atomic_onnx`). The graph is optimized (onnxscript) with the
 weights held aside as inputs, so nothing folds them: a Linear's weight stays the checkpoint's tensor under its
 own name, transposed by the graph (ONNX Runtime folds that Transpose when it loads the model).
+
+The same path writes a swappable export (`swappable=True`: the adapter tensors become slots as exporters/swappable.py
+makes them, checked block by block with no pack and with the model's own pack, which is written beside the pair) and
+a causal LM with its KV cache (a `capture_meta` of task causal-lm: the cache layout of surgery/tasks.py, opset 23).
 """
 
 from __future__ import annotations
