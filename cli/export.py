@@ -34,7 +34,7 @@ from cli.common import (
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.onnx_files import THRESHOLD_ENV, onnx_files, onnx_size
-from exporters.stream import export_streamed
+from exporters.stream import export_streamed, pack_beside
 from exporters.swappable import export_routed, export_swappable
 from exporters.tensorrt import DECODE, ONE, PREFILL, TensorRTMissing, build_engine, parse_profiles, prepare_trt
 from exporters.triton import write_python_model, write_triton_repo
@@ -238,9 +238,9 @@ def _export_streamed(
             "choose one of them, or drop --swappable for a baked export"
         )
     path = check_output(output or default_output(source, ".swappable.onnx" if swappable else ".onnx"))
-    pack = check_output(path.with_name(path.name.split(".")[0] + ".onnx_adapter")) if swappable else None
     with step(f"capture {source} without its weights"):
         captured = capture_meta(source, dtype=dtype, task=task)
+    pack = check_output(pack_beside(path, captured.dtype)) if swappable else None
     if spec is not None:
         with step(f"insert {method} adapters, r={r}"):
             report = adapt(captured, spec)

@@ -140,7 +140,8 @@ def export_streamed(
     `swappable` (an adapted capture with its manifest): the adapter tensors become slots as in
     exporters/swappable.py (overridable initializers, rank-0 defaults, in the graph: they are small), verified block
     by block twice: no pack against the base model, the model's own adapters against the adapted one; these are
-    then written as the pack `pack` (`.onnx_adapter` or `.safetensors`), once the pair is in place."""
+    then written as the pack `pack` (`.onnx_adapter` or `.safetensors`, see `pack_beside`) before the pair moves into
+    place."""
     import onnx_ir as ir
 
     assert captured.checkpoint is not None and captured.keys is not None
@@ -199,16 +200,24 @@ def export_streamed(
         elif verify:
             report = verify_blockwise(captured, tmp, tolerance=tolerance, rtol=rtol, progress=verify_progress)
             _refuse(report, path)
+        written = None
+        if swappable and pack is not None:  # before the pair moves into place: a pack that fails leaves neither
+            assert captured.manifest is not None
+            written = save_pack(pack_from_model(captured.gm.state_dict(), captured.manifest), pack)
     from_checkpoint = sum(s.key is not None for s in slots)
     verified = time.perf_counter() - start - seconds
-    written = None
-    if swappable and pack is not None:
-        assert captured.manifest is not None
-        written = save_pack(pack_from_model(captured.gm.state_dict(), captured.manifest), pack)
     return StreamExport(
         path, data, len(slots), from_checkpoint, offset, seconds, report, verified if verify else 0.0,
         slots_made, no_pack, written,
     )  # fmt: skip
+
+
+def pack_beside(path: str | Path, dtype: torch.dtype) -> Path:
+    """Where a streamed swappable export's own pack goes: NAME.onnx_adapter beside NAME(.swappable).onnx, or
+    NAME.pack.safetensors for a bf16 model (ONNX Runtime's adapter writer has no bfloat16)."""
+    path = Path(path)
+    stem = path.name.split(".")[0]
+    return path.with_name(stem + (".pack.safetensors" if dtype == torch.bfloat16 else ".onnx_adapter"))
 
 
 def _refuse(report: BlockwiseReport, path: Path, case: str = "") -> None:

@@ -11,7 +11,7 @@ import pytest
 from onnx import numpy_helper
 
 from exporters.runtime import AdaptedSession
-from exporters.stream import export_streamed
+from exporters.stream import export_streamed, pack_beside
 from exporters.swappable import _with_adapters, export_swappable
 from exporters.verify import check_session
 from surgery.adapters import parse_spec, stand_in_weights
@@ -33,17 +33,21 @@ def adapted(captured):
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
+def folder(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module", params=["fp32", "bf16"])
+def exports(request, folder, tmp_path_factory):
     """(eager adapted capture, streamed export, in-memory swappable export path) of one tiny Llama folder."""
-    folder = write_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
-    out = tmp_path_factory.mktemp("swappable")
-    fake = adapted(capture_meta(str(folder), task=TASK))
+    dtype = request.param
+    out = tmp_path_factory.mktemp(f"swappable-{dtype}")
+    fake = adapted(capture_meta(str(folder), dtype=dtype, task=TASK))
     atol, rtol = tolerances(fake.dtype)
-    streamed = export_streamed(
-        fake, out / "s.swappable.onnx", swappable=True, pack=out / "s.onnx_adapter", tolerance=atol, rtol=rtol
-    )
-    eager = adapted(open_model(str(folder), task=TASK))
-    export_swappable(eager, out / "m.swappable.onnx")
+    pack = pack_beside(out / "s.swappable.onnx", fake.dtype)
+    streamed = export_streamed(fake, out / "s.swappable.onnx", swappable=True, pack=pack, tolerance=atol, rtol=rtol)
+    eager = adapted(open_model(str(folder), dtype=dtype, task=TASK))
+    export_swappable(eager, out / "m.swappable.onnx", tolerance=atol, rtol=rtol)
     return eager, streamed, out / "m.swappable.onnx"
 
 
@@ -55,11 +59,10 @@ def arrays(path):
 @pytest.mark.slow
 def test_streamed_swappable_is_the_in_memory_export_tensor_by_tensor(exports):
     _, streamed, memory = exports
-    assert sorted(p.name for p in streamed.path.parent.iterdir() if p.name.startswith("s.")) == [
-        "s.onnx_adapter",
-        "s.swappable.onnx",
-        "s.swappable.onnx.data",
-    ]
+    pack = "s.pack.safetensors" if streamed.path.parent.name.startswith("swappable-bf16") else "s.onnx_adapter"
+    assert sorted(p.name for p in streamed.path.parent.iterdir() if p.name.startswith("s.")) == sorted(
+        [pack, "s.swappable.onnx", "s.swappable.onnx.data"]
+    )
     assert streamed.slots == 16 and streamed.no_pack is not None and streamed.no_pack.ok
     assert streamed.blocks is not None and streamed.blocks.ok
     s_model, s = arrays(streamed.path)
@@ -107,8 +110,7 @@ def test_streamed_swappable_runs_with_no_pack_and_with_its_own_pack(exports):
 
 
 @pytest.mark.slow
-def test_cli_streams_a_swappable_export_and_its_pack(cli, tmp_path):
-    folder = write_checkpoint(tmp_path / "llama", "llama")
+def test_cli_streams_a_swappable_export_and_its_pack(cli, folder, tmp_path):
     args = ["--stream", "--swappable", "--task", TASK, "--method", "houlsby", "--r", "4", "--json"]
     run = cli("export", folder, *args, "-o", "m.swappable.onnx", cwd=tmp_path)
     assert run.code == 0, run.stderr
