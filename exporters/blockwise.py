@@ -34,6 +34,7 @@ from surgery.parity import ATOL, RTOL, Parity, check_sizes, compare, mask_of
 from surgery.sites import ADAPTER_ROOT
 
 PREFIX, SUFFIX = 0, 1_000_000  # part numbers: block i is part i + 1
+SCOPES = "pkg.torch.onnx.name_scopes"  # the exporter's record of a node's module path
 
 Progress = Callable[[str], None]
 
@@ -130,7 +131,7 @@ def split_torch(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _onnx_path(node: onnx.NodeProto) -> str:
     for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
+        if prop.key == SCOPES:
             scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
             return scopes[-2] if len(scopes) > 1 else ""
     return ""
@@ -151,10 +152,12 @@ def split_onnx(graph: onnx.GraphProto) -> dict[int, OnnxPart]:
     part_of: dict[int, int] = {}
     for n in nodes:
         b = block_of(_onnx_path(n))
+        before = [part_of[id(made[i])] for i in n.input if i in made]
         if b is not None:
             part_of[id(n)] = b + 1
+        elif not any(prop.key == SCOPES for prop in n.metadata_props):
+            part_of[id(n)] = max(before, default=PREFIX)  # made by the optimizer (GPT-2's Split): with its inputs
         else:
-            before = [part_of[id(made[i])] for i in n.input if i in made]
             part_of[id(n)] = PREFIX if all(p == PREFIX for p in before) else SUFFIX
     graph_out = {o.name for o in graph.output}
     parts: dict[int, OnnxPart] = {}

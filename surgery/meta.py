@@ -143,7 +143,7 @@ class MetaCaptured(Captured):
     """A capture whose base parameters are fake tensors: `keys` maps each to its checkpoint tensor."""
 
     checkpoint: Checkpoint | None = None
-    keys: dict[str, str] | None = None  # GraphModule parameter name -> checkpoint tensor name
+    keys: dict[str, str] | None = None  # GraphModule parameter name (each name of a tied one) -> checkpoint tensor
     dtype: torch.dtype = torch.float32
 
 
@@ -199,7 +199,7 @@ def capture_meta(source: str, dtype: str = "auto", task: str | None = None) -> M
         if key is None:
             missing.append(name)
         else:
-            keys[name] = key
+            keys.update({alias: key for alias in aliases[id(p)]})  # tied: the exporter may name either
     if missing:
         raise SurgeryError(
             f"{source}: {len(missing)} parameters are not in the checkpoint's safetensors (first: {missing[0]}); "
