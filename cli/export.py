@@ -34,15 +34,16 @@ from cli.common import (
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.onnx_files import THRESHOLD_ENV, onnx_files, onnx_size
-from exporters.stream import export_streamed
+from exporters.stream import export_streamed, pack_beside
 from exporters.swappable import export_routed, export_swappable
 from exporters.tensorrt import DECODE, ONE, PREFILL, TensorRTMissing, build_engine, parse_profiles, prepare_trt
 from exporters.triton import write_python_model, write_triton_repo
 from surgery.errors import SurgeryError
 from surgery.io import check_output
-from surgery.packs import pack_from_model
+from surgery.packs import PACKABLE, pack_from_model
 from surgery.parity import tolerances, weights_dtype
 from surgery.adapters import parse_spec
+from surgery.bundle import adapted_manifest
 from surgery.meta import capture_meta
 from surgery.pipeline import adapt, default_output, open_model
 
@@ -134,12 +135,20 @@ def export(
     """Export to ONNX with dynamic batch and sequence; written only if ONNX Runtime matches torch."""
     sources = sources or [None]
     if stream:
-        if swappable or route or trt or fused_pt2 or triton_repo or len(sources) > 1:
+        if route:
             raise SurgeryError(
-                "--stream writes a baked ONNX of one Hugging Face folder; --swappable, --route, --trt, --fused-pt2 "
-                "and --triton-repo take models in memory: drop them, or drop --stream"
+                "--stream --route: routing stacks the adapters of several .adapted.pt2 files, which --stream cannot "
+                "open (it reads one Hugging Face folder); export --stream --swappable and load a pack per request, "
+                "or drop --stream"
             )
-        return _export_streamed(sources[0], output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json)
+        if trt or fused_pt2 or triton_repo or len(sources) > 1:
+            raise SurgeryError(
+                "--stream writes a baked or --swappable ONNX of one Hugging Face folder; --trt, --fused-pt2 and "
+                "--triton-repo take models in memory: drop them, or drop --stream"
+            )
+        return _export_streamed(
+            sources[0], output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable
+        )
     if method is not None:
         raise SurgeryError(f"--method {method}: export inserts adapters with --stream only; run `surgery insert` first")
     if swappable and route:
@@ -211,24 +220,41 @@ def export(
         out.print(f"serve it with: surgery serve {triton_repo}")
 
 
-def _export_streamed(source, output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json) -> None:
-    """--stream: capture without weights, insert, write the pair from the checkpoint's shards, verify per block."""
+def _export_streamed(
+    source, output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable=False
+) -> None:  # fmt: skip
+    """--stream: capture without weights, insert, write the pair from the checkpoint's shards, verify per block;
+    --swappable: adapter slots, and the model's own adapters as a pack beside the pair (NAME.onnx_adapter)."""
     if source is None:
         raise SurgeryError("--stream takes a Hugging Face folder (config.json and safetensors weights); name it")
+    if swappable and method is None:
+        raise SurgeryError(
+            "--stream --swappable makes slots for the adapters it inserts; add --method houlsby (or pfeiffer)"
+        )
     spec = parse_spec(method, r, act, targets, alpha) if method else None
-    path = check_output(output or default_output(source, ".onnx"))
+    if swappable and method not in PACKABLE:
+        raise SurgeryError(
+            f"--stream --swappable --method {method}: slots hold bottleneck adapters ({', '.join(PACKABLE)}); "
+            "choose one of them, or drop --swappable for a baked export"
+        )
+    path = check_output(output or default_output(source, ".swappable.onnx" if swappable else ".onnx"))
     with step(f"capture {source} without its weights"):
         captured = capture_meta(source, dtype=dtype, task=task)
+    pack = check_output(pack_beside(path, captured.dtype)) if swappable else None
     if spec is not None:
         with step(f"insert {method} adapters, r={r}"):
-            adapt(captured, spec)
+            report = adapt(captured, spec)
+        captured.manifest = adapted_manifest(captured, spec, report)
     tolerance, rtol = tolerances(captured.dtype, tolerance, rtol)
     with step(f"stream {captured.checkpoint.bytes() / 1e9:.2f} GB of weights into {path}.data, verify block by block"):
-        result = export_streamed(captured, path, tolerance=tolerance, rtol=rtol)
+        result = export_streamed(captured, path, swappable=swappable, pack=pack, tolerance=tolerance, rtol=rtol)
     if json:
         emit_json(result.to_json())
         return
     out.print(f"wrote {' + '.join(map(str, onnx_files(path)))} ({onnx_size(path) / 1e6:.1f} MB)")
+    if result.no_pack is not None:
+        out.print(f"{result.slots} adapter slots; no pack = base model: {result.no_pack.summary()}")
+        out.print(f"own pack {result.pack} = adapted model, block by block:")
     assert result.blocks is not None
     out.print(result.blocks.markdown(), soft_wrap=True)
     out.print(result.blocks.summary())

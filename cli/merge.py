@@ -1,4 +1,5 @@
-"""`surgery merge`: adapters folded into the base weights (or back out), stacked, or averaged."""
+"""`surgery merge`: adapters folded into the base weights (or back out), stacked, or averaged; `--stream`: a PEFT LoRA
+folder merged into a Hugging Face checkpoint on disk, tensor by tensor, for models past memory."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from cli.common import Json, Output, Trust, emit_json, out, step
 from surgery.bundle import save_adapted
 from surgery.errors import SurgeryError
 from surgery.io import check_output
+from surgery.merge_stream import merge_lora_streamed
+from surgery.meta import capture_meta
+from surgery.peft_import import import_peft, read_peft
 from surgery.pipeline import (
     PACK,
     adapted_report,
@@ -24,7 +28,10 @@ from surgery.pipeline import (
 
 Sources = Annotated[
     list[str],
-    typer.Argument(help="Adapted .pt2 files written by `surgery insert` (one; several with --stack/--average)."),
+    typer.Argument(
+        help="Adapted .pt2 files written by `surgery insert` (one; several with --stack/--average); with --stream, "
+        "a PEFT LoRA folder."
+    ),
 ]
 Stack = Annotated[bool, typer.Option("--stack", help="Apply the models' adapters in sequence at each site.")]
 Average = Annotated[
@@ -32,6 +39,17 @@ Average = Annotated[
     typer.Option("--average", help="Weights w1,w2,...: combine adapters of one method and shape (LoRA exactly)."),
 ]
 Unmerge = Annotated[bool, typer.Option("--unmerge", help="A merged LoRA model back to its adapted model.")]
+Stream = Annotated[
+    bool,
+    typer.Option(
+        "--stream",
+        help="Past memory: a PEFT LoRA folder merged into --base's safetensors on disk, tensor by tensor, written as "
+        "a new Hugging Face folder (-o, default BASE.merged).",
+    ),
+]
+Base = Annotated[
+    Optional[str], typer.Option("--base", help="With --stream: the Hugging Face folder the LoRA was trained on.")
+]
 
 
 def merge(
@@ -40,6 +58,8 @@ def merge(
     stack: Stack = False,
     average: Average = None,
     unmerge: Unmerge = False,
+    stream: Stream = False,
+    base: Base = None,
     json: Json = False,
     trust: Trust = False,
 ) -> None:
@@ -47,6 +67,15 @@ def merge(
     modes = [m for m, on in (("--stack", stack), ("--average", average is not None), ("--unmerge", unmerge)) if on]
     if len(modes) > 1:
         raise SurgeryError(f"{' and '.join(modes)} exclude each other; choose one")
+    if stream:
+        if modes or len(sources) != 1:
+            raise SurgeryError(
+                "--stream merges one PEFT LoRA folder into its base checkpoint; "
+                + (f"drop {' and '.join(modes)}" if modes else f"give one folder ({len(sources)} given)")
+            )
+        return _merge_streamed(sources[0], base, output, json)
+    if base is not None:
+        raise SurgeryError("--base names the checkpoint of a streamed merge; add --stream (and a PEFT LoRA folder)")
     several = stack or average is not None
     if several and len(sources) < 2:
         raise SurgeryError(f"{modes[0]} combines several adapted models; give two or more .pt2 files")
@@ -95,6 +124,36 @@ def _merge(source: str, path: Path, json: bool, trust: bool) -> None:
     if result.unmerge_max_abs_diff is not None:
         out.print(f"max |unmerge(merge(W)) - W| = {result.unmerge_max_abs_diff:.2e}")
     out.print(f"wrote {path}")
+
+
+def _merge_streamed(source: str, base: str | None, output: str | None, json: bool) -> None:
+    """--stream: a PEFT LoRA folder's adapters on a weightless capture of `base`, merged into a copy of its shards."""
+    if base is None:
+        raise SurgeryError(
+            f"--stream merges {source} into the checkpoint it was trained on; name it with --base FOLDER"
+        )
+    path = Path(output) if output else default_output(base, ".merged")
+    if path.exists():
+        raise SurgeryError(f"output {path}: exists; name a new folder for the merged checkpoint (-o)")
+    if not path.parent.is_dir():
+        raise SurgeryError(f"output {path}: folder {path.parent} does not exist; create it or choose another -o")
+    if not read_peft(source)[1]:  # a PEFT LoRA folder, checked before the base is captured
+        raise SurgeryError(f"{source}: holds no LoRA tensors (lora_A / lora_B); nothing to merge")
+    with step(f"capture {base} without its weights"):
+        captured = capture_meta(base)
+    with step(f"insert the LoRA of {source}"):
+        spec, report, _ = import_peft(captured, source)
+    with step(f"merge {len(report.sites)} LoRA adapters into a copy of {base}'s shards"):
+        result = merge_lora_streamed(captured, path)
+    data = {**result.to_json(), "source": source, "base": base, "ranks": sorted(set(spec.ranks.values()))}
+    if json:
+        emit_json(data)
+        return
+    out.print(
+        f"merged {len(result.merged)} of {result.tensors} tensors (ranks {data['ranks']}); "
+        f"{result.bytes / 1e9:.2f} GB copied"
+    )
+    out.print(f"wrote {path}/")
 
 
 def _unmerge(source: str, path: Path, json: bool, trust: bool) -> None:

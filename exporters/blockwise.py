@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from exporters.verify import ort_session
 from surgery.errors import SurgeryError
@@ -33,6 +34,7 @@ from surgery.parity import ATOL, RTOL, Parity, check_sizes, compare, mask_of
 from surgery.sites import ADAPTER_ROOT
 
 PREFIX, SUFFIX = 0, 1_000_000  # part numbers: block i is part i + 1
+SCOPES = "pkg.torch.onnx.name_scopes"  # the exporter's record of a node's module path
 
 Progress = Callable[[str], None]
 
@@ -129,7 +131,7 @@ def split_torch(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _onnx_path(node: onnx.NodeProto) -> str:
     for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
+        if prop.key == SCOPES:
             scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
             return scopes[-2] if len(scopes) > 1 else ""
     return ""
@@ -150,10 +152,12 @@ def split_onnx(graph: onnx.GraphProto) -> dict[int, OnnxPart]:
     part_of: dict[int, int] = {}
     for n in nodes:
         b = block_of(_onnx_path(n))
+        before = [part_of[id(made[i])] for i in n.input if i in made]
         if b is not None:
             part_of[id(n)] = b + 1
+        elif not any(prop.key == SCOPES for prop in n.metadata_props):
+            part_of[id(n)] = max(before, default=PREFIX)  # made by the optimizer (GPT-2's Split): with its inputs
         else:
-            before = [part_of[id(made[i])] for i in n.input if i in made]
             part_of[id(n)] = PREFIX if all(p == PREFIX for p in before) else SUFFIX
     graph_out = {o.name for o in graph.output}
     parts: dict[int, OnnxPart] = {}
@@ -172,15 +176,18 @@ def split_onnx(graph: onnx.GraphProto) -> dict[int, OnnxPart]:
     return parts
 
 
-def _pair(got: dict[str, np.ndarray], torch_values: list[torch.Tensor], label: str) -> dict[str, int]:
-    """Which torch output each of a part's ONNX outputs is: the float one of its shape. ONNX outputs without one
+def _pair(
+    got: dict[str, np.ndarray], torch_values: list[torch.Tensor], label: str, named: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Which torch output each of a part's ONNX outputs is: the model's outputs by name (`named`: a causal LM's
+    present.N.key and .value, of one shape), the others the float one of its shape. ONNX outputs without one
     (shape vectors the optimizer shares between blocks) are not compared, and later parts read ONNX's own."""
     floats = [k for k, t in enumerate(torch_values) if t.is_floating_point()]
-    pairs = {}
+    pairs = {name: k for name, k in (named or {}).items() if name in got}
     for name, value in got.items():
-        if not np.issubdtype(value.dtype, np.floating):
+        if not np.issubdtype(value.dtype, np.floating) or name in pairs:
             continue
-        same = [k for k in floats if tuple(torch_values[k].shape) == value.shape]
+        same = [k for k in floats if tuple(torch_values[k].shape) == value.shape and k not in pairs.values()]
         if len(same) > 1:
             raise SurgeryError(
                 f"block-wise verification: {label} returns {len(same)} values of shape {list(value.shape)}; "
@@ -204,9 +211,11 @@ def verify_blockwise(
     rtol: float = RTOL,
     sizes: list[dict[str, int]] | None = None,
     progress: Progress | None = None,
+    overrides: dict[str, torch.Tensor] | None = None,
 ) -> BlockwiseReport:
     """Check the ONNX model at `path` against `captured` (a weightless capture, adapters as exported) block by
-    block; only one part's weights are in memory at a time, on either side."""
+    block; only one part's weights are in memory at a time, on either side. `overrides`: initializers that ONNX
+    Runtime takes with these values instead of the file's (a swappable export's slots, filled by a pack)."""
     assert captured.checkpoint is not None and captured.keys is not None
     path = Path(path)
     sig = captured.signature
@@ -222,6 +231,7 @@ def verify_blockwise(
     ort_env: list[dict[str, np.ndarray]] = [{} for _ in batches]
     checks: list[BlockCheck] = []
     placeholders = [n for n in top.graph.nodes if n.op == "placeholder"]
+    named = _named_outputs(top, sig.outputs)
     for env, tensors in zip(torch_env, batches):
         env.update({p: t for p, t in zip(placeholders, tensors)})
     for oenv, tensors in zip(ort_env, batches):
@@ -255,7 +265,7 @@ def verify_blockwise(
         part = parts.get(k)
         if part is None:
             continue
-        session = _part_session(extractor, part, path)
+        session = _part_session(extractor, part, path, overrides or {})
         got = []
         for oenv in ort_env:
             feeds = {i: oenv[i] for i in part.inputs if i in {x.name for x in session.get_inputs()}}
@@ -267,7 +277,7 @@ def verify_blockwise(
         if k == PREFIX:
             continue
         # later parts read torch's values (the hidden states torch's block produced); compare this part's
-        pairs = _pair(got[0], outs_t[0], label)
+        pairs = _pair(got[0], outs_t[0], label, named.get(node))
         names = list(pairs)
         result = None
         for b, (oenv, g) in enumerate(zip(ort_env, got)):
@@ -283,6 +293,20 @@ def verify_blockwise(
         assert result is not None
         checks.append(BlockCheck(label, result, time.perf_counter() - start))
     return BlockwiseReport(tuple(checks))
+
+
+def _named_outputs(top: fx.GraphModule, names: tuple[str, ...]) -> dict[fx.Node, dict[str, int]]:
+    """For each part's call, the model outputs it returns: {output name: index among the part's outputs}."""
+    out = next(n for n in top.graph.nodes if n.op == "output")
+    named: dict[fx.Node, dict[str, int]] = {}
+    for name, leaf in zip(names, pytree.tree_leaves(out.args[0])):
+        if not isinstance(leaf, fx.Node):
+            continue
+        if leaf.op == "call_module":
+            named.setdefault(leaf, {})[name] = 0
+        elif leaf.target is operator.getitem and isinstance(leaf.args[0], fx.Node):
+            named.setdefault(leaf.args[0], {})[name] = int(leaf.args[1])  # type: ignore[arg-type]
+    return named
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -316,9 +340,13 @@ def _is_param(module: torch.nn.Module, target: str) -> bool:
     return name in (module.get_submodule(owner) if owner else module)._parameters
 
 
-def _part_session(extractor: Any, part: OnnxPart, path: Path) -> Any:
-    """An ONNX Runtime session of one part, cut from the model; its weights are read from the model's data file."""
+def _part_session(extractor: Any, part: OnnxPart, path: Path, overrides: dict[str, torch.Tensor]) -> Any:
+    """An ONNX Runtime session of one part, cut from the model; its weights are read from the model's data file,
+    but for the initializers `overrides` names, which take those values."""
     sub = extractor.extract_model(part.inputs, part.outputs)
+    for init in sub.graph.initializer:
+        if init.name in overrides:
+            init.CopyFrom(_tensor_proto(init.name, overrides[init.name]))
     # beside the model, so that its references to NAME.onnx.data resolve (onnx refuses links and `..`)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.part-", suffix=".onnx", dir=path.parent)
     piece = Path(name)
@@ -328,3 +356,13 @@ def _part_session(extractor: Any, part: OnnxPart, path: Path) -> Any:
         return ort_session(piece)
     finally:
         piece.unlink(missing_ok=True)
+
+
+def _tensor_proto(name: str, t: torch.Tensor) -> onnx.TensorProto:
+    """A torch tensor as an initializer of its own dtype (bf16 included, which numpy lacks)."""
+    from onnx import numpy_helper
+
+    if t.dtype != torch.bfloat16:
+        return numpy_helper.from_array(t.detach().contiguous().numpy(), name)
+    raw = t.detach().contiguous().view(torch.int16).numpy().tobytes()
+    return onnx.helper.make_tensor(name, onnx.TensorProto.BFLOAT16, list(t.shape), raw, raw=True)

@@ -9,6 +9,10 @@ The model is never held in memory, once or twice: peak memory is the graph, the 
 page cache. Both files are written as a pair (`atomic_onnx`). The graph is optimized (onnxscript) with the
 weights held aside as inputs, so nothing folds them: a Linear's weight stays the checkpoint's tensor under its
 own name, transposed by the graph (ONNX Runtime folds that Transpose when it loads the model).
+
+The same path writes a swappable export (`swappable=True`: the adapter tensors become slots as exporters/swappable.py
+makes them, checked block by block with no pack and with the model's own pack, which is written beside the pair) and
+a causal LM with its KV cache (a `capture_meta` of task causal-lm: the cache layout of surgery/tasks.py, opset 23).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +31,12 @@ import torch
 from exporters.blockwise import BlockwiseReport, verify_blockwise
 from exporters.onnx import check_model, name_cache_axes, onnx_program, rms_norm_as_div
 from exporters.onnx_files import DATA, atomic_onnx
+from exporters.slots import SwappableMeta
+from exporters.swappable import adapters_filled, make_slots
 from surgery.errors import SurgeryError
 from surgery.meta import MetaCaptured, is_fake
+from surgery.packs import pack_from_model, save_pack
+from surgery.sites import ADAPTER_ROOT
 from surgery.parity import ATOL, RTOL
 
 INLINE = 1024  # bytes: smaller tensors (shapes, scalars) stay in the graph, as save_onnx leaves them
@@ -46,8 +55,11 @@ class StreamExport:
     from_checkpoint: int
     data_bytes: int
     seconds: float  # the export, without the verification
-    blocks: BlockwiseReport | None = None  # the block-wise verification, where it ran
+    blocks: BlockwiseReport | None = None  # the block-wise verification, where it ran (swappable: own pack active)
     verify_seconds: float = 0.0
+    slots: int = 0  # swappable: the adapter slots (overridable initializers)
+    no_pack: BlockwiseReport | None = None  # swappable: the block-wise verification with no pack active
+    pack: Path | None = None  # swappable: the model's own adapters as a pack
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +71,16 @@ class StreamExport:
             "export_seconds": round(self.seconds, 2),
             "verify_seconds": round(self.verify_seconds, 2),
             "blockwise": self.blocks.to_json() if self.blocks else None,
+            **(
+                {
+                    "swappable": True,
+                    "adapter_tensors": self.slots,
+                    "blockwise_no_pack": self.no_pack.to_json() if self.no_pack else None,
+                    "pack": str(self.pack) if self.pack else None,
+                }
+                if self.slots
+                else {}
+            ),
         }
 
 
@@ -103,6 +125,8 @@ def export_streamed(
     captured: MetaCaptured,
     path: str | Path,
     *,
+    swappable: bool = False,
+    pack: str | Path | None = None,
     verify: bool = True,
     tolerance: float = ATOL,
     rtol: float = RTOL,
@@ -111,16 +135,31 @@ def export_streamed(
 ) -> StreamExport:
     """Write `captured` (a weightless capture, adapters inserted or not) as NAME.onnx + NAME.onnx.data, its base
     weights streamed from the checkpoint; with `verify`, checked block by block (exporters/blockwise.py) before
-    the pair is moved into place: a model that fails is not written."""
+    the pair is moved into place: a model that fails is not written.
+
+    `swappable` (an adapted capture with its manifest): the adapter tensors become slots as in
+    exporters/swappable.py (overridable initializers, rank-0 defaults, in the graph: they are small), verified block
+    by block twice: no pack against the base model, the model's own adapters against the adapted one; these are
+    then written as the pack `pack` (`.onnx_adapter` or `.safetensors`, see `pack_beside`) before the pair moves into
+    place."""
     import onnx_ir as ir
 
     assert captured.checkpoint is not None and captured.keys is not None
     start = time.perf_counter()
     path = Path(path)
-    program = onnx_program(captured.gm, captured.signature, str(path), optimize=False)
+    if swappable and captured.manifest is None:
+        raise SurgeryError(f"{path}: a swappable export needs adapters; insert them first (--method)")
+    if swappable:
+        SwappableMeta.of(captured.manifest, "--swappable")  # bottleneck adapters only: refused before the export
+    adapter = lambda v: swappable and v.name.startswith(ADAPTER_ROOT + ".")  # noqa: E731  a slot, not a weight
+    # swappable: traced with distinct random adapter values (the exporter merges identical initializers)
+    with adapters_filled(captured.gm, "random") if swappable else nullcontext():
+        program = onnx_program(captured.gm, captured.signature, str(path), optimize=False)
     model = program.model
     names = {id(p): n for n, p in captured.gm.named_parameters()}
-    held = [v for v in model.graph.initializers.values() if _raw(v) is not None and is_fake(_raw(v))]
+    held = [
+        v for v in model.graph.initializers.values() if _raw(v) is not None and (is_fake(_raw(v)) or adapter(v))
+    ]  # fmt: skip
     _optimize_around(model, held)
     data = path.with_name(path.name + DATA)
     slots, offset = [], 0
@@ -130,8 +169,8 @@ def export_streamed(
         key = captured.keys.get(v.name) or captured.keys.get(names.get(id(raw), "")) if fake else None
         if fake and key is None:
             raise SurgeryError(f"{path}: the weight {v.name} has no checkpoint tensor; nothing was written")
-        if not fake and (raw is None or raw.numel() * raw.element_size() < INLINE):
-            continue  # a small constant: stays in the graph
+        if not fake and (raw is None or raw.numel() * raw.element_size() < INLINE or adapter(v)):
+            continue  # a small constant, or a slot (make_slots writes its default): stays in the graph
         length = int(math.prod(int(d) for d in v.shape) * v.dtype.itemsize)
         offset = -(-offset // ALIGN) * ALIGN
         slots.append(Slot(v.name, offset, length, key, raw.dtype, None if fake else raw.detach()))
@@ -141,23 +180,52 @@ def export_streamed(
     del proto.graph.value_info[:]  # as lean_proto: ORT runs the graph faster without them
     rms_norm_as_div(proto.graph)  # as lean_proto: RMSNorm in the form ORT fuses
     name_cache_axes(proto, captured.signature)
+    slots_made = make_slots(proto, captured.manifest) if swappable else 0
     with atomic_onnx(path) as tmp:
         onnx.save(proto, str(tmp))
         _write_data(tmp.with_name(data.name), slots, captured, progress)
         tmp.with_name(data.name).chmod(tmp.stat().st_mode & 0o777)
         check_model(tmp, str(path))
         seconds = time.perf_counter() - start
-        report = None
-        if verify:
+        report = no_pack = None
+        if verify and swappable:
+            with adapters_filled(captured.gm, "base"):  # torch: zero up-projections; ORT: the rank-0 defaults
+                no_pack = verify_blockwise(captured, tmp, tolerance=tolerance, rtol=rtol, progress=verify_progress)
+            _refuse(no_pack, path, " with no pack active")
+            own = {n: p.detach() for n, p in captured.gm.named_parameters() if n.startswith(ADAPTER_ROOT + ".")}
+            report = verify_blockwise(
+                captured, tmp, tolerance=tolerance, rtol=rtol, progress=verify_progress, overrides=own
+            )
+            _refuse(report, path, " with the model's own pack active")
+        elif verify:
             report = verify_blockwise(captured, tmp, tolerance=tolerance, rtol=rtol, progress=verify_progress)
-            if not report.ok:
-                raise SurgeryError(
-                    f"{path}: ONNX Runtime differs from torch by more than --tolerance + --rtol x max|torch| allow, "
-                    f"block by block: {report.summary()}; nothing was written"
-                )
+            _refuse(report, path)
+        written = None
+        if swappable and pack is not None:  # before the pair moves into place: a pack that fails leaves neither
+            assert captured.manifest is not None
+            written = save_pack(pack_from_model(captured.gm.state_dict(), captured.manifest), pack)
     from_checkpoint = sum(s.key is not None for s in slots)
     verified = time.perf_counter() - start - seconds
-    return StreamExport(path, data, len(slots), from_checkpoint, offset, seconds, report, verified if verify else 0.0)
+    return StreamExport(
+        path, data, len(slots), from_checkpoint, offset, seconds, report, verified if verify else 0.0,
+        slots_made, no_pack, written,
+    )  # fmt: skip
+
+
+def pack_beside(path: str | Path, dtype: torch.dtype) -> Path:
+    """Where a streamed swappable export's own pack goes: NAME.onnx_adapter beside NAME(.swappable).onnx, or
+    NAME.pack.safetensors for a bf16 model (ONNX Runtime's adapter writer has no bfloat16)."""
+    path = Path(path)
+    stem = path.name.split(".")[0]
+    return path.with_name(stem + (".pack.safetensors" if dtype == torch.bfloat16 else ".onnx_adapter"))
+
+
+def _refuse(report: BlockwiseReport, path: Path, case: str = "") -> None:
+    if not report.ok:
+        raise SurgeryError(
+            f"{path}: ONNX Runtime differs from torch{case} by more than --tolerance + --rtol x max|torch| allow, "
+            f"block by block: {report.summary()}; nothing was written"
+        )
 
 
 def _write_data(data: Path, slots: list[Slot], captured: MetaCaptured, progress: Progress | None) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,16 +91,35 @@ def make_slots(model: onnx.ModelProto, manifest: Manifest) -> int:
 
 def _with_adapters(gm: torch.nn.Module, fill: str, seed: int = 0) -> torch.nn.Module:
     """A copy of `gm` whose adapter tensors are distinct random values ('random') or zero up-projections ('base')."""
-    g = torch.Generator().manual_seed(seed)
     out = copy.deepcopy(gm)
+    _fill(out, fill, seed)
+    return out
+
+
+def _fill(gm: torch.nn.Module, fill: str, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in out.named_parameters():
+        for name, p in gm.named_parameters():
             if name.startswith(ADAPTER_ROOT + "."):
                 if fill == "random":
                     p.copy_(torch.randn(p.shape, generator=g))
                 elif name.endswith(("up_w", "up_b")):
                     p.zero_()
-    return out
+
+
+@contextmanager
+def adapters_filled(gm: torch.nn.Module, fill: str, seed: int = 0) -> Iterator[torch.nn.Module]:
+    """`_with_adapters` in place, for a model that cannot be copied (fake base weights, exporters/stream.py): the
+    adapter tensors hold `fill` inside the block and their own values again after it."""
+    saved = {n: p.detach().clone() for n, p in gm.named_parameters() if n.startswith(ADAPTER_ROOT + ".")}
+    _fill(gm, fill, seed)
+    try:
+        yield gm
+    finally:
+        with torch.no_grad():
+            for n, p in gm.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
 
 
 def export_swappable(

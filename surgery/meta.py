@@ -143,7 +143,7 @@ class MetaCaptured(Captured):
     """A capture whose base parameters are fake tensors: `keys` maps each to its checkpoint tensor."""
 
     checkpoint: Checkpoint | None = None
-    keys: dict[str, str] | None = None  # GraphModule parameter name -> checkpoint tensor name
+    keys: dict[str, str] | None = None  # GraphModule parameter name (each name of a tied one) -> checkpoint tensor
     dtype: torch.dtype = torch.float32
 
 
@@ -163,7 +163,7 @@ def capture_meta(source: str, dtype: str = "auto", task: str | None = None) -> M
 
     from surgery.load import DTYPE_NAMES, DTYPES, _decoder_inputs_from_input_ids, _model_class, _read_config, sha256_of
     from surgery.load import hf_signature
-    from surgery.tasks import CAUSAL_LM, check_task, default_task
+    from surgery.tasks import CAUSAL_LM, check_task, default_task, with_past
 
     path = Path(source)
     if not (path.is_dir() and (path / "config.json").is_file()):
@@ -176,23 +176,18 @@ def capture_meta(source: str, dtype: str = "auto", task: str | None = None) -> M
     check_task(task)
     config = _read_config(path / "config.json", source, AutoConfig)
     task = task or default_task(config)
-    if task == CAUSAL_LM:
-        raise SurgeryError(
-            f"{source}: --stream exports the model without its KV cache; give --task feature-extraction "
-            "(the decoder's hidden states), or drop --stream for a causal LM with its cache"
-        )
     own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     wanted = DTYPES.get(dtype) or (own if own in DTYPE_NAMES else torch.float32)
     cls = _model_class(config, task)
     with params_on_meta():
         model = cls.from_config(config, dtype=wanted) if hasattr(cls, "from_config") else cls(config)
     model.eval()
-    if hasattr(model.config, "use_cache"):
+    if hasattr(model.config, "use_cache") and task != CAUSAL_LM:
         model.config.use_cache = False
     from surgery.architectures import architecture
 
     arch = architecture(config.model_type)
-    if arch is not None and arch.decoder_from_input_ids:
+    if arch is not None and arch.decoder_from_input_ids and task != CAUSAL_LM:
         model.register_forward_pre_hook(_decoder_inputs_from_input_ids, with_kwargs=True)
     checkpoint = Checkpoint.of(path, getattr(model, "base_model_prefix", "") or "")
     aliases: dict[int, list[str]] = {}
@@ -204,25 +199,29 @@ def capture_meta(source: str, dtype: str = "auto", task: str | None = None) -> M
         if key is None:
             missing.append(name)
         else:
-            keys[name] = key
+            keys.update({alias: key for alias in aliases[id(p)]})  # tied: the exporter may name either
     if missing:
         raise SurgeryError(
             f"{source}: {len(missing)} parameters are not in the checkpoint's safetensors (first: {missing[0]}); "
             "the folder's weights do not match its config.json: fix the folder, or drop --stream"
         )
     fake_parameters(model)
-    signature = hf_signature(model)
-    program = export_program(model, signature, source)  # return_dict as configured: the output names
-    out_spec = program.call_spec.out_spec
-    names = tuple(str(k) for k in (out_spec.context or [])) if out_spec is not None else ()
-    gm = program.module()
-    leaves = len([n for n in gm.graph.output_node().args[0]]) if gm.graph.output_node().args else 0
-    _tuple_outputs(gm, leaves)
-    if len(names) != leaves:
-        names = ()
+    if task == CAUSAL_LM:  # with its KV cache, as load does (tasks.py): the wrapper's outputs are named already
+        module, signature = with_past(model)
+        program = export_program(module, signature, source)
+        gm = program.module()
+    else:
+        signature = hf_signature(model)
+        program = export_program(model, signature, source)  # return_dict as configured: the output names
+        out_spec = program.call_spec.out_spec
+        names = tuple(str(k) for k in (out_spec.context or [])) if out_spec is not None else ()
+        gm = program.module()
+        leaves = len([n for n in gm.graph.output_node().args[0]]) if gm.graph.output_node().args else 0
+        _tuple_outputs(gm, leaves)
+        signature = replace(signature, outputs=names if len(names) == leaves else ())
     return MetaCaptured(
         gm=gm,
-        signature=replace(signature, outputs=names),
+        signature=signature,
         source=Source(source, str(path), sha256_of(path), config.model_type),
         task=task,
         checkpoint=checkpoint,
