@@ -34,6 +34,7 @@ from exporters.onnx_files import DATA, atomic_onnx
 from exporters.slots import SwappableMeta
 from exporters.swappable import adapters_filled, make_slots
 from surgery.errors import SurgeryError
+from surgery.fuse import fused_copy
 from surgery.meta import MetaCaptured, is_fake
 from surgery.packs import pack_from_model, save_pack
 from surgery.sites import ADAPTER_ROOT
@@ -153,10 +154,12 @@ def export_streamed(
         SwappableMeta.of(captured.manifest, "--swappable")  # bottleneck adapters only: refused before the export
     adapter = lambda v: swappable and v.name.startswith(ADAPTER_ROOT + ".")  # noqa: E731  a slot, not a weight
     # swappable: traced with distinct random adapter values (the exporter merges identical initializers)
-    with adapters_filled(captured.gm, "random") if swappable else nullcontext():
-        program = onnx_program(captured.gm, captured.signature, str(path), optimize=False)
+    # baked: bottlenecks in the two-GEMM export form, base weights untouched (surgery/fuse.py's unit rank)
+    gm = captured.gm if swappable else fused_copy(captured.gm, captured.manifest, fold_bias=False) or captured.gm
+    with adapters_filled(gm, "random") if swappable else nullcontext():
+        program = onnx_program(gm, captured.signature, str(path), optimize=False)
     model = program.model
-    names = {id(p): n for n, p in captured.gm.named_parameters()}
+    names = {id(p): n for n, p in gm.named_parameters()}
     held = [
         v for v in model.graph.initializers.values() if _raw(v) is not None and (is_fake(_raw(v)) or adapter(v))
     ]  # fmt: skip

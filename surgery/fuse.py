@@ -113,12 +113,13 @@ def _unit_rank(module: Bottleneck) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return w, b, u
 
 
-def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False) -> int:
+def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False, fold_bias: bool = True) -> int:
     """Make each bottleneck a FusedBottleneck (in place): its up-bias folded into its projection's bias, or, for a
     projection without one, carried as a unit rank (the module's docstring).
 
     With `kernel`, a KernelBottleneck (one custom op) instead, where the up-bias folds into the projection only.
-    Returns how many were fused.
+    `fold_bias=False` leaves every base weight as it is (the unit rank everywhere): for the streamed export, whose
+    base weights come from the checkpoint's bytes. Returns how many were fused.
     """
     fused = 0
     for node in adapter_nodes(gm):
@@ -126,7 +127,7 @@ def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False) -> int:
         x = node.args[0]
         if type(module) is not Bottleneck:
             continue
-        bias_node = _bias_node(x) if len(x.users) == 1 else None  # the projection's bias, when only we read it
+        bias_node = _bias_node(x) if fold_bias and len(x.users) == 1 else None  # the projection's bias, if ours alone
         if bias_node is not None:
             bias = gm.get_parameter(str(bias_node.target))
             with torch.no_grad():
@@ -144,13 +145,15 @@ def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False) -> int:
     return fused
 
 
-def fused_copy(gm: fx.GraphModule, manifest: Manifest | None = None, kernel: bool = False) -> fx.GraphModule | None:
+def fused_copy(
+    gm: fx.GraphModule, manifest: Manifest | None = None, kernel: bool = False, fold_bias: bool = True
+) -> fx.GraphModule | None:
     """A copy of `gm` with its bottlenecks fused for export, or None when there is nothing to fuse.
 
     `manifest` (of a reloaded .adapted.pt2, whose adapters are inlined) says where the adapters are;
     `kernel` makes them KernelBottlenecks (for torch on CUDA; ONNX export takes the plain fused form).
     """
-    return rewritten_copy(gm, manifest, lambda out: fuse_bottlenecks(out, kernel))
+    return rewritten_copy(gm, manifest, lambda out: fuse_bottlenecks(out, kernel, fold_bias))
 
 
 def rewritten_copy(

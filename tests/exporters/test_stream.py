@@ -119,3 +119,25 @@ def test_cli_streams_a_folder_with_adapters(cli, folder, tmp_path):
     refused = cli("export", folder, "--method", "lora", cwd=tmp_path)
     assert refused.code == 2 and "Traceback" not in refused.stderr
     assert "--stream" in refused.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # o_proj without a bias; GPT-2's Conv1D with one
+def test_streamed_houlsby_exports_two_gemms_per_adapter_and_leaves_base_weights_as_stored(family, tmp_path):
+    """Baked bottlenecks stream in surgery/fuse.py's two-GEMM form with the up-bias as a unit rank (never folded
+    into a projection's bias: base weights are the checkpoint's bytes), and verify block by block against the
+    unfused model in torch."""
+    import collections
+
+    from surgery.adapters import AdapterSpec
+
+    folder = write_checkpoint(tmp_path / family, family)
+    fake = capture_meta(str(folder), task=TASK)
+    adapt(fake, AdapterSpec("houlsby", r=4), seed=0)
+    stand_in_weights(fake.gm, seed=3)
+    result = export_streamed(fake, tmp_path / "h.onnx")
+    assert result.blocks is not None and result.blocks.ok, result.blocks.summary()
+    graph = onnx.load(str(result.path), load_external_data=False).graph
+    gemms = collections.Counter(n.op_type for n in graph.node if any(i.startswith("adapters.") for i in n.input))
+    assert gemms == {"Gemm": 2 * 4}, gemms  # 2 layers x 2 sites x (down, up): nothing else reads an adapter
+    stored = {t.name: t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert result.from_checkpoint == len(fake.keys) and len(stored) >= result.from_checkpoint
