@@ -214,8 +214,8 @@ def convert_gguf(
         raise SurgeryError(f"--dtype {dtype}: choose auto, {', '.join(DTYPES)}")
     out = check_target(out)
     reader = _reader(path)
-    from transformers import AutoConfig
     from transformers.integrations.gguf.utils import is_gguf_arch_supported
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS,
         TensorProcessor,
@@ -233,7 +233,8 @@ def convert_gguf(
         )
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        # what AutoConfig.from_pretrained(gguf_file=...) builds from the same dict, without reading the file again
+        config = CONFIG_MAPPING[parsed["config"]["model_type"]].from_dict(dict(parsed["config"]))
     except (ValueError, OSError, KeyError, RuntimeError) as exc:  # an unsupported architecture, a damaged file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SurgeryError(

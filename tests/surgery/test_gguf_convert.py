@@ -102,6 +102,12 @@ def test_the_folder_holds_transformers_own_gguf_tensors(tiny, reference, tmp_pat
         assert torch.equal(got[name], t), name
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == LAYERS
+    from transformers import AutoConfig
+
+    own = AutoConfig.from_pretrained(tiny.parent, gguf_file=tiny.name).to_dict()
+    saved = AutoConfig.from_pretrained(tmp_path / "hf").to_dict()
+    ignore = {"architectures", "dtype", "_name_or_path", "transformers_version"}
+    assert {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in own.items() if k not in ignore}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary left
 
 
