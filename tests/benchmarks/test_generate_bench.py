@@ -4,12 +4,15 @@ model decodes. Held to transformers' greedy `generate` on the same weights with 
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.generate import TorchGenerator, adapted_variant
 from surgery.adapters import AdapterSpec
 from surgery.insert import sites_for
 from tests.lm_reference import hf_generate, hf_model
 
 PROMPT = [5, 17, 300, 42, 9, 77, 123]
+pytestmark = pytest.mark.slow  # benchmark code: make test stays under 6 minutes, CI runs it in make test-slow
 
 
 def test_torch_generator_decodes_the_tokens_transformers_decodes(lm_base, lm_config):

@@ -41,12 +41,12 @@ def lora_folder(folder, tensors):
 @pytest.mark.parametrize(
     "source, base, output, message",
     [
-        ("empty", "not-hf", "out", "no LoRA tensors"),
+        pytest.param("empty", "not-hf", "out", "no LoRA tensors", marks=pytest.mark.slow),
         pytest.param("lora", "not-hf", "out", "Hugging Face folder", marks=pytest.mark.slow),
         pytest.param("lora", "not-hf", "taken", "exists", marks=pytest.mark.slow),
     ],
     ids=["no LoRA in the source", "not a HF folder", "output exists"],
-)  # the default tier runs one: each is a CLI process, about 4-6 s of imports here
+)  # slow tier (the CLI error paths): each is a CLI process, about 4-6 s of imports here
 def test_streamed_merge_refusals_are_one_line(cli, tmp_path, source, base, output, message):
     lora_folder(
         tmp_path / "lora",

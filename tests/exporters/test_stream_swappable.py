@@ -131,11 +131,11 @@ def test_cli_streams_a_swappable_export_and_its_pack(cli, folder, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--stream", "--route"], "cannot open"),
+        pytest.param(["--stream", "--route"], "cannot open", marks=pytest.mark.slow),
         pytest.param(["--stream", "--swappable"], "--method houlsby", marks=pytest.mark.slow),
     ],
     ids=["--route", "--swappable without --method"],
-)  # the default tier runs one: each is a CLI process, about 4-6 s of imports here
+)  # slow tier (the CLI error paths): each is a CLI process, about 4-6 s of imports here
 def test_cli_refuses_before_any_capture(cli, tmp_path, args, message):
     refused = cli("export", tmp_path, *args, cwd=tmp_path)
     assert refused.code == 2 and "Traceback" not in refused.stderr, refused.stderr
