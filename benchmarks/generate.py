@@ -13,7 +13,9 @@ batch on adapters 0..3). Each is measured through `exporters.runtime.Generator` 
 - prefill: the first step of a 128-token prompt (the graph's run at past length 0, and the argmax);
 - ttft: time to the first token of a short prompt (the issue's peers' measure);
 - decode tok/s at batch 1 and 8: 32 new tokens from that prompt, per stream.
-Median of `--runs`, variants in turn within each run; ONNX Runtime's spinning is off (DESIGN.md: sessions timed in
+Median of `--runs`, variants in turn within each run, the order rotated from run to run (on 2026-11-28 lora-merged,
+the base graph with other weights, came out 13% slower than base, third in a fixed order: an error of the method,
+larger than the 3% target, which rotation spreads over the variants); ONNX Runtime's spinning is off (DESIGN.md: sessions timed in
 turn in one process fight over spinning thread pools). Each adapted variant's overhead is against `base` (the issue's
 target: decode at batch 1 <= 3% slower per token). Every variant is exported first, one at a time (its torch copies
 freed), then all sessions are opened: GPT-2 medium holds six sessions of 1.4 GB of weights each. Writes
@@ -265,8 +267,8 @@ def bench_model(model: str, variants: list[str], args) -> None:
         for gen, kwargs in gens.values():  # warm-up
             gen.generate(prompt, 4, **kwargs)
         runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
-        for _ in range(args.runs):
-            for v in variants:
+        for k in range(args.runs):  # the order rotates run to run: a variant's place in the turn costs time too
+            for v in variants[k % len(variants) :] + variants[: k % len(variants)]:
                 runs[v].append(measure(*gens[v], prompt, long_prompt))
         del gens
     rows = {v: {k: statistics.median(r[k] for r in runs[v]) for k in runs[v][0]} for v in variants}
