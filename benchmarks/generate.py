@@ -15,10 +15,11 @@ batch on adapters 0..3). Each is measured through `exporters.runtime.Generator` 
 - decode tok/s at batch 1 and 8: 32 new tokens from that prompt, per stream.
 Median of `--runs`, variants in turn within each run, the order rotated from run to run (on 2026-11-28 lora-merged,
 the base graph with other weights, came out 13% slower than base, third in a fixed order: an error of the method,
-larger than the 3% target, which rotation spreads over the variants); ONNX Runtime's spinning is off (DESIGN.md: sessions timed in
-turn in one process fight over spinning thread pools). Each adapted variant's overhead is against `base` (the issue's
-target: decode at batch 1 <= 3% slower per token). Every variant is exported first, one at a time (its torch copies
-freed), then all sessions are opened: GPT-2 medium holds six sessions of 1.4 GB of weights each. Writes
+larger than the 3% target, which rotation spreads over the variants); ONNX Runtime's spinning is off (DESIGN.md:
+sessions timed in turn in one process fight over spinning thread pools). Each adapted variant's overhead is against
+`base` (the issue's target: decode at batch 1 <= 3% slower per token). Every variant is exported first, one at a time
+(its torch copies freed), then all sessions are opened: GPT-2 medium holds six sessions of 1.4 GB of weights each.
+Writes
 generate_MODEL.{json,md} per model beside the printed tables.
 
 `--backend torch` / `torch-cuda` (issue 12's GPU rows): base, houlsby, lora and lora-merged run as the captured
