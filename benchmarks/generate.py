@@ -19,8 +19,7 @@ larger than the 3% target, which rotation spreads over the variants); ONNX Runti
 sessions timed in turn in one process fight over spinning thread pools). Each adapted variant's overhead is against
 `base` (the issue's target: decode at batch 1 <= 3% slower per token). Every variant is exported first, one at a time
 (its torch copies freed), then all sessions are opened: GPT-2 medium holds six sessions of 1.4 GB of weights each.
-Writes
-generate_MODEL.{json,md} per model beside the printed tables.
+Writes generate_MODEL.{json,md} per model beside the printed tables.
 
 `--backend torch` / `torch-cuda` (issue 12's GPU rows): base, houlsby, lora and lora-merged run as the captured
 graph itself (re-exported, moved to the device with torch.export's move_to_device_pass), eager, through
