@@ -165,14 +165,10 @@ def dtype_name(dtype: str) -> str:
     return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
 
 
-def run_streamed(model: str, dtype: str, folder: Path) -> dict:
-    """The streamed path: the checkpoint written, then one `export --stream` (capture, insert, stream, verify)."""
-    ckpt = folder / "checkpoint"
-    ckpt.mkdir()
-    params, seconds = write_checkpoint(model, dtype, ckpt)
-    weight_bytes = params * BYTES[dtype]
-    print(model, dtype, f"checkpoint: {params} parameters, {weight_bytes / 1e9:.2f} GB, {seconds:.0f} s", flush=True)
-    args = ["export", str(ckpt), "--stream", "--task", "feature-extraction", "--method", "lora", "--r", "8"]
+def streamed_export(source: Path, dtype: str, folder: Path) -> dict:
+    """`surgery export SOURCE --stream --task feature-extraction --method lora --r 8` into FOLDER/m.onnx, timed, with
+    what its --json says of the export and of the block-wise verification."""
+    args = ["export", str(source), "--stream", "--task", "feature-extraction", "--method", "lora", "--r", "8"]
     step = timed([*args, "--dtype", dtype, "-o", "m.onnx", "--json"], folder)
     data = folder / "m.onnx.data"
     step["output_gb"] = round(data.stat().st_size / 1e9, 2) if data.exists() else None
@@ -188,6 +184,17 @@ def run_streamed(model: str, dtype: str, folder: Path) -> dict:
             parts_checked=len(blocks["parts"]),
             worst_part=f"{worst['part']}: {worst['max_abs_diff']:.2e} abs, {worst['max_rel_diff']:.2e} of max|torch|",
         )
+    return step
+
+
+def run_streamed(model: str, dtype: str, folder: Path) -> dict:
+    """The streamed path: the checkpoint written, then one `export --stream` (capture, insert, stream, verify)."""
+    ckpt = folder / "checkpoint"
+    ckpt.mkdir()
+    params, seconds = write_checkpoint(model, dtype, ckpt)
+    weight_bytes = params * BYTES[dtype]
+    print(model, dtype, f"checkpoint: {params} parameters, {weight_bytes / 1e9:.2f} GB, {seconds:.0f} s", flush=True)
+    step = streamed_export(ckpt, dtype, folder)
     step["rss_over_weights"] = round(step["peak_rss_gb"] * 1e9 / weight_bytes, 2)
     print(model, dtype, json.dumps(step), flush=True)
     return {"params": params, "weight_gb": round(weight_bytes / 1e9, 2), "steps": {"export --stream (verified)": step}}
@@ -289,31 +296,15 @@ def run_real(name: str, dtypes: list[str], folder: Path, limit_gb: float, in_mem
     ids = rng.integers(0, 30000, (1, 8), dtype=np.int64)
     np.savez(folder / "x.npz", input_ids=ids, attention_mask=np.ones_like(ids))
     for dtype in dtypes:
-        args = ["export", str(hf), "--stream", "--task", "feature-extraction", "--method", "lora", "--r", "8"]
-        steps[f"export --stream {dtype} (verified per block)"] = step = timed(
-            [*args, "--dtype", dtype, "-o", "m.onnx", "--json"], folder
-        )
-        out = step.pop("stdout")
-        data = folder / "m.onnx.data"
-        step["output_gb"] = round(data.stat().st_size / 1e9, 2) if data.exists() else None
+        steps[f"export --stream {dtype} (verified per block)"] = step = streamed_export(hf, dtype, folder)
         if step["exit"] == 0:
-            result = json.loads(out)
-            blocks = result["blockwise"]
-            worst = max(blocks["parts"], key=lambda p: p["max_rel_diff"])
-            step.update(
-                export_seconds=result["export_seconds"],
-                verify_seconds=result["verify_seconds"],
-                blocks_ok=blocks["ok"],
-                parts_checked=len(blocks["parts"]),
-                worst_part=f"{worst['part']}: {worst['max_abs_diff']:.2e} abs, {worst['max_rel_diff']:.2e} rel",
-            )
             steps[f"surgery run (ORT, {dtype}, 1 x 8 tokens)"] = ran = timed(
                 ["run", "m.onnx", "--input", "x.npz", "--save", f"ort-{dtype}.npz", "--json"], folder
             )
             ran.pop("stdout")
             print(name, dtype, json.dumps(ran), flush=True)
         print(name, dtype, json.dumps(step), flush=True)
-        for f in (folder / "m.onnx", data):
+        for f in (folder / "m.onnx", folder / "m.onnx.data"):
             f.unlink(missing_ok=True)
     reference = folder / "torch.npz"
     t0 = time.perf_counter()
