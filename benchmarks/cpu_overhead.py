@@ -6,7 +6,7 @@ The pretrained MiniLM and Houlsby r=8 on it (12 bottlenecks, relu, distinct rand
 sequence 128. Every file comes from the tool's own exporters, each checked against torch when written:
 - `base`: `surgery export minilm`;
 - `houlsby`: the baked export as `surgery export` writes it (the fused form, surgery/fuse.py: up-bias folded into
-  the projection, the up-projection a Gemm whose C input is the residual);
+  the projection, the up-projection a MatMul and the Add of the residual);
 - `houlsby-folded`: each down-projection folded into the projection before it (surgery/fold.py: one GEMM over
   `[W | W·W_down]`, its two parts taken by Slice; the skinny down-GEMM is gone);
 - `swappable+pack`: the swappable export with the model's own pack active;

@@ -154,7 +154,7 @@ def export_streamed(
         SwappableMeta.of(captured.manifest, "--swappable")  # bottleneck adapters only: refused before the export
     adapter = lambda v: swappable and v.name.startswith(ADAPTER_ROOT + ".")  # noqa: E731  a slot, not a weight
     # swappable: traced with distinct random adapter values (the exporter merges identical initializers)
-    # baked: bottlenecks in the two-GEMM export form, base weights untouched (surgery/fuse.py's unit rank)
+    # baked: bottlenecks in the fused export form, base weights untouched (surgery/fuse.py's unit rank)
     gm = captured.gm if swappable else fused_copy(captured.gm, captured.manifest, fold_bias=False) or captured.gm
     with adapters_filled(gm, "random") if swappable else nullcontext():
         program = onnx_program(gm, captured.signature, str(path), optimize=False)

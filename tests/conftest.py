@@ -3,6 +3,7 @@ and a runner for the CLI as a subprocess."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import json
@@ -86,6 +87,23 @@ class TinyTransformer(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
+
+
+def fused_adapter_ops(graph) -> collections.Counter:
+    """The op types of an ONNX graph's nodes that read an adapter's weight, after checking surgery/fuse.py's form:
+    each up-projection a MatMul whose one consumer is the Add of the residual (not a Gemm with the residual as C)."""
+    users: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    ops = collections.Counter()
+    for n in graph.node:
+        if any(i.startswith("adapters.") for i in n.input):
+            ops[n.op_type] += 1
+            if any(i.endswith(".up_w") for i in n.input):
+                assert n.op_type == "MatMul", f"{n.name}: the up-projection is a {n.op_type}"
+                assert [u.op_type for u in users[n.output[0]]] == ["Add"], f"{n.name} is not followed by one Add"
+    return ops
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from exporters.onnx import export_onnx
 from surgery.adapters import AdapterSpec, stand_in_weights
 from surgery.fuse import FusedBottleneck, fuse_bottlenecks, fused_copy
 from surgery.pipeline import adapt, open_model
-from tests.conftest import make_adapted
+from tests.conftest import fused_adapter_ops, make_adapted
 
 
 def _outputs(captured, gm):
@@ -40,8 +40,9 @@ def test_reloaded_pt2_exports_fused_and_matches_torch(tmp_path, minilm_base):
     adapted = make_adapted(minilm_base, tmp_path, 8)
     result = export_onnx(adapted.gm, adapted.signature, tmp_path / "m.onnx", manifest=adapted.manifest)
     assert result.parity.max_abs_diff < 1e-4
-    ops = collections.Counter(n.op_type for n in onnx.load(str(result.path)).graph.node)
-    assert ops["Gemm"] == 24 + 1  # two per adapter, and the pooler
+    graph = onnx.load(str(result.path)).graph
+    assert fused_adapter_ops(graph) == {"Gemm": 12, "MatMul": 12}  # per adapter: down (Gemm), up (MatMul, then Add)
+    assert collections.Counter(n.op_type for n in graph.node)["Gemm"] == 12 + 1  # and the pooler
 
 
 def test_projections_without_bias_fuse_with_the_up_bias_as_a_unit_rank(small_config):
@@ -60,12 +61,12 @@ def test_projections_without_bias_fuse_with_the_up_bias_as_a_unit_rank(small_con
 
 
 @pytest.mark.slow  # make test stays under 6 minutes; CI runs it in make test-slow
-def test_projections_without_bias_export_as_two_gemms_per_adapter(tmp_path, small_config):
+def test_projections_without_bias_export_as_two_matmuls_per_adapter(tmp_path, small_config):
     adapted = make_adapted(open_model(str(small_config("llama"))), tmp_path, 4)
     result = export_onnx(adapted.gm, adapted.signature, tmp_path / "l.onnx", manifest=adapted.manifest)
     assert result.parity.max_abs_diff < 1e-4
     graph = onnx.load(str(result.path)).graph
-    assert collections.Counter(n.op_type for n in graph.node)["Gemm"] == 2 * 4
+    assert fused_adapter_ops(graph) == {"Gemm": 4, "MatMul": 4}
     assert not [n for n in graph.node if any(".up_b" in i for i in n.input)], "the up-bias rides in the up GEMM"
 
 
