@@ -36,40 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = {
-    "qwen2.5-0.5b": dict(
-        model_type="qwen2",
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
-        rope_theta=1000000.0,
-    ),
-    "llama-559m": dict(
-        model_type="llama",
-        hidden_size=1536,
-        intermediate_size=4096,
-        num_hidden_layers=18,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        vocab_size=32000,
-        max_position_embeddings=512,
-    ),
-}
-CONFIGS["llama-2-7b"] = dict(
-    model_type="llama",
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-    max_position_embeddings=4096,
-)
+from surgery.architectures import BUILTIN
+
+LARGE = ("qwen2.5-0.5b", "llama-559m", "llama-2-7b")  # shapes of surgery/architectures.py BUILTIN
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 SHARD = 2_000_000_000  # bytes per safetensors shard written by --stream
 
@@ -97,7 +66,7 @@ def timed(args: list[str], cwd: Path) -> dict:
 def run(model: str, dtype: str, folder: Path) -> dict:
     from transformers import AutoConfig
 
-    spec = dict(CONFIGS[model])
+    spec = dict(BUILTIN[model])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     config.save_pretrained(folder)
     with __import__("torch").device("meta"):
@@ -127,7 +96,7 @@ def write_checkpoint(model: str, dtype: str, folder: Path) -> tuple[int, float]:
     from transformers import AutoConfig
 
     start = time.perf_counter()
-    spec = dict(CONFIGS[model])
+    spec = dict(BUILTIN[model])
     config = AutoConfig.for_model(spec.pop("model_type"), dtype=dtype_name(dtype), **spec)
     config.save_pretrained(folder)
     with torch.device("meta"):
@@ -341,7 +310,7 @@ def run_real(name: str, dtypes: list[str], folder: Path, limit_gb: float, in_mem
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(CONFIGS), default="qwen2.5-0.5b")
+    parser.add_argument("--model", choices=LARGE, default="qwen2.5-0.5b")
     parser.add_argument("--dtype", nargs="+", choices=sorted(BYTES), default=["fp32"])
     parser.add_argument("--out", default="benchmarks/results/large.json")
     parser.add_argument("--stream", action="store_true", help="The streamed path (export --stream) on safetensors.")

@@ -268,6 +268,39 @@ BUILTIN: dict[str, dict[str, Any]] = {
         vocab_size=30522,
         max_position_embeddings=512,
     ),
+    # the large-model benchmark's shapes (benchmarks/large.py)
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    ),
+    "llama-559m": dict(
+        model_type="llama",
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=18,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32000,
+        max_position_embeddings=512,
+    ),
+    "llama-2-7b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
 }
 
 
