@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,67 +15,16 @@ from safetensors.torch import load_file
 from surgery import gguf_convert
 from surgery.errors import SurgeryError
 from surgery.gguf_convert import convert_gguf
+from tests.checkpoints import write_gguf
 
-D, FF, LAYERS, HEADS, KV, VOCAB = 64, 128, 2, 4, 2, 300
-
-
-def write_quantized_gguf(path: Path) -> Path:
-    """A Llama GGUF as llama.cpp writes one: q/k permuted by llama.cpp's convention (transformers undoes it),
-    matrices in Q8_0, Q4_0 and F16, norms in F32, an untied output head."""
-    import gguf
-    from gguf import GGMLQuantizationType as T
-
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(128)
-    w.add_embedding_length(D)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(FF)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV)
-    w.add_rope_dimension_count(D // HEADS)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(VOCAB)
-    shapes = {"token_embd.weight": (VOCAB, D), "output_norm.weight": (D,), "output.weight": (VOCAB, D)}
-    for i in range(LAYERS):
-        shapes.update(
-            {
-                f"blk.{i}.attn_norm.weight": (D,),
-                f"blk.{i}.ffn_norm.weight": (D,),
-                f"blk.{i}.attn_q.weight": (D, D),
-                f"blk.{i}.attn_k.weight": (KV * D // HEADS, D),
-                f"blk.{i}.attn_v.weight": (KV * D // HEADS, D),
-                f"blk.{i}.attn_output.weight": (D, D),
-                f"blk.{i}.ffn_gate.weight": (FF, D),
-                f"blk.{i}.ffn_up.weight": (FF, D),
-                f"blk.{i}.ffn_down.weight": (D, FF),
-            }
-        )
-    kinds = [T.Q8_0, T.Q4_0, T.F16]
-    for k, (name, shape) in enumerate(shapes.items()):
-        t = (rng.standard_normal(shape) * 0.05 + (1.0 if len(shape) == 1 else 0.0)).astype(np.float32)
-        kind = T.F32 if len(shape) == 1 else kinds[k % len(kinds)]
-        if kind == T.F16:
-            w.add_tensor(name, t.astype(np.float16))
-        elif kind == T.F32:
-            w.add_tensor(name, t)
-        else:
-            w.add_tensor(
-                name,
-                gguf.quants.quantize(t, kind),
-                raw_shape=gguf.quant_shape_to_byte_shape(shape, kind),
-                raw_dtype=kind,
-            )
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+LAYERS = 2
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return write_quantized_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_gguf(path, vocab=300, layers=LAYERS, quantized=True)  # Q8_0, Q4_0, F16, F32, an untied head
+    return path
 
 
 @pytest.fixture(scope="module")

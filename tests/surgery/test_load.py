@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from surgery.errors import SurgeryError
 from surgery.load import load, sha256_of
 from surgery.signature import Axis, parse_input_shape
+from tests.checkpoints import write_gguf
 from tests.conftest import TinyTransformer
 
 
@@ -92,47 +92,6 @@ def test_input_shape_ranges():
     spec = parse_input_shape("batch,tokens=4:1024,64", "x")
     assert spec.shape == (2, 16, 64)
     assert spec.axes == {0: Axis("batch", 1, 64), 1: Axis("tokens", 4, 1024)}
-
-
-def write_gguf(path: Path, arch: str = "llama", d: int = 64, ff: int = 128, layers: int = 2) -> dict[str, np.ndarray]:
-    """A small GGUF file as llama.cpp writes one (fp32 tensors, llama.cpp's names); returns the tensors written."""
-    import gguf
-
-    heads, kv, vocab = 4, 2, 1000
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(128)
-    w.add_embedding_length(d)
-    w.add_block_count(layers)
-    w.add_feed_forward_length(ff)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv)
-    w.add_rope_dimension_count(d // heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(vocab)
-    shapes = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,)}
-    for i in range(layers):
-        shapes.update(
-            {
-                f"blk.{i}.attn_norm.weight": (d,),
-                f"blk.{i}.ffn_norm.weight": (d,),
-                f"blk.{i}.attn_q.weight": (d, d),
-                f"blk.{i}.attn_k.weight": (kv * d // heads, d),
-                f"blk.{i}.attn_v.weight": (kv * d // heads, d),
-                f"blk.{i}.attn_output.weight": (d, d),
-                f"blk.{i}.ffn_gate.weight": (ff, d),
-                f"blk.{i}.ffn_up.weight": (ff, d),
-                f"blk.{i}.ffn_down.weight": (d, ff),
-            }
-        )
-    tensors = {name: (rng.standard_normal(shape) * 0.05).astype(np.float32) for name, shape in shapes.items()}
-    for name, t in tensors.items():
-        w.add_tensor(name, t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return tensors
 
 
 def test_a_gguf_file_or_a_folder_holding_one_loads_its_weights_in_fp32(tmp_path):
