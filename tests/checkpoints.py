@@ -3,6 +3,7 @@ and several files), saved from the causal-LM class so that the tensor names carr
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,15 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     return tensors
+
+
+def read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded safetensors checkpoint (its index and shards), by name."""
+    from safetensors import safe_open
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for shard in set(index.values()):
+        with safe_open(str(folder / shard), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

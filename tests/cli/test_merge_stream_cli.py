@@ -9,24 +9,14 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from surgery.merge import merge_adapters
 from surgery.peft_import import import_peft
 from surgery.pipeline import open_model
-from tests.checkpoints import write_checkpoint
+from tests.checkpoints import read_checkpoint, write_checkpoint
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def read_all(folder):
-    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    out = {}
-    for shard in set(index.values()):
-        with safe_open(str(folder / shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def lora_folder(folder, tensors):
@@ -83,7 +73,7 @@ def test_cli_streamed_merge_equals_the_in_memory_merge_and_peft(cli, tmp_path):
     import_peft(eager, tmp_path / "lora")
     merge_adapters(eager.gm)
     ours = {n: p.detach() for n, p in eager.gm.named_parameters()}
-    before, after = read_all(folder), read_all(tmp_path / "merged")
+    before, after = read_checkpoint(folder), read_checkpoint(tmp_path / "merged")
     assert set(after) == set(before)
     for key, tensor in after.items():
         assert torch.equal(tensor, ours[key]), key  # the in-memory merge, exactly

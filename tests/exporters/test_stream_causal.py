@@ -6,10 +6,8 @@ in-memory export. Slow tier: each export runs torch.onnx (about 10 s here)."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from exporters.onnx import OPSET_CACHE, export_onnx
 from exporters.runtime import Generator
@@ -19,6 +17,7 @@ from surgery.meta import capture_meta
 from surgery.parity import compare
 from surgery.pipeline import adapt, open_model
 from tests.checkpoints import write_checkpoint
+from tests.exporters.streamed import arrays, assert_in_streamed
 
 pytestmark = pytest.mark.slow
 SPEC = parse_spec("lora", "4", targets="q,v,ffn_out")
@@ -48,11 +47,6 @@ def exports(folder, tmp_path_factory):
     return fake, streamed, out / "m.onnx"
 
 
-def arrays(path):
-    model = onnx.load(str(path), load_external_data=False)
-    return model, {t.name: numpy_helper.to_array(t, base_dir=str(path.parent)) for t in model.graph.initializer}
-
-
 def test_streamed_causal_lm_has_the_cache_layout_and_is_the_in_memory_export(exports):
     fake, streamed, memory = exports
     assert fake.task == "causal-lm"
@@ -72,16 +66,8 @@ def test_streamed_causal_lm_has_the_cache_layout_and_is_the_in_memory_export(exp
     external = {t.name for t in s_model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     base = {n for n in external if not n.startswith("adapters.")}  # LoRA tensors past 1 KB are in the data file too
     assert len(base) == streamed.from_checkpoint == len(fake.keys) == 21  # lm_head tied: one tensor, embed_tokens
-    # every tensor of the in-memory export is one of the streamed file's, by name or transposed (the in-memory
-    # optimizer folds a Linear's transpose into an anonymous tensor; the streamed graph keeps the checkpoint's layout)
-    for name, want in m.items():
-        if name in s:
-            assert s[name].dtype == want.dtype and s[name].tobytes() == want.tobytes(), name
-            continue
-        same = [
-            k for k, have in s.items() if have.ndim == 2 and have.T.shape == want.shape and np.array_equal(have.T, want)
-        ]
-        assert same, f"{name} {want.shape}: no streamed tensor equals it, as is or transposed"
+    # every tensor of the in-memory export is one of the streamed file's (by name, or transposed)
+    assert_in_streamed(s, m)
 
 
 def test_blocks_compare_their_present_key_and_value_by_name(exports):

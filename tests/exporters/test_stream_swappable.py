@@ -5,10 +5,8 @@ each export runs torch.onnx (about 15-20 s here); the CLI's refusals before any 
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from exporters.runtime import AdaptedSession
 from exporters.stream import export_streamed, pack_beside
@@ -20,6 +18,7 @@ from surgery.meta import capture_meta
 from surgery.parity import tolerances
 from surgery.pipeline import adapt, open_model
 from tests.checkpoints import write_checkpoint
+from tests.exporters.streamed import arrays, assert_in_streamed
 
 TASK = "feature-extraction"
 SPEC = parse_spec("houlsby", "4")
@@ -51,11 +50,6 @@ def exports(request, folder, tmp_path_factory):
     return eager, streamed, out / "m.swappable.onnx"
 
 
-def arrays(path):
-    model = onnx.load(str(path), load_external_data=False)
-    return model, {t.name: numpy_helper.to_array(t, base_dir=str(path.parent)) for t in model.graph.initializer}
-
-
 @pytest.mark.slow
 def test_streamed_swappable_is_the_in_memory_export_tensor_by_tensor(exports):
     _, streamed, memory = exports
@@ -76,20 +70,10 @@ def test_streamed_swappable_is_the_in_memory_export_tensor_by_tensor(exports):
         assert s[name].dtype == m[name].dtype and s[name].shape == m[name].shape
         assert 0 in s[name].shape or not s[name].any(), name  # rank 0, or the zero up_b
         assert s[name].tobytes() == m[name].tobytes(), name
-    # every other tensor of the in-memory export is one of the streamed file's, by name or transposed (the in-memory
-    # optimizer folds a Linear's transpose into an anonymous tensor; the streamed graph keeps the checkpoint's layout)
+    # every other tensor of the in-memory export is one of the streamed file's (by name, or transposed)
     external = {t.name for t in s_model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     assert len(external) == streamed.from_checkpoint == 20
-    for name, want in m.items():
-        if name in slots:
-            continue
-        if name in s:
-            assert s[name].dtype == want.dtype and s[name].tobytes() == want.tobytes(), name
-            continue
-        same = [
-            k for k, have in s.items() if have.ndim == 2 and have.T.shape == want.shape and np.array_equal(have.T, want)
-        ]
-        assert same, f"{name} {want.shape}: no streamed tensor equals it, as is or transposed"
+    assert_in_streamed(s, m, skip=slots)
 
 
 @pytest.mark.slow

@@ -3,11 +3,9 @@ weights, every other byte is the source's, and the folder loads as a Hugging Fac
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from surgery.adapters import parse_spec, stand_in_weights
 from surgery.errors import SurgeryError
@@ -15,7 +13,7 @@ from surgery.merge import merge_adapters
 from surgery.merge_stream import merge_lora_streamed
 from surgery.meta import capture_meta
 from surgery.pipeline import adapt, open_model
-from tests.checkpoints import write_checkpoint
+from tests.checkpoints import read_checkpoint, write_checkpoint
 
 pytestmark = pytest.mark.slow
 TASK = "feature-extraction"
@@ -28,22 +26,13 @@ def adapted(captured, spec=SPEC):
     return captured
 
 
-def read_all(folder):
-    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-    out = {}
-    for shard in set(index.values()):
-        with safe_open(str(folder / shard), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
 def test_streamed_merge_equals_the_in_memory_merge(tmp_path):
     folder = write_checkpoint(tmp_path / "base", "llama")
     fake = adapted(capture_meta(str(folder), task=TASK))
     result = merge_lora_streamed(fake, tmp_path / "merged")
     eager = adapted(open_model(str(folder), task=TASK))
     merge_adapters(eager.gm)
-    before, after = read_all(folder), read_all(result.folder)
+    before, after = read_checkpoint(folder), read_checkpoint(result.folder)
     assert set(before) == set(after)
     assert len(result.merged) == 6  # q, v and down_proj of two layers
     for name, key in fake.keys.items():
