@@ -1,20 +1,23 @@
 """The generate benchmark's torch rows (`--backend torch`, `torch-cuda`): `TorchGenerator` must decode what the
 model decodes. Held to transformers' greedy `generate` on the same weights with the adapters as hooks
-(tests/lm_reference.py), Houlsby, on the tiny Llama-shaped LM (grouped-query attention)."""
+(tests/lm_reference.py), Houlsby, on the tiny Llama-shaped LM (grouped-query attention). And its table gives no
+verdict on the 3% target when its control (lora-merged, the base graph) is further than that from base."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
-from benchmarks.generate import TorchGenerator, adapted_variant
+from benchmarks.generate import TorchGenerator, adapted_variant, overheads, table
 from surgery.adapters import AdapterSpec
 from surgery.insert import sites_for
 from tests.lm_reference import hf_generate, hf_model
 
 PROMPT = [5, 17, 300, 42, 9, 77, 123]
-pytestmark = pytest.mark.slow  # benchmark code: make test stays under 6 minutes, CI runs it in make test-slow
 
 
+@pytest.mark.slow  # benchmark code: make test stays under 6 minutes, CI runs it in make test-slow
 def test_torch_generator_decodes_the_tokens_transformers_decodes(lm_base, lm_config):
     base = lm_base("llama")
     spec = AdapterSpec("houlsby", r=8)  # what adapted_variant("houlsby") inserts, with random non-zero weights
@@ -25,3 +28,15 @@ def test_torch_generator_decodes_the_tokens_transformers_decodes(lm_base, lm_con
     out = TorchGenerator(houlsby, "cpu").generate([PROMPT, PROMPT], 12)
     assert out.tokens == [want, want]
     assert out.steps == 12 and out.ttft_s > 0 and out.tokens_per_s > 0
+
+
+@pytest.mark.parametrize("merged_tok_s, verdict", [(100.5, "met"), (112.0, "no verdict")])
+def test_the_table_gives_a_verdict_only_when_its_control_is_within_the_target(merged_tok_s, verdict):
+    def row(tok_s):
+        return {"prefill_128_ms": 300.0, "ttft_ms": 40.0, "decode_b1_tok_s": tok_s, "decode_b8_tok_s_per_stream": 10.0}
+
+    rows = {"base": row(100.0), "houlsby": row(99.0), "lora-merged": row(merged_tok_s)}
+    text = table("m", rows, overheads(rows), argparse.Namespace(backend="ort", threads=2, runs=5), 5)
+    houlsby = next(line for line in text.splitlines() if line.startswith("| houlsby"))
+    assert f"+1.0% {verdict}" in houlsby if verdict == "met" else "+1.0%, no verdict" in houlsby
+    assert ("No verdict: lora-merged" in text) == (verdict == "no verdict")
