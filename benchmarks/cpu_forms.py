@@ -3,15 +3,18 @@
     python -m benchmarks.cpu_forms [--threads 2] [--runs 300] [--rounds 2] [--out benchmarks/results/cpu_forms]
 
 The pretrained MiniLM and Houlsby r=8 on it (12 bottlenecks, relu, distinct random stand-in weights), batch 1 x
-sequence 128. `base` and `export` are the files `surgery export` writes; the other forms rewrite `export`'s graph
-(each bottleneck: `lin = MatMul(x, W) + b`, `Gemm(lin2d, W_down, b_down') -> σ -> MatMul(W_up) -> Add(lin2d)`):
+sequence 128. `base` and `export` are the files `surgery export` writes (surgery/fuse.py: the 6 attention outputs as
+ConcatBottlenecks, the 6 feed-forward outputs as a GEMM, σ, MatMul and Add). `fused` is the same export with no
+ConcatBottleneck (every bottleneck: `lin = MatMul(x, W) + b`, `Gemm(lin2d, W_down, b_down') -> σ -> MatMul(W_up) ->
+Add(lin2d)`, the export's form from the morning of 2026-11-28), and the other forms rewrite `fused`'s graph:
 - `gemm-c`: the up-projection and the residual as one Gemm whose C input is the residual (the export's form before
   2026-11-28: ORT's Gemm copies C into its output on one thread first);
 - `flat`: no reshapes: MatMul and Add on the 3-D activations throughout;
 - `kcat`: where the projection is no wider at its input than at its output (the attention output projection, not
   the feed-forward's), its GEMM also takes the bottleneck: z = x (W W_down) + (b W_down + b_down) is a GEMM of the
   projection's input, and y = [x | σ(z)] [W ; W_up] + b one GEMM over a K of d_in + r; the up-projection's
-  separate pass over the output is gone, a Concat copies the input. Other bottlenecks stay as exported.
+  separate pass over the output is gone, a Concat copies the input. Other bottlenecks stay as in `fused`. This is
+  what `export` writes, made here at the ONNX level.
 Each form is run in ONNX Runtime against `export` on random tokens before any timing, and refused unless it agrees
 (surgery/parity.py's tolerance) and differs from `base`. Timing: each (base, form) pair in its own process, the two
 sessions called in turn (spinning off: DESIGN.md), `--runs` calls after 20 warm-up rounds; the overhead is the median
@@ -32,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-FORMS = ("export", "gemm-c", "flat", "kcat")
+FORMS = ("export", "fused", "gemm-c", "flat", "kcat")  # `export` as written; the rest made from `fused`
 
 
 def feeds_for(session: Any, batch: int = 1, seq: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
@@ -147,9 +150,9 @@ def rewrite(model: Any, form: str) -> Any:
     return model
 
 
-def write_forms(export: Path, base: Path, out: Path, forms: tuple[str, ...] = FORMS) -> dict[str, Path]:
-    """Each form of `export` written into `out` and checked in ORT against it (and against `base`, which it must
-    not equal); raises SurgeryError for a form that disagrees."""
+def write_forms(export: Path, fused: Path, base: Path, out: Path, forms: tuple[str, ...] = FORMS) -> dict[str, Path]:
+    """Each form (`export` itself, the others made from `fused`) in `out`, checked in ORT against `export` (and
+    against `base`, which it must not equal); raises SurgeryError for a form that disagrees."""
     import onnx
 
     from exporters.verify import ort_session
@@ -165,14 +168,26 @@ def write_forms(export: Path, base: Path, out: Path, forms: tuple[str, ...] = FO
     base_out = ort_session(base).run(None, feeds)[0]
     paths = {}
     for form in forms:
-        path = out / f"{form}.onnx"
-        onnx.save(rewrite(onnx.load(str(export)), form), str(path))
+        path = export if form == "export" else out / f"{form}.onnx"
+        if form != "export":
+            onnx.save(rewrite(onnx.load(str(fused)), "export" if form == "fused" else form), str(path))
         got = ort_session(path).run(None, feeds)[0]
         diff, scale = float(np.abs(got - want).max()), float(np.abs(want).max())
         if diff > atol + rtol * scale or np.abs(got - base_out).max() <= atol + rtol * scale:
             raise SurgeryError(f"form {form}: {diff:.2e} from the export (max|out| {scale:.2f}), or equal to base")
         paths[form] = path
     return paths
+
+
+def export_unconcatenated(adapted_pt2: Path, out: Path) -> Path:
+    """The baked export of an .adapted.pt2 with every bottleneck fused apart from its projection (no concat)."""
+    from exporters.onnx import export_onnx
+    from surgery.fuse import fused_copy
+    from surgery.pipeline import open_model
+
+    adapted = open_model(str(adapted_pt2))
+    gm = fused_copy(adapted.gm, adapted.manifest, concat=False)
+    return export_onnx(gm, adapted.signature, out, fuse=False).path
 
 
 # ---------------------------------------------------------------------------------------------------------- timing
@@ -227,8 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "houlsby.onnx").is_file():
         prepare(work)
+    if not (work / "unconcat.onnx").is_file():
+        export_unconcatenated(work / "houlsby.adapted.pt2", work / "unconcat.onnx")
     forms = tuple(args.forms.split(","))
-    paths = write_forms(work / "houlsby.onnx", work / "base.onnx", work, forms)
+    paths = write_forms(work / "houlsby.onnx", work / "unconcat.onnx", work / "base.onnx", work, forms)
     timings: dict[str, list[dict[str, Any]]] = {form: [] for form in forms}
     order = list(forms)
     for _ in range(args.rounds):

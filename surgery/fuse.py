@@ -24,8 +24,22 @@ threaded Add cost less: +3.3% against +4.4% over the base (median of three one-p
 2 threads, 2026-11-28; equal at 1 thread). The rewrite changes base weights (the projection's bias), so it is for
 baked exports only, which are checked against the original, unfused model in torch.
 
-A projection without a bias (Llama, Qwen2, Gemma, Mistral: o_proj, down_proj) has none to take the up-bias. There
-the up-bias rides through the bottleneck as one more rank whose pre-activation is the constant 1:
+Where the projection is its own (weight and bias read by it alone) and no wider at its input than at its output
+(the attention output projection; not the feed-forward's, whose input is 4 d wide), the projection and its
+bottleneck become one ConcatBottleneck of the projection's input a: the pre-activation is a projection of a,
+z = a (W W_down) + (b W_down + b_down), and the output one GEMM over K = d_in + r,
+
+    y' = [a | σ(z)] [W ; W_up] + (b + b_up)          # Gemm, σ, Concat, Gemm: the up-projection's pass is gone
+
+so the skinny up-projection and the Add over the output disappear into the projection's own GEMM (K grows by r),
+at the price of a Concat copying a. MiniLM's six attention-output bottlenecks take it, its six feed-forward ones the
+form above: +2.5% over base at 2 threads against +3.2% with all twelve in the form above (medians of 8 and 11
+one-process (base, form) alternations, 2026-11-28, `benchmarks/cpu_forms.py`). A bias-free projection takes it too
+(b = 0). It changes base weights as well: baked exports only.
+
+Elsewhere, a projection without a bias (Llama, Qwen2, Gemma, Mistral: down_proj, and o_proj where it is not
+concatenated) has none to take the up-bias. There the up-bias rides through the bottleneck as one more rank whose
+pre-activation is the constant 1:
 
     W_down' = [W_down | 0],  b_down' = [b_down ; 1],  W_up' = [W_up ; b_up / σ(1)]
 
@@ -73,6 +87,26 @@ class FusedBottleneck(nn.Module):
         return (x2 + torch.mm(h, self.up_w)).reshape(shape)  # x + h W_up: MatMul, then Add (not Gemm with C: below)
 
 
+class ConcatBottleneck(nn.Module):
+    """A projection y = a W + b and the bottleneck after it, as two GEMMs of the projection's input a (see the
+    module's docstring): z = a (W W_down) + (b W_down + b_down), then y' = [a | σ(z)] [W ; W_up] + (b + b_up)."""
+
+    def __init__(self, wz: torch.Tensor, bz: torch.Tensor, wcat: torch.Tensor, bcat: torch.Tensor, activation: str):
+        super().__init__()
+        self.wz = nn.Parameter(wz.detach().clone(), requires_grad=False)  # (d_in, r)
+        self.bz = nn.Parameter(bz.detach().clone(), requires_grad=False)  # (r,)
+        self.wcat = nn.Parameter(wcat.detach().clone(), requires_grad=False)  # (d_in + r, d)
+        self.bcat = nn.Parameter(bcat.detach().clone(), requires_grad=False)  # (d,)
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., d)
+        a2 = a.reshape(-1, self.wz.shape[0])
+        h = self.act(torch.addmm(self.bz, a2, self.wz))  # (N, r)
+        y = torch.addmm(self.bcat, torch.cat([a2, h], 1), self.wcat)  # (N, d): the projection and the bottleneck
+        return y.reshape(a.shape[:-1] + (y.shape[-1],))
+
+
 class KernelBottleneck(FusedBottleneck):
     """A FusedBottleneck as one call of the custom op `surgery::bottleneck` (surgery/kernels.py).
 
@@ -117,8 +151,63 @@ def _unit_rank(module: Bottleneck) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return w, b, u
 
 
-def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False, fold_bias: bool = True) -> int:
-    """Make each bottleneck a FusedBottleneck (in place): its up-bias folded into its projection's bias, or, for a
+def _own_projection(x: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node | None, bool] | None:
+    """(projection, its input, weight, bias or None, is `linear`) for the `linear`/`addmm` that produces `x`
+    through single-use reshapes, its weight and bias read by it alone; None for anything else."""
+    while x.op == "call_function" and x.target in RESHAPES and len(x.users) == 1:
+        x = x.args[0]
+    if x.op != "call_function" or len(x.users) != 1 or x.kwargs:
+        return None
+    if x.target is aten.linear.default and len(x.args) in (2, 3):
+        a, w, b, linear = x.args[0], x.args[1], (x.args[2] if len(x.args) == 3 else None), True
+    elif x.target is aten.addmm.default and len(x.args) == 3:
+        b, a, w, linear = x.args[0], x.args[1], x.args[2], False
+    else:
+        return None
+    attrs = [t for t in (w, b) if t is not None]
+    if not all(isinstance(t, fx.Node) and t.op == "get_attr" and len(t.users) == 1 for t in attrs):
+        return None
+    shared = [n for n in x.graph.nodes if n.op == "get_attr" and n.target in {t.target for t in attrs}]
+    return (x, a, w, b, linear) if len(shared) == len(attrs) else None
+
+
+def _concat(gm: fx.GraphModule, node: fx.Node, module: Bottleneck) -> bool:
+    """Make the projection before `node`'s bottleneck and the bottleneck one ConcatBottleneck where the projection
+    is its own and no wider at its input than at its output (in place); whether it did."""
+    x = node.args[0]
+    found = _own_projection(x) if len(x.users) == 1 else None
+    if found is None:
+        return False
+    proj, a, w_node, b_node, linear = found
+    w = gm.get_parameter(str(w_node.target))
+    w_in = w.T if linear else w  # (d_in, d)
+    if w_in.shape[0] > w_in.shape[1]:
+        return False  # z from a wider input costs more than the skinny GEMM it saves (the feed-forward's)
+    b = gm.get_parameter(str(b_node.target)) if b_node is not None else w.new_zeros(w_in.shape[1])
+    with torch.no_grad():  # the products in fp32 (a bf16 model's W W_down would round twice), stored in the dtype
+        down_w = module.down_w.float()
+        wz = (w_in.float() @ down_w).to(w.dtype)
+        bz = (b.float() @ down_w + module.down_b.float()).to(w.dtype)
+        wcat = torch.cat([w_in, module.up_w.to(w.dtype)])
+        bcat = (b.float() + module.up_b.float()).to(w.dtype)
+    gm.add_submodule(str(node.target), ConcatBottleneck(wz, bz, wcat, bcat, module.activation))
+    with gm.graph.inserting_before(proj):
+        merged = gm.graph.call_module(str(node.target), (a,))
+    proj.replace_all_uses_with(merged)
+    node.replace_all_uses_with(node.args[0])  # the reshapes of `merged` (or `merged` itself) now feed its users
+    for dead in (node, proj, w_node, b_node):
+        if dead is not None:
+            gm.graph.erase_node(dead)
+    for attr in (w_node, b_node):
+        if attr is not None:
+            owner, _, name = str(attr.target).rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, name)
+    return True
+
+
+def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False, fold_bias: bool = True, concat: bool = True) -> int:
+    """Make each bottleneck a ConcatBottleneck with its projection where that applies (`concat`, and the rules in the
+    module's docstring), else a FusedBottleneck (in place): its up-bias folded into its projection's bias, or, for a
     projection without one, carried as a unit rank (the module's docstring).
 
     With `kernel`, a KernelBottleneck (one custom op) instead, where the up-bias folds into the projection only.
@@ -130,6 +219,9 @@ def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False, fold_bias: bool =
         module = gm.get_submodule(str(node.target))
         x = node.args[0]
         if type(module) is not Bottleneck:
+            continue
+        if concat and fold_bias and not kernel and _concat(gm, node, module):
+            fused += 1
             continue
         bias_node = _bias_node(x) if fold_bias and len(x.users) == 1 else None  # the projection's bias, if ours alone
         if bias_node is not None:
@@ -150,14 +242,19 @@ def fuse_bottlenecks(gm: fx.GraphModule, kernel: bool = False, fold_bias: bool =
 
 
 def fused_copy(
-    gm: fx.GraphModule, manifest: Manifest | None = None, kernel: bool = False, fold_bias: bool = True
+    gm: fx.GraphModule,
+    manifest: Manifest | None = None,
+    kernel: bool = False,
+    fold_bias: bool = True,
+    concat: bool = True,
 ) -> fx.GraphModule | None:
     """A copy of `gm` with its bottlenecks fused for export, or None when there is nothing to fuse.
 
     `manifest` (of a reloaded .adapted.pt2, whose adapters are inlined) says where the adapters are;
-    `kernel` makes them KernelBottlenecks (for torch on CUDA; ONNX export takes the plain fused form).
+    `kernel` makes them KernelBottlenecks (for torch on CUDA; ONNX export takes the plain fused form);
+    `concat=False` leaves every projection apart from its bottleneck (no ConcatBottleneck).
     """
-    return rewritten_copy(gm, manifest, lambda out: fuse_bottlenecks(out, kernel, fold_bias))
+    return rewritten_copy(gm, manifest, lambda out: fuse_bottlenecks(out, kernel, fold_bias, concat))
 
 
 def rewritten_copy(

@@ -12,6 +12,7 @@ import torch
 
 from exporters.onnx import export_onnx
 from surgery.adapters import AdapterSpec, stand_in_weights
+from surgery.fuse import ConcatBottleneck as Concat
 from surgery.fuse import FusedBottleneck, fuse_bottlenecks, fused_copy
 from surgery.pipeline import adapt, open_model
 from tests.conftest import fused_adapter_ops, make_adapted
@@ -29,7 +30,9 @@ def test_fused_copy_computes_the_adapted_model_and_leaves_it_untouched(minilm):
     bias_before = minilm.gm.get_parameter("encoder.layer.0.attention.output.dense.bias").clone()
     fused = fused_copy(minilm.gm)
     assert fused is not None
-    assert sum(isinstance(m, FusedBottleneck) for m in fused.modules()) == 12
+    kinds = collections.Counter(type(m).__name__ for m in fused.modules() if isinstance(m, (FusedBottleneck, Concat)))
+    assert kinds == {"ConcatBottleneck": 6, "FusedBottleneck": 6}  # attention outputs (384 -> 384); feed-forwards
+    assert "encoder.layer.0.attention.output.dense.weight" not in dict(fused.named_parameters())  # in the concat
     for want, got in zip(_outputs(minilm, minilm.gm), _outputs(minilm, fused)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert torch.equal(minilm.gm.get_parameter("encoder.layer.0.attention.output.dense.bias"), bias_before)
@@ -41,8 +44,11 @@ def test_reloaded_pt2_exports_fused_and_matches_torch(tmp_path, minilm_base):
     result = export_onnx(adapted.gm, adapted.signature, tmp_path / "m.onnx", manifest=adapted.manifest)
     assert result.parity.max_abs_diff < 1e-4
     graph = onnx.load(str(result.path)).graph
-    assert fused_adapter_ops(graph) == {"Gemm": 12, "MatMul": 12}  # per adapter: down (Gemm), up (MatMul, then Add)
-    assert collections.Counter(n.op_type for n in graph.node)["Gemm"] == 12 + 1  # and the pooler
+    # the 6 feed-forward outputs: down (Gemm), up (MatMul, then Add); the 6 attention outputs with their projection:
+    # z (Gemm), then [a | σ(z)] (Concat) times [W ; W_up] (Gemm); the attention output's MatMul is gone
+    assert fused_adapter_ops(graph) == {"Gemm": 6 + 12, "MatMul": 6}
+    ops = collections.Counter(n.op_type for n in graph.node)
+    assert ops["Gemm"] == 18 + 1 and ops["MatMul"] == 48 - 6 + 6  # the pooler; the base's 48 less 6 projections
 
 
 def test_projections_without_bias_fuse_with_the_up_bias_as_a_unit_rank(small_config):
@@ -54,7 +60,9 @@ def test_projections_without_bias_fuse_with_the_up_bias_as_a_unit_rank(small_con
         fused = fused_copy(captured.gm)
         assert fused is not None
         modules = [m for m in fused.modules() if isinstance(m, FusedBottleneck)]
-        assert len(modules) == 4 and all(m.up_w.shape[0] == 5 for m in modules)  # rank 4 and the unit rank
+        assert len(modules) == 2 and all(m.up_w.shape[0] == 5 for m in modules)  # down_proj: rank 4 and the unit rank
+        concats = [m for m in fused.modules() if isinstance(m, Concat)]
+        assert len(concats) == 2 and all(m.wcat.shape == (64 + 4, 64) for m in concats)  # o_proj, without a bias
         for want, got in zip(_outputs(captured, captured.gm), _outputs(captured, fused)):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m: f"{activation}: {m}")
         assert fused_copy(captured.gm, kernel=True) is None  # the one-op kernel keeps its rank: left as it is
@@ -66,7 +74,7 @@ def test_projections_without_bias_export_as_two_matmuls_per_adapter(tmp_path, sm
     result = export_onnx(adapted.gm, adapted.signature, tmp_path / "l.onnx", manifest=adapted.manifest)
     assert result.parity.max_abs_diff < 1e-4
     graph = onnx.load(str(result.path)).graph
-    assert fused_adapter_ops(graph) == {"Gemm": 4, "MatMul": 4}
+    assert fused_adapter_ops(graph) == {"Gemm": 2 + 4, "MatMul": 2}  # down_proj's fused; o_proj's with the concat
     assert not [n for n in graph.node if any(".up_b" in i for i in n.input)], "the up-bias rides in the up GEMM"
 
 
