@@ -25,3 +25,26 @@ def test_torch_generator_decodes_the_tokens_transformers_decodes(lm_base, lm_con
     out = TorchGenerator(houlsby, "cpu").generate([PROMPT, PROMPT], 12)
     assert out.tokens == [want, want]
     assert out.steps == 12 and out.ttft_s > 0 and out.tokens_per_s > 0
+
+
+def test_ort_cuda_without_onnxruntime_gpu_stops_at_once_in_one_line(tmp_path):
+    """`--backend ort-cuda` where onnxruntime has no CUDA provider: one line that says what is missing and how to
+    get it, before any model is opened or exported (nothing is written)."""
+    import subprocess
+    import sys
+
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here: the refusal cannot be seen")
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.generate", "--backend", "ort-cuda", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "--backend ort-cuda: onnxruntime has no CUDAExecutionProvider (pip install -e '.[gpu]': onnxruntime-gpu)"
+    ]
+    assert not (tmp_path / "out").exists()
