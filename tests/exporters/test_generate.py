@@ -151,6 +151,31 @@ def test_io_binding_equals_the_numpy_path_swappable_with_pack_switches(llama_swa
 
 
 @pytest.mark.slow
+def test_run_with_iobinding_ignores_the_adapter_run_options_activate(llama_swappable):
+    """Why `AdaptedSession.adapter_values` exists: ONNX Runtime (1.32) applies a RunOptions' active adapter in
+    `session.run` but not in `run_with_iobinding`, which runs the base model. If this fails, ORT applies it there
+    too, and the pack need no longer be bound by hand."""
+    from exporters.runtime import AdaptedSession
+
+    path, packs = llama_swappable
+    adapted = AdaptedSession(path)
+    adapted.load("p0", packs[0])
+    feeds = _cache_feeds(batch=1, seq=3, past=0)
+    with_pack, base = (adapted.session.run(["logits"], feeds, o)[0] for o in (adapted.run_options("p0"), None))
+    assert not np.allclose(with_pack, base), "the pack must change the logits"
+    bound = {}
+    for values in ({}, adapted.adapter_values("p0")):
+        binding = adapted.session.io_binding()
+        for name, value in {**feeds, **values}.items():
+            (binding.bind_cpu_input if isinstance(value, np.ndarray) else binding.bind_ortvalue_input)(name, value)
+        binding.bind_output("logits", "cpu", 0)
+        adapted.session.run_with_iobinding(binding, adapted.run_options("p0"))
+        bound[len(values) > 0] = binding.get_outputs()[0].numpy().copy()
+    np.testing.assert_array_equal(bound[False], base)  # the RunOptions' pack ignored
+    np.testing.assert_allclose(bound[True], with_pack, rtol=1e-5, atol=1e-5)  # the pack bound as inputs
+
+
+@pytest.mark.slow
 def test_io_binding_equals_the_numpy_path_routed(llama_models, tmp_path):
     from exporters.swappable import export_routed
 
