@@ -1,8 +1,8 @@
-"""Generation speed of an exported causal LM with its KV cache, on ONNX Runtime CPU, base and adapted; and the
-same loop over the captured torch graph on the CPU or a CUDA GPU.
+"""Generation speed of an exported causal LM with its KV cache, on ONNX Runtime CPU or CUDA, base and adapted; and
+the same loop over the captured torch graph on the CPU or a CUDA GPU.
 
     python -m benchmarks.generate [--model smollm2-135m,gpt2-medium] [--variants base,houlsby,...] [--runs 5]
-                                  [--backend ort|torch|torch-cuda] [--out out/generate]
+                                  [--backend ort|ort-cuda|torch|torch-cuda] [--out out/generate]
 
 Models (one after the other, each with all its variants): the real SmolLM2-135M (surgery/zoo.py, dequantized fp32)
 and a GPT-2-medium shape with random weights (surgery/architectures.py BUILTIN: 24 layers, d 1024, vocab 50257; a fixed
@@ -26,7 +26,10 @@ Writes generate_MODEL.{json,md} per model beside the printed tables.
 `--backend torch` / `torch-cuda` (issue 12's GPU rows): base, houlsby, lora and lora-merged run as the captured
 graph itself (re-exported, moved to the device with torch.export's move_to_device_pass), eager, through
 `TorchGenerator`: the same inputs, cache and greedy steps as the ONNX loop, each step's tokens brought to the host.
-Files: generate_MODEL_BACKEND.{json,md}.
+`--backend ort-cuda` (the ORT CUDA rows): the six ONNX variants through `Generator` on ONNX Runtime's CUDA provider
+with IO binding, the KV cache kept on the GPU from step to step (only the logits come to the host); it needs
+onnxruntime-gpu (`pip install -e '.[gpu]'`) and stops at once, before any export, where onnxruntime has no
+CUDAExecutionProvider. Files: generate_MODEL_BACKEND.{json,md}.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from pathlib import Path
 from benchmarks.timing import machine
 from exporters.onnx import export_onnx
 from exporters.runtime import Generation, Generator, TextTokenizer
+from exporters.verify import CPU, CUDA
 from exporters.swappable import export_routed, export_swappable
 from surgery.adapters import AdapterSpec, LoraSpec, stand_in_weights
 from surgery.architectures import BUILTIN
@@ -52,8 +56,10 @@ from surgery.zoo import CHECKPOINTS, fetch
 
 VARIANTS = ("base", "houlsby", "lora", "lora-merged", "swappable", "routed")
 TORCH_VARIANTS = ("base", "houlsby", "lora", "lora-merged")  # swappable and routed are ONNX Runtime forms
+ONNX_BACKENDS = ("ort", "ort-cuda")
 LABELS = {
     "ort": "ONNX Runtime CPU",
+    "ort-cuda": "ONNX Runtime CUDA, IO binding (the KV cache stays on the GPU)",
     "torch": "torch CPU, eager",
     "torch-cuda": "torch CUDA, eager (threads: the host's)",
 }
@@ -173,8 +179,15 @@ class TorchGenerator:
         return out
 
 
-def open_generator(path: Path, how: dict, threads: int) -> tuple[Generator, dict]:
-    gen = Generator(path, threads=threads, spinning=False)
+def open_generator(path: Path, how: dict, threads: int, backend: str = "ort") -> tuple[Generator, dict]:
+    """A variant's Generator (on CUDA: IO binding, its default there) and the generate() arguments it takes."""
+    gen = Generator(path, threads=threads, spinning=False, providers=CUDA if backend == "ort-cuda" else CPU)
+    if backend == "ort-cuda" and gen.device[0] != "cuda":  # ORT falls back to the CPU where CUDA fails to load
+        raise SystemExit(
+            f"--backend ort-cuda: ONNX Runtime opened {path.name} on {gen.session.get_providers()[0]}, not CUDA "
+            "(the CUDA provider is missing or failed to load: see ONNX Runtime's warnings); "
+            "no CPU figures under a CUDA label"
+        )
     kwargs = dict(how)
     if "pack" in kwargs:
         gen.load(kwargs["adapter"], kwargs.pop("pack"))
@@ -255,7 +268,7 @@ def bench_model(model: str, variants: list[str], args) -> None:
         work = Path(tmp)
         base, prompt = open_lm(model, work)
         long_prompt = (prompt * 128)[:128]
-        if args.backend == "ort":
+        if args.backend in ONNX_BACKENDS:
             exports = {}
             for v in variants:
                 t0 = time.perf_counter()
@@ -264,7 +277,7 @@ def bench_model(model: str, variants: list[str], args) -> None:
                 print(f"{model} {v}: exported and checked in {time.perf_counter() - t0:.0f} s", flush=True)
             del base
             gc.collect()
-            gens = {v: open_generator(path, how, args.threads) for v, (path, how) in exports.items()}
+            gens = {v: open_generator(path, how, args.threads, args.backend) for v, (path, how) in exports.items()}
         else:
             import torch
 
@@ -313,15 +326,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/generate"))
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
-    allowed = VARIANTS if args.backend == "ort" else TORCH_VARIANTS
+    allowed = VARIANTS if args.backend in ONNX_BACKENDS else TORCH_VARIANTS
     unknown = set(variants) - set(allowed)
     if unknown:
         raise SystemExit(f"variants {sorted(unknown)} not on --backend {args.backend}; from: {', '.join(allowed)}")
-    if args.backend == "torch-cuda":
-        import torch
+    from benchmarks.harness import missing_backend
 
-        if not torch.cuda.is_available():
-            raise SystemExit("--backend torch-cuda: torch sees no CUDA GPU")
+    missing = missing_backend(args.backend)  # before any export: a GPU row that cannot run stops here
+    if missing:
+        raise SystemExit(f"--backend {args.backend}: {missing}")
     args.out.mkdir(parents=True, exist_ok=True)
     for model in filter(None, args.model.split(",")):
         bench_model(model, variants, args)

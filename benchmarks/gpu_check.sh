@@ -11,8 +11,12 @@
 #   2. the `gpu` tests (the Triton kernel against the CPU reference)
 #   3. generation with the KV cache on torch CUDA (issue 12's GPU rows): GPT-2 medium shape, base, houlsby, lora,
 #      lora-merged, greedy, prefill 128, time to first token, decode tok/s at batch 1 and 8 (benchmarks/generate.py
-#      --backend torch-cuda). Not ONNX Runtime CUDA: `Generator` feeds numpy, so the cache would cross PCIe every
-#      step; that row needs IO binding first (and onnxruntime-gpu, which the lent machines lack)
+#      --backend torch-cuda)
+#   3b. the same on ONNX Runtime CUDA (--backend ort-cuda: `Generator` with IO binding, the cache kept on the GPU),
+#      base and houlsby; only where onnxruntime has the CUDAExecutionProvider (onnxruntime-gpu, `pip install -e
+#      '.[gpu]'`), else skipped with a line. Each variant is exported and checked on the CPU first, most of the step
+#      (GPT-2 medium base: 153 s on a shared 2-core machine), so it is capped at 240 s and, where it runs, takes
+#      budget from steps 4-5 (measured in earlier runs); the ORT CUDA rows have never been taken
 #   4. MODEL (MiniLM) at batch 1 x seq 128, the same variants and backends as 1
 #   5. the LoRA paper's grid (16x256, 32x512) on GPT-2 medium, CUDA graphs: base, houlsby, houlsby-kernel
 #   6. TensorRT and ONNX Runtime CUDA against torch, MiniLM: only where one of them is installed
@@ -58,6 +62,14 @@ tests=$?
 run 150 $PY -m benchmarks.generate --model gpt2-medium --backend torch-cuda --variants base,houlsby,lora,lora-merged \
     --runs 3 --out "$REPORTS/generate"
 gen=$?
+ortgen=0
+if $PY -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+    run 240 $PY -m benchmarks.generate --model gpt2-medium --backend ort-cuda --variants base,houlsby --runs 3 \
+        --out "$REPORTS/generate"
+    ortgen=$?
+else
+    echo "gpu_check: skipped generation on ORT CUDA: onnxruntime has no CUDAExecutionProvider (pip install -e '.[gpu]')"
+fi
 run 120 $PY -m benchmarks.latency --model "$MODEL" $COMMON --rounds 12 --calls 10 \
     --out "$REPORTS/minilm_b1" --work "$WORK/minilm"
 minilm=$?
@@ -72,7 +84,7 @@ if $PY -c "import importlib.util as u, onnxruntime as o, sys; sys.exit(not (u.fi
 fi
 rm -rf "$WORK"
 echo "gpu_check: [$(( $(date +%s) - START )) s] GPT-2 medium b1 exit $gpt2, tests exit $tests, generate exit $gen," \
-     "MiniLM exit $minilm," \
+     "generate on ORT CUDA exit $ortgen, MiniLM exit $minilm," \
      "paper grid exit $grid, TensorRT/ORT CUDA exit $trt (124 = timed out, 125 = no budget left)"
 echo "reports: $REPORTS/gpt2_medium_b1/, $REPORTS/generate/, $REPORTS/minilm_b1/, $REPORTS/gpt2_medium_paper/, $REPORTS/gpu_latency/"
-[ "$gpt2" -eq 0 ] && [ "$tests" -eq 0 ] && [ "$gen" -eq 0 ] && [ "$minilm" -eq 0 ] && [ "$grid" -eq 0 ] && [ "$trt" -eq 0 ]
+[ "$gpt2" -eq 0 ] && [ "$tests" -eq 0 ] && [ "$gen" -eq 0 ] && [ "$ortgen" -eq 0 ] && [ "$minilm" -eq 0 ] && [ "$grid" -eq 0 ] && [ "$trt" -eq 0 ]

@@ -90,7 +90,7 @@ def missing_backend(backend: str) -> str | None:
     import onnxruntime  # ort-cuda
 
     ok = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    return None if ok else "onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+    return None if ok else "onnxruntime has no CUDAExecutionProvider (pip install -e '.[gpu]': onnxruntime-gpu)"
 
 
 class WorkerFailed(Exception):

@@ -66,6 +66,8 @@ class AdaptedSession:
         self.dtype = ORT_TYPES.get(next(iter(slot_types), ""), torch.float32)  # what the adapter slots take
         self._options: dict[str, Any] = {}
         self._keep: list[Any] = []  # LoraAdapter objects must outlive the RunOptions that name them
+        self._tensors: dict[str, dict[str, torch.Tensor]] = {}  # each pack in the session's dtype, for IO binding
+        self._values: dict[tuple[str, str, int], dict[str, Any]] = {}  # and as OrtValues, per device
         self._tmp = tempfile.TemporaryDirectory(prefix="surgery-packs-")
 
     @cached_property
@@ -95,10 +97,11 @@ class AdaptedSession:
         loaded = pack if isinstance(pack, Pack) else load_pack(pack)
         check_pack(loaded, self.fingerprint, self.widths, name=label)
         dtypes = {t.dtype for t in loaded.tensors.values()}
+        tensors = {n: t.to(self.dtype).contiguous() for n, t in loaded.tensors.items()}
         if isinstance(pack, (str, Path)) and Path(pack).suffix == ".onnx_adapter" and dtypes == {self.dtype}:
             file = Path(pack)
         else:  # in the session's dtype: a bf16 model runs as fp32 on the CPU (exporters/verify.py)
-            cast = Pack({n: t.to(self.dtype) for n, t in loaded.tensors.items()}, loaded.fingerprint, loaded.meta)
+            cast = Pack(tensors, loaded.fingerprint, loaded.meta)
             file = save_pack(cast, Path(self._tmp.name) / f"{len(self._keep)}.onnx_adapter")
         adapter = ort.LoraAdapter()
         adapter.Load(str(file))
@@ -106,6 +109,8 @@ class AdaptedSession:
         options.add_active_adapter(adapter)
         self._keep.append(adapter)
         self._options[name] = options
+        self._tensors[name] = tensors
+        self._values = {k: v for k, v in self._values.items() if k[0] != name}  # a name loaded again
         return loaded
 
     def run_options(self, adapter: str | None) -> Any:
@@ -116,6 +121,25 @@ class AdaptedSession:
         if adapter not in self._options:
             raise SurgeryError(f"no adapter named {adapter!r} is loaded (loaded: {', '.join(self._options) or 'none'})")
         return self._options[adapter]
+
+    def adapter_values(self, adapter: str, device: tuple[str, int] = ("cpu", 0)) -> dict[str, Any]:
+        """The pack `adapter` as OrtValues on `device` (made once, then kept there), by slot name: the inputs to
+        bind for a run through IO binding. ONNX Runtime (1.32) applies the adapters a RunOptions activates in
+        `session.run` only; `run_with_iobinding` ignores them and would run the base model."""
+        import onnxruntime as ort
+
+        self.run_options(adapter)  # an unknown name: the same one-line error
+        key = (adapter, *device)
+        if key not in self._values:
+            if self.dtype == torch.bfloat16:
+                raise SurgeryError(
+                    f"{self.path}: a bf16 model's packs cannot be bound through IO binding (numpy has no bfloat16); "
+                    "run it with io_binding=False"
+                )
+            self._values[key] = {
+                n: ort.OrtValue.ortvalue_from_numpy(t.numpy(), *device) for n, t in self._tensors[adapter].items()
+            }
+        return self._values[key]
 
     def run(self, inputs: dict[str, np.ndarray], adapter: str | None = None) -> list[np.ndarray]:
         """Run with `adapter` active (None: the base model); inputs by name, outputs in graph order."""
@@ -178,6 +202,18 @@ def _sample(logits: np.ndarray, rng: np.random.Generator, temperature: float, to
     return np.array([rng.choice(p.shape[-1], p=row) for row in p])
 
 
+DEVICES = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda"}  # ORT's device type per provider
+
+
+def session_device(session: Any) -> tuple[str, int]:
+    """(device type, id) where a session's first provider keeps its tensors: ("cuda", 0), or ("cpu", 0)."""
+    provider = session.get_providers()[0]
+    kind = DEVICES.get(provider, "cpu")
+    if kind == "cpu":
+        return "cpu", 0
+    return kind, int(session.get_provider_options().get(provider, {}).get("device_id", 0))
+
+
 class Generator:
     """A generation loop over an ONNX causal LM with its KV cache: baked, swappable (a pack per request, `adapter`)
     or routed (an adapter per row, `adapter_ids`).
@@ -189,17 +225,31 @@ class Generator:
     Prompts of different lengths are padded on the left; one graph runs the prefill (past length 0) and each
     decode step (one token, the cache of the step before). `use_cache=False` runs the whole sequence every step
     instead (the reference the cache is checked against).
+
+    `providers` picks ONNX Runtime's execution providers (exporters/verify.py CPU, CUDA). With `io_binding` the
+    steps run through ORT's IO binding: each step's `present.N.key/value` stay where the session computed them
+    (OrtValues on its device) and are bound as the next step's `past_key_values.N.*`, so on a GPU the cache never
+    crosses to the host; only the last position's logits do, for sampling. None (the default): on where the
+    session's first provider is not the CPU one. On the CPU the two paths compute the same thing.
     """
 
-    def __init__(self, model: str | Path | AdaptedSession, threads: int = 2, spinning: bool = True):
+    def __init__(
+        self,
+        model: str | Path | AdaptedSession,
+        threads: int = 2,
+        spinning: bool = True,
+        providers: tuple[str, ...] = CPU,
+        io_binding: bool | None = None,
+    ):
         if isinstance(model, AdaptedSession):
             self.adapted: AdaptedSession | None = model
         else:
             check_onnx_data(Path(model))
             self.adapted = None
-            session = ort_session(model, threads=threads, spinning=spinning)
+            session = ort_session(model, threads=threads, spinning=spinning, providers=providers)
             if SwappableMeta.FINGERPRINT in session.get_modelmeta().custom_metadata_map:
-                self.adapted = AdaptedSession(model, threads=threads, spinning=spinning)
+                del session  # a second session on a GPU would hold a second copy of the weights there
+                self.adapted = AdaptedSession(model, threads=threads, spinning=spinning, providers=providers)
             else:
                 self.session = session
         if self.adapted is not None:
@@ -218,6 +268,8 @@ class Generator:
         self.routed = "adapter_id" in inputs
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.where = where
+        self.device = session_device(self.session)
+        self.io_binding = self.device[0] != "cpu" if io_binding is None else io_binding
 
     def load(self, name: str, pack: str | Path) -> None:
         """Make a pack available as `name` (a swappable export only)."""
@@ -227,6 +279,23 @@ class Generator:
 
     def _run(self, feeds: dict[str, np.ndarray], options: Any) -> dict[str, np.ndarray]:
         return dict(zip(self.outputs, self.session.run(None, feeds, options)))
+
+    def _run_bound(self, feeds: dict[str, Any], options: Any) -> dict[str, Any]:
+        """One step through IO binding: numpy feeds are bound from the host, OrtValues (the cache of the step
+        before) where they lie; the present key/values stay on the session's device as OrtValues, and only the
+        logits come to the host (numpy, the last position)."""
+        binding = self.session.io_binding()  # a fresh one per step: a bound output of the last step's shape would
+        for name, value in feeds.items():  # be reused as is, and the cache grows by a position every step
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                binding.bind_ortvalue_input(name, value)
+        for name in self.outputs:
+            binding.bind_output(name, *(("cpu", 0) if name == "logits" else self.device))
+        self.session.run_with_iobinding(binding, options)
+        result = dict(zip(self.outputs, binding.get_outputs()))  # in the order bound
+        result["logits"] = result["logits"].numpy()[:, -1:, :].copy()  # numpy() is a view of ORT's buffer
+        return result
 
     def generate(
         self,
@@ -258,11 +327,13 @@ class Generator:
             )
         if self.max_positions is not None:
             max_new_tokens = min(max_new_tokens, self.max_positions - longest)
-        options = None
+        options, pack = None, {}
         if adapter is not None:
             if self.adapted is None:
                 raise SurgeryError(f"{self.where}: --adapter needs a swappable export (this one has no slots)")
             options = self.adapted.run_options(adapter)
+            if self.io_binding:
+                pack = self.adapted.adapter_values(adapter, self.device)
         if self.routed != (adapter_ids is not None):
             raise SurgeryError(
                 f"{self.where}: "
@@ -293,7 +364,11 @@ class Generator:
                 feeds.update(input_ids=all_ids, position_ids=positions, **{k: empty for k in past})
             if adapter_ids is not None:
                 feeds["adapter_id"] = np.asarray(adapter_ids, dtype=np.int64)
-            result = self._run(feeds, options)
+            if self.io_binding:
+                feeds.update(pack)
+                result = self._run_bound(feeds, None)  # the pack is bound itself (`adapter_values`)
+            else:
+                result = self._run(feeds, options)
             logits = result["logits"][:, -1, :]
             token = _sample(logits, rng, temperature, top_k, top_p).astype(np.int64)
             token = np.where(done, pad_token, token)

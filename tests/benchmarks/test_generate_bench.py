@@ -40,3 +40,27 @@ def test_the_table_gives_a_verdict_only_when_its_control_is_within_the_target(me
     houlsby = next(line for line in text.splitlines() if line.startswith("| houlsby"))
     assert f"+1.0% {verdict}" in houlsby if verdict == "met" else "+1.0%, no verdict" in houlsby
     assert ("No verdict: lora-merged" in text) == (verdict == "no verdict")
+
+
+@pytest.mark.slow  # a subprocess importing torch and transformers
+def test_ort_cuda_without_onnxruntime_gpu_stops_at_once_in_one_line(tmp_path):
+    """`--backend ort-cuda` where onnxruntime has no CUDA provider: one line that says what is missing and how to
+    get it, before any model is opened or exported (nothing is written)."""
+    import subprocess
+    import sys
+
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here: the refusal cannot be seen")
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.generate", "--backend", "ort-cuda", "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "--backend ort-cuda: onnxruntime has no CUDAExecutionProvider (pip install -e '.[gpu]': onnxruntime-gpu)"
+    ]
+    assert not (tmp_path / "out").exists()

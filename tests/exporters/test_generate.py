@@ -104,6 +104,85 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(llama_baked):
     assert streamed == list(enumerate(greedy[0]))
 
 
+# IO binding (the ORT CUDA path, `Generator(..., io_binding=True)`), run here on the CPU provider, where ORT binds the
+# same way: the cache of each step is the OrtValue the step before returned, never a numpy array.
+
+
+def _bound_equals_numpy(path_or_session, prompts, where: str, **kwargs) -> None:
+    """Greedy tokens and every step's logits through IO binding equal the numpy path's, and past the prefill the
+    cache reaches each step as OrtValues (it never went through numpy)."""
+    plain, bound = (Generator(path_or_session, io_binding=flag) for flag in (False, True))
+    assert (plain.io_binding, bound.io_binding, bound.device) == (False, True, ("cpu", 0))
+    for pack in kwargs.pop("packs", []):
+        for gen in (plain, bound):
+            gen.load(*pack)
+    past_types = []
+    original = bound._run_bound
+
+    def spy(feeds, options):
+        past_types.append({type(v).__name__ for n, v in feeds.items() if n.startswith("past_key_values.")})
+        return original(feeds, options)
+
+    bound._run_bound = spy
+    for request in kwargs.pop("requests", [{}]):  # several requests in turn: packs switched between them
+        want = plain.generate(prompts, NEW, keep_logits=True, **kwargs, **request)
+        got = bound.generate(prompts, NEW, keep_logits=True, **kwargs, **request)
+        assert got.tokens == want.tokens, f"{where} {request}"
+        _logits_match(want.logits, got.logits, f"{where} {request}, IO binding")
+        assert past_types[0] == {"ndarray"} and all(t == {"OrtValue"} for t in past_types[1:]), past_types
+        past_types.clear()
+
+
+def test_io_binding_equals_the_numpy_path_baked_gqa_and_stops(llama_baked):
+    path = llama_baked[0]  # baked Houlsby on the Llama shape: 2 KV heads for 4 query heads
+    _bound_equals_numpy(path, [PROMPTS[0], PROMPTS[1]], "baked")  # two rows, left-padded
+    assert Generator(path).io_binding is False, "on the CPU provider the default stays the numpy path"
+    full = Generator(path).generate(PROMPTS[0], NEW).tokens[0]
+    stop = full[6]
+    out = Generator(path, io_binding=True).generate(PROMPTS[0], NEW, stop_tokens=[stop])
+    assert out.tokens[0] == full[: full.index(stop) + 1] and out.steps == full.index(stop) + 1
+
+
+@pytest.mark.slow
+def test_io_binding_equals_the_numpy_path_swappable_with_pack_switches(llama_swappable):
+    path, packs = llama_swappable
+    requests = [dict(adapter="p0"), dict(adapter="p1"), dict(adapter=None), dict(adapter="p0")]
+    _bound_equals_numpy(path, PROMPTS[1], "swappable", packs=[("p0", packs[0]), ("p1", packs[1])], requests=requests)
+
+
+@pytest.mark.slow
+def test_run_with_iobinding_ignores_the_adapter_run_options_activate(llama_swappable):
+    """Why `AdaptedSession.adapter_values` exists: ONNX Runtime (1.32) applies a RunOptions' active adapter in
+    `session.run` but not in `run_with_iobinding`, which runs the base model. If this fails, ORT applies it there
+    too, and the pack need no longer be bound by hand."""
+    from exporters.runtime import AdaptedSession
+
+    path, packs = llama_swappable
+    adapted = AdaptedSession(path)
+    adapted.load("p0", packs[0])
+    feeds = _cache_feeds(batch=1, seq=3, past=0)
+    with_pack, base = (adapted.session.run(["logits"], feeds, o)[0] for o in (adapted.run_options("p0"), None))
+    assert not np.allclose(with_pack, base), "the pack must change the logits"
+    bound = {}
+    for values in ({}, adapted.adapter_values("p0")):
+        binding = adapted.session.io_binding()
+        for name, value in {**feeds, **values}.items():
+            (binding.bind_cpu_input if isinstance(value, np.ndarray) else binding.bind_ortvalue_input)(name, value)
+        binding.bind_output("logits", "cpu", 0)
+        adapted.session.run_with_iobinding(binding, adapted.run_options("p0"))
+        bound[len(values) > 0] = binding.get_outputs()[0].numpy().copy()
+    np.testing.assert_array_equal(bound[False], base)  # the RunOptions' pack ignored
+    np.testing.assert_allclose(bound[True], with_pack, rtol=1e-5, atol=1e-5)  # the pack bound as inputs
+
+
+@pytest.mark.slow
+def test_io_binding_equals_the_numpy_path_routed(llama_models, tmp_path):
+    from exporters.swappable import export_routed
+
+    export_routed(llama_models, tmp_path / "r.onnx")
+    _bound_equals_numpy(tmp_path / "r.onnx", PROMPTS, "routed", adapter_ids=[2, -1, 0, 1])
+
+
 # `surgery run` on a cache graph: its inputs checked as a KV cache before ONNX Runtime sees them.
 
 
