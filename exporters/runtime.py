@@ -21,7 +21,7 @@ from __future__ import annotations
 import tempfile
 from functools import cached_property
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,7 +297,15 @@ class Generator:
         result["logits"] = result["logits"].numpy()[:, -1:, :].copy()  # numpy() is a view of ORT's buffer
         return result
 
-    def generate(
+    def generate(self, prompts: list[list[int]] | list[int], max_new_tokens: int = 32, **options: Any) -> Generation:
+        """Up to `max_new_tokens` per row (fewer where the model's positions run out, or every row has met a stop
+        token); `on_token(step, tokens)` gets each step's tokens (B,) as they come. The options are `steps`'."""
+        out = Generation(tokens=[])
+        for out in self.steps(prompts, max_new_tokens, **options):
+            pass
+        return out
+
+    def steps(
         self,
         prompts: list[list[int]] | list[int],
         max_new_tokens: int = 32,
@@ -313,9 +321,10 @@ class Generator:
         keep_logits: bool = False,
         use_cache: bool = True,
         pad_token: int = 0,
-    ) -> Generation:
-        """Up to `max_new_tokens` per row (fewer where the model's positions run out, or every row has met a stop
-        token); `on_token(step, tokens)` gets each step's tokens (B,) as they come."""
+    ) -> Iterator[Generation]:
+        """`generate` one step at a time: the Generation so far after each step (the same object, growing), so a
+        caller can interleave the steps of several generations (benchmarks/generate.py times two in lockstep).
+        Its times are those of the steps alone: the wall-clock time the caller spends between steps is left out."""
         rows = [list(prompts)] if prompts and isinstance(prompts[0], (int, np.integer)) else [list(p) for p in prompts]
         if not rows or any(not r for r in rows):
             raise SurgeryError("generate: give at least one prompt of at least one token")
@@ -354,8 +363,11 @@ class Generator:
         out = Generation(tokens=[[] for _ in range(B)])
         done = np.zeros(B, dtype=bool)
         step_ids, all_ids = ids, ids
-        start = time.perf_counter()
+        if max_new_tokens <= 0:  # the prompt fills the model's positions: nothing to generate
+            yield out
+            return
         for step in range(max_new_tokens):
+            start = time.perf_counter()
             positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
             feeds = {"attention_mask": mask}
             if use_cache:
@@ -378,18 +390,20 @@ class Generator:
                 out.tokens[b].append(int(token[b]))
             done |= np.isin(token, list(stops)) if stops else False
             out.steps = step + 1
-            if step == 0:
-                out.ttft_s = time.perf_counter() - start
             if on_token is not None:
                 on_token(step, token)
-            if done.all():
-                break
             past = {n.replace("present.", "past_key_values.", 1): v for n, v in result.items() if n != "logits"}
             step_ids = token[:, None]
             all_ids = np.concatenate([all_ids, step_ids], 1)
             mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], 1)
-        out.decode_s = time.perf_counter() - start - out.ttft_s
-        return out
+            took = time.perf_counter() - start
+            if step == 0:
+                out.ttft_s = took
+            else:
+                out.decode_s += took
+            yield out
+            if done.all():
+                break
 
 
 @dataclass

@@ -104,6 +104,26 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(llama_baked):
     assert streamed == list(enumerate(greedy[0]))
 
 
+def test_steps_in_lockstep_give_generates_tokens_and_leave_the_callers_time_out(llama_baked):
+    """Two generations stepped in turn (as benchmarks/generate.py times a pair) decode what `generate` decodes, row
+    by row, and their times count their own steps only: the caller's 20 ms between steps is not in them."""
+    import time
+
+    gen = Generator(llama_baked[0])
+    want = [gen.generate(PROMPTS[k], 6).tokens for k in (0, 1)]
+    streams = [gen.steps(PROMPTS[k], 6) for k in (0, 1)]
+    outs, wall = [None, None], time.perf_counter()
+    for _ in range(6):
+        for k, stream in enumerate(streams):
+            outs[k] = next(stream)
+            time.sleep(0.01)
+    wall = time.perf_counter() - wall
+    assert [o.tokens for o in outs] == want and all(next(s, None) is None for s in streams)
+    for out in outs:
+        assert out.steps == 6 and out.ttft_s > 0 and out.decode_s > 0
+        assert out.ttft_s + out.decode_s < wall - 0.1  # 12 sleeps of 10 ms between the two streams' steps
+
+
 # IO binding (the ORT CUDA path, `Generator(..., io_binding=True)`), run here on the CPU provider, where ORT binds the
 # same way: the cache of each step is the OrtValue the step before returned, never a numpy array.
 
