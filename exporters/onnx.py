@@ -119,6 +119,7 @@ def lean_proto(program: Any, signature: Signature | None = None) -> onnx.ModelPr
     rms_norm_as_div(proto.graph)
     if signature is not None:
         name_cache_axes(proto, signature)
+        attention_in_3d(proto.graph)
     return proto
 
 
@@ -152,6 +153,139 @@ def rms_norm_as_div(graph: onnx.GraphProto) -> int:
     for n in gone:
         graph.node.remove(n)
     return len(gone)
+
+
+def attention_in_3d(graph: onnx.GraphProto) -> int:
+    """Rewrite a cache graph's attention (opset 23) in ONNX Attention's 3-D form; returns how many were rewritten.
+
+    As exported, each layer splits q, k and v into heads (Reshape, Transpose), applies RotaryEmbedding to q and k
+    per head, appends k and v to the cache (Concat with `past_key_values.N.*`, which is `present.N.*`), runs
+    Attention on 4-D tensors and merges the heads back (Transpose, Reshape). Attention-23 does all of it itself:
+    3-D q, k and v with `q_num_heads`/`kv_num_heads`, `past_key`/`past_value` as inputs and `present_key`/
+    `present_value` as outputs, a 3-D output; RotaryEmbedding takes 3-D input with `num_heads`. So the 8 Reshape,
+    Transpose and Concat nodes per layer go. SmolLM2-135M, one decode step at past 40 (2 threads, ORT 1.32 CPU,
+    profiled): 810 kernels become 510, kernel time 0.88x. Only where q and k both pass through RotaryEmbedding
+    (which names their head counts): GPT-2 and Gemma 3 (a norm per head) keep the 4-D form. Same arithmetic in
+    ONNX Runtime: the logits and the cache were bit-identical on SmolLM2 (prefill and decode, a padded row).
+    """
+    made = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
+
+    def only_user(name: str, op: str) -> onnx.NodeProto | None:
+        found = users.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op and name not in outputs else None
+
+    def heads(name: str) -> tuple[str, onnx.NodeProto | None, list[onnx.NodeProto]] | None:
+        """`name` <- [RotaryEmbedding] <- Transpose(0, 2, 1, 3) <- Reshape <- x, each read once: (x, rotary, nodes)."""
+        node, rotary = made.get(name), None
+        if node is not None and node.op_type == "RotaryEmbedding" and len(node.input) == 3:
+            rotary, node = node, made.get(node.input[0])
+        if node is None or node.op_type != "Transpose" or list(node.attribute[0].ints) != [0, 2, 1, 3]:
+            return None
+        reshape = made.get(node.input[0])
+        if reshape is None or reshape.op_type != "Reshape":
+            return None
+        chain = [reshape, node] + ([rotary] if rotary else [])
+        if any(len(users.get(n.output[0], [])) != 1 for n in chain[:-1]):
+            return None
+        return reshape.input[0], rotary, chain
+
+    def appended(name: str) -> tuple[onnx.NodeProto, tuple] | None:
+        """`name` = Concat(past_key_values.N.*, new heads) along the sequence: (the Concat, heads(new))."""
+        cat = made.get(name)
+        if cat is None or cat.op_type != "Concat" or len(cat.input) != 2 or cat.input[0] not in inputs:
+            return None
+        if onnx.helper.get_attribute_value(cat.attribute[0]) not in (-2, 2):
+            return None
+        found = heads(cat.input[1])
+        return (cat, found) if found else None
+
+    constants = {t.name: len(t.dims) and t.dims[0] for t in graph.initializer}
+    constants.update(
+        (n.output[0], len(n.attribute[0].t.dims) and n.attribute[0].t.dims[0])
+        for n in graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+    )
+
+    def shape_length(name: str) -> int | None:
+        """The length of a Reshape's target shape, where the graph makes it plain: a constant, or a Concat of
+        constants and Shape slices."""
+        if name in constants:
+            return constants[name]
+        node = made.get(name)
+        if node is None or node.op_type != "Concat":
+            return None
+        total = 0
+        for part in node.input:
+            piece = made.get(part)
+            if part in constants:
+                total += constants[part]
+            elif piece is not None and piece.op_type == "Shape":
+                bounds = {a.name: a.i for a in piece.attribute}
+                if "start" not in bounds or "end" not in bounds or bounds["end"] < 0 or bounds["start"] < 0:
+                    return None
+                total += bounds["end"] - bounds["start"]
+            else:
+                return None
+        return total
+
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    gone: set[int] = set()
+    for att in (n for n in graph.node if n.op_type == "Attention" and len(n.input) in (3, 4)):
+        q, k, v = heads(att.input[0]), appended(att.input[1]), appended(att.input[2])
+        if q is None or k is None or v is None or q[1] is None or k[1][1] is None or v[1][1] is not None:
+            continue
+        merge = only_user(att.output[0], "Transpose")
+        back = merge and list(merge.attribute[0].ints) == [0, 2, 1, 3] and only_user(merge.output[0], "Reshape")
+        if not back:
+            continue
+        # Attention's 3-D output has the merged heads' element order: a Reshape to (batch, seq, heads x dim) goes,
+        # one to another shape (2-D, where a fused bottleneck reads it) stays and reads the 3-D output
+        out = back.output[0] if shape_length(back.input[1]) == 3 else f"{att.output[0]}.3d"
+        (k_cat, k_heads), (v_cat, v_heads) = k, v
+        num = {tag: next(a.i for a in h[1].attribute if a.name == "num_heads") for tag, h in (("q", q), ("k", k_heads))}
+        nodes = []
+        for tag, (x, rotary, _) in (("q", q), ("k", k_heads)):
+            node = onnx.helper.make_node(
+                "RotaryEmbedding", [x, *rotary.input[1:]], [f"{att.output[0]}.{tag}"], name=f"{rotary.name}.3d"
+            )
+            node.attribute.extend(rotary.attribute)
+            node.metadata_props.extend(rotary.metadata_props)
+            nodes.append(node)
+        node = onnx.helper.make_node(
+            "Attention",
+            [
+                f"{att.output[0]}.q",
+                f"{att.output[0]}.k",
+                v_heads[0],
+                att.input[3] if len(att.input) == 4 else "",
+                k_cat.input[0],
+                v_cat.input[0],
+            ],
+            [out, k_cat.output[0], v_cat.output[0]],
+            name=f"{att.name}.3d",
+            q_num_heads=num["q"],
+            kv_num_heads=num["k"],
+        )
+        node.attribute.extend(a for a in att.attribute if a.name not in ("q_num_heads", "kv_num_heads"))
+        node.metadata_props.extend(att.metadata_props)
+        nodes.append(node)
+        replaced[id(att)] = nodes
+        gone.update(id(n) for n in [*q[2], *k_heads[2], *v_heads[2], k_cat, v_cat, merge])
+        if out == back.output[0]:
+            gone.add(id(back))
+        else:
+            back.input[0] = out
+    rebuilt = []
+    for n in graph.node:
+        rebuilt.extend(replaced.get(id(n), [] if id(n) in gone else [n]))
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    return len(replaced)
 
 
 CACHE_META = {"task": "surgery.task", "max_positions": "surgery.max_positions", "layers": "surgery.layers"}

@@ -430,8 +430,16 @@ def test_rms_norm_and_attention_reach_onnx_runtime_as_one_kernel_each(llama_bake
     import onnx
 
     graph = onnx.load(str(llama_baked[0])).graph  # 2 KV heads for 4 query heads, grouped inside Attention
-    readers = [n.op_type for n in graph.node if any(i.startswith("present.") for i in n.input)]
-    assert set(readers) == {"Attention"}, readers
+    readers = [n.op_type for n in graph.node if any(i.startswith("past_key_values.") for i in n.input)]
+    readers = [r for r in readers if r != "Shape"]  # the past length, for the positions
+    writers = [n.op_type for n in graph.node if any(o.startswith("present.") for o in n.output)]
+    assert readers == writers == ["Attention", "Attention"], (readers, writers)
+    # Attention-23's 3-D form (exporters/onnx.py attention_in_3d): heads split, cache appended and heads merged
+    # inside the op, so no Reshape, Transpose or Concat around it
+    for node in (n for n in graph.node if n.op_type == "Attention"):
+        heads = {a.name: a.i for a in node.attribute if a.name.endswith("num_heads")}
+        assert heads == {"q_num_heads": 4, "kv_num_heads": 2} and len(node.input) == 6, (heads, node.input)
+    assert "Transpose" not in cached, sorted(set(cached))
 
     plain = open_model(str(lm_config("llama")), task="feature-extraction")
     path = tmp_path / "features.onnx"
