@@ -1,8 +1,9 @@
 """Generation speed of an exported causal LM with its KV cache, on ONNX Runtime CPU or CUDA, base and adapted; and
 the same loop over the captured torch graph on the CPU or a CUDA GPU.
 
-    python -m benchmarks.generate [--model smollm2-135m,gpt2-medium] [--variants base,houlsby,...] [--runs 5]
-                                  [--backend ort|ort-cuda|torch|torch-cuda] [--out out/generate]
+    python -m benchmarks.generate [--model smollm2-135m,gpt2-medium] [--variants base,houlsby,...] [--rounds 3]
+                                  [--alternations 5] [--backend ort|ort-cuda|torch|torch-cuda] [--work DIR]
+                                  [--out out/generate]
 
 Models (one after the other, each with all its variants): the real SmolLM2-135M (surgery/zoo.py, dequantized fp32)
 and a GPT-2-medium shape with random weights (surgery/architectures.py BUILTIN: 24 layers, d 1024, vocab 50257; a fixed
@@ -13,14 +14,20 @@ batch on adapters 0..3). Each is measured through `exporters.runtime.Generator` 
 - prefill: the first step of a 128-token prompt (the graph's run at past length 0, and the argmax);
 - ttft: time to the first token of a short prompt (the issue's peers' measure);
 - decode tok/s at batch 1 and 8: 32 new tokens from that prompt, per stream.
-Median of `--runs`, variants in turn within each run, the order rotated from run to run (on 2026-11-28 lora-merged,
-the base graph with other weights, came out 13% slower than base, third in a fixed order: an error of the method,
-larger than the 3% target, which rotation spreads over the variants); ONNX Runtime's spinning is off (DESIGN.md:
-sessions timed in turn in one process fight over spinning thread pools). Each adapted variant's overhead is against
-`base` (the issue's target: decode at batch 1 <= 3% slower per token); `lora-merged`, the base graph with other
-weights, is the control: where it is more than the target from base, the table gives no verdict. Every variant is
-exported first, one at a time (its torch copies freed), then all sessions are opened: GPT-2 medium holds six
-sessions of 1.4 GB of weights each.
+Every adapted variant is timed in a pair with `base`, never beside the other variants: the six sessions of one
+process once differed from each other by up to 36% (lora-merged, the base graph with other weights, decoded 36% faster
+than base on 2026-11-28; the difference followed the session, not its place in the turn), more than any adapter
+costs. So each exported variant is written to `--work` once; then for each variant, in each of `--rounds` rounds (the
+variants' order rotated from round to round), a fresh process opens base and that variant only and measures both
+`--alternations` times: the two prefills called in turn, and each generation stepped in lockstep with the other's
+(one decode step of base, one of the variant, and so on: `Generator.steps`), so that every step is timed beside a
+step of the other and a slow spell of this noisy machine falls on both (whole generations in turn, 1-3 s apart,
+gave paired ratios from -29% to +54% on 2026-11-28). Which side goes first alternates; ONNX Runtime's spinning is off
+(DESIGN.md: sessions timed in turn fight over spinning thread pools). A variant's overhead on each measure is the
+median of its paired ratios to base over every alternation of every round, with a 95% interval
+(benchmarks/timing.py). The issue's target: decode at batch 1 <= 3% slower per token. `lora-merged`, the base graph
+with other weights, is the control: where its decode is more than the target from base, the table gives no verdict.
+The torch backends build their pairs in one process, one pair at a time.
 Writes generate_MODEL.{json,md} per model beside the printed tables.
 
 `--backend torch` / `torch-cuda` (issue 12's GPU rows): base, houlsby, lora and lora-merged run as the captured
@@ -38,6 +45,8 @@ import argparse
 import gc
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,7 +85,10 @@ CHECK = dict(tolerance=1e-4, rtol=5e-4)
 
 def open_lm(model: str, work: Path):
     """(captured causal LM, prompt token ids): a real checkpoint of surgery/zoo.py with its tokenizer, or a
-    built-in shape (surgery/architectures.py BUILTIN) with random weights and `PROMPT_IDS`."""
+    built-in shape (surgery/architectures.py BUILTIN) or a config.json with random weights and `PROMPT_IDS`."""
+    if model.endswith(".json"):  # a config of one's own (random weights): the tests' tiny shapes
+        vocab = json.loads(Path(model).read_text())["vocab_size"]
+        return open_model(model, task="causal-lm"), [t % vocab for t in PROMPT_IDS]
     if model in BUILTIN:
         from transformers import AutoConfig
 
@@ -106,24 +118,34 @@ def adapted_variant(variant: str, base):
     return m
 
 
-def export(variant: str, base, work: Path) -> tuple[Path, dict]:
-    """The variant's ONNX (its torch copies are freed on return), and how to open it: the pack it takes, if any,
-    and the generate() arguments that select its adapter."""
-    path = work / f"{variant}.onnx"
+def export(variant: str, base, work: Path) -> Path:
+    """The variant's ONNX in `work` (its torch copies are freed on return), with what it needs to open (a pack).
+    A variant whose export finished before (`VARIANT.done` beside it) is not exported again."""
+    path, done = work / f"{variant}.onnx", work / f"{variant}.done"
+    if done.is_file():
+        return path
     if variant in TORCH_VARIANTS:
         m = base if variant == "base" else adapted_variant(variant, base)
         export_onnx(m.gm, m.signature, path, **CHECK)
-        return path, {}
-    models = [
-        stand_in_adapted(base, AdapterSpec("houlsby", r=8), work / f"m{k}.adapted.pt2", seed=k, weights_seed=10 + k)
-        for k in range(4 if variant == "routed" else 1)
-    ]
+    else:
+        models = [
+            stand_in_adapted(base, AdapterSpec("houlsby", r=8), work / f"m{k}.adapted.pt2", seed=k, weights_seed=10 + k)
+            for k in range(4 if variant == "routed" else 1)
+        ]
+        if variant == "swappable":
+            export_swappable(models[0], path, **CHECK)
+            save_pack(pack_from_model(models[0].gm.state_dict(), models[0].manifest), work / "own.onnx_adapter")
+        else:
+            export_routed(models, path, **CHECK)
+    done.write_text("")
+    return path
+
+
+def how_to_open(variant: str, work: Path) -> dict:
+    """The generate() arguments that select a variant's adapter, and its pack (`pack`: loaded before timing)."""
     if variant == "swappable":
-        export_swappable(models[0], path, **CHECK)
-        pack = save_pack(pack_from_model(models[0].gm.state_dict(), models[0].manifest), work / "own.onnx_adapter")
-        return path, {"pack": pack, "adapter": "own"}
-    export_routed(models, path, **CHECK)
-    return path, {"adapter_ids": [0]}
+        return {"pack": work / "own.onnx_adapter", "adapter": "own"}
+    return {"adapter_ids": [0]} if variant == "routed" else {}
 
 
 class TorchGenerator:
@@ -149,6 +171,13 @@ class TorchGenerator:
         self.past = [n for n in self.names if n.startswith("past_key_values.")]
 
     def generate(self, prompts, max_new_tokens: int = 32) -> Generation:
+        out = Generation(tokens=[])
+        for out in self.steps(prompts, max_new_tokens):
+            pass
+        return out
+
+    def steps(self, prompts, max_new_tokens: int = 32):
+        """As `Generator.steps`: the Generation after each step, its times those of the steps alone."""
         torch = self.torch
         rows = [list(prompts)] if isinstance(prompts[0], int) else [list(p) for p in prompts]
         if len({len(r) for r in rows}) != 1:
@@ -159,9 +188,9 @@ class TorchGenerator:
         empty = torch.zeros(B, self.kv_heads, 0, self.head_dim, device=self.device)
         feeds = {n: empty for n in self.past}
         out = Generation(tokens=[[] for _ in range(B)])
-        with torch.inference_mode():
+        for step in range(max_new_tokens):
             start = time.perf_counter()
-            for step in range(max_new_tokens):
+            with torch.inference_mode():
                 total = mask.shape[1]
                 positions = torch.arange(total - ids.shape[1], total, device=self.device).expand(B, -1)
                 feeds.update(input_ids=ids, attention_mask=mask, position_ids=positions)
@@ -169,14 +198,16 @@ class TorchGenerator:
                 token = logits[:, -1, :].argmax(-1)
                 for b, t in enumerate(token.tolist()):  # to the host: a synchronize on CUDA
                     out.tokens[b].append(t)
-                out.steps = step + 1
-                if step == 0:
-                    out.ttft_s = time.perf_counter() - start
                 feeds.update(zip(self.past, present))
                 ids = token[:, None]
                 mask = torch.cat([mask, torch.ones_like(ids)], 1)
-            out.decode_s = time.perf_counter() - start - out.ttft_s
-        return out
+            out.steps = step + 1
+            took = time.perf_counter() - start
+            if step == 0:
+                out.ttft_s = took
+            else:
+                out.decode_s += took
+            yield out
 
 
 def open_generator(path: Path, how: dict, threads: int, backend: str = "ort") -> tuple[Generator, dict]:
@@ -194,52 +225,92 @@ def open_generator(path: Path, how: dict, threads: int, backend: str = "ort") ->
     return gen, kwargs
 
 
-def measure(gen: Generator, kwargs: dict, prompt: list[int], long_prompt: list[int]) -> dict[str, float]:
-    def ids(batch: int) -> dict:
-        if "adapter_ids" in kwargs:
-            return {"adapter_ids": [k % 4 for k in range(batch)]}
-        return kwargs
-
-    t0 = time.perf_counter()
-    gen.generate(long_prompt, 1, **ids(1))
-    prefill = time.perf_counter() - t0
-    one = gen.generate(prompt, 32, **ids(1))
-    eight = gen.generate([prompt] * 8, 32, **ids(8))
-    return {
-        "prefill_128_ms": prefill * 1e3,
-        "ttft_ms": one.ttft_s * 1e3,
-        "decode_b1_tok_s": one.tokens_per_s,
-        "decode_b8_tok_s_per_stream": eight.tokens_per_s,
-    }
+METRICS = ("prefill_128_ms", "ttft_ms", "decode_b1_tok_s", "decode_b8_tok_s_per_stream")
+SHORT = dict(zip(METRICS, ("prefill", "ttft", "decode_b1", "decode_b8")))
 
 
-def overheads(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Each variant's cost over `base`, as a fraction: more time per prefill, per first token, per decoded token."""
-    base = rows.get("base")
-    if base is None:
-        return {}
-    out = {}
-    for v, r in rows.items():
-        out[v] = {
-            "prefill": r["prefill_128_ms"] / base["prefill_128_ms"] - 1,
-            "ttft": r["ttft_ms"] / base["ttft_ms"] - 1,
-            "decode_b1": base["decode_b1_tok_s"] / r["decode_b1_tok_s"] - 1 if r["decode_b1_tok_s"] else float("nan"),
-            "decode_b8": base["decode_b8_tok_s_per_stream"] / r["decode_b8_tok_s_per_stream"] - 1
-            if r["decode_b8_tok_s_per_stream"]
-            else float("nan"),
-        }
-    return out
+def lockstep(pair: dict, order: list[str], prompts, new_tokens: int, batch: int) -> dict[str, Generation]:
+    """The generations of both sides of `pair`, stepped in turn (one step of each, `order[0]` first), so that every
+    step of one is timed beside a step of the other: a slow spell of the machine falls on both."""
+    streams = {n: pair[n][0].steps(prompts, new_tokens, **adapter_args(pair[n][1], batch)) for n in order}
+    outs: dict[str, Generation] = {}
+    while streams:
+        for n in list(streams):
+            got = next(streams[n], None)
+            if got is None:
+                del streams[n]
+            else:
+                outs[n] = got
+    return outs
+
+
+def adapter_args(kwargs: dict, batch: int) -> dict:
+    """A variant's generate() arguments for a batch: a routed export's rows on adapters 0..3 in turn."""
+    return {"adapter_ids": [k % 4 for k in range(batch)]} if "adapter_ids" in kwargs else kwargs
+
+
+def measure_pair(pair: dict, prompt: list[int], alternations: int) -> dict[str, list[dict[str, float]]]:
+    """{name: [its measures per alternation]} for two (generator, kwargs): each prefill called in turn, and each
+    generation (batch 1 and 8, 32 new tokens) stepped in lockstep with the other's (`lockstep`); which side goes
+    first alternates. After a warm-up of both (the arena, prepacked weights, the first shapes)."""
+    long_prompt = (prompt * 128)[:128]
+    names = list(pair)
+    lockstep(pair, names, prompt, 4, 1)
+    lockstep(pair, names, [prompt] * 8, 4, 8)
+    runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    for k in range(alternations):
+        order = names if k % 2 == 0 else names[::-1]
+        prefill = {}
+        for n in order:
+            t0 = time.perf_counter()
+            pair[n][0].generate(long_prompt, 1, **adapter_args(pair[n][1], 1))
+            prefill[n] = (time.perf_counter() - t0) * 1e3
+        one = lockstep(pair, order, prompt, 32, 1)
+        eight = lockstep(pair, order, [prompt] * 8, 32, 8)
+        for n in names:
+            runs[n].append(
+                dict(zip(METRICS, (prefill[n], one[n].ttft_s * 1e3, one[n].tokens_per_s, eight[n].tokens_per_s)))
+            )
+    return runs
+
+
+def seconds(metric: str, values: list[float]) -> list[float]:
+    """A measure as time: ms as they are, tok/s inverted (time per token), so that more is always slower."""
+    return list(values) if metric.endswith("_ms") else [1.0 / v if v else float("nan") for v in values]
+
+
+def summarize(pairs: dict[str, list[dict[str, list[dict[str, float]]]]]) -> tuple[dict, dict]:
+    """(rows, overheads) from {variant: [a pair's runs, per round]}: each variant's medians (base's over all its
+    pairs), and per measure the median of the paired ratios to base - 1, with a 95% interval."""
+    from benchmarks.timing import paired_overhead
+
+    base_runs = [r for rounds in pairs.values() for pair in rounds for r in pair["base"]]
+    rows = {"base": {m: statistics.median(r[m] for r in base_runs) for m in METRICS}} if base_runs else {}
+    over = {}
+    for v, rounds in pairs.items():
+        mine = [r for pair in rounds for r in pair[v]]
+        theirs = [r for pair in rounds for r in pair["base"]]
+        rows[v] = {m: statistics.median(r[m] for r in mine) for m in METRICS}
+        over[v] = {}
+        for m in METRICS:
+            case, ref = seconds(m, [r[m] for r in mine]), seconds(m, [r[m] for r in theirs])
+            ratio = statistics.median(c / b for c, b in zip(case, ref)) - 1
+            over[v][SHORT[m]] = ratio
+            over[v][SHORT[m] + "_interval"] = paired_overhead(case, ref)
+    return rows, over
 
 
 def table(model: str, rows: dict, over: dict, args, prompt_tokens: int) -> str:
     def pct(v: str, key: str) -> str:
-        return f" ({over[v][key]:+.1%})" if v in over and v != "base" else ""
+        return f" ({over[v][key]:+.1%})" if v in over else ""
 
+    pairs = args.rounds * args.alternations
     lines = [
-        f"{LABELS[args.backend]}, {args.threads} threads, fp32, greedy; {model}; prompt {prompt_tokens} tokens; "
-        f"median of {args.runs}; (+x%): more time than base",
+        f"{LABELS[args.backend]}, {args.threads} threads, fp32, greedy; {model}; prompt {prompt_tokens} tokens; each "
+        f"variant in a pair with base, {args.alternations} alternations in each of {args.rounds} fresh processes; "
+        f"medians; (+x%): median of the {pairs} paired ratios, more time than base",
         "",
-        "| variant | prefill 128 (ms) | time to first token (ms) | decode b1 (tok/s) | b1 decode overhead "
+        "| variant | prefill 128 (ms) | time to first token (ms) | decode b1 (tok/s) | b1 decode overhead [95%] "
         f"(target <= {TARGET:.0%}) | decode b8 (tok/s per stream) |",
         "|---|---|---|---|---|---|",
     ]
@@ -247,9 +318,10 @@ def table(model: str, rows: dict, over: dict, args, prompt_tokens: int) -> str:
     trusted = control is None or abs(control) <= TARGET
     for v, r in rows.items():
         verdict = ""
-        if v in over and v != "base":
-            verdict = f"{over[v]['decode_b1']:+.1%} " + ("met" if over[v]["decode_b1"] <= TARGET else "missed")
-            verdict = verdict if trusted else f"{over[v]['decode_b1']:+.1%}, no verdict"
+        if v in over:
+            lo, hi = over[v]["decode_b1_interval"] or (float("nan"), float("nan"))
+            verdict = f"{over[v]['decode_b1']:+.1%} [{lo:+.1%}, {hi:+.1%}] "
+            verdict += ("met" if over[v]["decode_b1"] <= TARGET else "missed") if trusted else "no verdict"
         lines.append(
             f"| {v} | {r['prefill_128_ms']:.1f}{pct(v, 'prefill')} | {r['ttft_ms']:.1f}{pct(v, 'ttft')} | "
             f"{r['decode_b1_tok_s']:.1f} | {verdict} | {r['decode_b8_tok_s_per_stream']:.1f}{pct(v, 'decode_b8')} |"
@@ -263,73 +335,107 @@ def table(model: str, rows: dict, over: dict, args, prompt_tokens: int) -> str:
     return "\n".join(lines)
 
 
+def pair_worker(args) -> None:
+    """One round of one variant (`--pair VARIANT`): base and it, opened from `--work`, measured in turn; JSON out."""
+    prompt = json.loads((args.work / "prompt.json").read_text())
+    pair = {
+        v: open_generator(args.work / f"{v}.onnx", how_to_open(v, args.work), args.threads, args.backend)
+        for v in ("base", args.pair)
+    }
+    print(json.dumps(measure_pair(pair, prompt, args.alternations)))
+
+
+def exported(model: str, variants: list[str], work: Path) -> list[int]:
+    """Export `model`'s variants into `work` (those not there yet) and return the prompt's token ids."""
+    if (work / "prompt.json").is_file() and all((work / f"{v}.done").is_file() for v in variants):
+        return json.loads((work / "prompt.json").read_text())
+    base, prompt = open_lm(model, work)
+    for v in variants:
+        t0 = time.perf_counter()
+        export(v, base, work)
+        gc.collect()
+        print(f"{model} {v}: exported and checked in {time.perf_counter() - t0:.0f} s", flush=True)
+    (work / "prompt.json").write_text(json.dumps(list(prompt)))
+    return list(prompt)
+
+
 def bench_model(model: str, variants: list[str], args) -> None:
+    label = Path(model).parent.name if model.endswith(".json") else model
+    others = [v for v in variants if v != "base"]
+    pairs: dict[str, list[dict]] = {v: [] for v in others}
     with tempfile.TemporaryDirectory(prefix="generate-bench-") as tmp:
-        work = Path(tmp)
-        base, prompt = open_lm(model, work)
-        long_prompt = (prompt * 128)[:128]
+        work = args.work / label if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         if args.backend in ONNX_BACKENDS:
-            exports = {}
-            for v in variants:
-                t0 = time.perf_counter()
-                exports[v] = export(v, base, work)
-                gc.collect()
-                print(f"{model} {v}: exported and checked in {time.perf_counter() - t0:.0f} s", flush=True)
-            del base
-            gc.collect()
-            gens = {v: open_generator(path, how, args.threads, args.backend) for v, (path, how) in exports.items()}
+            prompt = exported(model, ["base", *others], work)
+            for r in range(args.rounds):  # the variants' order rotates round to round
+                for v in others[r % len(others) :] + others[: r % len(others)]:
+                    cmd = [sys.executable, "-m", "benchmarks.generate", "--pair", v, "--work", str(work)]
+                    cmd += ["--threads", str(args.threads), "--alternations", str(args.alternations)]
+                    cmd += ["--backend", args.backend]
+                    done = subprocess.run(cmd, capture_output=True, text=True)
+                    if done.returncode:
+                        raise SystemExit(f"{model} {v}: the pair's process failed:\n{done.stderr[-2000:]}")
+                    pairs[v].append(json.loads(done.stdout.splitlines()[-1]))
+                    print(f"{model} round {r + 1} {v}: {pairs[v][-1][v][-1]}", flush=True)
         else:
             import torch
 
             torch.set_num_threads(args.threads)
             device = "cuda" if args.backend == "torch-cuda" else "cpu"
-            gens = {}
-            for v in variants:
-                gens[v] = (TorchGenerator(base if v == "base" else adapted_variant(v, base), device), {})
-            del base
-            gc.collect()
-        for gen, kwargs in gens.values():  # warm-up
-            gen.generate(prompt, 4, **kwargs)
-        runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
-        for k in range(args.runs):  # the order rotates run to run: a variant's place in the turn costs time too
-            for v in variants[k % len(variants) :] + variants[: k % len(variants)]:
-                runs[v].append(measure(*gens[v], prompt, long_prompt))
-        del gens
-    rows = {v: {k: statistics.median(r[k] for r in runs[v]) for k in runs[v][0]} for v in variants}
-    over = overheads(rows)
+            base, prompt = open_lm(model, work)
+            reference = TorchGenerator(base, device)
+            for r in range(args.rounds):
+                for v in others[r % len(others) :] + others[: r % len(others)]:
+                    pair = {"base": (reference, {}), v: (TorchGenerator(adapted_variant(v, base), device), {})}
+                    pairs[v].append(measure_pair(pair, prompt, args.alternations))
+                    del pair
+                    gc.collect()
+    rows, over = summarize(pairs)
     result = {
         "machine": machine(),
-        "model": model,
+        "model": label,
+        "backend": args.backend,
         "prompt_tokens": len(prompt),
-        "runs": args.runs,
+        "rounds": args.rounds,
+        "alternations": args.alternations,
         "threads": args.threads,
         "rows": rows,
         "overhead_vs_base": over,
         "target_decode_b1": TARGET,
-        "per_run": runs,
+        "pairs": pairs,
     }
-    result["backend"] = args.backend
-    text = table(model, rows, over, args, len(prompt))
+    text = table(label, rows, over, args, len(prompt))
     print(text, flush=True)
-    name = f"generate_{model}" + ("" if args.backend == "ort" else f"_{args.backend}")
+    name = f"generate_{label}" + ("" if args.backend == "ort" else f"_{args.backend}")
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{name}.md").write_text(text + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    parser.add_argument(
+        "--model", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS) + ", or a config.json"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per variant's pair with base")
+    parser.add_argument("--alternations", type=int, default=5, help="paired measures in each of them")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="ort", choices=BACKENDS)
+    parser.add_argument("--work", type=Path, help="where the exports are kept, per model (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=Path("out/generate"))
-    args = parser.parse_args()
+    parser.add_argument("--pair", help=argparse.SUPPRESS)  # one round of one variant: the worker process
+    args = parser.parse_args(argv)
+    if args.pair:
+        pair_worker(args)
+        return
     variants = [v for v in args.variants.split(",") if v]
     allowed = VARIANTS if args.backend in ONNX_BACKENDS else TORCH_VARIANTS
     unknown = set(variants) - set(allowed)
     if unknown:
         raise SystemExit(f"variants {sorted(unknown)} not on --backend {args.backend}; from: {', '.join(allowed)}")
+    if not [v for v in variants if v != "base"]:
+        raise SystemExit("--variants: give at least one besides base (each is timed in a pair with it)")
     from benchmarks.harness import missing_backend
 
     missing = missing_backend(args.backend)  # before any export: a GPU row that cannot run stops here

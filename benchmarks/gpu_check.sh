@@ -60,12 +60,12 @@ rm -rf "$WORK/gpt2"
 run 60 $PY -m pytest -q -rs -p no:cacheprovider -m "trt or gpu" tests
 tests=$?
 run 150 $PY -m benchmarks.generate --model gpt2-medium --backend torch-cuda --variants base,houlsby,lora,lora-merged \
-    --runs 3 --out "$REPORTS/generate"
+    --rounds 1 --alternations 2 --out "$REPORTS/generate"
 gen=$?
 ortgen=0
 if $PY -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
-    run 240 $PY -m benchmarks.generate --model gpt2-medium --backend ort-cuda --variants base,houlsby --runs 3 \
-        --out "$REPORTS/generate"
+    run 240 $PY -m benchmarks.generate --model gpt2-medium --backend ort-cuda --variants base,houlsby \
+        --rounds 1 --alternations 3 --out "$REPORTS/generate"
     ortgen=$?
 else
     echo "gpu_check: skipped generation on ORT CUDA: onnxruntime has no CUDAExecutionProvider (pip install -e '.[gpu]')"
