@@ -20,8 +20,11 @@ from pathlib import Path
 import numpy as np
 
 
-def cache_feeds(session, batch: int, past: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One decode step's inputs for a causal LM with its cache: a token per row after `past` cached positions."""
+def cache_feeds(
+    session, batch: int, past: int, rng: np.random.Generator, head_dim: int | None = None
+) -> dict[str, np.ndarray]:
+    """One decode step's inputs for a causal LM with its cache: a token per row after `past` cached positions.
+    `head_dim` where the model leaves it symbolic (onnxruntime-genai's builder models: `kv_cache_dim`)."""
     feeds = {
         "input_ids": rng.integers(0, 1000, (batch, 1)),
         "attention_mask": np.ones((batch, past + 1), np.int64),
@@ -30,12 +33,21 @@ def cache_feeds(session, batch: int, past: int, rng: np.random.Generator) -> dic
     for i in session.get_inputs():
         if i.name.startswith("past_key_values."):
             _, heads, _, dim = i.shape
+            if not isinstance(dim, int):
+                if head_dim is None:
+                    raise SystemExit(f"{i.name}: its head size is symbolic ({dim!r}); give --head-dim")
+                dim = head_dim
             feeds[i.name] = rng.standard_normal((batch, heads, past, dim)).astype(np.float32)
     return feeds
 
 
 def profile(
-    path: str, feeds: dict[str, np.ndarray], runs: int, threads: int, past: int | None = None
+    path: str,
+    feeds: dict[str, np.ndarray],
+    runs: int,
+    threads: int,
+    past: int | None = None,
+    head_dim: int | None = None,
 ) -> dict[str, float]:
     import onnxruntime as ort
 
@@ -44,7 +56,7 @@ def profile(
     opts.log_severity_level = 3
     session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     if past is not None:
-        feeds = cache_feeds(session, feeds["input_ids"].shape[0], past, np.random.default_rng(0))
+        feeds = cache_feeds(session, feeds["input_ids"].shape[0], past, np.random.default_rng(0), head_dim)
     wanted = {i.name for i in session.get_inputs()}
     inputs = {k: v for k, v in feeds.items() if k in wanted}
     for _ in range(5):
@@ -74,13 +86,17 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--past", type=int, help="a causal LM with its cache: one decode step after this many positions")
+    p.add_argument("--head-dim", type=int, help="with --past, where the cache inputs leave the head size symbolic")
     a = p.parse_args()
     rng = np.random.default_rng(0)
     feeds = {
         "input_ids": rng.integers(0, 1000, (a.batch, a.seq)),
         "attention_mask": np.ones((a.batch, a.seq), np.int64),
     }
-    profiled = {Path(m).name: profile(m, feeds, a.runs, a.threads, a.past) for m in a.models}
+    profiled = {
+        str(Path(m).relative_to(Path(m).parent.parent)): profile(m, feeds, a.runs, a.threads, a.past, a.head_dim)
+        for m in a.models
+    }
     results = {n: r[0] for n, r in profiled.items()}
     ops = sorted(
         {op for r in results.values() for op in r}, key=lambda op: -max(r.get(op, 0) for r in results.values())
