@@ -15,6 +15,7 @@ def test_count_gpt3_175b_houlsby_r8(cli):
     assert data["sites"] == 192
 
 
+@pytest.mark.slow  # a CLI start and a meta-device GPT-3 (10 s); make test keeps the JSON case above
 def test_count_lora_per_projection_ranks_in_text(cli):
     run = cli("count", "gpt3-175b", "--method", "lora", "--r", "q=4,k=4,v=4,o=4")
     assert run.code == 0, run.stderr
@@ -44,6 +45,7 @@ def test_insert_lora(tmp_path, cli):
     assert "lora" in run.stdout and "12 adapted sites" in run.stdout
 
 
+@pytest.mark.slow  # a CLI start and a MiniLM config (10 s); tests/surgery/test_count.py checks the count
 def test_count_parallel_in_json(cli):
     run = cli("count", "minilm", "--method", "parallel", "--r", "16", "--scale", "4", "--json")
     assert run.code == 0, run.stderr
@@ -51,14 +53,21 @@ def test_count_parallel_in_json(cli):
 
 
 BAD = [
-    ("rank zero for q", ["insert", "--method", "lora", "--r", "q=0"], "q=0: a LoRA rank must be an integer >= 1"),
-    ("unknown projection", ["insert", "--method", "lora", "--targets", "q,x"], "no projection x"),
-    ("count: rank zero", ["count", "gpt3-175b", "--method", "lora", "--r", "q=0"], ">= 1"),
-    ("count: no config", ["count", "nope.json"], "no such config"),
+    pytest.param(
+        ["insert", "--method", "lora", "--r", "q=0"], "q=0: a LoRA rank must be an integer >= 1", id="rank zero"
+    ),
+    pytest.param(  # it opens MiniLM first (17 s): make test-slow
+        ["insert", "--method", "lora", "--targets", "q,x"],
+        "no projection x",
+        id="unknown projection",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(["count", "gpt3-175b", "--method", "lora", "--r", "q=0"], ">= 1", id="count: rank zero"),
+    pytest.param(["count", "nope.json"], "no such config", id="count: no config"),
 ]
 
 
-@pytest.mark.parametrize("args, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("args, message", BAD)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cli, args, message):
     run = cli(*args, cwd=tmp_path)
     assert run.code == 2, (run.stdout, run.stderr)

@@ -103,17 +103,25 @@ def test_export_trt_of_a_cache_graph_has_a_prefill_and_a_decode_profile(lm_confi
     assert "Traceback" not in bad.stderr and not (tmp_path / "lm.plan").exists()
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["export", "minilm.adapted.pt2", "--fp16"], "add --trt"),
-        (["export", "minilm.adapted.pt2", "--trt", "--swappable"], "--swappable and --max-r"),
-        (["export", "minilm.adapted.pt2", "--trt", "--fp16", "--bf16"], "choose one"),
+        # the rest in make test-slow: a CLI start each (about 6 s), make test keeps under 6 minutes
+        pytest.param(["export", "minilm.adapted.pt2", "--trt", "--swappable"], "--swappable and --max-r", marks=SLOW),
+        pytest.param(["export", "minilm.adapted.pt2", "--trt", "--fp16", "--bf16"], "choose one", marks=SLOW),
         (["export", "minilm.adapted.pt2", "--trt", "--shapes", "batch=1:2"], "MIN:OPT:MAX"),
-        (["export", "minilm.adapted.pt2", "--swappable", "--triton-repo", "minilm.adapted.pt2"], "is not a folder"),
+        pytest.param(
+            ["export", "minilm.adapted.pt2", "--swappable", "--triton-repo", "minilm.adapted.pt2"],
+            "is not a folder",
+            marks=SLOW,
+        ),
         (["swap", "none.plan", "p.safetensors"], "no such engine file"),
-        (["run", "none.plan"], "no such file"),
-        (["check-trt", "none.onnx"], "no such ONNX file"),
+        pytest.param(["run", "none.plan"], "no such file", marks=SLOW),
+        pytest.param(["check-trt", "none.onnx"], "no such ONNX file", marks=SLOW),
     ],
 )
 def test_bad_trt_options_exit_2_with_one_line(folder, cli, args, message):
