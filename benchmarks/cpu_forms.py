@@ -53,11 +53,9 @@ def feeds_for(session: Any, batch: int = 1, seq: int = 128, seed: int = 0) -> di
 
 def _bottlenecks(graph: Any) -> list[dict[str, Any]]:
     """Each exported bottleneck's nodes, found from its down-projection Gemm (surgery/fuse.py's form)."""
-    prod = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+    from exporters.onnx import wiring
+
+    prod, users = wiring(graph)
     found = []
     for down in (n for n in graph.node if n.op_type == "Gemm" and n.input[1].endswith(".down_w")):
         view = prod[down.input[0]]

@@ -51,6 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.timing import lockstep as in_lockstep
 from benchmarks.timing import machine
 from exporters.onnx import export_onnx
 from exporters.runtime import Generation, Generator, TextTokenizer
@@ -188,7 +189,7 @@ class TorchGenerator:
         empty = torch.zeros(B, self.kv_heads, 0, self.head_dim, device=self.device)
         feeds = {n: empty for n in self.past}
         out = Generation(tokens=[[] for _ in range(B)])
-        for step in range(max_new_tokens):
+        for _ in range(max_new_tokens):
             start = time.perf_counter()
             with torch.inference_mode():
                 total = mask.shape[1]
@@ -201,12 +202,7 @@ class TorchGenerator:
                 feeds.update(zip(self.past, present))
                 ids = token[:, None]
                 mask = torch.cat([mask, torch.ones_like(ids)], 1)
-            out.steps = step + 1
-            took = time.perf_counter() - start
-            if step == 0:
-                out.ttft_s = took
-            else:
-                out.decode_s += took
+            out.count_step(time.perf_counter() - start)
             yield out
 
 
@@ -230,18 +226,9 @@ SHORT = dict(zip(METRICS, ("prefill", "ttft", "decode_b1", "decode_b8")))
 
 
 def lockstep(pair: dict, order: list[str], prompts, new_tokens: int, batch: int) -> dict[str, Generation]:
-    """The generations of both sides of `pair`, stepped in turn (one step of each, `order[0]` first), so that every
-    step of one is timed beside a step of the other: a slow spell of the machine falls on both."""
-    streams = {n: pair[n][0].steps(prompts, new_tokens, **adapter_args(pair[n][1], batch)) for n in order}
-    outs: dict[str, Generation] = {}
-    while streams:
-        for n in list(streams):
-            got = next(streams[n], None)
-            if got is None:
-                del streams[n]
-            else:
-                outs[n] = got
-    return outs
+    """The generations of both sides of `pair`, stepped in turn (benchmarks/timing.py `lockstep`, `order[0]` first),
+    so that every step of one is timed beside a step of the other: a slow spell of the machine falls on both."""
+    return in_lockstep({n: pair[n][0].steps(prompts, new_tokens, **adapter_args(pair[n][1], batch)) for n in order})
 
 
 def adapter_args(kwargs: dict, batch: int) -> dict:

@@ -34,7 +34,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from benchmarks.generate import PROMPT, exported
+from benchmarks.timing import lockstep as in_lockstep
 from benchmarks.timing import machine, paired_overhead
+from exporters.runtime import Generation, Generator
 
 NEW_TOKENS = 32
 
@@ -90,53 +92,31 @@ class GenaiEngine:
         self.og = og
         self.model = og.Model(str(folder))
 
-    def steps(self, prompt: list[int], new_tokens: int) -> Iterator[dict[str, Any]]:
+    def steps(self, prompt: list[int], new_tokens: int) -> Iterator[Generation]:
+        """As `Generator.steps`: the Generation after each token, its times those of genai's own calls."""
         og = self.og
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
         gen = og.Generator(self.model, params)  # its cache buffers: set-up, as Generator's are, not timed
+        out = Generation(tokens=[[]])
         start = time.perf_counter()
-        gen.append_tokens(prompt)  # the prefill
-        out = {"ttft_ms": 0.0, "decode_s": 0.0, "tokens": []}
-        while not gen.is_done() and len(out["tokens"]) < new_tokens:
-            if out["tokens"]:
+        gen.append_tokens(prompt)  # the prefill, timed with the first token
+        while not gen.is_done() and out.steps < new_tokens:
+            if out.steps:
                 start = time.perf_counter()
             gen.generate_next_token()  # the first: a token from the prefill's logits; then one decode step each
-            out["tokens"].append(int(gen.get_next_tokens()[0]))
-            took = time.perf_counter() - start
-            if len(out["tokens"]) == 1:
-                out["ttft_ms"] = took * 1e3
-            else:
-                out["decode_s"] += took
+            out.tokens[0].append(int(gen.get_next_tokens()[0]))
+            out.count_step(time.perf_counter() - start)
             yield out
 
 
-class SurgeryEngine:
-    def __init__(self, path: Path, threads: int):
-        from exporters.runtime import Generator
-
-        self.gen = Generator(path, threads=threads, spinning=False)
-
-    def steps(self, prompt: list[int], new_tokens: int) -> Iterator[dict[str, Any]]:
-        for got in self.gen.steps(prompt, new_tokens):
-            yield {"ttft_ms": got.ttft_s * 1e3, "decode_s": got.decode_s, "tokens": got.tokens[0]}
-
-
 def lockstep(engines: dict[str, Any], order: list[str], prompt: list[int]) -> dict[str, dict[str, Any]]:
-    """One generation per engine, stepped in turn (a step of each, in `order`), so that a slow spell of the
-    machine falls on every engine's steps alike; each one's figures from its own steps' times."""
-    streams = {n: engines[n].steps(prompt, NEW_TOKENS) for n in order}
-    outs: dict[str, dict[str, Any]] = {}
-    while streams:
-        for n in list(streams):
-            got = next(streams[n], None)
-            if got is None:
-                del streams[n]
-            else:
-                outs[n] = got
-    for out in outs.values():
-        out["decode_tok_s"] = (len(out["tokens"]) - 1) / out["decode_s"]
-    return outs
+    """One generation per engine, stepped in turn (benchmarks/timing.py `lockstep`, in `order`), so that a slow
+    spell of the machine falls on every engine's steps alike; each one's figures from its own steps' times."""
+    outs = in_lockstep({n: engines[n].steps(prompt, NEW_TOKENS) for n in order})
+    return {
+        n: {"ttft_ms": g.ttft_s * 1e3, "decode_tok_s": g.tokens_per_s, "tokens": g.tokens[0]} for n, g in outs.items()
+    }
 
 
 def alternate(engines: dict[str, Any], prompt: list[int], alternations: int) -> dict[str, list[dict[str, Any]]]:
@@ -213,8 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     folder = genai_model(hf_folder(args.model, work / "hf"), work / "genai", args.threads)
     engines = {
         "genai": GenaiEngine(folder),
-        "surgery base": SurgeryEngine(work / "base.onnx", args.threads),
-        "surgery houlsby": SurgeryEngine(work / "houlsby.onnx", args.threads),
+        "surgery base": Generator(work / "base.onnx", threads=args.threads, spinning=False),
+        "surgery houlsby": Generator(work / "houlsby.onnx", threads=args.threads, spinning=False),
     }
     runs = alternate(engines, prompt, args.alternations)
     result = {

@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -86,6 +86,21 @@ def alternate(
         inputs = {i.name: feeds[i.name] for i in session.get_inputs() if i.name in feeds}
         calls[name] = partial(session.run, None, inputs)
     return time_interleaved(calls, runs, warmup)
+
+
+def lockstep(streams: dict[str, Iterator[Any]]) -> dict[str, Any]:
+    """Advance every stream one item in turn, in the dict's order, until all are spent; the last item of each.
+    Generations stepped this way (`Generator.steps`) are timed side by side, step by step, so that a slow spell of
+    a noisy machine falls on all of them, not on whichever ran through it."""
+    live, last = dict(streams), {}
+    while live:
+        for name in list(live):
+            item = next(live[name], None)
+            if item is None:
+                del live[name]
+            else:
+                last[name] = item
+    return last
 
 
 # ---------------------------------------------------------------------------------- paired confidence intervals

@@ -123,6 +123,16 @@ def lean_proto(program: Any, signature: Signature | None = None) -> onnx.ModelPr
     return proto
 
 
+def wiring(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """({tensor: the node that makes it}, {tensor: the nodes that read it}) of a graph's nodes."""
+    made = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+    return made, users
+
+
 def rms_norm_as_div(graph: onnx.GraphProto) -> int:
     """Rewrite `x * Reciprocal(Sqrt(v))` as `x / Sqrt(v)`; returns how many Reciprocals went.
 
@@ -131,11 +141,7 @@ def rms_norm_as_div(graph: onnx.GraphProto) -> int:
     six kernels. Measured on SmolLM2-135M (decode step, 2 threads, alternated in one process): 2081 kernels per step
     become 1715 (61 fused norms), and the step takes 0.94x the time. Same algebra; the result may differ by an ulp.
     """
-    made = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for name in n.input:
-            users.setdefault(name, []).append(n)
+    made, users = wiring(graph)
     gone = []
     for n in graph.node:
         if n.op_type != "Reciprocal" or getattr(made.get(n.input[0]), "op_type", None) != "Sqrt":
@@ -168,11 +174,7 @@ def attention_in_3d(graph: onnx.GraphProto) -> int:
     (which names their head counts): GPT-2 and Gemma 3 (a norm per head) keep the 4-D form. Same arithmetic in
     ONNX Runtime: the logits and the cache were bit-identical on SmolLM2 (prefill and decode, a padded row).
     """
-    made = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for name in n.input:
-            users.setdefault(name, []).append(n)
+    made, users = wiring(graph)
     inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
 
     def only_user(name: str, op: str) -> onnx.NodeProto | None:

@@ -166,6 +166,14 @@ class Generation:
     decode_s: float = 0.0  # every later step
     steps: int = 0
 
+    def count_step(self, seconds: float) -> None:
+        """One more step, which took `seconds`: the first is the time to the first token, the rest decode."""
+        if self.steps == 0:
+            self.ttft_s = seconds
+        else:
+            self.decode_s += seconds
+        self.steps += 1
+
     @property
     def tokens_per_s(self) -> float:
         """Decode speed of one stream: steps after the first, per second."""
@@ -389,20 +397,17 @@ class Generator:
             for b in np.flatnonzero(~done):
                 out.tokens[b].append(int(token[b]))
             done |= np.isin(token, list(stops)) if stops else False
-            out.steps = step + 1
             if on_token is not None:
                 on_token(step, token)
-            past = {n.replace("present.", "past_key_values.", 1): v for n, v in result.items() if n != "logits"}
-            step_ids = token[:, None]
-            all_ids = np.concatenate([all_ids, step_ids], 1)
-            mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], 1)
-            took = time.perf_counter() - start
-            if step == 0:
-                out.ttft_s = took
-            else:
-                out.decode_s += took
+            last = done.all() or step + 1 == max_new_tokens
+            if not last:  # this step's token and cache are the next one's input
+                past = {n.replace("present.", "past_key_values.", 1): v for n, v in result.items() if n != "logits"}
+                step_ids = token[:, None]
+                all_ids = np.concatenate([all_ids, step_ids], 1)
+                mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], 1)
+            out.count_step(time.perf_counter() - start)
             yield out
-            if done.all():
+            if last:
                 break
 
 
