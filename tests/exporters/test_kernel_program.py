@@ -10,6 +10,7 @@ from surgery.pipeline import open_model
 from tests.conftest import make_adapted
 
 
+@pytest.mark.slow  # 10-12 s of export and reload: make test-slow (make test keeps under 6 minutes)
 def test_trained_adapters_match_and_a_zero_tolerance_writes_nothing(tmp_path, small_config):
     adapted = make_adapted(open_model(str(small_config("gpt2"))), tmp_path, 4)  # stand-in weights, not identity
     result = export_kernel_program(adapted, tmp_path / "g.fused.pt2")

@@ -89,6 +89,7 @@ def test_gpt2_conv1d_projections_fuse(small_config):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # 10-12 s of export and reload: make test-slow (make test keeps under 6 minutes)
 def test_kernel_form_matches_and_survives_export_and_reload(tmp_path, small_config):
     """The one-op form (`surgery::bottleneck`; its CPU implementation here) computes the adapted model, and a
     program exported with it saves, reloads and runs."""
