@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -195,13 +196,26 @@ def test_mixed_adapter_requests_are_batched(world, server):
     """Requests for several adapters arrive together; Triton's statistics show executions of batch size > 1."""
     client = _client(httpclient, server)
     before = client.get_inference_statistics(ROUTED)["model_stats"][0]
+    while True:  # the earlier tests' requests may still be on their way into the counts: wait until they stay put
+        time.sleep(0.5)
+        again = client.get_inference_statistics(ROUTED)["model_stats"][0]
+        if again["inference_count"] == before["inference_count"]:
+            break
+        before = again
     adapters = ["a", "b", "c", None] * 8
     results = _at_once(server, ROUTED, world["pool"][0], adapters)
     for k, adapter in enumerate(adapters):
         _check(world, results[k], 0, adapter, f"async request {k}, adapter {adapter}")
-    after = client.get_inference_statistics(ROUTED)["model_stats"][0]
-    inferences = int(after["inference_count"]) - int(before["inference_count"])
-    executions = int(after["execution_count"]) - int(before["execution_count"])
+    # Triton reports a batch's statistics after its responses are on their way (the Python backend after its stub
+    # hands them back), so a client can read them before they are counted: wait for all 32, for 30 s at most.
+    deadline = time.monotonic() + 30
+    while True:
+        after = client.get_inference_statistics(ROUTED)["model_stats"][0]
+        inferences = int(after["inference_count"]) - int(before["inference_count"])
+        executions = int(after["execution_count"]) - int(before["execution_count"])
+        if inferences >= len(adapters) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
 
     def batched(stats) -> int:  # executions of batch size > 1
         return sum(int(b["compute_infer"]["count"]) for b in stats["batch_stats"] if int(b["batch_size"]) > 1)
