@@ -403,7 +403,8 @@ class Generator:
             if not last:  # this step's token and cache are the next one's input
                 past = {n.replace("present.", "past_key_values.", 1): v for n, v in result.items() if n != "logits"}
                 step_ids = token[:, None]
-                all_ids = np.concatenate([all_ids, step_ids], 1)
+                if not use_cache:  # the whole sequence runs again: only then is it needed
+                    all_ids = np.concatenate([all_ids, step_ids], 1)
                 mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], 1)
             out.count_step(time.perf_counter() - start)
             yield out
