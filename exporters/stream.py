@@ -29,7 +29,7 @@ import onnx
 import torch
 
 from exporters.blockwise import BlockwiseReport, verify_blockwise
-from exporters.onnx import attention_in_3d, check_model, name_cache_axes, onnx_program, rms_norm_as_div
+from exporters.onnx import check_model, lean_proto, onnx_program
 from exporters.onnx_files import DATA, atomic_onnx
 from exporters.slots import SwappableMeta
 from exporters.swappable import adapters_filled, make_slots
@@ -180,10 +180,7 @@ def export_streamed(
         v.const_value = ir.ExternalTensor(data.name, offset, length, v.dtype, shape=v.shape, name=v.name)
         offset += length
     proto = ir.serde.serialize_model(model)
-    del proto.graph.value_info[:]  # as lean_proto: ORT runs the graph faster without them
-    rms_norm_as_div(proto.graph)  # as lean_proto: RMSNorm in the form ORT fuses
-    name_cache_axes(proto, captured.signature)
-    attention_in_3d(proto.graph)  # as lean_proto: a cache graph's attention in Attention-23's 3-D form
+    lean_proto(proto, captured.signature)  # the form the in-memory export writes
     slots_made = make_slots(proto, captured.manifest) if swappable else 0
     with atomic_onnx(path) as tmp:
         onnx.save(proto, str(tmp))

@@ -131,7 +131,7 @@ def export_swappable(
     start = time.perf_counter()
     what = str(path)
     proto = lean_proto(
-        onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what), captured.signature
+        onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what).model_proto, captured.signature
     )
     slots = make_slots(proto, captured.manifest)
     with atomic_onnx(path) as tmp:
@@ -216,7 +216,9 @@ def export_routed(
     n = len(models)
     ids = [0, n - 1, -1, 1 % n]
     with atomic_onnx(path) as tmp:
-        data = save_onnx(lean_proto(onnx_program(routed.gm, routed.signature, what), routed.signature), tmp, external)
+        data = save_onnx(
+            lean_proto(onnx_program(routed.gm, routed.signature, what).model_proto, routed.signature), tmp, external
+        )
         check_model(tmp, what)
         session = ort_session(tmp)
         parity = check_session(session, routed.gm, routed.signature, tolerance, rtol=rtol)
