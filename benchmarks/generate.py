@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 from benchmarks.timing import lockstep as in_lockstep
-from benchmarks.timing import machine
+from benchmarks.timing import machine, paired_overhead
 from exporters.onnx import export_onnx
 from exporters.runtime import Generation, Generator, TextTokenizer
 from exporters.verify import CPU, CUDA
@@ -172,10 +172,7 @@ class TorchGenerator:
         self.past = [n for n in self.names if n.startswith("past_key_values.")]
 
     def generate(self, prompts, max_new_tokens: int = 32) -> Generation:
-        out = Generation(tokens=[])
-        for out in self.steps(prompts, max_new_tokens):
-            pass
-        return out
+        return Generation.last_of(self.steps(prompts, max_new_tokens))
 
     def steps(self, prompts, max_new_tokens: int = 32):
         """As `Generator.steps`: the Generation after each step, its times those of the steps alone."""
@@ -269,8 +266,6 @@ def seconds(metric: str, values: list[float]) -> list[float]:
 def summarize(pairs: dict[str, list[dict[str, list[dict[str, float]]]]]) -> tuple[dict, dict]:
     """(rows, overheads) from {variant: [a pair's runs, per round]}: each variant's medians (base's over all its
     pairs), and per measure the median of the paired ratios to base - 1, with a 95% interval."""
-    from benchmarks.timing import paired_overhead
-
     base_runs = [r for rounds in pairs.values() for pair in rounds for r in pair["base"]]
     rows = {"base": {m: statistics.median(r[m] for r in base_runs) for m in METRICS}} if base_runs else {}
     over = {}

@@ -174,6 +174,14 @@ class Generation:
             self.decode_s += seconds
         self.steps += 1
 
+    @staticmethod
+    def last_of(steps: Iterator[Generation]) -> Generation:
+        """The whole generation: the Generation after the last of `steps` (`Generator.steps`, or a peer's)."""
+        out = Generation(tokens=[])
+        for out in steps:
+            pass
+        return out
+
     @property
     def tokens_per_s(self) -> float:
         """Decode speed of one stream: steps after the first, per second."""
@@ -308,10 +316,7 @@ class Generator:
     def generate(self, prompts: list[list[int]] | list[int], max_new_tokens: int = 32, **options: Any) -> Generation:
         """Up to `max_new_tokens` per row (fewer where the model's positions run out, or every row has met a stop
         token); `on_token(step, tokens)` gets each step's tokens (B,) as they come. The options are `steps`'."""
-        out = Generation(tokens=[])
-        for out in self.steps(prompts, max_new_tokens, **options):
-            pass
-        return out
+        return Generation.last_of(self.steps(prompts, max_new_tokens, **options))
 
     def steps(
         self,
