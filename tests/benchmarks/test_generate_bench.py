@@ -31,19 +31,18 @@ def test_torch_generator_decodes_the_tokens_transformers_decodes(lm_base, lm_con
     assert out.steps == 12 and out.ttft_s > 0 and out.tokens_per_s > 0
 
 
-def _pairs(base_tok_s: list[float], case_tok_s: list[float]) -> list[dict]:
-    """One round of a pair: base and a variant, decode b1 as given, the other measures equal."""
+def _pairs(variant: str, base_tok_s: list[float], case_tok_s: list[float]) -> list[dict]:
+    """One round of a pair: base and `variant`, decode b1 as given, the other measures equal."""
 
     def run(tok_s: float) -> dict[str, float]:
         return dict(zip(METRICS, (300.0, 40.0, tok_s, 10.0)))
 
-    return [{"base": [run(t) for t in base_tok_s], "case": [run(t) for t in case_tok_s]}]
+    return [{"base": [run(t) for t in base_tok_s], variant: [run(t) for t in case_tok_s]}]
 
 
 def test_the_overhead_is_the_median_of_paired_ratios_not_a_ratio_of_medians():
     """A slow spell hits both sides of a pair: the pairs say +1% each time, their medians would say -19%."""
-    pairs = {"houlsby": _pairs([100.0, 50.0, 100.0], [99.0, 49.5, 99.0])}
-    pairs = {v: [{"base": p["base"], v: p["case"]} for p in rounds] for v, rounds in pairs.items()}
+    pairs = {"houlsby": _pairs("houlsby", [100.0, 50.0, 100.0], [99.0, 49.5, 99.0])}
     rows, over = summarize(pairs)
     assert over["houlsby"]["decode_b1"] == pytest.approx(1 / 0.99 - 1)
     lo, hi = over["houlsby"]["decode_b1_interval"]
@@ -54,10 +53,9 @@ def test_the_overhead_is_the_median_of_paired_ratios_not_a_ratio_of_medians():
 @pytest.mark.parametrize("merged_tok_s, verdict", [(100.5, "met"), (112.0, "no verdict")])
 def test_the_table_gives_a_verdict_only_when_its_control_is_within_the_target(merged_tok_s, verdict):
     pairs = {
-        "houlsby": _pairs([100.0, 100.0], [99.0, 99.0]),
-        "lora-merged": _pairs([100.0, 100.0], [merged_tok_s, merged_tok_s]),
+        "houlsby": _pairs("houlsby", [100.0, 100.0], [99.0, 99.0]),
+        "lora-merged": _pairs("lora-merged", [100.0, 100.0], [merged_tok_s, merged_tok_s]),
     }
-    pairs = {v: [{"base": p["base"], v: p["case"]} for p in rounds] for v, rounds in pairs.items()}
     rows, over = summarize(pairs)
     args = argparse.Namespace(backend="ort", threads=2, rounds=1, alternations=2)
     houlsby = next(line for line in table("m", rows, over, args, 5).splitlines() if line.startswith("| houlsby"))
