@@ -185,7 +185,8 @@ def export(
     tolerance, rtol = tolerances(weights_dtype(models[0].gm), tolerance, rtol)
     with step(f"export {path} and check it against torch"):
         if route:
-            result = export_routed(models, path, tolerance=tolerance, rtol=rtol, external=external_data)
+            names = [adapter_name(s) for s in sources]
+            result = export_routed(models, path, tolerance=tolerance, rtol=rtol, external=external_data, names=names)
         elif swappable:
             result = export_swappable(models[0], path, tolerance=tolerance, rtol=rtol, external=external_data)
         else:
@@ -214,6 +215,8 @@ def export(
             f"{len(data['route'])} adapters stacked at rank {data['padded_rank']}; "
             f"rows checked with ids {data['checked_ids']}"
         )
+        table = ", ".join(f"{i} {n}" for i, n in data["adapter_ids"].items())
+        out.print(f"adapter_id: {table}; any other id runs the base model")
     for config in data.get("triton", []):
         out.print(f"wrote {config}")
     if triton_repo:
@@ -266,13 +269,14 @@ def adapter_name(source: str | None) -> str:
 
 
 def _triton(repo, path, sources, models, route, swappable) -> list[str]:
-    """The ONNX Runtime-backend model (plain exports: Triton's backend cannot feed adapter slots or choose
-    adapters) and the Python-backend one; the config files written."""
+    """The ONNX Runtime-backend model (plain and routed exports: Triton's backend cannot feed a swappable export's
+    adapter slots) and the Python-backend one; the config files written."""
     name = path.name.split(".")[0]
     signature = models[0].signature
     written = []
     if route:
         names = [adapter_name(s) for s in sources]
+        written.append(write_triton_repo(repo, path, path, signature, name, adapters=names).config)
         written.append(write_python_model(repo, path, signature, name, "routed", adapters=names).config)
     elif swappable:
         m = models[0]

@@ -1,4 +1,5 @@
-"""`surgery inspect`: a model's layers and insertion sites, or an adapted model's manifest."""
+"""`surgery inspect`: a model's layers and insertion sites, an adapted model's manifest, a pack's tensors, or an
+exported ONNX model's inputs, outputs and (routed) adapter_id table."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def inspect(
     """Show the Transformer's layers and the insertion sites found in its graph (or a pack's contents)."""
     if source and Path(source).suffix in SUFFIXES:
         _show_pack(source, json)
+        return
+    if source and Path(source).suffix == ".onnx":
+        _show_onnx(source, json)
         return
     with step(f"load and capture {source or 'minilm'}"):
         captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, task=task)
@@ -118,3 +122,50 @@ def _show_pack(path: str, json: bool) -> None:
     for n, t in pack.tensors.items():
         table.add_row(n, str(list(t.shape)))
     out.print(table)
+
+
+def _show_onnx(path: str, json: bool) -> None:
+    """An exported ONNX model's inputs and outputs, and a routed export's adapter_id table (from its metadata)."""
+    import onnx
+
+    from exporters.swappable import route_names
+
+    if not Path(path).is_file():
+        raise SurgeryError(f"{path}: no such file; give an exported .onnx model")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # noqa: BLE001  protobuf's own error types
+        raise SurgeryError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    inits = {i.name for i in model.graph.initializer}
+
+    def tensors(values) -> dict[str, dict]:
+        return {
+            v.name: {
+                "type": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower(),
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+            if v.name not in inits
+        }
+
+    names = route_names({p.key: p.value for p in model.metadata_props})
+    info = {
+        "onnx": path,
+        "inputs": tensors(model.graph.input),
+        "outputs": tensors(model.graph.output),
+        "adapter_ids": {str(i): n for i, n in enumerate(names)} if names is not None else None,
+    }
+    if json:
+        emit_json(info)
+        return
+    out.print(f"[bold]ONNX model[/] {path} (opset {max((o.version for o in model.opset_import), default=0)})")
+    for kind in ("inputs", "outputs"):
+        for n, t in info[kind].items():
+            out.print(f"  {kind[:-1]} {n}: {t['type']} {t['shape']}")
+    if names is not None:
+        table = Table(title="routed: adapter_id per request row; any other id runs the base model")
+        for col in ("adapter_id", "adapter"):
+            table.add_column(col)
+        for i, n in enumerate(names):
+            table.add_row(str(i), n)
+        out.print(table)

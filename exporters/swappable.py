@@ -37,6 +37,15 @@ from surgery.route import route
 from surgery.sites import ADAPTER_ROOT
 
 RANK = "adapter_rank"
+ROUTE_META = "surgery.adapter_ids"  # a routed export's metadata: JSON list of adapter names, indexed by adapter_id
+
+
+def route_names(metadata: dict[str, str]) -> list[str] | None:
+    """A routed export's adapter names by `adapter_id`, from its ONNX metadata (None: not a routed export)."""
+    import json
+
+    text = metadata.get(ROUTE_META)
+    return None if text is None else [str(n) for n in json.loads(text)]
 
 
 @dataclass(frozen=True)
@@ -165,12 +174,14 @@ class RoutedExport:
     models: list[str]
     rank: int
     data: Path | None = None  # NAME.onnx.data, where the tensors are external
+    names: tuple[str, ...] = ()  # the adapters' names by adapter_id (the model's metadata)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "onnx": str(self.path),
             "external_data": str(self.data) if self.data else None,
             "route": self.models,
+            "adapter_ids": {str(i): n for i, n in enumerate(self.names)},
             "padded_rank": self.rank,
             "checked_ids": self.ids,
             "max_abs_diff": max(self.parity.max_abs_diff, self.rows.max_abs_diff),
@@ -191,13 +202,14 @@ def check_rows(
     seq: int = 37,
     rtol: float = RTOL,
 ) -> Parity:
-    """Row b of the routed ONNX output against model ids[b] in torch (the base model where ids[b] = -1)."""
+    """Row b of the routed ONNX output against model ids[b] in torch (the base model where ids[b] is out of range)."""
     sizes = {"batch": len(ids), "seq": seq}
     sig = models[0].signature
     tensors = sig.examples(sizes, seed=7, pad=True)
     per_model = {}
     for i in sorted(set(ids)):
-        per_model[i] = outputs_of(_with_adapters(models[0].gm, "base") if i < 0 else models[i].gm, sig, tensors)
+        base = not 0 <= i < len(models)
+        per_model[i] = outputs_of(_with_adapters(models[0].gm, "base") if base else models[i].gm, sig, tensors)
     expected = [torch.stack([per_model[i][k][b] for b, i in enumerate(ids)]) for k in range(len(per_model[ids[0]]))]
     all_tensors = tensors + [torch.tensor(ids, dtype=torch.int64)]
     got = session.run(None, feeds(session, routed.signature, all_tensors))
@@ -208,17 +220,32 @@ def check_rows(
 
 
 def export_routed(
-    models: list[Captured], path: str | Path, *, tolerance: float = ATOL, rtol: float = RTOL, external: bool = False
+    models: list[Captured],
+    path: str | Path,
+    *,
+    tolerance: float = ATOL,
+    rtol: float = RTOL,
+    external: bool = False,
+    names: list[str] | None = None,
 ) -> RoutedExport:
-    """One ONNX model with every model's adapters and an `adapter_id` input, verified row by row."""
+    """One ONNX model with every model's adapters and an `adapter_id` input, verified row by row (an id out of
+    range included: it runs the base model). `names`: the adapters' names by id (default: the source file names
+    without suffixes, or `adapter<id>` where those repeat), written to the model's metadata (`ROUTE_META`)."""
+    import json
+
     what = str(path)
     routed, report = route(models)
     n = len(models)
-    ids = [0, n - 1, -1, 1 % n]
+    if names is None:
+        names = [m.source.name.split(".")[0] for m in models]
+        names = names if len(set(names)) == n else [f"adapter{i}" for i in range(n)]
+    if len(names) != n or len(set(names)) != n:
+        raise SurgeryError(f"--route: {n} models need {n} distinct adapter names; got {names}")
+    ids = [0, n - 1, -1, 1 % n, n]
     with atomic_onnx(path) as tmp:
-        data = save_onnx(
-            lean_proto(onnx_program(routed.gm, routed.signature, what).model_proto, routed.signature), tmp, external
-        )
+        proto = lean_proto(onnx_program(routed.gm, routed.signature, what).model_proto, routed.signature)
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=ROUTE_META, value=json.dumps(names)))
+        data = save_onnx(proto, tmp, external)
         check_model(tmp, what)
         session = ort_session(tmp)
         parity = check_session(session, routed.gm, routed.signature, tolerance, rtol=rtol)
@@ -226,4 +253,5 @@ def export_routed(
         rows = check_rows(session, routed, models, ids, tolerance, rtol=rtol)
         refuse_mismatch(rows, what, f" row by row against the source models (ids {ids})")
     data_path = Path(path).with_name(data.name) if data else None
-    return RoutedExport(Path(path), parity, rows, ids, [m.source.name for m in models], report.rank, data_path)
+    models_ = [m.source.name for m in models]
+    return RoutedExport(Path(path), parity, rows, ids, models_, report.rank, data_path, tuple(names))

@@ -1,7 +1,8 @@
 """A Triton Inference Server model repository for an exported model: `config.pbtxt` + `1/model.plan|onnx`.
 
     DIR/NAME/config.pbtxt
-    DIR/NAME/1/model.onnx        (platform onnxruntime_onnx)   or   1/model.plan (platform tensorrt_plan)
+    DIR/NAME/1/model.onnx        (platform onnxruntime_onnx)   or   1/model.plan (platform tensorrt_plan);
+                                 a routed export's takes `adapter_id` per request row, batched by Triton
     DIR/NAME-python/config.pbtxt (backend python: the project's runtime on ONNX Runtime, `exporters/triton_model.py`)
     DIR/NAME-python/1/model.py, 1/model.onnx
     DIR/NAME-python/adapters/    (swappable: the packs it serves, loaded at model load)
@@ -93,11 +94,22 @@ def _tensors(values: list[onnx.ValueInfoProto]) -> list[tuple[str, str, list[int
 Tensors = list[tuple[str, str, list[int | str]]]
 
 
-def _block(kind: str, items: Tensors, batched: bool, optional: frozenset[str] = frozenset()) -> str:
+def _block(
+    kind: str,
+    items: Tensors,
+    batched: bool,
+    optional: frozenset[str] = frozenset(),
+    reshape: frozenset[str] = frozenset(),
+) -> str:
+    """A config's input or output list. A name in `reshape` is a (batch,) tensor: Triton's dims cannot be empty
+    past the batch axis, so it is dims [1] reshaped to [] (the model sees (batch,))."""
     entries = []
     for name, dtype, dims in items:
         shown = [d if isinstance(d, int) else -1 for d in (dims[1:] if batched else dims)]
         extra = "\n    optional: true" if name in optional else ""
+        if name in reshape:
+            assert batched and shown == [], (name, dims)
+            shown, extra = [1], extra + "\n    reshape: { shape: [ ] }"
         entries.append(
             f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: [ {", ".join(map(str, shown))} ]{extra}\n  }}'
         )
@@ -124,8 +136,14 @@ def write_triton_repo(
     signature: Signature,
     name: str,
     max_batch: int | None = None,
+    adapters: list[str] | None = None,
 ) -> TritonRepo:
-    """Write DIR/NAME/config.pbtxt and copy `model_file` (.onnx or .plan) to DIR/NAME/1/; `onnx_path` gives the I/O."""
+    """Write DIR/NAME/config.pbtxt and copy `model_file` (.onnx or .plan) to DIR/NAME/1/; `onnx_path` gives the I/O.
+
+    `adapters` (a routed export's names, by id) makes it the routed model on Triton's own ONNX Runtime backend:
+    `adapter_id` is an ordinary batched input (dims [1], reshaped to the graph's (batch,)), the dynamic batcher
+    merges requests of any adapters into one call, and the names go to the parameter `surgery.adapters`. An id
+    out of range runs the base model (the graph clamps it), so one bad id never fails a batch."""
     check_name(name, "Triton model name")
     model_file = Path(model_file)
     if model_file.suffix not in PLATFORMS:
@@ -141,10 +159,23 @@ def write_triton_repo(
     axis_max = signature.axes()[BATCH].max if batched else 0
     max_batch_size = min(max_batch or axis_max, axis_max) if batched else 0
     platform, filename = PLATFORMS[model_file.suffix]
+    tail = ""
+    if adapters is not None:
+        route = _route_input(onnx_path)
+        if not batched or route is None:
+            raise SurgeryError(
+                f"{onnx_path}: not a routed export with a batch axis (no (batch,) input {ROUTE_INPUT!r}); "
+                "export with --route"
+            )
+        inputs = inputs + [route]
+        tail = "instance_group [ { kind: KIND_CPU count: 1 } ]\ndynamic_batching { }\n" + _parameters(
+            {PARAM + "adapters": json.dumps(adapters)}
+        )
     text = (
         f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: {max_batch_size}\n'
-        + _block("input", inputs, batched)
+        + _block("input", inputs, batched, reshape=frozenset({ROUTE_INPUT}) if adapters is not None else frozenset())
         + _block("output", outputs, batched)
+        + tail
     )
     folder = repo / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
@@ -154,6 +185,15 @@ def write_triton_repo(
     shutil.copyfile(model_file, folder / "1" / filename)
     (folder / "config.pbtxt").write_text(text)
     return TritonRepo(folder, folder / "config.pbtxt", folder / "1" / filename, max_batch_size)
+
+
+def _route_input(onnx_path: str | Path) -> tuple[str, str, list[int | str]] | None:
+    """The routed export's `adapter_id` input as (name, Triton type, dims), if it has one of shape (batch,)."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    found = [t for t in _tensors([i for i in graph.input if i.name == ROUTE_INPUT])]
+    if not found or found[0][2] != [BATCH]:
+        return None
+    return found[0]
 
 
 def _parameters(params: dict[str, str]) -> str:

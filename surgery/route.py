@@ -1,8 +1,10 @@
 """Per-request routing: the adapters of several adapted models, stacked in one graph, chosen per batch row.
 
-The routed model takes one more input, `adapter_id` (B,): row b runs adapter `adapter_id[b]`, and -1
-runs no adapter (the base model). Ranks may differ between models: each is padded with zeros to the
-largest, which is exact (padded down columns give σ(0) = 0 for every supported σ, padded up rows are 0).
+The routed model takes one more input, `adapter_id` (B,): row b runs adapter `adapter_id[b]`, and an id
+outside 0..N-1 (-1 by convention) runs no adapter (the base model). The clamp is in the graph, so a server
+that batches requests into one call (Triton's ONNX Runtime backend) never fails the batch on one bad id.
+Ranks may differ between models: each is padded with zeros to the largest, which is exact (padded down
+columns give σ(0) = 0 for every supported σ, padded up rows are 0).
 
 The pass works on an adapted model's captured graph, where each adapter appears inlined under the
 module path `adapters.<site>`. For a BERT layer the generated `forward` changes from
@@ -44,7 +46,7 @@ TENSORS = ("down_w", "down_b", "up_w", "up_b")
 
 
 class RoutedBottleneck(nn.Module):
-    """N bottlenecks stacked; row b of the batch uses bottleneck ids[b], or none where ids[b] = -1."""
+    """N bottlenecks stacked; row b of the batch uses bottleneck ids[b], or none where ids[b] is not in 0..N-1."""
 
     def __init__(
         self, down_w: torch.Tensor, down_b: torch.Tensor, up_w: torch.Tensor, up_b: torch.Tensor, activation: str
@@ -58,11 +60,12 @@ class RoutedBottleneck(nn.Module):
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # x (B, ..., d), ids (B,)
-        idx = ids.clamp(min=0)
+        n = self.down_w.shape[0]
+        idx = ids.clamp(min=0, max=n - 1)  # a valid index for every row; rows outside 0..N-1 are masked below
         bcast = [x.shape[0]] + [1] * (x.dim() - 2) + [-1]
         h = self.act(torch.matmul(x, self.down_w[idx]) + self.down_b[idx].view(bcast))  # (B, ..., R)
         y = torch.matmul(h, self.up_w[idx]) + self.up_b[idx].view(bcast)  # (B, ..., d)
-        keep = (ids >= 0).to(x.dtype).view([x.shape[0]] + [1] * (x.dim() - 1))
+        keep = ((ids >= 0) & (ids < n)).to(x.dtype).view([x.shape[0]] + [1] * (x.dim() - 1))
         return x + keep * y
 
 

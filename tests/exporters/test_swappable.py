@@ -163,15 +163,16 @@ def test_pack_of_another_base_is_refused(tmp_path, small_config, swappable):
 @pytest.mark.slow  # make test stays under 6 minutes; CI runs it in make test-slow
 def test_routing_matches_each_model_row_by_row(tmp_path, models, minilm_base):
     result = export_routed(models, tmp_path / "routed.onnx")
-    assert result.ids == [0, 2, -1, 1] and result.rank == 32
+    assert result.ids == [0, 2, -1, 1, 3] and result.rank == 32  # 3: out of range, the base model
     assert result.rows.max_abs_diff < 1e-4 and result.parity.max_abs_diff < 1e-4
-    # every row with -1 is the base model
+    # every row with an id out of range (-1, by convention) is the base model
     from exporters.verify import ort_session
 
     session = ort_session(result.path)
     sig = minilm_base.signature
     tensors = sig.examples({"batch": 3, "seq": 16}, seed=2)
-    feeds = {n: t.numpy() for n, t in zip(sig.names, tensors)} | {"adapter_id": np.full(3, -1, dtype=np.int64)}
+    ids = np.array([-1, 3, np.iinfo(np.int64).min], dtype=np.int64)
+    feeds = {n: t.numpy() for n, t in zip(sig.names, tensors)} | {"adapter_id": ids}
     with torch.no_grad():
         want = sig.call(minilm_base.gm, tensors)[0].numpy()
     assert np.abs(session.run(None, feeds)[0] - want).max() < 1e-4

@@ -14,8 +14,9 @@ import pytest
 
 from exporters.runtime import AdaptedSession
 from exporters.swappable import export_routed, export_swappable
-from exporters.triton import write_python_model
+from exporters.triton import write_python_model, write_triton_repo
 from exporters.triton_model import Request, Runner, adapter_of
+from exporters.verify import ort_session
 from surgery.errors import SurgeryError
 from surgery.packs import pack_from_model
 from surgery.parity import compare
@@ -33,6 +34,7 @@ def setup(tmp_path_factory, small_config):
     repo = folder / "repo"
     packs = {n: pack_from_model(m.gm.state_dict(), m.manifest) for n, m in (("a", a), ("b", b))}
     routed = write_python_model(repo, folder / "r.onnx", base.signature, "r", "routed", adapters=["a", "b"])
+    ort_routed = write_triton_repo(repo, folder / "r.onnx", folder / "r.onnx", base.signature, "r", adapters=["a", "b"])
     grouped = write_python_model(
         repo, folder / "r.onnx", base.signature, "g", "routed", adapters=["a", "b"], group_by_adapter=True
     )
@@ -45,7 +47,10 @@ def setup(tmp_path_factory, small_config):
         {"input_ids": rng.integers(0, 1000, (rows, 12)), "attention_mask": np.ones((rows, 12), np.int64)}
         for rows in (1, 2, 1, 3)
     ]
-    return {"routed": routed, "grouped": grouped, "swap": swap, "reference": reference, "x": x, "base": base}
+    return {
+        "routed": routed, "grouped": grouped, "swap": swap, "ort": ort_routed, "reference": reference, "x": x,
+        "base": base, "models": [a, b],
+    }  # fmt: skip
 
 
 class Counting:
@@ -102,6 +107,62 @@ def test_a_mixed_batch_matches_each_adapter_alone(setup, model):
     # routed: one call for the 6 valid requests of one shape, which fails on the bad one: each again alone (1 + 6);
     # grouped: one call per adapter (a, b, base), and b's group of 3 holds the bad one (3 + 3)
     assert runner.ort.runs == (7 if model == "routed" else 6), runner.ort.runs
+
+
+ORT_TYPES = {"TYPE_INT64": "tensor(int64)", "TYPE_FP32": "tensor(float)", "TYPE_INT32": "tensor(int32)"}
+
+
+@pytest.mark.triton
+def test_routed_model_config_for_the_onnx_runtime_backend(setup):
+    """The bundled server has no ONNX Runtime backend, so the routed model's config is checked statically: parsed
+    by Triton's own ModelConfig schema, and every tensor's name, type and shape (batch axis, reshape) against what
+    ONNX Runtime reports for the model file."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(setup["ort"].config.read_text(), model_config_pb2.ModelConfig())
+    assert config.platform == "onnxruntime_onnx" and not config.backend and config.name == "r"
+    assert config.max_batch_size == 64 and config.HasField("dynamic_batching")
+    assert json.loads(config.parameters["surgery.adapters"].string_value) == ["a", "b"]
+    session = ort_session(setup["ort"].model)
+    for tensors, described in ((config.input, session.get_inputs()), (config.output, session.get_outputs())):
+        onnx_side = {t.name: (t.type, [d if isinstance(d, int) else -1 for d in t.shape]) for t in described}
+        triton_side = {}
+        for t in tensors:
+            dims = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
+            triton_side[t.name] = (ORT_TYPES[model_config_pb2.DataType.Name(t.data_type)], [-1, *dims])
+        assert triton_side == onnx_side
+    route = next(t for t in config.input if t.name == "adapter_id")
+    assert list(route.dims) == [1] and route.HasField("reshape") and list(route.reshape.shape) == []
+
+
+@pytest.mark.triton
+def test_routed_ids_out_of_range_run_the_base_model(setup):
+    """One batch is one ONNX Runtime call on Triton's own backend: ids past either end must not fail it. Each row
+    against torch: the base model for an id out of range, the adapted model for a valid one."""
+    base, (a, b) = setup["base"], setup["models"]
+    sig = base.signature
+    session = ort_session(setup["ort"].model)
+    tensors = sig.examples({"batch": 5, "seq": 12}, seed=3, pad=True)
+    ids = np.array([2, 0, -1, np.iinfo(np.int64).max, 1], dtype=np.int64)
+    feeds = {n: t.numpy() for n, t in zip(sig.names, tensors)} | {"adapter_id": ids}
+    got = session.run(None, feeds)
+    from surgery.parity import mask_of, outputs_of
+    from exporters.swappable import _with_adapters
+
+    want = {
+        "base": outputs_of(_with_adapters(a.gm, "base"), sig, tensors),
+        0: outputs_of(a.gm, sig, tensors),
+        1: outputs_of(b.gm, sig, tensors),
+    }
+    mask = mask_of(sig, tensors)
+    for row, i in enumerate(ids.tolist()):
+        ref = want[i if i in (0, 1) else "base"]
+        one = None if mask is None else mask[row : row + 1]
+        rows = compare([t[row : row + 1] for t in ref], [o[row : row + 1] for o in got], mask=one, where=f"id {i}")
+        assert rows.ok, rows.summary()
+    adapted = compare([t[1:2] for t in want[0]], [o[1:2] for o in want["base"]], where="a vs base")
+    assert not adapted.ok  # the adapters are not the identity: the rows above tell the models apart
 
 
 @pytest.mark.triton
