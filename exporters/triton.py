@@ -4,8 +4,13 @@
     DIR/NAME/1/model.onnx        (platform onnxruntime_onnx)   or   1/model.plan (platform tensorrt_plan);
                                  a routed export's takes `adapter_id` per request row, batched by Triton
     DIR/NAME-python/config.pbtxt (backend python: the project's runtime on ONNX Runtime, `exporters/triton_model.py`)
-    DIR/NAME-python/1/model.py, 1/model.onnx
-    DIR/NAME-python/adapters/    (swappable: the packs it serves, loaded at model load)
+    DIR/NAME-python/1/model.py, 1/surgery_model.py, 1/model.onnx (+ 1/base.onnx: a swappable export's base graph)
+    DIR/NAME-python/adapters/    (swappable: the packs it serves, .onnx_adapter, loaded at model load)
+
+A Python-backend model folder is self-contained: 1/surgery_model.py is a copy of `exporters/triton_model.py`, which
+imports numpy and onnxruntime only, and `surgery.version` in its config.pbtxt names the tool version that wrote it.
+Give the backend those two packages with the model parameter EXECUTION_ENV_PATH (`execution_env`) or a server
+image that has them; model.py names the missing one when the model fails to load.
 
 The Python-backend model takes the ONNX inputs plus an optional string input `adapter` (or the request parameter
 `adapter`) and, with Triton's dynamic batcher, runs the requests of one batch together: for a routed export the
@@ -53,21 +58,40 @@ PYTHON_SUFFIX = "-python"
 ADAPTER_INPUT = "adapter"  # the optional string input that names a request's adapter (or the request parameter)
 ROUTE_INPUT = "adapter_id"  # the routed export's per-row input, fed by the Python model, not by the client
 PARAM = "surgery."  # config.pbtxt parameters read by exporters/triton_model.py: surgery.kind, surgery.adapters, ...
-MODEL_PY = '''"""Triton Python-backend model written by `surgery export --triton-repo`; the code is surgery's
-(`exporters/triton_model.py`), so this Python must import surgery. The backend's stub does not read PYTHONPATH:
-`surgery serve` passes the folders of its environment in SURGERY_SYS_PATH, added here before Python's own."""
+MODEL_PY = '''"""Triton Python-backend model written by surgery {version} (`surgery export --triton-repo`).
 
-import os
-import site
+The code it runs is surgery_model.py beside this file (the tool's exporters/triton_model.py, copied at export). It
+needs the Python packages numpy and onnxruntime in the backend's environment and nothing of the tool: name an
+environment that has them with the model parameter EXECUTION_ENV_PATH, or install them in the server's image."""
+
+import importlib.util
 import sys
+from pathlib import Path
 
-_before = list(sys.path)
-for _p in [p for p in os.environ.get("SURGERY_SYS_PATH", "").split(os.pathsep) if p]:
-    site.addsitedir(_p)  # processes .pth files too (an editable install of surgery is one)
-sys.path[:] = [p for p in sys.path if p not in _before] + _before
+SURGERY_VERSION = "{version}"
+NEEDS = ("numpy", "onnxruntime")
 
-from exporters.triton_model import TritonPythonModel  # noqa: E402,F401
+
+class TritonPythonModel:
+    def initialize(self, args):
+        missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ImportError(
+                f"model {{args['model_name']}} (written by surgery {{SURGERY_VERSION}}) needs the Python package(s) "
+                f"{{', '.join(missing)}}, missing from the Triton Python backend's environment (Python "
+                f"{{sys.version.split()[0]}}, {{sys.prefix}}); install numpy and onnxruntime there, or name an "
+                "environment that has them with the model parameter EXECUTION_ENV_PATH"
+            )
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from surgery_model import TritonPythonModel as Model
+
+        self.model = Model()
+        self.model.initialize(args)
+
+    def execute(self, requests):
+        return self.model.execute(requests)
 '''
+RUNTIME_FILE = Path(__file__).with_name("triton_model.py")  # copied into each model folder as 1/surgery_model.py
 PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan")}
 
 
@@ -212,12 +236,23 @@ def write_python_model(
     max_batch: int | None = None,
     threads: int = 0,
     group_by_adapter: bool = False,
+    execution_env: str | None = None,
 ) -> TritonRepo:
     """Write DIR/NAME-python: a Python-backend model that serves `onnx_path` (a plain, swappable or routed export)
     with exporters/triton_model.py, dynamic batching on. `adapters`: a routed export's adapter names, by
     adapter_id; `packs`: packs written to its adapters/ folder (swappable); `group_by_adapter`: run the requests
-    of a routed batch one adapter at a time (for comparison; the default runs them together). Written to a
-    temporary folder beside it and renamed: an existing model of that name is replaced whole."""
+    of a routed batch one adapter at a time (for comparison; the default runs them together); `execution_env`:
+    the model parameter EXECUTION_ENV_PATH, the Python environment (a folder or a conda-pack archive; may start
+    with `$$TRITON_MODEL_DIRECTORY`) the backend runs the model in. Written to a temporary folder beside it and
+    renamed: an existing model of that name is replaced whole."""
+    from surgery import __version__
+    from exporters.verify import has_bf16
+
+    if has_bf16(onnx_path):
+        raise SurgeryError(
+            f"{onnx_path}: a bf16 model's Python-backend model would need the tool to upcast it on the CPU; "
+            "export it in fp32 or fp16 for Triton"
+        )
     if kind not in KINDS:
         raise SurgeryError(f"unknown Python-backend model kind {kind!r}; one of {', '.join(KINDS)}")
     name = check_name(name + PYTHON_SUFFIX, "Triton model name")
@@ -239,7 +274,9 @@ def write_python_model(
         check_name(a, "adapter name")
     axis_max = signature.axes()[BATCH].max
     max_batch_size = min(max_batch or axis_max, axis_max)
-    params = {PARAM + "kind": kind, PARAM + "threads": str(threads)}
+    params = {PARAM + "kind": kind, PARAM + "threads": str(threads), PARAM + "version": __version__}
+    if execution_env:
+        params["EXECUTION_ENV_PATH"] = execution_env
     if kind == "routed":
         params[PARAM + "adapters"] = json.dumps(adapters)
         params[PARAM + "group_by_adapter"] = str(group_by_adapter).lower()
@@ -260,8 +297,10 @@ def write_python_model(
         check_onnx_data(Path(onnx_path))
         for location in external_locations(Path(onnx_path)):  # the data file, under the name the model reads
             shutil.copyfile(Path(onnx_path).parent / location, tmp / "1" / location)
-        (tmp / "1" / "model.py").write_text(MODEL_PY)
+        (tmp / "1" / "model.py").write_text(MODEL_PY.format(version=__version__))
+        shutil.copyfile(RUNTIME_FILE, tmp / "1" / "surgery_model.py")
         if kind == "swappable":
+            _base_graph(Path(onnx_path), tmp / "1" / "base.onnx")
             (tmp / "adapters").mkdir()
             for pack_name, pack in (packs or {}).items():
                 save_pack(pack, tmp / "adapters" / f"{check_name(pack_name, 'pack name')}.onnx_adapter")
@@ -277,3 +316,17 @@ def write_python_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TritonRepo(folder, folder / "config.pbtxt", folder / "1" / "model.onnx", max_batch_size)
+
+
+def _base_graph(onnx_path: Path, out: Path) -> None:
+    """A swappable export's base-only graph (`exporters/slots.base_only`) at `out`, so the model with no pack runs
+    without the empty slots; nothing where it cannot be cut out or the weights are external (one copy only)."""
+    from exporters.slots import SwappableMeta, base_only
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return
+    meta = SwappableMeta.from_metadata({p.key: p.value for p in model.metadata_props}, str(onnx_path))
+    base = base_only(model, meta.widths)
+    if base is not None:
+        onnx.save(base, str(out))

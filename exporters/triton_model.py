@@ -1,5 +1,10 @@
 """What the Python-backend model of a Triton repository (`exporters/triton.py`) runs, inside Triton's stub.
 
+The export copies this file into each model folder (`1/surgery_model.py`, beside `1/model.py`), so the folder
+carries the code it runs and needs nothing of the tool: this module imports numpy and onnxruntime and the standard
+library only. What would need more is done at export: packs converted to `.onnx_adapter`, a bf16 model upcast to
+fp32, a swappable export's base-only graph written as `1/base.onnx`.
+
 Triton's dynamic batcher hands `execute` the requests it merged; each names its adapter as the request parameter
 `adapter` or the optional string input `adapter` (none: the base model). `Runner` does the work without Triton,
 so it is tested in-process too:
@@ -7,7 +12,8 @@ so it is tested in-process too:
     plain      one ONNX Runtime call per group of requests of one shape; naming an adapter is an error
     routed     one call per shape for all adapters together: row b gets adapter_id[b] (-1: the base model);
                with surgery.group_by_adapter one call per adapter instead (a comparison, not the default)
-    swappable  one call per adapter (AdaptedSession, packs from the model's adapters/ folder, loaded at load)
+    swappable  one call per adapter: packs from the model's adapters/ folder, checked against the export and
+               loaded at model load (`onnxruntime.LoraAdapter`); no adapter runs 1/base.onnx where it exists
 
 A request whose adapter is unknown, or whose inputs are malformed, gets its own error; the others are run. If a
 merged call fails, each of its requests is run alone, so only the one at fault fails.
@@ -18,17 +24,36 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, List, Union
 
 import numpy as np
 
-from exporters.verify import ort_session
-from surgery.errors import SurgeryError
-
-PARAM = "surgery."  # duplicates exporters/triton.py's names to keep this import light inside the stub
+# The names below are the exporter's (exporters/triton.py, exporters/slots.py, surgery/packs.py), repeated here
+# because this file imports nothing of the tool; tests/exporters/test_triton_model.py checks that they agree.
+PARAM = "surgery."  # config.pbtxt parameters: surgery.kind, surgery.adapters, surgery.version, ...
 ADAPTER_INPUT = "adapter"
 ROUTE_INPUT = "adapter_id"
-PACK_SUFFIXES = (".onnx_adapter", ".safetensors")
+ADAPTER_ROOT = "adapters"
+PACK_SUFFIX = ".onnx_adapter"
+PACK_FORMAT = 1  # the adapter version of a surgery pack
+FINGERPRINT = "surgery.fingerprint"  # a swappable export's metadata: the fingerprint its packs carry
+BASE_FILE = "base.onnx"  # a swappable export's base-only graph, written at export where it can be cut out
+
+
+class ModelError(Exception):
+    """What is wrong with a request (its message goes to the client) or with the model folder (fails its load)."""
+
+
+def ort_session(path: str | Path, threads: int = 0) -> Any:
+    """An ONNX Runtime session on the CPU (`threads` 0: ONNX Runtime's default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # one warning per adapter slot otherwise; errors reach the caller as exceptions
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 @dataclass
@@ -43,7 +68,70 @@ class Request:
         return len(next(iter(self.inputs.values())))
 
 
-Result = list[np.ndarray] | SurgeryError  # the outputs, in the model's output order, or what went wrong
+Result = Union[List[np.ndarray], ModelError]  # the outputs, in the model's output order, or what went wrong
+
+
+class Packs:
+    """A swappable export's packs (`.onnx_adapter` files), each checked against the export before ONNX Runtime
+    loads it: the fingerprint it was made for, its tensor names, types and shapes (one rank throughout)."""
+
+    def __init__(self, session: Any):
+        self.fingerprint = session.get_modelmeta().custom_metadata_map.get(FINGERPRINT)
+        if self.fingerprint is None:
+            raise ModelError("model.onnx is not a swappable export (no adapter slots); export it with --swappable")
+        self.slots = {  # name -> (ONNX Runtime type, shape: an int or the name of the rank dimension)
+            s.name: (s.type, list(s.shape))
+            for s in session.get_overridable_initializers()
+            if s.name.startswith(ADAPTER_ROOT + ".")
+        }
+        self.options: dict[str, Any] = {}
+        self._keep: list[Any] = []  # the LoraAdapter objects the RunOptions point to
+
+    def check(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        where = f"pack {path.name}"
+        try:
+            fmt = ort.AdapterFormat.read_adapter(str(path))
+            params = fmt.get_parameters()
+        except Exception as exc:  # noqa: BLE001  ORT raises its own types for a damaged file
+            raise ModelError(f"{where}: not a readable .onnx_adapter ({type(exc).__name__}: {exc})") from exc
+        if fmt.get_adapter_version() != PACK_FORMAT:
+            raise ModelError(f"{where}: adapter version {fmt.get_adapter_version()} is not a surgery pack")
+        if str(fmt.get_model_version()) != self.fingerprint:
+            raise ModelError(
+                f"{where} was made for another model (its base model, method, activation or sites differ); "
+                "make it from a model adapted from this export's base with the same settings"
+            )
+        if set(params) != set(self.slots):
+            odd = sorted(set(params) ^ set(self.slots))[0]
+            raise ModelError(f"{where}: tensor {odd} is {'extra' if odd in params else 'missing'}; re-make the pack")
+        ranks: dict[str, int] = {}
+        for name, value in params.items():
+            array = np.asarray(value.numpy())
+            kind, shape = self.slots[name]
+            if f"tensor({_ort_type(array.dtype)})" != kind:
+                raise ModelError(f"{where}: tensor {name} is {array.dtype}, the model's slot takes {kind}")
+            if len(shape) != array.ndim:
+                raise ModelError(f"{where}: tensor {name} has shape {list(array.shape)}, the slot {shape}")
+            for want, got in zip(shape, array.shape):
+                if (isinstance(want, int) and want != got) or ranks.setdefault(str(want), got) != got:
+                    raise ModelError(f"{where}: tensor {name} has shape {list(array.shape)}, the slot {shape}")
+
+    def load(self, name: str, path: Path) -> None:
+        import onnxruntime as ort
+
+        self.check(path)
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)
+        self._keep.append(adapter)
+        self.options[name] = options
+
+
+def _ort_type(dtype: np.dtype) -> str:
+    return {"float32": "float", "float16": "float16", "float64": "double"}.get(str(dtype), str(dtype))
 
 
 class Runner:
@@ -53,39 +141,37 @@ class Runner:
         folder = Path(folder)
         self.kind = params.get(PARAM + "kind", "plain")
         threads = int(params.get(PARAM + "threads", "0"))
-        onnx_path = folder / version / "model.onnx"
         self.group = self.kind == "swappable" or params.get(PARAM + "group_by_adapter") == "true"
+        self.ort = ort_session(folder / version / "model.onnx", threads)
+        self.base = self.ort
         self.adapters: list[str] = []
+        self.packs: Packs | None = None
         if self.kind == "swappable":
-            from exporters.runtime import AdaptedSession
-
-            self.session = AdaptedSession(onnx_path, threads=threads)
-            packs = sorted(p for p in (folder / "adapters").glob("*") if p.suffix in PACK_SUFFIXES)
-            for pack in packs:
-                self.session.load(pack.stem, pack)  # a bad pack fails the load, naming it
-            self.adapters = self.session.adapters
-            self.ort = self.session.session
-        else:
-            self.ort = ort_session(onnx_path, threads=threads)
-            if self.kind == "routed":
-                self.adapters = json.loads(params[PARAM + "adapters"])
+            self.packs = Packs(self.ort)
+            for pack in sorted((folder / "adapters").glob("*" + PACK_SUFFIX)):
+                self.packs.load(pack.stem, pack)  # a bad pack fails the load, naming it
+            self.adapters = list(self.packs.options)
+            if (folder / version / BASE_FILE).is_file():
+                self.base = ort_session(folder / version / BASE_FILE, threads)
+        elif self.kind == "routed":
+            self.adapters = json.loads(params[PARAM + "adapters"])
         self.inputs = [
-            i.name for i in self.ort.get_inputs() if i.name != ROUTE_INPUT and not i.name.startswith("adapters.")
+            i.name for i in self.ort.get_inputs() if i.name != ROUTE_INPUT and not i.name.startswith(ADAPTER_ROOT + ".")
         ]
         self.ids = {name: i for i, name in enumerate(self.adapters)}
 
-    def check(self, request: Request) -> SurgeryError | None:
+    def check(self, request: Request) -> ModelError | None:
         """What is wrong with a request before it joins a batch, or None."""
         missing = [n for n in self.inputs if n not in request.inputs]
         if missing:
-            return SurgeryError(f"missing input {missing[0]!r}; this model takes {', '.join(self.inputs)}")
+            return ModelError(f"missing input {missing[0]!r}; this model takes {', '.join(self.inputs)}")
         if request.adapter is not None and request.adapter not in self.ids:
             if self.kind == "plain":
-                return SurgeryError(
+                return ModelError(
                     f"adapter {request.adapter!r} asked of a model without adapters; "
                     "serve a --swappable or --route export to choose adapters per request"
                 )
-            return SurgeryError(
+            return ModelError(
                 f"unknown adapter {request.adapter!r}; this model serves {', '.join(self.adapters) or 'none'} "
                 "(or none, for the base model)"
             )
@@ -94,13 +180,14 @@ class Runner:
     def _run(self, requests: list[Request]) -> list[list[np.ndarray]]:
         """One ONNX Runtime call for requests of one shape (and, where grouped, one adapter); outputs per request."""
         feeds = {n: np.concatenate([r.inputs[n] for r in requests]) for n in self.inputs}
-        options = None
+        session, options = self.ort, None
         if self.kind == "routed":
             ids = [self.ids.get(r.adapter, -1) if r.adapter is not None else -1 for r in requests]
             feeds[ROUTE_INPUT] = np.repeat(np.array(ids, dtype=np.int64), [r.rows for r in requests])
-        elif self.kind == "swappable":
-            options = self.session.run_options(requests[0].adapter)
-        outputs = self.ort.run(None, feeds, options)
+        elif self.packs is not None:
+            adapter = requests[0].adapter
+            session, options = (self.base, None) if adapter is None else (self.ort, self.packs.options[adapter])
+        outputs = session.run(None, feeds, options)
         ends = np.cumsum([r.rows for r in requests])[:-1]
         per_output = [np.split(o, ends) for o in outputs]
         return [[o[i] for o in per_output] for i in range(len(requests))]
@@ -125,7 +212,7 @@ class Runner:
                     try:
                         results[i] = self._run([requests[i]])[0]
                     except Exception as exc:  # noqa: BLE001  ONNX Runtime's message, for this request only
-                        results[i] = SurgeryError(f"inference failed: {type(exc).__name__}: {exc}")
+                        results[i] = ModelError(f"inference failed: {type(exc).__name__}: {exc}")
         return results  # type: ignore[return-value]
 
 
@@ -136,20 +223,20 @@ def adapter_of(parameters: str | None, adapter_input: np.ndarray | None) -> str 
     if adapter_input is not None:
         values = {v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(adapter_input).reshape(-1)}
         if len(values) > 1:
-            raise SurgeryError(f"one adapter per request; its rows name {sorted(values)}: send one request each")
+            raise ModelError(f"one adapter per request; its rows name {sorted(values)}: send one request each")
         names |= values
     if parameters:
         value = json.loads(parameters).get(ADAPTER_INPUT)
         if value is not None:
             names.add(str(value))
     if len(names) > 1:
-        raise SurgeryError(f"the adapter input and the adapter parameter disagree: {sorted(names)}")
+        raise ModelError(f"the adapter input and the adapter parameter disagree: {sorted(names)}")
     name = names.pop() if names else ""
     return name or None
 
 
 class TritonPythonModel:
-    """The entry point Triton's Python backend looks for (re-exported by the repository's model.py)."""
+    """The entry point Triton's Python backend looks for (model.py checks the packages, then hands over to it)."""
 
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -160,7 +247,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils
 
-        parsed: list[Request | SurgeryError] = []
+        parsed: list[Request | ModelError] = []
         for r in requests:
             try:
                 inputs = {}
@@ -171,14 +258,14 @@ class TritonPythonModel:
                 adapter_tensor = pb_utils.get_input_tensor_by_name(r, ADAPTER_INPUT)
                 adapter_values = adapter_tensor.as_numpy() if adapter_tensor is not None else None
                 parsed.append(Request(inputs, adapter_of(r.parameters(), adapter_values)))
-            except (SurgeryError, ValueError) as exc:
-                parsed.append(SurgeryError(str(exc)))
+            except (ModelError, ValueError) as exc:
+                parsed.append(ModelError(str(exc)))
         valid = [p for p in parsed if isinstance(p, Request)]
         results = iter(self.runner.run(valid))
         responses = []
         for p in parsed:
-            result = p if isinstance(p, SurgeryError) else next(results)
-            if isinstance(result, SurgeryError):
+            result = p if isinstance(p, ModelError) else next(results)
+            if isinstance(result, ModelError):
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
             else:
                 tensors = [pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in zip(self.outputs, result)]
