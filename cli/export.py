@@ -102,6 +102,14 @@ def export(
     triton_repo: Annotated[
         Optional[str], typer.Option("--triton-repo", help="Also write a Triton model repository here.")
     ] = None,
+    triton_env: Annotated[
+        Optional[str],
+        typer.Option(
+            "--triton-env",
+            help="With --triton-repo: the Python environment (folder or conda-pack/venv-pack archive, with numpy "
+            "and onnxruntime) the Python-backend models run in: their EXECUTION_ENV_PATH.",
+        ),
+    ] = None,
     external_data: Annotated[
         bool,
         typer.Option(
@@ -173,6 +181,8 @@ def export(
                 "--fused-pt2 writes a torch program; --swappable, --route and --triton-repo are ONNX exports"
             )
         return _export_fused_pt2(sources[0], output, tolerance, rtol, trust, input_shape, input_dtype, task, json)
+    if triton_env and not triton_repo:
+        raise SurgeryError("--triton-env names the Triton models' Python environment; give --triton-repo too")
     if triton_repo and Path(triton_repo).exists() and not Path(triton_repo).is_dir():
         raise SurgeryError(f"--triton-repo {triton_repo}: exists and is not a folder; name a folder (it is created)")
     suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
@@ -197,7 +207,7 @@ def export(
     data = result.to_json()
     if triton_repo:
         with step(f"write the Triton repository {triton_repo}"):
-            data["triton"] = _triton(triton_repo, path, sources, models, route, swappable)
+            data["triton"] = _triton(triton_repo, path, sources, models, route, swappable, triton_env)
     if json:
         emit_json(data)
         return
@@ -268,7 +278,7 @@ def adapter_name(source: str | None) -> str:
     return (source or "minilm").replace("\\", "/").rsplit("/", 1)[-1].split(".")[0]
 
 
-def _triton(repo, path, sources, models, route, swappable) -> list[str]:
+def _triton(repo, path, sources, models, route, swappable, env=None) -> list[str]:
     """The ONNX Runtime-backend model (plain and routed exports: Triton's backend cannot feed a swappable export's
     adapter slots) and the Python-backend one; the config files written."""
     name = path.name.split(".")[0]
@@ -277,14 +287,17 @@ def _triton(repo, path, sources, models, route, swappable) -> list[str]:
     if route:
         names = [adapter_name(s) for s in sources]
         written.append(write_triton_repo(repo, path, path, signature, name, adapters=names).config)
-        written.append(write_python_model(repo, path, signature, name, "routed", adapters=names).config)
+        written.append(
+            write_python_model(repo, path, signature, name, "routed", adapters=names, execution_env=env).config
+        )
     elif swappable:
         m = models[0]
         own = {adapter_name(sources[0]): pack_from_model(m.gm.state_dict(), m.manifest)}
-        written.append(write_python_model(repo, path, signature, name, "swappable", packs=own).config)
+        model = write_python_model(repo, path, signature, name, "swappable", packs=own, execution_env=env)
+        written.append(model.config)
     else:
         written.append(write_triton_repo(repo, path, path, signature, name).config)
-        written.append(write_python_model(repo, path, signature, name, "plain").config)
+        written.append(write_python_model(repo, path, signature, name, "plain", execution_env=env).config)
     return [str(c) for c in written]
 
 

@@ -25,6 +25,14 @@ def serve(
     http_port: Annotated[int, typer.Option("--http-port", help="HTTP port (0: a free one).")] = 0,
     grpc_port: Annotated[int, typer.Option("--grpc-port", help="gRPC port (0: a free one).")] = 0,
     metrics_port: Annotated[int, typer.Option("--metrics-port", help="Metrics port (0: a free one).")] = 0,
+    python_env: Annotated[
+        Optional[str],
+        typer.Option(
+            "--python-env",
+            help="The Python environment (a venv with numpy<2 and onnxruntime) the models run in, unless their "
+            "config names one (EXECUTION_ENV_PATH); default: one made under ~/.cache/surgery on first use.",
+        ),
+    ] = None,
     json: Json = False,
 ) -> None:
     """Serve a model repository on the bundled Triton server (127.0.0.1) until interrupted."""
@@ -32,7 +40,7 @@ def serve(
     if any(ports) and not all(ports):
         raise SurgeryError("give all three of --http-port, --grpc-port and --metrics-port, or none (free ports)")
     with step(f"start Triton on {repo}"):
-        server = start_server(repo, models=model, ports=ports if all(ports) else None)
+        server = start_server(repo, models=model, ports=ports if all(ports) else None, python_env=python_env)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

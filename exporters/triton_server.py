@@ -2,23 +2,26 @@
 
 The wheel ships `pytriton/tritonserver/bin/tritonserver`, its libraries in `nvidia_pytriton.libs/`, the Python
 backend and one backend stub per Python version (3.8-3.13). `start_server` copies the Python backend with the stub
-of this Python into a temporary folder, points the loader at the wheel's libraries and this Python's libpython,
-passes this environment's import path to the models (`SURGERY_SYS_PATH`: the stub ignores PYTHONPATH), and starts
-the server on free loopback ports in explicit model-control mode with the repository's Python-backend models
-loaded (the bundled server has no ONNX Runtime or TensorRT backend: those models are listed as skipped).
+of the models' Python into a temporary folder, points the loader at the wheel's libraries and that Python's
+libpython, and starts the server on free loopback ports in explicit model-control mode with the repository's
+Python-backend models loaded (the bundled server has no ONNX Runtime or TensorRT backend: those models are listed as
+skipped).
 
     with start_server("models") as server:
         print(server.http, server.grpc, server.models)
 
+The models run their own code (`1/surgery_model.py`) and need numpy and onnxruntime, nothing of this tool. The stub
+runs in a Python environment: a model's EXECUTION_ENV_PATH where its config names one, else `python_env`, which
+goes first on the server's PATH (the stub's embedded Python takes its prefix, and so its site-packages, from the
+`python3` it finds there, as in an activated environment). By default that is `model_env()`: a venv with numpy<2
+and onnxruntime under `$SURGERY_CACHE` (default `~/.cache/surgery`), made with pip on first use. The stub's
+compiled tensor conversion reads numpy 1.x's dtype layout: with numpy 2 it sizes tensors wrongly ("output tensor
+shape does not match size of output", then a crash on a string input; measured with nvidia-pytriton 0.7.0,
+Triton 2.51), hence numpy<2 there.
+
 pytriton itself is installed without its dependencies (`pip install --no-deps nvidia-pytriton==0.7.0`): it pins
 numpy<2, and only its server files are used here. The clients come with `pip install 'surgery[serve]'`.
 CudaDriverHelper, NVML and DCGM errors in the server log are expected on a machine without a GPU.
-
-The stub's compiled tensor conversion reads numpy 1.x's dtype layout: with numpy 2 it sizes tensors wrongly
-("output tensor shape does not match size of output", then a crash on a string input; measured with
-nvidia-pytriton 0.7.0, Triton 2.51). Where this environment has numpy 2, the models get numpy 1.26 first on their
-path, from `$SURGERY_CACHE/triton-stub` (default `~/.cache/surgery`), installed there with pip on first use;
-ONNX Runtime and torch import with it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -42,34 +44,53 @@ from pathlib import Path
 from surgery.errors import SurgeryError
 
 INSTALL = "pip install --no-deps nvidia-pytriton==0.7.0 && pip install 'surgery[serve]'"
-STUB_NUMPY = "numpy==1.26.4"
+MODEL_PACKAGES = ("numpy<2", "onnxruntime")  # what the models' code needs (exporters/triton_model.py)
 
 
-def stub_numpy() -> Path | None:
-    """A folder with numpy 1.x for the stub when this environment has numpy 2 (pip-installed on first use)."""
-    import numpy
+def model_env(folder: str | Path | None = None) -> Path:
+    """A Python environment for the models: a venv of this Python with numpy<2 and this environment's onnxruntime
+    version, at `folder` (default `$SURGERY_CACHE/triton-env-py3.X`), made with pip on first use."""
+    import onnxruntime
 
-    if int(numpy.__version__.split(".")[0]) < 2:
-        return None
-    folder = Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery")) / "triton-stub"
-    if (folder / "numpy" / "__init__.py").is_file():
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    cache = Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
+    folder = Path(folder) if folder else cache / f"triton-env-py{version}"
+    if (folder / "bin" / "python3").exists() and (folder / ".complete").is_file():
         return folder
-    staging = Path(tempfile.mkdtemp(prefix=".triton-stub.", dir=folder.parent if folder.parent.is_dir() else None))
-    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check"]
-    done = subprocess.run([*pip, "--target", str(staging), STUB_NUMPY], capture_output=True, text=True)
-    if done.returncode != 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SurgeryError(
-            f"the Triton stub needs numpy<2 and pip could not install {STUB_NUMPY} into {folder} ({tail}); "
-            f"install it there yourself: pip install --no-deps --target {folder} {STUB_NUMPY}"
-        )
+    shutil.rmtree(folder, ignore_errors=True)  # an environment left half-made (no .complete) is made again
     folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(staging, folder)
-    except OSError:  # another process got there first
-        shutil.rmtree(staging, ignore_errors=True)
+    packages = [MODEL_PACKAGES[0], f"onnxruntime=={onnxruntime.__version__}"]
+    base = getattr(sys, "_base_executable", sys.executable)  # the interpreter itself, not this venv's
+    steps = [  # made in place: a venv's activate script names its own folder
+        [base, "-m", "venv", "--without-pip", str(folder)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--prefix", str(folder),
+         "--ignore-installed", "--no-warn-script-location", *packages],
+    ]  # fmt: skip
+    for cmd in steps:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise SurgeryError(
+                f"could not make the models' Python environment {folder} ({tail}); make one yourself "
+                f"(python -m venv ENV && ENV/bin/pip install {' '.join(repr(p) for p in packages)}) "
+                "and pass it with --python-env"
+            )
+    (folder / ".complete").write_text(" ".join(packages) + "\n")
     return folder
+
+
+def env_python(env: str | Path) -> tuple[str, Path]:
+    """The Python version (3.X) of an environment and the folder of its libpython (what the stub links)."""
+    python = Path(env) / "bin" / "python3"
+    if not python.exists():
+        raise SurgeryError(f"{env}: not a Python environment (no bin/python3); make one with python -m venv")
+    code = "import sys, sysconfig; print('%d.%d' % sys.version_info[:2]); print(sysconfig.get_config_var('LIBDIR'))"
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SurgeryError(f"{python} does not run: {done.stderr.strip()[-200:]}")
+    version, libdir = done.stdout.split()
+    return version, Path(libdir)
 
 
 @dataclass(frozen=True)
@@ -80,13 +101,14 @@ class Bundled:
     libs: Path  # nvidia_pytriton.libs
 
 
-def bundled() -> Bundled:
-    """The server files of the installed nvidia-pytriton wheel, or a SurgeryError with the install line."""
+def bundled(version: str | None = None) -> Bundled:
+    """The server files of the installed nvidia-pytriton wheel, with the stub for Python `version` (default this
+    one's), or a SurgeryError with the install line."""
     spec = importlib.util.find_spec("pytriton")  # does not import it (its numpy<2 pin is not met here)
     if spec is None or not spec.submodule_search_locations:
         raise SurgeryError(f"the Triton server is not installed: {INSTALL}")
     root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    version = version or f"{sys.version_info.major}.{sys.version_info.minor}"
     files = Bundled(
         root / "bin" / "tritonserver",
         root / "backends" / "python",
@@ -123,20 +145,15 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _environment(files: Bundled) -> dict[str, str]:
-    env = dict(os.environ)
-    libs = [str(files.libs)]
-    libdir = sysconfig.get_config_var("LIBDIR")
-    if (
-        libdir
-        and sysconfig.get_config_var("LDLIBRARY")
-        and (Path(libdir) / sysconfig.get_config_var("LDLIBRARY")).exists()
-    ):
-        libs.append(libdir)  # the stub links libpython3.X: this Python's, not whichever the loader finds first
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
-    first = [str(stub_numpy() or "")]
-    env["SURGERY_SYS_PATH"] = os.pathsep.join(p for p in first + sys.path if p and Path(p).is_dir())
-    return env
+def _environment(files: Bundled, env: Path, libdir: Path) -> dict[str, str]:
+    """The server's environment: the wheel's libraries and the models' libpython on the loader's path, the models'
+    Python environment first on PATH (as an activated one would be); nothing of this tool's own import path."""
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    libs = [str(files.libs), str(libdir)] + [p for p in base.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    base["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
+    base["PATH"] = os.pathsep.join([str(env / "bin"), base.get("PATH", "")])
+    base["VIRTUAL_ENV"] = str(env)
+    return base
 
 
 @dataclass
@@ -209,14 +226,16 @@ def start_server(
     ports: tuple[int, int, int] | None = None,
     timeout: float = 180,
     workdir: str | Path | None = None,
+    python_env: str | Path | None = None,
 ) -> TritonServer:
-    """Start the bundled server on `repo` with its Python-backend models (or `models`), wait until it is ready."""
+    """Start the bundled server on `repo` with its Python-backend models (or `models`), wait until it is ready.
+    `python_env`: the Python environment the models run in unless their config names one (default `model_env()`)."""
     repo = Path(repo)
     if not (repo.is_dir() and any(repo.glob("*/config.pbtxt"))):
         raise SurgeryError(
             f"{repo}: not a Triton model repository (no NAME/config.pbtxt); write one with --triton-repo"
         )
-    files = bundled()
+    bundled()  # the server is installed (else the install line), before any environment is made
     served, skipped = python_models(repo)
     if models:
         unknown = [m for m in models if m not in served]
@@ -228,9 +247,12 @@ def start_server(
         raise SurgeryError(
             f"{repo}: no Python-backend model (only {', '.join(skipped)}); export with --triton-repo again to add one"
         )
+    env = Path(python_env) if python_env else model_env()
+    version, libdir = env_python(env)
+    files = bundled(version)
     work = Path(workdir or tempfile.mkdtemp(prefix="surgery-triton-"))
     backends = work / "backends"
-    env = _environment(files)
+    environ = _environment(files, env, libdir)
     attempts = 1 if ports else 3
     for attempt in range(attempts):
         shutil.copytree(files.python_backend, backends / "python", dirs_exist_ok=True)
@@ -255,7 +277,7 @@ def start_server(
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
         ]
-        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=environ, start_new_session=True)
         server = TritonServer(process, http, grpc, metrics, served, skipped, log, work, log_file)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and server.alive() and not _ready(server.http):

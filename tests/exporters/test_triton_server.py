@@ -1,10 +1,15 @@
 """A real Triton Inference Server (the one bundled in nvidia-pytriton) on repositories `surgery export --triton-repo`
-writes: per-request adapters over HTTP and gRPC, mixed-adapter batches, packs added at run time, errors that stay
-with their request, a client that disconnects. `make test-triton` (pytest -m triton); needs the `serve` extra.
+writes, started here as a deployment would start it: the `tritonserver` binary itself (not `surgery serve`), the
+Python-backend stub of this Python beside the backend, that Python's libpython on the loader's path, and the models
+in a Python environment that holds only numpy<2 and onnxruntime (made here with pip; no torch, no surgery), named by
+each model's EXECUTION_ENV_PATH: an unpacked venv for two models, the same packed with venv-pack for the third.
+Per-request adapters over HTTP and gRPC, mixed-adapter batches, packs added at run time, errors that stay with their
+request, a client that disconnects, a model whose environment lacks a package. `make test-triton` (pytest -m
+triton); needs the `serve` extra.
 
-Four MiniLM models with distinct random adapters (a, b, c, d); the routed model serves a, b, c and the base, the
-swappable one its own pack (a) and whatever is added to its adapters/ folder. Every expected output comes from a
-single-process ONNX Runtime reference: `AdaptedSession` on a separate swappable export, each model's own pack.
+Four MiniLM models with distinct random adapters (a, b, c, d). The routed model serves a, b, c and the base; the
+swappable one packs a and b, and whatever is added to its adapters/ folder; the plain one is model a, baked. Every
+expected output comes from the adapted model in torch (surgery/parity.py's tolerance, unpadded positions).
 """
 
 from __future__ import annotations
@@ -12,23 +17,26 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import sysconfig
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from exporters.runtime import AdaptedSession
-from surgery.parity import compare
+from surgery.parity import compare, outputs_of
 from surgery.adapters import AdapterSpec
 from surgery.pipeline import stand_in_adapted
 from tests.conftest import ROOT, SURGERY
 
-from exporters.triton_server import bundled, start_server
+from exporters.triton_server import bundled, free_ports, model_env
 
 try:  # the serve extra; without it the `world` fixture skips (and make test, which deselects these, stays quiet)
     import tritonclient.grpc as grpcclient
@@ -41,7 +49,7 @@ except ImportError:
 pytestmark = pytest.mark.triton
 
 NAMES = ["a", "b", "c", "d"]
-ROUTED, SWAP = "routed-python", "a-python"
+ROUTED, SWAP, PLAIN = "routed-python", "a-python", "plain-python"
 SEQ = 24
 OUTPUTS = ["last_hidden_state", "pooler_output"]
 
@@ -51,38 +59,56 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*SURGERY, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
 
 
-def _write_models(base, folder: Path) -> None:
+@pytest.fixture(scope="session")
+def python_env(tmp_path_factory):
+    """The models' Python environment: a venv of this Python with numpy<2 and onnxruntime from PyPI, nothing else
+    of this project's, and the same packed into a relocatable archive (venv-pack)."""
+    if httpclient is None:
+        pytest.skip("the Triton clients are not installed: pip install 'surgery[serve]'")
+    folder = tmp_path_factory.mktemp("python-env")
+    env = model_env(folder / "env")
+    code = "import json, pkgutil; print(json.dumps([m.name for m in pkgutil.iter_modules()]))"
+    run = subprocess.run([str(env / "bin" / "python3"), "-c", code], capture_output=True, text=True, cwd=folder)
+    listed = set(json.loads(run.stdout))
+    assert {"numpy", "onnxruntime"} <= listed and not {"torch", "surgery", "exporters", "transformers"} & listed
+    venv_pack = Path(sys.executable).parent / "venv-pack"
+    pack = subprocess.run(
+        [str(venv_pack), "-p", str(env), "-o", str(folder / "env.tar.gz")], capture_output=True, text=True
+    )
+    assert pack.returncode == 0, pack.stderr
+    return {"dir": env, "packed": folder / "env.tar.gz", "folder": folder}
+
+
+def _write_models(base, folder: Path, env) -> dict:
     """Four adapted models with distinct random non-zero adapters; the repository, written by the CLI; the packs."""
+    models = {}
     for i, name in enumerate(NAMES):
-        stand_in_adapted(base, AdapterSpec("houlsby", r=8), folder / f"{name}.adapted.pt2", 20 + i, 120 + i)
-    routed = _cli("export", "a.adapted.pt2", "b.adapted.pt2", "c.adapted.pt2", "--route", "-o", "routed.onnx",
-                  "--triton-repo", "repo", cwd=folder)  # fmt: skip
-    assert routed.returncode == 0, routed.stderr
-    swap = _cli("export", "a.adapted.pt2", "--swappable", "-o", "a.swappable.onnx", "--triton-repo", "repo", cwd=folder)
-    assert swap.returncode == 0, swap.stderr
+        path = folder / f"{name}.adapted.pt2"
+        models[name] = stand_in_adapted(base, AdapterSpec("houlsby", r=8), path, 20 + i, 120 + i)
+    for args in (
+        ["a.adapted.pt2", "b.adapted.pt2", "c.adapted.pt2", "--route", "-o", "routed.onnx",
+         "--triton-env", str(env["dir"])],
+        ["a.adapted.pt2", "--swappable", "-o", "a.swappable.onnx", "--triton-env", str(env["dir"])],
+        ["a.adapted.pt2", "-o", "plain.onnx", "--triton-env", str(env["packed"])],
+    ):  # fmt: skip
+        done = _cli("export", *args, "--triton-repo", "repo", cwd=folder)
+        assert done.returncode == 0, done.stderr
     for name in NAMES:
         packed = _cli("pack", f"{name}.adapted.pt2", "-o", f"{name}.onnx_adapter", cwd=folder)
         assert packed.returncode == 0, packed.stderr
+    shutil.copyfile(folder / "b.onnx_adapter", folder / "repo" / SWAP / "adapters" / "b.onnx_adapter")  # two packs
+    return models
 
 
 @pytest.fixture(scope="session")
-def world(minilm_base, tmp_path_factory):
-    """The models, the repository (written by the CLI), the reference session with every pack, and inputs."""
-    if httpclient is None:
-        pytest.skip("the Triton clients are not installed: pip install 'surgery[serve]'")
+def world(minilm_base, python_env, tmp_path_factory):
+    """The models, the repository (written by the CLI), the expected outputs (torch), and inputs."""
     try:
         bundled()
     except Exception as exc:  # noqa: BLE001
         pytest.skip(str(exc))
-    keep = os.environ.get("SURGERY_TRITON_TEST_DIR")  # reuse the exports there between runs (when debugging)
-    folder = Path(keep) if keep else tmp_path_factory.mktemp("triton")
-    repo = folder / "repo"
-    (repo / SWAP / "adapters" / "d.onnx_adapter").unlink(missing_ok=True)
-    if not (folder / "d.onnx_adapter").is_file():
-        _write_models(minilm_base, folder)
-    reference = AdaptedSession(folder / "a.swappable.onnx")
-    for name in NAMES:
-        reference.load(name, folder / f"{name}.onnx_adapter")
+    folder = tmp_path_factory.mktemp("triton")
+    models = _write_models(minilm_base, folder, python_env)
     rng = np.random.default_rng(0)
     pool = []
     for rows in (1, 2, 1, 3, 1, 2):
@@ -90,19 +116,76 @@ def world(minilm_base, tmp_path_factory):
         mask = np.ones((rows, SEQ), dtype=np.int64)
         mask[0, SEQ - 5 :] = 0  # a padded row
         pool.append({"input_ids": ids, "attention_mask": mask})
-    expected = {a: [reference.run(x, adapter=a) for x in pool] for a in [*NAMES, None]}
+    sig = minilm_base.signature
+
+    def torch_outputs(module, x):
+        return [t.numpy() for t in outputs_of(module, sig, [torch.from_numpy(x[n]) for n in sig.names])]
+
+    modules = {name: m.gm for name, m in models.items()} | {None: minilm_base.gm}
+    expected = {a: [torch_outputs(m, x) for x in pool] for a, m in modules.items()}
     for i in range(len(pool)):  # the adapters really differ, from each other and from the base
         outs = [expected[a][i][1] for a in [*NAMES, None]]
         assert min(np.abs(p - q).max() for j, p in enumerate(outs) for q in outs[j + 1 :]) > 1e-3
-    return {"folder": folder, "repo": repo, "pool": pool, "expected": expected}
+    return {"folder": folder, "repo": folder / "repo", "pool": pool, "expected": expected, "env": python_env}
 
 
 CLIENTS: list = []  # closed before the server stops: an open connection holds its shutdown up
 
 
+class Server:
+    """tritonserver, started as a deployment would: the binary, a backend folder with the Python backend and the
+    stub of this Python, this Python's libpython on the loader's path, and none of this tool's import path."""
+
+    def __init__(self, repo: Path, models: list[str], work: Path):
+        files = bundled()
+        backend = work / "backends" / "python"
+        shutil.copytree(files.python_backend, backend, dirs_exist_ok=True)
+        shutil.copy(files.stub, backend / "triton_python_backend_stub")
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SURGERY_SYS_PATH", "VIRTUAL_ENV")}
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([str(files.libs), sysconfig.get_config_var("LIBDIR")])
+        self.http_port, self.grpc_port, metrics = free_ports(3)
+        self.log = work / "tritonserver.log"
+        cmd = [
+            str(files.server), f"--model-repository={repo}", f"--backend-directory={work / 'backends'}",
+            "--model-control-mode=explicit", *[f"--load-model={m}" for m in models],
+            "--http-address=127.0.0.1", f"--http-port={self.http_port}", "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}", "--metrics-address=127.0.0.1", f"--metrics-port={metrics}",
+            "--exit-timeout-secs=10", f"--backend-config=python,shm-region-prefix-name=test{os.getpid()}_",
+            "--backend-config=python,shm-default-byte-size=16777216",
+        ]  # fmt: skip
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.http, self.grpc = f"http://127.0.0.1:{self.http_port}", f"127.0.0.1:{self.grpc_port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and self.alive():
+            try:
+                if httpclient.InferenceServerClient(self.http[7:]).is_server_ready():
+                    return
+            except Exception:  # noqa: BLE001  not listening yet
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"tritonserver did not become ready:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
 @pytest.fixture(scope="session")
-def server(world):
-    s = start_server(world["repo"])
+def server(world, tmp_path_factory):
+    started = time.monotonic()
+    s = Server(world["repo"], [ROUTED, SWAP, PLAIN], tmp_path_factory.mktemp("server"))
+    print(f"tritonserver ready in {time.monotonic() - started:.1f} s")
     yield s
     for client in CLIENTS:
         client.close()
@@ -168,7 +251,7 @@ def _at_once(server, model: str, x, adapters: list) -> list:
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-@pytest.mark.parametrize("model, adapters", [(ROUTED, ["a", "b", "c", None]), (SWAP, ["a", None])])
+@pytest.mark.parametrize("model, adapters", [(ROUTED, ["a", "b", "c", None]), (SWAP, ["a", "b", None])])
 def test_eight_concurrent_clients_get_their_adapters_output(world, server, protocol, model, adapters):
     module = httpclient if protocol == "http" else grpcclient
     failures: list[str] = []
@@ -282,8 +365,9 @@ def test_server_survives_clients_that_disconnect(world, server):
 
 def test_surgery_serve_prints_urls_and_stops_cleanly(world):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
-    p = subprocess.Popen([*SURGERY, "serve", str(world["repo"]), "--model", SWAP, "--json"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    python_env = str(world["env"]["dir"])  # for models whose config names none (their own is used here)
+    p = subprocess.Popen([*SURGERY, "serve", str(world["repo"]), "--model", SWAP, "--python-env", python_env, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     try:
         lines = []
         for line in p.stdout:  # the JSON object, printed once the server is ready
@@ -302,3 +386,50 @@ def test_surgery_serve_prints_urls_and_stops_cleanly(world):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_plain_model_in_a_packed_environment(world, server):
+    """The plain export (model a, baked) runs in the venv-pack archive its config names; naming an adapter is an
+    error of that request alone."""
+    client = _client(httpclient, server)
+    for i, x in enumerate(world["pool"]):
+        want = world["expected"]["a"][i]
+        got = _infer(client, httpclient, PLAIN, x, None)
+        parity = compare(want, got, names=OUTPUTS, mask=x["attention_mask"], where=f"plain input {i}")
+        assert parity.ok, parity.summary()
+    with pytest.raises(InferenceServerException, match="--swappable or --route"):
+        _infer(client, httpclient, PLAIN, world["pool"][0], "b")
+    config = (world["repo"] / PLAIN / "config.pbtxt").read_text()
+    assert f'"EXECUTION_ENV_PATH" value: {{ string_value: "{world["env"]["packed"]}" }}' in config
+
+
+def test_a_model_whose_environment_lacks_a_package_names_it(world, server):
+    """A copy of the plain model in a bare venv (no numpy, no onnxruntime) fails its load, and the error names the
+    missing packages and the tool version that wrote the model; the other models keep serving."""
+    bare = world["env"]["folder"] / "bare"
+    if not bare.exists():
+        subprocess.run(
+            [getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(bare)], check=True
+        )
+    folder = world["repo"] / "bare-python"
+    shutil.copytree(world["repo"] / PLAIN, folder, dirs_exist_ok=True)
+    config = (folder / "config.pbtxt").read_text().replace(f'name: "{PLAIN}"', 'name: "bare-python"')
+    config = config.replace(str(world["env"]["packed"]), str(bare))
+    (folder / "config.pbtxt").write_text(config)
+    client = _client(httpclient, server)
+    with pytest.raises(InferenceServerException) as failed:
+        client.load_model("bare-python")
+    message = str(failed.value)
+    assert "needs the Python package(s) numpy, onnxruntime" in message and "written by surgery 0." in message, message
+    _check(world, _infer(client, httpclient, ROUTED, world["pool"][0], "b"), 0, "b", "beside a failed load")
+
+
+def test_inspect_shows_the_routed_adapter_table(world):
+    done = _cli("inspect", "routed.onnx", "--json", cwd=world["folder"])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["adapter_ids"] == {"0": "a", "1": "b", "2": "c"}
+    config = (world["repo"] / "routed" / "config.pbtxt").read_text()  # the ONNX Runtime backend's model
+    assert (
+        'platform: "onnxruntime_onnx"' in config
+        and '"surgery.adapters" value: { string_value: "[\\"a\\", \\"b\\", \\"c\\"]" }' in config
+    )
