@@ -14,6 +14,13 @@ Each client sends batch-1 requests of `--seq` tokens over gRPC, back to back, fo
 (every repeat goes through every case and client count, in a shuffled order) and each figure is the median over
 repeats: throughput in requests/s, p50 and p99 latency in ms, and the mean batch size Triton executed.
 Writes serve.json and serve.md under --out.
+
+Against a server it did not start (any Triton that serves a model `surgery export --triton-repo` wrote, started by
+hand or in a container), give its gRPC address; the one case is `--model` with requests spread over `--adapters`
+(an empty name is the base model):
+
+    python -m benchmarks.serve --url 127.0.0.1:8001 --model routed-python --adapters a,b,c, --clients 1,8
+    python -m benchmarks.serve --build-only --workdir bench   # the repository above, to serve yourself
 """
 
 from __future__ import annotations
@@ -64,6 +71,13 @@ def build_repo(folder: Path) -> Path:
     )
     write_python_model(repo, folder / "base.onnx", base.signature, "base", "plain")
     return repo
+
+
+class Remote:
+    """A server this benchmark did not start: its gRPC address."""
+
+    def __init__(self, grpc: str):
+        self.grpc = grpc
 
 
 def load(server, model: str, adapters: list, clients: int, seconds: float, seq: int) -> dict:
@@ -138,7 +152,7 @@ def markdown(summary: dict, settings: dict, host: dict, runs: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for clients, cases in summary.items():
-        ref = cases["one adapter (a)"]["throughput"]
+        ref = cases.get("one adapter (a)", next(iter(cases.values())))["throughput"]
         for case, s in cases.items():
             each = [r["throughput"] for r in runs[f"{clients} {case}"]]
             lines.append(
@@ -146,8 +160,10 @@ def markdown(summary: dict, settings: dict, host: dict, runs: dict) -> str:
                 f"{s['p99_ms']:.1f} | {s['mean_batch']:.1f} | {100 * (s['throughput'] / ref - 1):+.1f}% |"
             )
     load = settings.get("load_before")
+    what = settings.get("url") and f"{settings['url']} (a server this benchmark did not start)"
     head = (
-        f"MiniLM, Houlsby r=8, 4 adapters; batch-1 requests of {settings['seq']} tokens over gRPC; "
+        (f"{what}; " if what else "MiniLM, Houlsby r=8, 4 adapters; ")
+        + f"batch-1 requests of {settings['seq']} tokens over gRPC; "
         f"{settings['seconds']} s per run, {settings['repeats']} interleaved repeats, medians. "
         f"{host.get('cpu', '')}, {host.get('cores', '')} cores, server and clients on the same machine"
         + (f"; load average {load:.2f} before the run." if load is not None else ".")
@@ -163,22 +179,26 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--workdir", help="keep the models and repository here (reused when present)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--url", help="the gRPC address (host:port) of a server this benchmark does not start")
+    parser.add_argument("--model", default="routed-python", help="with --url: the model to load")
+    parser.add_argument("--adapters", default="a,b,c,d", help="with --url: adapters to spread requests over ('' base)")
+    parser.add_argument("--build-only", action="store_true", help="write the repository to --workdir and stop")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     load_before = os.getloadavg()[0]  # the table says how quiet the machine was
-    folder = Path(args.workdir or tempfile.mkdtemp(prefix="surgery-serve-bench-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"building the repository in {folder} ...", flush=True)
-    repo = build_repo(folder)
+    cases = CASES
+    if args.url:
+        adapters = [a or None for a in args.adapters.split(",")]
+        cases = {f"{args.model} over {args.adapters}": (args.model, adapters)}
     runs: dict[tuple[int, str], list[dict]] = {}
-    with start_server(repo) as server:
-        print(f"server {server.http}, log {server.log}", flush=True)
+
+    def measure(server) -> None:
         order = random.Random(0)
         for rep in range(args.repeats):
-            plan = [(c, case) for c in clients for case in CASES]
+            plan = [(c, case) for c in clients for case in cases]
             order.shuffle(plan)
             for c, case in plan:
-                model, adapters = CASES[case]
+                model, adapters = cases[case]
                 r = load(server, model, adapters, c, args.seconds, args.seq)
                 runs.setdefault((c, case), []).append(r)
                 print(
@@ -187,8 +207,22 @@ def main() -> None:
                     f"  batch {r['mean_batch']:.1f}  errors {r['errors']}",
                     flush=True,
                 )
+
+    if args.url:
+        measure(Remote(args.url))
+    else:
+        folder = Path(args.workdir or tempfile.mkdtemp(prefix="surgery-serve-bench-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"building the repository in {folder} ...", flush=True)
+        repo = build_repo(folder)
+        if args.build_only:
+            print(f"wrote {repo}; serve it (e.g. surgery serve {repo}) and run again with --url", flush=True)
+            return
+        with start_server(repo) as server:
+            print(f"server {server.http}, log {server.log}", flush=True)
+            measure(server)
     summary = {
-        c: {case: {k: statistics.median(r[k] for r in runs[(c, case)]) for k in runs[(c, case)][0]} for case in CASES}
+        c: {case: {k: statistics.median(r[k] for r in runs[(c, case)]) for k in runs[(c, case)][0]} for case in cases}
         for c in clients
     }
     settings = {
@@ -197,6 +231,7 @@ def main() -> None:
         "seq": args.seq,
         "clients": clients,
         "load_before": load_before,
+        "url": args.url,
     }
     host = machine()
     out = Path(args.out)

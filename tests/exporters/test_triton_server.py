@@ -126,7 +126,10 @@ def world(minilm_base, python_env, tmp_path_factory):
     for i in range(len(pool)):  # the adapters really differ, from each other and from the base
         outs = [expected[a][i][1] for a in [*NAMES, None]]
         assert min(np.abs(p - q).max() for j, p in enumerate(outs) for q in outs[j + 1 :]) > 1e-3
-    return {"folder": folder, "repo": folder / "repo", "pool": pool, "expected": expected, "env": python_env}
+    return {
+        "folder": folder, "repo": folder / "repo", "pool": pool, "expected": expected, "env": python_env,
+        "torch": lambda adapter, x: torch_outputs(modules[adapter], x),
+    }  # fmt: skip
 
 
 CLIENTS: list = []  # closed before the server stops: an open connection holds its shutdown up
@@ -434,3 +437,32 @@ def test_inspect_shows_the_routed_adapter_table(world):
         'platform: "onnxruntime_onnx"' in config
         and '"surgery.adapters" value: { string_value: "[\\"a\\", \\"b\\", \\"c\\"]" }' in config
     )
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_client_examples_name_an_adapter_per_request(world, server, protocol, tmp_path):
+    """The documented client examples, run as programs against this server: each adapter's outputs are the adapted
+    model's in torch."""
+    url = server.http[len("http://") :] if protocol == "http" else server.grpc
+    out = tmp_path / "out.npz"
+    args = ["--url", url, "--model", ROUTED, "--adapter", "a", "--adapter", "c", "--seq", "20", "-o", str(out)]
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.triton_{protocol}_client", *args], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    got = np.load(out)
+    x = {"input_ids": got["ids"], "attention_mask": np.ones_like(got["ids"])}
+    for adapter in ("a", "c"):
+        parity = compare(world["torch"](adapter, x), [got[f"{adapter}/{n}"] for n in OUTPUTS], names=OUTPUTS)
+        assert parity.ok, parity.summary()
+    assert done.stdout.count("pooler_output") == 2  # one line per adapter and output
+
+
+def test_load_benchmark_against_a_server_it_did_not_start(server, tmp_path):
+    args = ["--url", server.grpc, "--model", ROUTED, "--adapters", "a,b,c,", "--clients", "2", "--seconds", "1",
+            "--repeats", "1", "--seq", "16", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "benchmarks.serve", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "serve.json").read_text())
+    (run,) = report["runs"].values()
+    assert run[0]["requests"] > 0 and run[0]["errors"] == 0 and report["settings"]["url"] == server.grpc
