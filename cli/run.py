@@ -9,12 +9,12 @@ import numpy as np
 import typer
 
 from cli.common import RTOL_HELP, TOLERANCE_HELP, Json, Trust, emit_json, out, stage
-from exporters.inputs import ORT_DTYPES, CacheLayout, check_cache_feeds, check_feeds, graph_inputs, vocab_size
-from exporters.runtime import AdaptedSession
-from exporters.verify import ort_session
-from surgery.errors import SurgeryError
+from runtime.adapted import AdaptedSession
+from runtime.errors import SurgeryError
+from runtime.files import check_onnx_data
+from runtime.inputs import ORT_DTYPES, CacheLayout, check_cache_feeds, check_feeds, graph_inputs, vocab_size
+from runtime.session import ort_session
 from surgery.io import atomic_output
-from surgery.safe_files import check_onnx_data
 
 
 def _inputs(session, input_file: Optional[Path], shape: str, onnx_path: Path) -> dict[str, np.ndarray]:
