@@ -165,13 +165,29 @@ def _load_safetensors(path: Path) -> Pack:
     return Pack(tensors=tensors, fingerprint=int(fp), meta=info)
 
 
+def _bf16_value(value: Any) -> np.ndarray:
+    """A bfloat16 OrtValue as its uint16 bits: ORT hands out no numpy view of it, so a one-node graph casts it to
+    fp32 (exact) and the bits are taken back from that."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    cast = helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    model = helper.make_model(helper.make_graph([cast], "bf16", [x], [y]), opset_imports=[helper.make_opsetid("", 20)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return as_numpy(session.run(None, {"x": value})[0], "bfloat16")
+
+
 def _load_onnx_adapter(path: Path) -> Pack:
     import onnxruntime as ort
 
     try:
         fmt = ort.AdapterFormat.read_adapter(str(path))
         params = fmt.get_parameters()
-        tensors = {n: np.array(v.numpy()) for n, v in params.items()}
+        tensors = {
+            n: _bf16_value(v) if v.data_type() == "tensor(bfloat16)" else np.array(v.numpy()) for n, v in params.items()
+        }
     except Exception as exc:  # ORT raises its own types for a damaged flatbuffer
         raise SurgeryError(f"{path}: not a readable .onnx_adapter ({type(exc).__name__}: {exc})") from exc
     if fmt.get_adapter_version() != PACK_FORMAT:

@@ -78,7 +78,8 @@ def pack_from_model(state: dict[str, torch.Tensor], manifest: Manifest) -> Pack:
 
 
 def save_pack(pack: Pack, path: str | Path) -> Path:
-    """Write a pack as `.safetensors` or `.onnx_adapter` (by suffix), atomically."""
+    """Write a pack as `.safetensors` or `.onnx_adapter` (by suffix), atomically; bf16 tensors go to ONNX Runtime
+    as their bits with their ONNX type (`runtime/packs.py`)."""
     path = Path(path)
     if path.suffix not in SUFFIXES:
         raise SurgeryError(f"{path}: a pack is written as {' or '.join(SUFFIXES)}; change the suffix")
@@ -90,12 +91,6 @@ def save_pack(pack: Pack, path: str | Path) -> Path:
             tensors = {n: t if isinstance(t, torch.Tensor) else _torch(t) for n, t in pack.tensors.items()}
             save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(info)})
         else:
-            if any(runtime_packs.dtype_name(t) == "bfloat16" for t in pack.tensors.values()):
-                raise SurgeryError(
-                    f"{path}: a bf16 pack is written as .safetensors (numpy, and so this tool's reader of ORT's "
-                    "adapter format, has no bfloat16); AdaptedSession converts it to the session's dtype when it "
-                    "loads it"
-                )
             arrays = {n: runtime_packs.as_numpy(t, runtime_packs.dtype_name(t)) for n, t in pack.tensors.items()}
             runtime_packs.write_onnx_adapter(arrays, pack.fingerprint, tmp)
     return path
