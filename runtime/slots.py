@@ -12,12 +12,13 @@ import copy
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import onnx
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import SurgeryError
 from .packs import ADAPTER_ROOT
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def base_only(model: onnx.ModelProto, widths: Mapping[str, int]) -> onnx.ModelPr
     last Add is replaced by `x`, and every node that then feeds no output is dropped. None when a slot has another
     form (the slot path stays the only one).
     """
+    import onnx
+
     model = copy.deepcopy(model)
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
