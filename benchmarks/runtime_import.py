@@ -97,8 +97,10 @@ def summarize(rows: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, Any]
         for key, xs in values.items():
             if isinstance(xs[0], bool):
                 out[case][key] = all(xs) if all(xs) == any(xs) else f"{sum(xs)}/{len(xs)}"
+            elif key == "peak_rss_mib":
+                out[case][key] = int(statistics.median(xs))
             else:
-                out[case][key] = round(statistics.median(xs), 3)
+                out[case][key] = round(statistics.median(xs), 2)
     return out
 
 
@@ -134,6 +136,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results/runtime_import"))
     args = parser.parse_args()
+    from surgery.quiet import quiet_libraries
+
+    quiet_libraries()
     trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     with tempfile.TemporaryDirectory(prefix="runtime-import-") as folder:
         model, pack = make_model(Path(folder))

@@ -115,8 +115,8 @@ def write_onnx_adapter(tensors: dict[str, np.ndarray], fingerprint: int, path: s
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(PACK_FORMAT)
     fmt.set_model_version(fingerprint)
-    values = {n: ortvalue(np.ascontiguousarray(t)) for n, t in tensors.items()}  # they must outlive the export
-    fmt.set_parameters(values)
+    arrays = {n: np.ascontiguousarray(t) for n, t in tensors.items()}  # OrtValues view them: kept to the end
+    fmt.set_parameters({n: ortvalue(a) for n, a in arrays.items()})
     fmt.export_adapter(str(path))
     return Path(path)
 
