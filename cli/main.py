@@ -49,6 +49,19 @@ def missing_export(command: str, exc: BaseException) -> SurgeryError | None:
     return SurgeryError(f"surgery {command} needs {names}, which this install lacks: {EXTRA}")
 
 
+def needs_export(name: str, error: SurgeryError) -> Any:
+    """A stand-in for a command whose module cannot be imported without the export extra: its help says so, and
+    running it (whatever its arguments) raises `error`."""
+
+    def command(ctx: typer.Context) -> None:
+        raise error
+
+    command.__doc__ = f"Needs the export extra: {EXTRA.replace('[', chr(92) + '[')}."  # [ is rich markup
+    one = typer.Typer(add_completion=False)
+    one.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(command)
+    return typer.main.get_command(one)
+
+
 class Commands(typer.core.TyperGroup):
     """The commands of COMMANDS, each built from its module when it is asked for."""
 
@@ -59,21 +72,15 @@ class Commands(typer.core.TyperGroup):
         if name not in COMMANDS:
             return None
         module, function = COMMANDS[name]
-        one = typer.Typer(add_completion=False)
         try:
-            callback = getattr(importlib.import_module(f"cli.{module}"), function)
+            code = importlib.import_module(f"cli.{module}")
         except ModuleNotFoundError as exc:
             error = missing_export(name, exc)
             if error is None:
                 raise
-
-            def callback(ctx: typer.Context) -> None:
-                raise error
-
-            callback.__doc__ = f"Needs the export extra: {EXTRA.replace('[', chr(92) + '[')}."  # not rich markup
-            one.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(callback)
-            return typer.main.get_command(one)
-        one.command(name)(callback)
+            return needs_export(name, error)
+        one = typer.Typer(add_completion=False)
+        one.command(name)(getattr(code, function))
         return typer.main.get_command(one)
 
 
