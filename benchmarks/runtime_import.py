@@ -7,10 +7,11 @@ trees interleaved round by round, so a slow spell of the machine hits both:
   the import and to a loaded session (`time.perf_counter` from the first line of the program);
 - `cli run`: `surgery run model --adapter pack` (random inputs of batch 1, seq 128), the whole command.
 
-`--before` is a checkout whose AdaptedSession lives in `exporters.runtime` (which imports torch), `--after` one with
-the `runtime` package. Both run in this interpreter's environment (torch installed; the question is what is loaded).
+`--before` is a git revision of this repository (extracted with `git archive`) or a folder, whose AdaptedSession lives
+in `exporters.runtime` (which imports torch); `--after` a checkout with the `runtime` package. Both run in this
+interpreter's environment (torch installed; the question is what each loads).
 
-    python -m benchmarks.runtime_import --before /path/to/old/checkout --after . --rounds 5
+    python -m benchmarks.runtime_import --before 03fd3fe --after . --rounds 5
 """
 
 from __future__ import annotations
@@ -54,6 +55,27 @@ def make_model(folder: Path) -> tuple[Path, Path]:
     model = export_swappable(models[0], folder / "minilm.swappable.onnx").path
     pack = save_pack(pack_from_model(models[1].gm.state_dict(), models[1].manifest), folder / "p1.onnx_adapter")
     return Path(model), Path(pack)
+
+
+def tree(spec: str, repo: Path, work: Path) -> tuple[Path, str]:
+    """A folder of code, and its label: `spec` itself if it is a folder, else revision `spec` of `repo` extracted
+    under `work`."""
+    if Path(spec).is_dir():
+        return Path(spec).resolve(), str(Path(spec).resolve())
+    folder = work / "before"
+    folder.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", spec], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder, f"git revision {spec}"
+
+
+def revision(folder: Path) -> str:
+    """The git revision of a checkout (with `+changes` where its tracked files differ), or its path."""
+    head = subprocess.run(["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        return str(folder)
+    dirty = subprocess.run(["git", "-C", str(folder), "diff", "--quiet", "HEAD"]).returncode != 0
+    return f"git revision {head.stdout.strip()}" + (" +changes" if dirty else "")
 
 
 def timed(command: list[str], cwd: Path) -> tuple[float, int, str]:
@@ -109,6 +131,7 @@ def markdown(summary: dict[str, dict[str, Any]], info: dict[str, Any]) -> str:
         "# Runtime start-up: before and after the torch-free runtime",
         "",
         f"{info['date']}, {info['machine']}; python {info['python']}; {info['rounds']} interleaved rounds, medians.",
+        f"Before: {info['before']}; after: {info['after']}.",
         f"Model: {info['model']}. Command: `{info['command']}`.",
         "",
         "| case | import s | session ready s | process wall s | peak RSS MiB | torch loaded | transformers loaded |",
@@ -131,7 +154,7 @@ def markdown(summary: dict[str, dict[str, Any]], info: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--before", type=Path, required=True, help="checkout with exporters.runtime (torch)")
+    parser.add_argument("--before", required=True, help="git revision or folder with exporters.runtime (torch)")
     parser.add_argument("--after", type=Path, default=Path("."), help="checkout with the runtime package")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results/runtime_import"))
@@ -139,8 +162,9 @@ def main() -> None:
     from surgery.quiet import quiet_libraries
 
     quiet_libraries()
-    trees = {"before": args.before.resolve(), "after": args.after.resolve()}
     with tempfile.TemporaryDirectory(prefix="runtime-import-") as folder:
+        before, before_label = tree(args.before, args.after, Path(folder))
+        trees = {"before": before, "after": args.after.resolve()}
         model, pack = make_model(Path(folder))
         rows = measure(trees, model, pack, args.rounds)
     import onnxruntime
@@ -151,6 +175,8 @@ def main() -> None:
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
         "rounds": args.rounds,
+        "before": before_label,
+        "after": revision(args.after.resolve()),
         "model": "pretrained MiniLM (all-MiniLM-L6-v2), Houlsby r=8, swappable, one .onnx_adapter pack",
         "command": "python -m benchmarks.runtime_import " + " ".join(sys.argv[1:]),
     }
