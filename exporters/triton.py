@@ -4,11 +4,12 @@
     DIR/NAME/1/model.onnx        (platform onnxruntime_onnx)   or   1/model.plan (platform tensorrt_plan);
                                  a routed export's takes `adapter_id` per request row, batched by Triton
     DIR/NAME-python/config.pbtxt (backend python: the project's runtime on ONNX Runtime, `exporters/triton_model.py`)
-    DIR/NAME-python/1/model.py, 1/surgery_model.py, 1/model.onnx (+ 1/base.onnx: a swappable export's base graph)
+    DIR/NAME-python/1/model.py, 1/surgery_model.py, 1/runtime/, 1/model.onnx (+ 1/base.onnx: a swappable base graph)
     DIR/NAME-python/adapters/    (swappable: the packs it serves, .onnx_adapter, loaded at model load)
 
-A Python-backend model folder is self-contained: 1/surgery_model.py is a copy of `exporters/triton_model.py`, which
-imports numpy and onnxruntime only, and `surgery.version` in its config.pbtxt names the tool version that wrote it.
+A Python-backend model folder is self-contained: 1/surgery_model.py is a copy of `exporters/triton_model.py`, and
+1/runtime/ of the torch-free runtime package it imports; they need numpy and onnxruntime only. `surgery.version` in
+its config.pbtxt names the tool version that wrote it.
 Give the backend those two packages with the model parameter EXECUTION_ENV_PATH (`execution_env`) or a server
 image that has them; model.py names the missing one when the model fails to load.
 
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import onnx
 
+import runtime
+
 from surgery.errors import SurgeryError
 from surgery.packs import Pack, save_pack
 from surgery.safe_files import check_name, check_onnx_data, external_locations
@@ -60,9 +63,10 @@ ROUTE_INPUT = "adapter_id"  # the routed export's per-row input, fed by the Pyth
 PARAM = "surgery."  # config.pbtxt parameters read by exporters/triton_model.py: surgery.kind, surgery.adapters, ...
 MODEL_PY = '''"""Triton Python-backend model written by surgery {version} (`surgery export --triton-repo`).
 
-The code it runs is surgery_model.py beside this file (the tool's exporters/triton_model.py, copied at export). It
-needs the Python packages numpy and onnxruntime in the backend's environment and nothing of the tool: name an
-environment that has them with the model parameter EXECUTION_ENV_PATH, or install them in the server's image."""
+The code it runs is beside this file, copied at export: surgery_model.py (the tool's exporters/triton_model.py) and
+the runtime/ package it imports. It needs the Python packages numpy and onnxruntime in the backend's environment and
+nothing of the tool: name an environment that has them with the model parameter EXECUTION_ENV_PATH, or install them
+in the server's image."""
 
 import importlib.util
 import sys
@@ -92,6 +96,7 @@ class TritonPythonModel:
         return self.model.execute(requests)
 '''
 RUNTIME_FILE = Path(__file__).with_name("triton_model.py")  # copied into each model folder as 1/surgery_model.py
+RUNTIME_PACKAGE = Path(runtime.__file__).parent  # and the runtime package it imports, as 1/runtime/
 PLATFORMS = {".onnx": ("onnxruntime_onnx", "model.onnx"), ".plan": ("tensorrt_plan", "model.plan")}
 
 
@@ -299,6 +304,7 @@ def write_python_model(
             shutil.copyfile(Path(onnx_path).parent / location, tmp / "1" / location)
         (tmp / "1" / "model.py").write_text(MODEL_PY.format(version=__version__))
         shutil.copyfile(RUNTIME_FILE, tmp / "1" / "surgery_model.py")
+        shutil.copytree(RUNTIME_PACKAGE, tmp / "1" / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
         if kind == "swappable":
             _base_graph(Path(onnx_path), tmp / "1" / "base.onnx")
             (tmp / "adapters").mkdir()

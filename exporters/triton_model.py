@@ -1,9 +1,10 @@
 """What the Python-backend model of a Triton repository (`exporters/triton.py`) runs, inside Triton's stub.
 
-The export copies this file into each model folder (`1/surgery_model.py`, beside `1/model.py`), so the folder
-carries the code it runs and needs nothing of the tool: this module imports numpy and onnxruntime and the standard
-library only. What would need more is done at export: packs converted to `.onnx_adapter`, a bf16 model upcast to
-fp32, a swappable export's base-only graph written as `1/base.onnx`.
+The export copies this file into each model folder (`1/surgery_model.py`, beside `1/model.py`) with the runtime
+package it uses (`1/runtime/`), so the folder carries the code it runs and needs nothing of the tool installed:
+numpy and onnxruntime only. What would need more is done at export: packs converted to `.onnx_adapter`, a swappable
+export's base-only graph (which takes `onnx` to cut out) written as `1/base.onnx`, a bf16 export refused (its CPU
+run needs `onnx` to upcast).
 
 Triton's dynamic batcher hands `execute` the requests it merged; each names its adapter as the request parameter
 `adapter` or the optional string input `adapter` (none: the base model). `Runner` does the work without Triton,
@@ -12,8 +13,8 @@ so it is tested in-process too:
     plain      one ONNX Runtime call per group of requests of one shape; naming an adapter is an error
     routed     one call per shape for all adapters together: row b gets adapter_id[b] (-1: the base model);
                with surgery.group_by_adapter one call per adapter instead (a comparison, not the default)
-    swappable  one call per adapter: packs from the model's adapters/ folder, checked against the export and
-               loaded at model load (`onnxruntime.LoraAdapter`); no adapter runs 1/base.onnx where it exists
+    swappable  one call per adapter: packs (.onnx_adapter) from the model's adapters/ folder, checked against
+               the export (`runtime.check_pack`) and loaded at model load; no adapter runs 1/base.onnx
 
 A request whose adapter is unknown, or whose inputs are malformed, gets its own error; the others are run. If a
 merged call fails, each of its requests is run alone, so only the one at fault fails.
@@ -22,30 +23,28 @@ merged call fails, each of its requests is run alone, so only the one at fault f
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Union
 
 import numpy as np
 
-# The names below are the exporter's (exporters/triton.py, exporters/slots.py, surgery/packs.py), repeated here
-# because this file imports nothing of the tool; tests/exporters/test_triton_model.py checks that they agree.
+from runtime.errors import SurgeryError
+from runtime.packs import ADAPTER_ROOT, ORT_TYPES, as_numpy, check_pack, dtype_name, load_pack, write_onnx_adapter
+from runtime.slots import SlotsMeta
+
+# exporters/triton.py's names, repeated: this file is copied into the model folder and imports nothing of the
+# exporter (tests/exporters/test_triton_model.py checks that they agree)
 PARAM = "surgery."  # config.pbtxt parameters: surgery.kind, surgery.adapters, surgery.version, ...
 ADAPTER_INPUT = "adapter"
 ROUTE_INPUT = "adapter_id"
-ADAPTER_ROOT = "adapters"
-PACK_SUFFIX = ".onnx_adapter"
-PACK_FORMAT = 1  # the adapter version of a surgery pack
-FINGERPRINT = "surgery.fingerprint"  # a swappable export's metadata: the fingerprint its packs carry
 BASE_FILE = "base.onnx"  # a swappable export's base-only graph, written at export where it can be cut out
 
 
-class ModelError(Exception):
-    """What is wrong with a request (its message goes to the client) or with the model folder (fails its load)."""
-
-
 def ort_session(path: str | Path, threads: int = 0) -> Any:
-    """An ONNX Runtime session on the CPU (`threads` 0: ONNX Runtime's default)."""
+    """An ONNX Runtime session on the CPU (`threads` 0: ONNX Runtime's default). Not `runtime.ort_session`, which
+    reads the graph with `onnx` to spot a bf16 model: the export refuses those for this backend."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -68,70 +67,36 @@ class Request:
         return len(next(iter(self.inputs.values())))
 
 
-Result = Union[List[np.ndarray], ModelError]  # the outputs, in the model's output order, or what went wrong
+Result = Union[List[np.ndarray], SurgeryError]  # the outputs, in the model's output order, or what went wrong
 
 
 class Packs:
     """A swappable export's packs (`.onnx_adapter` files), each checked against the export before ONNX Runtime
-    loads it: the fingerprint it was made for, its tensor names, types and shapes (one rank throughout)."""
+    loads it (`runtime.check_pack`: the fingerprint it was made for, tensor names and shapes), each activated by a
+    RunOptions of its own."""
 
-    def __init__(self, session: Any):
-        self.fingerprint = session.get_modelmeta().custom_metadata_map.get(FINGERPRINT)
-        if self.fingerprint is None:
-            raise ModelError("model.onnx is not a swappable export (no adapter slots); export it with --swappable")
-        self.slots = {  # name -> (ONNX Runtime type, shape: an int or the name of the rank dimension)
-            s.name: (s.type, list(s.shape))
-            for s in session.get_overridable_initializers()
-            if s.name.startswith(ADAPTER_ROOT + ".")
-        }
+    def __init__(self, session: Any, folder: Path):
+        self.meta = SlotsMeta.from_metadata(session.get_modelmeta().custom_metadata_map, "model.onnx")
+        slots = {s.type for s in session.get_overridable_initializers() if s.name.startswith(ADAPTER_ROOT + ".")}
+        self.dtype = ORT_TYPES.get(next(iter(slots), ""), "float32")
+        self.folder = folder
         self.options: dict[str, Any] = {}
         self._keep: list[Any] = []  # the LoraAdapter objects the RunOptions point to
-
-    def check(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        where = f"pack {path.name}"
-        try:
-            fmt = ort.AdapterFormat.read_adapter(str(path))
-            params = fmt.get_parameters()
-        except Exception as exc:  # noqa: BLE001  ORT raises its own types for a damaged file
-            raise ModelError(f"{where}: not a readable .onnx_adapter ({type(exc).__name__}: {exc})") from exc
-        if fmt.get_adapter_version() != PACK_FORMAT:
-            raise ModelError(f"{where}: adapter version {fmt.get_adapter_version()} is not a surgery pack")
-        if str(fmt.get_model_version()) != self.fingerprint:
-            raise ModelError(
-                f"{where} was made for another model (its base model, method, activation or sites differ); "
-                "make it from a model adapted from this export's base with the same settings"
-            )
-        if set(params) != set(self.slots):
-            odd = sorted(set(params) ^ set(self.slots))[0]
-            raise ModelError(f"{where}: tensor {odd} is {'extra' if odd in params else 'missing'}; re-make the pack")
-        ranks: dict[str, int] = {}
-        for name, value in params.items():
-            array = np.asarray(value.numpy())
-            kind, shape = self.slots[name]
-            if f"tensor({_ort_type(array.dtype)})" != kind:
-                raise ModelError(f"{where}: tensor {name} is {array.dtype}, the model's slot takes {kind}")
-            if len(shape) != array.ndim:
-                raise ModelError(f"{where}: tensor {name} has shape {list(array.shape)}, the slot {shape}")
-            for want, got in zip(shape, array.shape):
-                if (isinstance(want, int) and want != got) or ranks.setdefault(str(want), got) != got:
-                    raise ModelError(f"{where}: tensor {name} has shape {list(array.shape)}, the slot {shape}")
 
     def load(self, name: str, path: Path) -> None:
         import onnxruntime as ort
 
-        self.check(path)
+        pack = load_pack(path)
+        check_pack(pack, self.meta.fingerprint, self.meta.widths, name=f"pack {path.name}")
+        if {dtype_name(t) for t in pack.tensors.values()} != {self.dtype}:  # in the slots' dtype, once, at load
+            tensors = {n: as_numpy(t, self.dtype) for n, t in pack.tensors.items()}
+            path = write_onnx_adapter(tensors, pack.fingerprint, self.folder / f"{len(self._keep)}.onnx_adapter")
         adapter = ort.LoraAdapter()
         adapter.Load(str(path))
         options = ort.RunOptions()
         options.add_active_adapter(adapter)
         self._keep.append(adapter)
         self.options[name] = options
-
-
-def _ort_type(dtype: np.dtype) -> str:
-    return {"float32": "float", "float16": "float16", "float64": "double"}.get(str(dtype), str(dtype))
 
 
 class Runner:
@@ -147,8 +112,14 @@ class Runner:
         self.adapters: list[str] = []
         self.packs: Packs | None = None
         if self.kind == "swappable":
-            self.packs = Packs(self.ort)
-            for pack in sorted((folder / "adapters").glob("*" + PACK_SUFFIX)):
+            self._tmp = tempfile.TemporaryDirectory(prefix="surgery-packs-")  # packs cast to the slots' dtype
+            self.packs = Packs(self.ort, Path(self._tmp.name))
+            for pack in sorted(p for p in (folder / "adapters").glob("*") if not p.name.startswith(".")):
+                if pack.suffix != ".onnx_adapter":
+                    raise SurgeryError(
+                        f"adapters/{pack.name}: this model reads .onnx_adapter packs only (numpy and onnxruntime "
+                        f"are all it has); convert it: surgery pack {pack.name} -o {pack.stem}.onnx_adapter"
+                    )
                 self.packs.load(pack.stem, pack)  # a bad pack fails the load, naming it
             self.adapters = list(self.packs.options)
             if (folder / version / BASE_FILE).is_file():
@@ -160,18 +131,18 @@ class Runner:
         ]
         self.ids = {name: i for i, name in enumerate(self.adapters)}
 
-    def check(self, request: Request) -> ModelError | None:
+    def check(self, request: Request) -> SurgeryError | None:
         """What is wrong with a request before it joins a batch, or None."""
         missing = [n for n in self.inputs if n not in request.inputs]
         if missing:
-            return ModelError(f"missing input {missing[0]!r}; this model takes {', '.join(self.inputs)}")
+            return SurgeryError(f"missing input {missing[0]!r}; this model takes {', '.join(self.inputs)}")
         if request.adapter is not None and request.adapter not in self.ids:
             if self.kind == "plain":
-                return ModelError(
+                return SurgeryError(
                     f"adapter {request.adapter!r} asked of a model without adapters; "
                     "serve a --swappable or --route export to choose adapters per request"
                 )
-            return ModelError(
+            return SurgeryError(
                 f"unknown adapter {request.adapter!r}; this model serves {', '.join(self.adapters) or 'none'} "
                 "(or none, for the base model)"
             )
@@ -212,7 +183,7 @@ class Runner:
                     try:
                         results[i] = self._run([requests[i]])[0]
                     except Exception as exc:  # noqa: BLE001  ONNX Runtime's message, for this request only
-                        results[i] = ModelError(f"inference failed: {type(exc).__name__}: {exc}")
+                        results[i] = SurgeryError(f"inference failed: {type(exc).__name__}: {exc}")
         return results  # type: ignore[return-value]
 
 
@@ -223,14 +194,14 @@ def adapter_of(parameters: str | None, adapter_input: np.ndarray | None) -> str 
     if adapter_input is not None:
         values = {v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(adapter_input).reshape(-1)}
         if len(values) > 1:
-            raise ModelError(f"one adapter per request; its rows name {sorted(values)}: send one request each")
+            raise SurgeryError(f"one adapter per request; its rows name {sorted(values)}: send one request each")
         names |= values
     if parameters:
         value = json.loads(parameters).get(ADAPTER_INPUT)
         if value is not None:
             names.add(str(value))
     if len(names) > 1:
-        raise ModelError(f"the adapter input and the adapter parameter disagree: {sorted(names)}")
+        raise SurgeryError(f"the adapter input and the adapter parameter disagree: {sorted(names)}")
     name = names.pop() if names else ""
     return name or None
 
@@ -247,7 +218,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> list[Any]:
         import triton_python_backend_utils as pb_utils
 
-        parsed: list[Request | ModelError] = []
+        parsed: list[Request | SurgeryError] = []
         for r in requests:
             try:
                 inputs = {}
@@ -258,14 +229,14 @@ class TritonPythonModel:
                 adapter_tensor = pb_utils.get_input_tensor_by_name(r, ADAPTER_INPUT)
                 adapter_values = adapter_tensor.as_numpy() if adapter_tensor is not None else None
                 parsed.append(Request(inputs, adapter_of(r.parameters(), adapter_values)))
-            except (ModelError, ValueError) as exc:
-                parsed.append(ModelError(str(exc)))
+            except (SurgeryError, ValueError) as exc:
+                parsed.append(SurgeryError(str(exc)))
         valid = [p for p in parsed if isinstance(p, Request)]
         results = iter(self.runner.run(valid))
         responses = []
         for p in parsed:
-            result = p if isinstance(p, ModelError) else next(results)
-            if isinstance(result, ModelError):
+            result = p if isinstance(p, SurgeryError) else next(results)
+            if isinstance(result, SurgeryError):
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
             else:
                 tensors = [pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in zip(self.outputs, result)]

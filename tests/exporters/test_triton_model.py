@@ -16,7 +16,8 @@ import pytest
 from exporters.runtime import AdaptedSession
 from exporters.swappable import export_routed, export_swappable
 from exporters.triton import write_python_model, write_triton_repo
-from exporters.triton_model import ModelError, Request, Runner, adapter_of
+from exporters.triton_model import Request, Runner, adapter_of
+import runtime
 from exporters import triton_model
 from exporters.verify import ort_session
 from surgery import __version__
@@ -87,29 +88,28 @@ def test_repository_files(setup):
     assert f"written by surgery {__version__}" in (setup["routed"].folder / "1" / "model.py").read_text()
     copied = (setup["routed"].folder / "1" / "surgery_model.py").read_text()
     assert copied == Path(triton_model.__file__).read_text()  # the runtime code travels with the model
+    package = Path(runtime.__file__).parent
+    assert (setup["routed"].folder / "1" / "runtime" / "adapted.py").read_text() == (package / "adapted.py").read_text()
     assert sorted(p.name for p in (setup["swap"].folder / "adapters").iterdir()) == ["a.onnx_adapter", "b.onnx_adapter"]
     assert (setup["swap"].folder / "1" / "base.onnx").is_file()  # the base-only graph, cut out at export
 
 
 def test_model_code_imports_nothing_of_the_tool():
-    """The copied model code imports numpy, onnxruntime and the standard library only; the names it repeats are
-    the exporter's."""
+    """The copied model code imports numpy, onnxruntime, the standard library and the runtime package (copied with
+    it); the names it repeats are the exporter's. That the runtime needs no more is tests/runtime's border test,
+    and the Triton tier runs the folder in an environment of numpy and onnxruntime alone."""
     import ast
     import sys
 
     tree = ast.parse(Path(triton_model.__file__).read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert imported - set(sys.stdlib_module_names) == {"numpy", "onnxruntime", "triton_python_backend_utils"}
+    assert imported - set(sys.stdlib_module_names) == {"numpy", "onnxruntime", "runtime", "triton_python_backend_utils"}
     from exporters import triton
-    from exporters.slots import SwappableMeta
-    from surgery import packs, sites
 
     assert (triton_model.PARAM, triton_model.ADAPTER_INPUT, triton_model.ROUTE_INPUT) == (
         triton.PARAM, triton.ADAPTER_INPUT, triton.ROUTE_INPUT,
     )  # fmt: skip
-    assert (triton_model.FINGERPRINT, triton_model.PACK_FORMAT) == (SwappableMeta.FINGERPRINT, packs.PACK_FORMAT)
-    assert triton_model.ADAPTER_ROOT == sites.ADAPTER_ROOT
 
 
 @pytest.mark.triton
@@ -122,7 +122,7 @@ def test_a_pack_for_another_model_fails_the_load(setup, tmp_path, small_config):
     other = open_model(str(small_config("llama")))
     stray = make_adapted(other, tmp_path, 4, seed=3)
     save_pack(pack_from_model(stray.gm.state_dict(), stray.manifest), folder / "adapters" / "z.onnx_adapter")
-    with pytest.raises(ModelError, match="z.onnx_adapter was made for another model"):
+    with pytest.raises(SurgeryError, match="z.onnx_adapter was made for another model"):
         _runner(setup["swap"].__class__(folder, folder / "config.pbtxt", folder / "1" / "model.onnx", 64))
 
 
@@ -140,13 +140,13 @@ def test_a_mixed_batch_matches_each_adapter_alone(setup, model):
     results = runner.run(requests)
     for (i, adapter), got in zip(plan, results):
         if adapter == "nope":
-            assert isinstance(got, ModelError) and "unknown adapter 'nope'" in str(got)
+            assert isinstance(got, SurgeryError) and "unknown adapter 'nope'" in str(got)
             continue
         want = setup["reference"].run(setup["x"][i], adapter=adapter)
         parity = compare(want, got, where=f"{model} {adapter} input {i}")
         assert parity.ok, parity.summary()
-    assert isinstance(results[-2], ModelError) and "missing input 'attention_mask'" in str(results[-2])
-    assert isinstance(results[-1], ModelError) and "inference failed" in str(results[-1])
+    assert isinstance(results[-2], SurgeryError) and "missing input 'attention_mask'" in str(results[-2])
+    assert isinstance(results[-1], SurgeryError) and "inference failed" in str(results[-1])
     # routed: one call for the 6 valid requests of one shape, which fails on the bad one: each again alone (1 + 6);
     # grouped: one call per adapter (a, b, base), and b's group of 3 holds the bad one (3 + 3)
     assert len(runs) == (7 if model == "routed" else 6), len(runs)
@@ -217,16 +217,16 @@ def test_plain_model_refuses_an_adapter(setup, tmp_path):
     model = write_python_model(tmp_path / "repo", tmp_path / "base.onnx", base.signature, "base", "plain")
     runner = _runner(model)
     ok, refused = runner.run([Request(dict(setup["x"][0])), Request(dict(setup["x"][0]), "a")])
-    assert isinstance(ok, list) and isinstance(refused, ModelError) and "--swappable or --route" in str(refused)
+    assert isinstance(ok, list) and isinstance(refused, SurgeryError) and "--swappable or --route" in str(refused)
 
 
 def test_adapter_from_parameter_or_input():
     assert adapter_of('{"adapter": "a"}', None) == "a"
     assert adapter_of(None, np.array([[b"b"], [b"b"]], dtype=object)) == "b"
     assert adapter_of("{}", np.array([[b""]], dtype=object)) is None
-    with pytest.raises(ModelError, match="one adapter per request"):
+    with pytest.raises(SurgeryError, match="one adapter per request"):
         adapter_of(None, np.array([[b"a"], [b"b"]], dtype=object))
-    with pytest.raises(ModelError, match="disagree"):
+    with pytest.raises(SurgeryError, match="disagree"):
         adapter_of('{"adapter": "a"}', np.array([[b"b"]], dtype=object))
 
 
