@@ -48,7 +48,7 @@ real-results: $(STAMP)
 # a real Triton Inference Server (bundled in nvidia-pytriton, installed without its numpy<2 pin) on repositories
 # that `surgery export --triton-repo` writes: per-request adapters over HTTP and gRPC, batching, reloads
 test-triton: $(STAMP)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[serve]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[export,test,serve]'
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps nvidia-pytriton==0.7.0
 	$(BIN)/python -m pytest -q -m triton tests/exporters/test_triton_model.py tests/exporters/test_triton_server.py
 
