@@ -109,6 +109,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", required=True, help="a checkout of the tool from before the change")
+    parser.add_argument("--before-label", help="what --before is (e.g. the commit it was archived from)")
     parser.add_argument("--kinds", default="swappable,routed", help="the exports to serve")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", help="keep the export here (reused when present)")
@@ -142,8 +143,10 @@ def main() -> None:
     host = machine()
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     command = "python -m benchmarks.triton_runtime " + " ".join(sys.argv[1:])
-    report = {"machine": host, "date": date, "command": command, "repeats": args.repeats, "summary": summary,
-              "runs": runs}  # fmt: skip
+    report = {
+        "machine": host, "date": date, "command": command, "before": args.before_label or args.before,
+        "repeats": args.repeats, "summary": summary, "runs": runs,
+    }  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "triton_runtime.json").write_text(json.dumps(report, indent=1))
@@ -173,7 +176,10 @@ def main() -> None:
         + "\n".join(lines)
         + "\n\n"
         + "; ".join(ratios)
-        + ".\n"
+        + ".\n\n"
+        + f"Before: {args.before_label or args.before}; after: this checkout. The stub's peak RSS is VmHWM after the "
+        "load and one request. After, a swappable model also holds a session of its base-only graph (1/base.onnx, "
+        "the base weights a second time) for requests without an adapter; before, those ran the empty slots.\n"
     )
     (out / "triton_runtime.md").write_text(text)
     print(text)
