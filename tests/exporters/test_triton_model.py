@@ -241,3 +241,14 @@ def test_serve_without_pytriton_is_one_line(monkeypatch, tmp_path):
         triton_server.start_server(tmp_path / "repo")
     with pytest.raises(SurgeryError, match="not a Triton model repository"):
         triton_server.start_server(tmp_path)
+
+
+def test_inspect_and_triton_env_refusals_are_one_line(cli, tmp_path):
+    (tmp_path / "x.onnx").write_bytes(b"not a model")
+    for args, says in (
+        (["inspect", "missing.onnx"], "no such file"),
+        (["inspect", "x.onnx"], "not a readable ONNX model"),
+        (["export", "minilm", "--triton-env", "env"], "give --triton-repo too"),
+    ):
+        run = cli(*args, cwd=tmp_path)
+        assert run.code == 2 and says in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
