@@ -30,7 +30,7 @@ with other weights, is the control: where its decode is more than the target fro
 The torch backends build their pairs in one process, one pair at a time.
 Writes generate_MODEL.{json,md} per model beside the printed tables.
 
-`--backend torch` / `torch-cuda` (issue 12's GPU rows): base, houlsby, lora and lora-merged run as the captured
+`--backend torch` / `torch-cuda` (the GPU rows): base, houlsby, lora and lora-merged run as the captured
 graph itself (re-exported, moved to the device with torch.export's move_to_device_pass), eager, through
 `TorchGenerator`: the same inputs, cache and greedy steps as the ONNX loop, each step's tokens brought to the host.
 `--backend ort-cuda` (the ORT CUDA rows): the six ONNX variants through `Generator` on ONNX Runtime's CUDA provider
