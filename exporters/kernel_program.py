@@ -1,8 +1,7 @@
 """A torch.export program for torch on CUDA whose bottleneck adapters are one `surgery::bottleneck` op each.
 
 On an NVIDIA GPU each op is one Triton kernel (surgery/kernels.py) instead of three launches; replayed in a CUDA
-graph this cut Houlsby r=8's overhead on GPT-2 medium (batch 1, seq 128, fp32, H200) from +17.3% to +8.0%
-(benchmarks/README.md). Run it eagerly and the kernel's Python launch costs more than it saves: capture it in
+graph this cuts a bottleneck's overhead by about half (figures: docs/benchmarks.md). Run it eagerly and the kernel's Python launch costs more than it saves: capture it in
 a CUDA graph (`torch.cuda.graphs`) or use the plain program. Load it after `import surgery.kernels`, which
 registers the op. Written only if the saved program, reloaded, matches the unfused model in torch.
 """

@@ -15,7 +15,7 @@ numpy<2, and only its server files are used here. The clients come with `pip ins
 CudaDriverHelper, NVML and DCGM errors in the server log are expected on a machine without a GPU.
 
 The stub's compiled tensor conversion reads numpy 1.x's dtype layout: with numpy 2 it sizes tensors wrongly
-("output tensor shape does not match size of output", then a crash on a string input; measured with
+("output tensor shape does not match size of output", then a crash on a string input; seen with
 nvidia-pytriton 0.7.0, Triton 2.51). Where this environment has numpy 2, the models get numpy 1.26 first on their
 path, from `$SURGERY_CACHE/triton-stub` (default `~/.cache/surgery`), installed there with pip on first use;
 ONNX Runtime and torch import with it.
