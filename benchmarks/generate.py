@@ -15,18 +15,18 @@ batch on adapters 0..3). Each is measured through `exporters.runtime.Generator` 
 - ttft: time to the first token of a short prompt (the measure onnxruntime-genai and optimum report);
 - decode tok/s at batch 1 and 8: 32 new tokens from that prompt, per stream.
 Every adapted variant is timed in a pair with `base`, never beside the other variants: sessions of one process can
-differ from each other by more than any adapter costs, and the difference follows the session, not its place in the
-turn (figures: benchmarks/README.md, "Generation with the KV cache"). So each exported variant is written to `--work` once; then for each variant, in each of `--rounds` rounds (the
-variants' order rotated from round to round), a fresh process opens base and that variant only and measures both
-`--alternations` times: the two prefills called in turn, and each generation stepped in lockstep with the other's
-(one decode step of base, one of the variant, and so on: `Generator.steps`), so that every step is timed beside a
-step of the other and a slow spell of a noisy machine falls on both (whole generations in turn, seconds apart, scatter
-far more). Which side goes first alternates; ONNX Runtime's spinning is off (sessions timed in turn fight over
-spinning thread pools). A variant's overhead on each measure is the
-median of its paired ratios to base over every alternation of every round, with a 95% interval
-(benchmarks/timing.py). The target: decode at batch 1 <= 3% slower per token. `lora-merged`, the base graph
-with other weights, is the control: where its decode is more than the target from base, the table gives no verdict.
-The torch backends build their pairs in one process, one pair at a time.
+differ from each other by more than any adapter costs, and the difference follows the session, not its place in the turn
+(figures: benchmarks/README.md, "Generation with the KV cache"). So each exported variant is written to `--work` once;
+then for each variant, in each of `--rounds` rounds (the variants' order rotated from round to round), a fresh process
+opens base and that variant only and measures both `--alternations` times: the two prefills called in turn, and each
+generation stepped in lockstep with the other's (one decode step of base, one of the variant, and so on:
+`Generator.steps`), so that every step is timed beside a step of the other and a slow spell of a noisy machine falls on
+both (whole generations in turn, seconds apart, scatter far more). Which side goes first alternates; ONNX Runtime's
+spinning is off (sessions timed in turn fight over spinning thread pools). A variant's overhead on each measure is the
+median of its paired ratios to base over every alternation of every round, with a 95% interval (benchmarks/timing.py).
+The target: decode at batch 1 <= 3% slower per token. `lora-merged`, the base graph with other weights, is the control:
+where its decode is more than the target from base, the table gives no verdict. The torch backends build their pairs in
+one process, one pair at a time.
 Writes generate_MODEL.{json,md} per model beside the printed tables.
 
 `--backend torch` / `torch-cuda` (the GPU rows): base, houlsby, lora and lora-merged run as the captured

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from cli.common import RTOL_HELP, TOLERANCE_HELP, Json, Trust, emit_json, out, stage
+from cli.common import ATOL_HELP, RTOL_HELP, Json, OldTolerance, Trust, emit_json, out, renamed, stage
 from exporters.inputs import ORT_DTYPES, CacheLayout, check_cache_feeds, check_feeds, graph_inputs, vocab_size
 from exporters.runtime import AdaptedSession
 from exporters.verify import ort_session
@@ -90,8 +90,7 @@ def _run_engine(model: Path, adapter, input_file, shape, against, tolerance, rto
             out.print(f"max |TensorRT - torch| ({sidecar['precision']}): {parity.summary()}")
         if not parity.ok:
             raise SurgeryError(
-                f"{model} differs from {against} by more than --tolerance + --rtol x max|torch| allow: "
-                f"{parity.summary()}"
+                f"{model} differs from {against} by more than --atol + --rtol x max|torch| allow: {parity.summary()}"
             )
         return None, None
     check_onnx_data(sidecar["source_onnx"])
@@ -114,14 +113,14 @@ def run(
     against: Annotated[
         Optional[str], typer.Option("--against", help="A TensorRT engine: compare it with this model in torch.")
     ] = None,
-    tolerance: Annotated[
-        Optional[float], typer.Option("--tolerance", help=f"With --against, {TOLERANCE_HELP}{BY}")
-    ] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help=f"With --against, {ATOL_HELP}{BY}")] = None,
     rtol: Annotated[Optional[float], typer.Option("--rtol", help=f"With --against, {RTOL_HELP}{BY}")] = None,
+    tolerance: OldTolerance = None,
     json: Json = False,
     trust: Trust = False,
 ) -> None:
     """Run an exported model (ONNX Runtime) or a TensorRT engine (.plan) and show its outputs."""
+    tolerance = renamed(atol, tolerance, "--atol", "--tolerance")
     if not model.is_file():
         raise SurgeryError(f"{model}: no such file; give an ONNX model or a TensorRT engine (.plan)")
     if model.suffix in ENGINE_SUFFIXES:
@@ -130,7 +129,7 @@ def run(
             return
     elif against is not None or tolerance is not None or rtol is not None:
         raise SurgeryError(
-            "--against (and its --tolerance, --rtol) compares a TensorRT engine with torch; "
+            "--against (and its --atol, --rtol) compares a TensorRT engine with torch; "
             "ONNX exports are checked against torch when written"
         )
     elif adapter is not None:

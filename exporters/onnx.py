@@ -323,7 +323,7 @@ def check_model(path: Path, what: str) -> None:
 def refuse_mismatch(parity: Parity, what: str, case: str = "") -> None:
     if not parity.ok:
         raise SurgeryError(
-            f"{what}: ONNX Runtime differs from torch{case} by more than --tolerance + --rtol x max|torch| allow: "
+            f"{what}: ONNX Runtime differs from torch{case} by more than --atol + --rtol x max|torch| allow: "
             f"{parity.summary()}; nothing was written"
         )
 

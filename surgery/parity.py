@@ -110,7 +110,7 @@ class Parity:
 
     @property
     def tolerance(self) -> float:
-        """The absolute tolerance (`--tolerance`)."""
+        """The absolute tolerance (`--atol`)."""
         return self.atol
 
     def combine(self, other: Parity) -> Parity:
@@ -127,7 +127,7 @@ class Parity:
             f"{name} {d.max_abs:.3g} abs, {d.rel:.3g} rel (allowed {self.atol + self.rtol * d.ref_max:.3g})"
             for name, d in self.outputs.items()
         ]
-        return f"{'; '.join(parts)}; --tolerance {self.atol:g} --rtol {self.rtol:g}; worst: {self.worst}"
+        return f"{'; '.join(parts)}; --atol {self.atol:g} --rtol {self.rtol:g}; worst: {self.worst}"
 
     def to_json(self) -> dict[str, Any]:
         return {

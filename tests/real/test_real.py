@@ -164,7 +164,7 @@ def adapter_effect(ref: dict[str, np.ndarray], mask: np.ndarray) -> dict:
 
 def export_flags() -> list[str]:
     """The export's own parity check, at the defaults this tier asserts: atol + rtol * max|torch|."""
-    return ["--tolerance", str(ATOL), "--rtol", str(RTOL)]
+    return ["--atol", str(ATOL), "--rtol", str(RTOL)]
 
 
 def houlsby_adapted(flow: Flow) -> tuple[str, dict[str, np.ndarray]]:
