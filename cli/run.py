@@ -109,18 +109,22 @@ def run(
         str,
         typer.Option("--shape", help="Random inputs of this size when no --input (a KV-cache graph: past=N too)."),
     ] = "batch=1,seq=128",
-    save: Annotated[Optional[Path], typer.Option("--save", help="Write the outputs to this .npz.")] = None,
+    save: Annotated[
+        Optional[Path], typer.Option("-o", "--output", help="Write the outputs to this .npz (written atomically).")
+    ] = None,
     against: Annotated[
         Optional[str], typer.Option("--against", help="A TensorRT engine: compare it with this model in torch.")
     ] = None,
     atol: Annotated[Optional[float], typer.Option("--atol", help=f"With --against, {ATOL_HELP}{BY}")] = None,
     rtol: Annotated[Optional[float], typer.Option("--rtol", help=f"With --against, {RTOL_HELP}{BY}")] = None,
     tolerance: OldTolerance = None,
+    old_save: Annotated[Optional[Path], typer.Option("--save", hidden=True)] = None,
     json: Json = False,
     trust: Trust = False,
 ) -> None:
     """Run an exported model (ONNX Runtime) or a TensorRT engine (.plan) and show its outputs."""
     tolerance = renamed(atol, tolerance, "--atol", "--tolerance")
+    save = renamed(save, old_save, "--output", "--save")
     if not model.is_file():
         raise SurgeryError(f"{model}: no such file; give an ONNX model or a TensorRT engine (.plan)")
     if model.suffix in ENGINE_SUFFIXES:

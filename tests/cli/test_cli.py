@@ -186,9 +186,9 @@ def test_swappable_export_pack_and_run(trained, cli):
         run.code == 0
         and run.json["fingerprint"] == cli("inspect", "a.onnx_adapter", "--json", cwd=folder).json["fingerprint"]
     )
-    no_pack = cli("run", "sw.onnx", "--input", "x.npz", "--save", "base.npz", "--json", cwd=folder)
+    no_pack = cli("run", "sw.onnx", "--input", "x.npz", "-o", "base.npz", "--json", cwd=folder)
     with_pack = cli(
-        "run", "sw.onnx", "--adapter", "a.safetensors", "--input", "x.npz", "--save", "a.npz", "--json", cwd=folder
+        "run", "sw.onnx", "--adapter", "a.safetensors", "--input", "x.npz", "-o", "a.npz", "--json", cwd=folder
     )
     assert no_pack.code == 0 and with_pack.code == 0, (no_pack.stderr, with_pack.stderr)
     assert with_pack.json["outputs"]["last_hidden_state"]["shape"] == [3, 20, 384]

@@ -1,6 +1,6 @@
 """Options renamed to one spelling across commands (`-o/--output`, `--atol`): the earlier spellings (`--out` on
-`bench` and `demo`, `--tolerance` on `export` and `run`) keep working for one release, with a deprecation line on
-stderr, and are hidden from --help."""
+`bench` and `demo`, `--save` on `run`, `--tolerance` on `export` and `run`) keep working for one release, with a
+deprecation line on stderr, and are hidden from --help."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ COMMANDS = typer.main.get_command(app).commands
         ("bench", "--out", "--output", "x", "old_out", "out_dir"),
         ("export", "--tolerance", "--atol", "0.001", "tolerance", "atol"),
         ("run", "--tolerance", "--atol", "0.001", "tolerance", "atol"),
+        ("run", "--save", "--output", "x.npz", "old_save", "save"),
     ],
 )
 def test_both_spellings_parse_and_only_the_new_one_is_shown(command, old, new, value, param, new_param):
@@ -45,6 +46,7 @@ def test_the_old_spelling_gives_its_value_and_a_deprecation_line(capsys):
         renamed(1e-3, 1e-2, "--atol", "--tolerance")
 
 
+@pytest.mark.slow  # an export of a small config, as a subprocess
 def test_export_takes_tolerance_as_atol(small_config, tmp_path, cli):
     """End to end: the old spelling's value reaches the parity check, and the run says it is deprecated."""
     config = small_config("bert")
