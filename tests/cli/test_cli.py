@@ -162,7 +162,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cli, make, m
 
 @pytest.mark.slow  # the whole main job (make demo) with its timing
 def test_demo_prints_its_table_and_writes_reports(tmp_path, cli):
-    run = cli("demo", "--out", "out", "--runs", "5", cwd=tmp_path)
+    run = cli("demo", "-o", "out", "--runs", "5", cwd=tmp_path)
     assert run.code == 0, run.stderr
     assert "78,432" in run.stdout and "equal" in run.stdout
     data = json.loads((tmp_path / "out" / "demo.json").read_text())
