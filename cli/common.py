@@ -59,7 +59,7 @@ Dtype = Annotated[
         help="Weights in auto (the checkpoint's own), fp32, fp16 or bf16; adapters and ONNX follow the model.",
     ),
 ]
-from surgery.tasks import TASK_HELP  # noqa: E402
+from surgery.task_names import TASK_HELP  # noqa: E402
 
 Task = Annotated[Optional[str], typer.Option("--task", help=TASK_HELP)]
 InputDtype = Annotated[str, typer.Option("--input-dtype", help="dtype of the --input-shape inputs.")]

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import Json, emit_json, err, out, step
-from exporters.runtime import Generator, TextTokenizer
-from surgery.errors import SurgeryError
+from runtime.errors import SurgeryError
+from runtime.generate import Generator
+from runtime.tokenizer import TextTokenizer
 
 
 def generate(

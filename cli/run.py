@@ -9,17 +9,17 @@ import numpy as np
 import typer
 
 from cli.common import ATOL_HELP, RTOL_HELP, Json, OldTolerance, Trust, emit_json, out, renamed, stage
-from exporters.inputs import ORT_DTYPES, CacheLayout, check_cache_feeds, check_feeds, graph_inputs, vocab_size
-from exporters.runtime import AdaptedSession
-from exporters.verify import ort_session
-from surgery.errors import SurgeryError
+from runtime.adapted import AdaptedSession
+from runtime.errors import SurgeryError
+from runtime.files import check_onnx_data
+from runtime.inputs import ORT_DTYPES, CacheLayout, check_cache_feeds, check_feeds, graph_inputs, vocab_size
+from runtime.session import ort_session
 from surgery.io import atomic_output
-from surgery.safe_files import check_onnx_data
 
 
 def _inputs(session, input_file: Optional[Path], shape: str, onnx_path: Path) -> dict[str, np.ndarray]:
     """Inputs from an .npz (arrays by input name), or random token ids and a full mask of `shape`; checked against
-    the graph's inputs and vocabulary (`exporters/inputs.py`) before ONNX Runtime sees them. A causal LM's cache
+    the graph's inputs and vocabulary (`runtime/inputs.py`) before ONNX Runtime sees them. A causal LM's cache
     graph takes `past=N` in `shape` (default 0, a prompt), and its feeds are checked as a cache too."""
     vocab = vocab_size(onnx_path)
     cache = CacheLayout.of(graph_inputs(session), session.get_modelmeta().custom_metadata_map)

@@ -1,8 +1,6 @@
-"""The one error type a user sees."""
+"""The one error type a user sees: defined in the runtime (`runtime/errors.py`), which imports nothing of the
+exporter, and the same class here."""
 
+from runtime.errors import SurgeryError
 
-class SurgeryError(Exception):
-    """Bad input or a failed check, with a message that says what failed, where, and how to fix it.
-
-    The CLI prints it as one red line and exits with code 2. Internal invariants use `assert` instead.
-    """
+__all__ = ["SurgeryError"]

@@ -30,18 +30,14 @@ from torch import nn
 from surgery.errors import SurgeryError
 from surgery.signature import Axis, InputSpec, Signature
 
-FEATURE_EXTRACTION = "feature-extraction"
-CAUSAL_LM = "causal-lm"
-SEQUENCE_CLASSIFICATION = "sequence-classification"
-TOKEN_CLASSIFICATION = "token-classification"
-# task -> (transformers auto class, the name of its mapping of model types to classes)
-TASKS: dict[str, tuple[str, str]] = {
-    FEATURE_EXTRACTION: ("AutoModel", "MODEL_MAPPING_NAMES"),
-    CAUSAL_LM: ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
-    SEQUENCE_CLASSIFICATION: ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
-    TOKEN_CLASSIFICATION: ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
-}
-TASK_HELP = "Head to capture: " + ", ".join(TASKS) + " (default: from the config's architectures)."
+from surgery.task_names import (  # noqa: F401  the names are data the CLI reads without torch
+    CAUSAL_LM,
+    FEATURE_EXTRACTION,
+    SEQUENCE_CLASSIFICATION,
+    TASK_HELP,
+    TASKS,
+    TOKEN_CLASSIFICATION,
+)
 
 PAST, TOTAL = "past", "total"  # the cache's axes: past positions, and past + seq (the attention mask's length)
 

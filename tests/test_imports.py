@@ -1,4 +1,4 @@
-"""No import cycles inside `surgery/` or `exporters/`, lazy imports inside functions included.
+"""No import cycles inside `runtime/`, `surgery/` or `exporters/`, lazy imports inside functions included.
 
 Read from the source (AST), not by importing: an import inside a function is an edge too, since the day it
 runs the modules are tangled all the same. `if TYPE_CHECKING:` blocks are left out (they never run).
@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("surgery", "exporters")
+PACKAGES = ("runtime", "surgery", "exporters")
 
 
 def modules() -> dict[str, Path]:

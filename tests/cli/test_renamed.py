@@ -7,13 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import typer
 
 from cli.common import renamed
-from cli.main import app
+from cli.main import commands
 from surgery.errors import SurgeryError
 
-COMMANDS = typer.main.get_command(app).commands
+COMMANDS = commands()
 
 
 @pytest.mark.parametrize(
