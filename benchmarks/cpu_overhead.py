@@ -1,4 +1,4 @@
-"""The adapter's cost on ONNX Runtime CPU, form by form, at 1, 2 and 4 threads (issue 14's CPU half).
+"""The adapter's cost on ONNX Runtime CPU, form by form, at 1, 2 and 4 threads.
 
     python -m benchmarks.cpu_overhead [--threads 1,2,4] [--runs 300] [--out benchmarks/results/cpu_overhead]
 

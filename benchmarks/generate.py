@@ -12,25 +12,24 @@ and a GPT-2-medium shape with random weights (surgery/architectures.py BUILTIN: 
 weights); `swappable` (the Houlsby export with its own pack active); `routed` (4 Houlsby models stacked, rows of the
 batch on adapters 0..3). Each is measured through `exporters.runtime.Generator` (greedy, fp32, `--threads`):
 - prefill: the first step of a 128-token prompt (the graph's run at past length 0, and the argmax);
-- ttft: time to the first token of a short prompt (the issue's peers' measure);
+- ttft: time to the first token of a short prompt (the measure onnxruntime-genai and optimum report);
 - decode tok/s at batch 1 and 8: 32 new tokens from that prompt, per stream.
-Every adapted variant is timed in a pair with `base`, never beside the other variants: the six sessions of one
-process once differed from each other by up to 36% (lora-merged, the base graph with other weights, decoded 36% faster
-than base on 2026-11-28; the difference followed the session, not its place in the turn), more than any adapter
-costs. So each exported variant is written to `--work` once; then for each variant, in each of `--rounds` rounds (the
-variants' order rotated from round to round), a fresh process opens base and that variant only and measures both
-`--alternations` times: the two prefills called in turn, and each generation stepped in lockstep with the other's
-(one decode step of base, one of the variant, and so on: `Generator.steps`), so that every step is timed beside a
-step of the other and a slow spell of this noisy machine falls on both (whole generations in turn, 1-3 s apart,
-gave paired ratios from -29% to +54% on 2026-11-28). Which side goes first alternates; ONNX Runtime's spinning is off
-(DESIGN.md: sessions timed in turn fight over spinning thread pools). A variant's overhead on each measure is the
-median of its paired ratios to base over every alternation of every round, with a 95% interval
-(benchmarks/timing.py). The issue's target: decode at batch 1 <= 3% slower per token. `lora-merged`, the base graph
-with other weights, is the control: where its decode is more than the target from base, the table gives no verdict.
-The torch backends build their pairs in one process, one pair at a time.
+Every adapted variant is timed in a pair with `base`, never beside the other variants: sessions of one process can
+differ from each other by more than any adapter costs, and the difference follows the session, not its place in the turn
+(figures: benchmarks/README.md, "Generation with the KV cache"). So each exported variant is written to `--work` once;
+then for each variant, in each of `--rounds` rounds (the variants' order rotated from round to round), a fresh process
+opens base and that variant only and measures both `--alternations` times: the two prefills called in turn, and each
+generation stepped in lockstep with the other's (one decode step of base, one of the variant, and so on:
+`Generator.steps`), so that every step is timed beside a step of the other and a slow spell of a noisy machine falls on
+both (whole generations in turn, seconds apart, scatter far more). Which side goes first alternates; ONNX Runtime's
+spinning is off (sessions timed in turn fight over spinning thread pools). A variant's overhead on each measure is the
+median of its paired ratios to base over every alternation of every round, with a 95% interval (benchmarks/timing.py).
+The target: decode at batch 1 <= 3% slower per token. `lora-merged`, the base graph with other weights, is the control:
+where its decode is more than the target from base, the table gives no verdict. The torch backends build their pairs in
+one process, one pair at a time.
 Writes generate_MODEL.{json,md} per model beside the printed tables.
 
-`--backend torch` / `torch-cuda` (issue 12's GPU rows): base, houlsby, lora and lora-merged run as the captured
+`--backend torch` / `torch-cuda` (the GPU rows): base, houlsby, lora and lora-merged run as the captured
 graph itself (re-exported, moved to the device with torch.export's move_to_device_pass), eager, through
 `TorchGenerator`: the same inputs, cache and greedy steps as the ONNX loop, each step's tokens brought to the host.
 `--backend ort-cuda` (the ORT CUDA rows): the six ONNX variants through `Generator` on ONNX Runtime's CUDA provider

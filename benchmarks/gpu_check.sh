@@ -9,7 +9,7 @@
 #      with CUDA graphs ("reduce-overhead"); 16 worker processes, compile time excluded. (houlsby-folded measured
 #      slower than plain in a CUDA graph on an H200, so it is left out here; add it to VARIANTS to measure it.)
 #   2. the `gpu` tests (the Triton kernel against the CPU reference)
-#   3. generation with the KV cache on torch CUDA (issue 12's GPU rows): GPT-2 medium shape, base, houlsby, lora,
+#   3. generation with the KV cache on torch CUDA (the GPU rows): GPT-2 medium shape, base, houlsby, lora,
 #      lora-merged, greedy, prefill 128, time to first token, decode tok/s at batch 1 and 8 (benchmarks/generate.py
 #      --backend torch-cuda)
 #   3b. the same on ONNX Runtime CUDA (--backend ort-cuda: `Generator` with IO binding, the cache kept on the GPU),

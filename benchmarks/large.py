@@ -268,7 +268,7 @@ def run_real(name: str, dtypes: list[str], folder: Path, limit_gb: float, in_mem
         steps[f"export --stream {dtype} (verified per block)"] = step = streamed_export(hf, dtype, folder)
         if step["exit"] == 0:
             steps[f"surgery run (ORT, {dtype}, 1 x 8 tokens)"] = ran = timed(
-                ["run", "m.onnx", "--input", "x.npz", "--save", f"ort-{dtype}.npz", "--json"], folder
+                ["run", "m.onnx", "--input", "x.npz", "-o", f"ort-{dtype}.npz", "--json"], folder
             )
             ran.pop("stdout")
             print(name, dtype, json.dumps(ran), flush=True)

@@ -1,7 +1,7 @@
-"""The README's support matrix, rendered from the rows `make test-matrix` writes (tests/surgery/test_matrix.py).
+"""The support matrix's table, rendered from the rows `make test-matrix` writes (tests/surgery/test_matrix.py).
+The docs build renders it into docs/reference/support-matrix.md (mkdocs_hooks.py).
 
-python -m benchmarks.matrix_table                     # print the Markdown table
-python -m benchmarks.matrix_table --readme README.md  # replace the table between its markers in README.md
+python -m benchmarks.matrix_table   # print the Markdown table
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "matrix"
-START, END = "<!-- matrix:start (python -m benchmarks.matrix_table) -->", "<!-- matrix:end -->"
 HEADER = (
     "| model_type | sites per layer | LoRA targets | baked | swappable | routed | LoRA baked | max abs diff | "
     "max rel diff | notes |\n|---|---|---|---|---|---|---|---|---|---|"
@@ -47,32 +46,14 @@ def load_rows(folder: Path = RESULTS) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
-def replace_block(text: str, table: str) -> str:
-    """`text` with the table between the markers replaced (the markers must be there, once each)."""
-    if text.count(START) != 1 or text.count(END) != 1:
-        raise SystemExit(f"error: the README needs the markers once each: {START} ... {END}")
-    head, rest = text.split(START)
-    _, tail = rest.split(END)
-    return f"{head}{START}\n{table}\n{END}{tail}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of <model_type>.json rows")
-    parser.add_argument("--readme", type=Path, help="replace the table between its markers in this file")
     args = parser.parse_args()
     rows = load_rows(args.results)
     if not rows:
         raise SystemExit(f"error: no rows in {args.results}; run make test-matrix first")
-    table = render(rows)
-    if args.readme is None:
-        print(table)
-        return
-    text = replace_block(args.readme.read_text(), table)
-    tmp = args.readme.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(args.readme)
-    print(f"{args.readme}: {len(rows)} families")
+    print(render(rows))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""This tool's generation loop against onnxruntime-genai's on the same checkpoint (issue 12's target), paired.
+"""This tool's generation loop against onnxruntime-genai's on the same checkpoint, paired.
 
     pip install -e '.[peers]'   # onnxruntime-genai 0.18: its model builder and its generation loop
     python -m benchmarks.peers [--model smollm2-135m] [--threads 2] [--alternations 20] [--work DIR] [--out DIR]

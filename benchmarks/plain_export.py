@@ -1,4 +1,4 @@
-"""What a plain `torch.onnx.export` of a Hugging Face folder costs, beside `surgery export --stream` (issue 11).
+"""What a plain `torch.onnx.export` of a Hugging Face folder costs, beside `surgery export --stream`.
 
     python -m benchmarks.plain_export FOLDER [--dtype bf16] [--limit-gb 20] [--out out/plain_export.json]
 

@@ -12,7 +12,7 @@ from rich.progress import Progress
 
 from benchmarks.harness import BACKENDS, run_grid, write_reports
 from benchmarks.variants import prepare_adapted
-from cli.common import Json, emit_json, err, out, step
+from cli.common import Json, OldOut, emit_json, err, out, renamed, step
 from surgery.errors import SurgeryError
 
 
@@ -31,13 +31,15 @@ def bench(
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds after 2 warm-up rounds.")] = 10,
     calls: Annotated[int, typer.Option("--calls", help="Timed calls per case per round.")] = 5,
     threads: Annotated[int, typer.Option("--threads", help="Threads per case (torch and ORT).")] = 2,
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for results.md, results.json, results.png.")] = Path(
-        "out/bench"
-    ),
+    out_dir: Annotated[
+        Path, typer.Option("-o", "--output", help="Folder for results.md, results.json, results.png.")
+    ] = Path("out/bench"),
+    old_out: OldOut = None,
     json: Json = False,
 ) -> None:
     """Time base, adapted and swappable variants (and, on torch CUDA, the --fused-pt2 program) across a grid;
     write Markdown, JSON and a PNG plot."""
+    out_dir = renamed(out_dir, old_out, "--output", "--out", default=Path("out/bench"))
     grid = list(product(_ints(batch, "--batch"), _ints(seq, "--seq")))
     with step(f"export the variants of {source}"):
         cuda = any(b.startswith("torch-cuda") for b in backends.split(","))

@@ -7,6 +7,7 @@ temp folder whose path that line gives, and exit 1; `surgery --debug COMMAND` pr
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -92,10 +94,29 @@ Alpha = Annotated[
     typer.Option("--alpha", help="lora: the delta is scaled by alpha/r (default alpha = r: scaling 1)."),
 ]
 Scale = Annotated[float, typer.Option("--scale", help="parallel: scale s of the branch, y + s·W_up σ(W_down x).")]
-TOLERANCE_HELP = "the parity check's absolute part: per output, max|a - torch| <= tolerance + rtol x max|torch|"
+ATOL_HELP = "the parity check's absolute part: per output, max|a - torch| <= atol + rtol x max|torch|"
 RTOL_HELP = "the parity check's relative part: the share of each output's largest magnitude max|torch| allowed on top"
-Tolerance = Annotated[float, typer.Option("--tolerance", help=f"Accept {TOLERANCE_HELP}.")]
-Rtol = Annotated[float, typer.Option("--rtol", help=f"Accept {RTOL_HELP}.")]
+# `--tolerance`, the earlier spelling of `--atol`: hidden, kept working for one release with a warning (`renamed`)
+OldTolerance = Annotated[Optional[float], typer.Option("--tolerance", hidden=True)]
+# `--out`, the earlier spelling of `-o/--output` on `bench` and `demo`: the same treatment
+OldOut = Annotated[Optional[Path], typer.Option("--out", hidden=True)]
+
+
+def in_panel(alias: Any, panel: str) -> Any:
+    """A shared `Annotated` option alias, shown under the help panel `panel` of one command's --help."""
+    info = copy.copy(alias.__metadata__[0])
+    info.rich_help_panel = panel
+    return Annotated[alias.__origin__, info]
+
+
+def renamed(new: Any, old: Any, new_name: str, old_name: str, default: Any = None) -> Any:
+    """The value of an option given under its new name, or under its old one with a deprecation line on stderr."""
+    if old is None:
+        return new
+    if new != default:
+        raise SurgeryError(f"{old_name} and {new_name} are one option under two names; give {new_name} only")
+    err.print(f"[yellow]warning: {old_name} is deprecated and goes in the next release; use {new_name}[/]")
+    return old
 
 
 class Run:

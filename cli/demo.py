@@ -9,16 +9,20 @@ import typer
 from rich.table import Table
 
 from benchmarks.demo import run_demo
-from cli.common import Json, emit_json, out, step
+from cli.common import Json, OldOut, emit_json, out, renamed, step
 
 
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the models and the report.")] = Path("out"),
+    out_dir: Annotated[Path, typer.Option("-o", "--output", help="Folder for the models and the report.")] = Path(
+        "out"
+    ),
     r: Annotated[int, typer.Option("--r", help="Bottleneck size.")] = 8,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per model.")] = 100,
+    old_out: OldOut = None,
     json: Json = False,
 ) -> None:
     """Houlsby r=8 into pretrained MiniLM, export ONNX, verify, time base against adapted."""
+    out_dir = renamed(out_dir, old_out, "--output", "--out", default=Path("out"))
     result = run_demo(out_dir, step, r=r, runs=runs)
     if json:
         emit_json(result.to_json())

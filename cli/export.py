@@ -14,22 +14,25 @@ from typing import Annotated, Optional
 import typer
 
 from cli.common import (
+    ATOL_HELP,
+    RTOL_HELP,
     Act,
     Alpha,
-    Rank,
-    Targets,
-    RTOL_HELP,
-    TOLERANCE_HELP,
     Dtype,
     InputDtype,
     InputShape,
     Json,
+    OldTolerance,
     Output,
+    Rank,
+    Targets,
+    Task,
     Trust,
     emit_json,
+    in_panel,
     out,
+    renamed,
     step,
-    Task,
 )
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
@@ -52,55 +55,86 @@ Sources = Annotated[
     typer.Argument(help="The model to export (default minilm); with --route, two or more .adapted.pt2 files."),
 ]
 
+# the help panels of `surgery export --help`
+FORMAT, CHECK, ENGINE, STREAM, MODEL, OUTPUT = (
+    "What to write",
+    "Check against torch",
+    "TensorRT engine (--trt)",
+    "Past memory (--stream)",
+    "Reading the model",
+    "Output",
+)
+
 
 def export(
     sources: Sources = None,
     onnx: Annotated[
-        bool, typer.Option("--onnx", help="ONNX: the format unless --fused-pt2 (--trt adds an engine).")
+        bool,
+        typer.Option(
+            "--onnx", rich_help_panel=FORMAT, help="ONNX: the format unless --fused-pt2 (--trt adds an engine)."
+        ),
     ] = False,
-    swappable: Annotated[bool, typer.Option("--swappable", help="Adapter slots for packs, chosen per run.")] = False,
+    swappable: Annotated[
+        bool, typer.Option("--swappable", rich_help_panel=FORMAT, help="Adapter slots for packs, chosen per run.")
+    ] = False,
     route: Annotated[
-        bool, typer.Option("--route", help="Stack several models' adapters; adapter_id input per row.")
+        bool,
+        typer.Option(
+            "--route", rich_help_panel=FORMAT, help="Stack several models' adapters; adapter_id input per row."
+        ),
     ] = False,
     fused_pt2: Annotated[
         bool,
         typer.Option(
             "--fused-pt2",
+            rich_help_panel=FORMAT,
             help="A .pt2 for torch on CUDA: one Triton kernel per bottleneck (replay it in a CUDA graph).",
         ),
     ] = False,
-    output: Output = None,
-    tolerance: Annotated[
+    output: in_panel(Output, OUTPUT) = None,
+    atol: Annotated[
         Optional[float],
-        typer.Option("--tolerance", help=f"Accept {TOLERANCE_HELP} (default 1e-4; fp16 1e-3, bf16 1e-2)."),
+        typer.Option("--atol", rich_help_panel=CHECK, help=f"Accept {ATOL_HELP} (default 1e-4; fp16 1e-3, bf16 1e-2)."),
     ] = None,
     rtol: Annotated[
-        Optional[float], typer.Option("--rtol", help=f"Accept {RTOL_HELP} (default 1e-4; fp16 1e-2, bf16 5e-2).")
+        Optional[float],
+        typer.Option("--rtol", rich_help_panel=CHECK, help=f"Accept {RTOL_HELP} (default 1e-4; fp16 1e-2, bf16 5e-2)."),
     ] = None,
+    tolerance: OldTolerance = None,
     trt: Annotated[
         bool,
         typer.Option(
-            "--trt", help="TensorRT engine (-o X.plan); without TensorRT: the ONNX and trtexec command, exit 2."
+            "--trt",
+            rich_help_panel=FORMAT,
+            help="TensorRT engine (-o X.plan); without TensorRT: the ONNX and trtexec command, exit 2.",
         ),
     ] = False,
     shapes: Annotated[
         Optional[list[str]],
         typer.Option(
             "--shapes",
+            rich_help_panel=ENGINE,
             help="Engine profile per axis, e.g. batch=1:8:64,seq=16:128:512 (MIN:OPT:MAX). A causal LM's cache graph "
             "has two profiles: prefill (past 0) and decode (seq 1); prefix one with prefill: or decode:, repeat it.",
         ),
     ] = None,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Engine in fp16 (tolerance 2e-2).")] = False,
-    bf16: Annotated[bool, typer.Option("--bf16", help="Engine in bf16 (tolerance 1e-1).")] = False,
+    fp16: Annotated[
+        bool, typer.Option("--fp16", rich_help_panel=ENGINE, help="Engine in fp16 (tolerance 2e-2).")
+    ] = False,
+    bf16: Annotated[
+        bool, typer.Option("--bf16", rich_help_panel=ENGINE, help="Engine in bf16 (tolerance 1e-1).")
+    ] = False,
     max_r: Annotated[
-        Optional[int], typer.Option("--max-r", help="With --trt --swappable: the refittable adapter rank.")
+        Optional[int],
+        typer.Option("--max-r", rich_help_panel=ENGINE, help="With --trt --swappable: the refittable adapter rank."),
     ] = None,
     timing_cache: Annotated[
-        Optional[str], typer.Option("--timing-cache", help="Timing cache file, reused by later builds.")
+        Optional[str],
+        typer.Option("--timing-cache", rich_help_panel=ENGINE, help="Timing cache file, reused by later builds."),
     ] = None,
     triton_repo: Annotated[
-        Optional[str], typer.Option("--triton-repo", help="Also write a Triton model repository here.")
+        Optional[str],
+        typer.Option("--triton-repo", rich_help_panel=OUTPUT, help="Also write a Triton model repository here."),
     ] = None,
     triton_env: Annotated[
         Optional[str],
@@ -114,6 +148,7 @@ def export(
         bool,
         typer.Option(
             "--external-data",
+            rich_help_panel=OUTPUT,
             help=f"Tensors in NAME.onnx.data beside NAME.onnx (always past 2 GB; ${THRESHOLD_ENV} sets the bytes).",
         ),
     ] = False,
@@ -121,27 +156,33 @@ def export(
         bool,
         typer.Option(
             "--stream",
+            rich_help_panel=STREAM,
             help="A Hugging Face folder past memory: captured without weights, its safetensors streamed into "
             "NAME.onnx.data tensor by tensor, verified block by block.",
         ),
     ] = False,
     method: Annotated[
         Optional[str],
-        typer.Option("--method", help="With --stream: insert these adapters first (as `surgery insert` does)."),
+        typer.Option(
+            "--method",
+            rich_help_panel=STREAM,
+            help="With --stream: insert these adapters first (as `surgery insert` does).",
+        ),
     ] = None,
-    r: Rank = "8",
-    act: Act = "relu",
-    targets: Targets = None,
-    alpha: Alpha = None,
-    trust: Trust = False,
-    input_shape: InputShape = None,
-    input_dtype: InputDtype = "float32",
-    dtype: Dtype = "auto",
-    task: Task = None,
-    json: Json = False,
+    r: in_panel(Rank, STREAM) = "8",
+    act: in_panel(Act, STREAM) = "relu",
+    targets: in_panel(Targets, STREAM) = None,
+    alpha: in_panel(Alpha, STREAM) = None,
+    trust: in_panel(Trust, MODEL) = False,
+    input_shape: in_panel(InputShape, MODEL) = None,
+    input_dtype: in_panel(InputDtype, MODEL) = "float32",
+    dtype: in_panel(Dtype, MODEL) = "auto",
+    task: in_panel(Task, MODEL) = None,
+    json: in_panel(Json, OUTPUT) = False,
 ) -> None:
     """Export to ONNX with dynamic batch and sequence; written only if ONNX Runtime matches torch."""
     sources = sources or [None]
+    tolerance = renamed(atol, tolerance, "--atol", "--tolerance")
     if stream:
         if route:
             raise SurgeryError(
@@ -214,7 +255,7 @@ def export(
     out.print(f"wrote {' + '.join(map(str, onnx_files(path)))} ({onnx_size(path) / 1e6:.1f} MB)")
     out.print(
         f"max |ORT - torch| = {data['max_abs_diff']:.2e}, {data['max_rel_diff']:.2e} of max|torch| "
-        f"(--tolerance {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
+        f"(--atol {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
     )
     if swappable:
         out.print(
@@ -317,7 +358,7 @@ def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input
     )
     p = result.parity
     out.print(
-        f"max |fused - adapted| = {p.max_abs_diff:.2e}, {p.max_rel_diff:.2e} of max|torch| (--tolerance {p.atol:g} "
+        f"max |fused - adapted| = {p.max_abs_diff:.2e}, {p.max_rel_diff:.2e} of max|torch| (--atol {p.atol:g} "
         f"+ --rtol {p.rtol:g} x max|torch|); load it after `import surgery.kernels`"
     )
 

@@ -94,6 +94,13 @@ app = typer.Typer(
 )
 
 
+def commands() -> dict[str, Any]:
+    """Every command of the app, name -> click command, each built from its module (for the CLI reference)."""
+    group = typer.main.get_command(app)
+    ctx = group.make_context("surgery", [], resilient_parsing=True)
+    return {name: group.get_command(ctx, name) for name in group.list_commands(ctx)}
+
+
 @app.callback()
 def options(
     debug: Annotated[

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from cli.common import RTOL_HELP, TOLERANCE_HELP, Json, Trust, emit_json, out, stage
+from cli.common import ATOL_HELP, RTOL_HELP, Json, OldTolerance, Trust, emit_json, out, renamed, stage
 from runtime.adapted import AdaptedSession
 from runtime.errors import SurgeryError
 from runtime.files import check_onnx_data
@@ -90,8 +90,7 @@ def _run_engine(model: Path, adapter, input_file, shape, against, tolerance, rto
             out.print(f"max |TensorRT - torch| ({sidecar['precision']}): {parity.summary()}")
         if not parity.ok:
             raise SurgeryError(
-                f"{model} differs from {against} by more than --tolerance + --rtol x max|torch| allow: "
-                f"{parity.summary()}"
+                f"{model} differs from {against} by more than --atol + --rtol x max|torch| allow: {parity.summary()}"
             )
         return None, None
     check_onnx_data(sidecar["source_onnx"])
@@ -110,18 +109,22 @@ def run(
         str,
         typer.Option("--shape", help="Random inputs of this size when no --input (a KV-cache graph: past=N too)."),
     ] = "batch=1,seq=128",
-    save: Annotated[Optional[Path], typer.Option("--save", help="Write the outputs to this .npz.")] = None,
+    save: Annotated[
+        Optional[Path], typer.Option("-o", "--output", help="Write the outputs to this .npz (written atomically).")
+    ] = None,
     against: Annotated[
         Optional[str], typer.Option("--against", help="A TensorRT engine: compare it with this model in torch.")
     ] = None,
-    tolerance: Annotated[
-        Optional[float], typer.Option("--tolerance", help=f"With --against, {TOLERANCE_HELP}{BY}")
-    ] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", help=f"With --against, {ATOL_HELP}{BY}")] = None,
     rtol: Annotated[Optional[float], typer.Option("--rtol", help=f"With --against, {RTOL_HELP}{BY}")] = None,
+    tolerance: OldTolerance = None,
+    old_save: Annotated[Optional[Path], typer.Option("--save", hidden=True)] = None,
     json: Json = False,
     trust: Trust = False,
 ) -> None:
     """Run an exported model (ONNX Runtime) or a TensorRT engine (.plan) and show its outputs."""
+    tolerance = renamed(atol, tolerance, "--atol", "--tolerance")
+    save = renamed(save, old_save, "--output", "--save")
     if not model.is_file():
         raise SurgeryError(f"{model}: no such file; give an ONNX model or a TensorRT engine (.plan)")
     if model.suffix in ENGINE_SUFFIXES:
@@ -130,7 +133,7 @@ def run(
             return
     elif against is not None or tolerance is not None or rtol is not None:
         raise SurgeryError(
-            "--against (and its --tolerance, --rtol) compares a TensorRT engine with torch; "
+            "--against (and its --atol, --rtol) compares a TensorRT engine with torch; "
             "ONNX exports are checked against torch when written"
         )
     elif adapter is not None:

@@ -1,10 +1,10 @@
 """A torch.export program for torch on CUDA whose bottleneck adapters are one `surgery::bottleneck` op each.
 
-On an NVIDIA GPU each op is one Triton kernel (surgery/kernels.py) instead of three launches; replayed in a CUDA
-graph this cut Houlsby r=8's overhead on GPT-2 medium (batch 1, seq 128, fp32, H200) from +17.3% to +8.0%
-(benchmarks/README.md). Run it eagerly and the kernel's Python launch costs more than it saves: capture it in
-a CUDA graph (`torch.cuda.graphs`) or use the plain program. Load it after `import surgery.kernels`, which
-registers the op. Written only if the saved program, reloaded, matches the unfused model in torch.
+On an NVIDIA GPU each op is one Triton kernel (surgery/kernels.py) instead of three launches; replayed in a CUDA graph
+this cuts a bottleneck's overhead by about half (figures: docs/benchmarks.md). Run it eagerly and the kernel's Python
+launch costs more than it saves: capture it in a CUDA graph (`torch.cuda.graphs`) or use the plain program. Load it
+after `import surgery.kernels`, which registers the op. Written only if the saved program, reloaded, matches the unfused
+model in torch.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def export_kernel_program(
         parity = check_program(torch.export.load(tmp).module(), captured.gm, captured.signature, tolerance, rtol)
         if not parity.ok:
             raise SurgeryError(
-                f"{path}: the fused program differs from the adapted model by more than --tolerance + --rtol x "
+                f"{path}: the fused program differs from the adapted model by more than --atol + --rtol x "
                 f"max|torch| allow: {parity.summary()}; nothing written"
             )
     return KernelProgram(Path(path), kernels, parity)

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 OPSET = 20
 # A causal LM with its cache is exported at opset 23, where the exporter writes RMSNormalization, RotaryEmbedding and
-# Attention as one op each and ONNX Runtime runs each as one kernel. SmolLM2-135M, one decode step (2 threads, ONNX
-# Runtime 1.32, alternated in one process): 992 kernels instead of 1715, 0.90x the time.
+# Attention as one op each and ONNX Runtime runs each as one kernel (figures:
+# benchmarks/results/docs_figures_2026-12-07.md).
 OPSET_CACHE = 23
 
 
@@ -111,10 +111,9 @@ def lean_proto(proto: onnx.ModelProto, signature: Signature | None = None) -> on
     `value_info` (the exporter's inferred intermediate shapes), RMSNorm as `rms_norm_as_div`, and for a cache graph
     (`signature`) the cache axes named and attention in Attention-23's 3-D form (`attention_in_3d`).
 
-    Without `value_info`, measured on MiniLM, ONNX Runtime 1.32 CPU, b1 s128, interleaved: the same graph runs about
-    8-10% faster, because ORT then leaves Add + LayerNormalization unfused, and its SkipLayerNormalization kernel is
-    the slower of the two on CPU. The parity check still runs on the model as written. Swappable exports drop them
-    anyway (they hold the traced rank).
+    Without `value_info` ORT leaves Add + LayerNormalization unfused, and its SkipLayerNormalization kernel is the
+    slower of the two on CPU (figures: benchmarks/README.md). The parity check still runs on the model as written.
+    Swappable exports drop them anyway (they hold the traced rank).
     """
     del proto.graph.value_info[:]
     rms_norm_as_div(proto.graph)
@@ -139,8 +138,8 @@ def rms_norm_as_div(graph: onnx.GraphProto) -> int:
 
     torch writes RMSNorm (Llama, Qwen2, Gemma, SmolLM) with `rsqrt`, which the exporter spells Sqrt then Reciprocal
     then Mul. ONNX Runtime's SimplifiedLayerNormFusion only matches Sqrt then Div, so as exported every RMSNorm ran as
-    six kernels. Measured on SmolLM2-135M (decode step, 2 threads, alternated in one process): 2081 kernels per step
-    become 1715 (61 fused norms), and the step takes 0.94x the time. Same algebra; the result may differ by an ulp.
+    six kernels; rewritten, each is one (figures: benchmarks/results/docs_figures_2026-12-07.md). Same algebra; the
+    result may differ by an ulp.
     """
     made, users = wiring(graph)
     gone = []
@@ -324,7 +323,7 @@ def check_model(path: Path, what: str) -> None:
 def refuse_mismatch(parity: Parity, what: str, case: str = "") -> None:
     if not parity.ok:
         raise SurgeryError(
-            f"{what}: ONNX Runtime differs from torch{case} by more than --tolerance + --rtol x max|torch| allow: "
+            f"{what}: ONNX Runtime differs from torch{case} by more than --atol + --rtol x max|torch| allow: "
             f"{parity.summary()}; nothing was written"
         )
 

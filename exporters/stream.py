@@ -224,7 +224,7 @@ def pack_beside(path: str | Path, dtype: torch.dtype) -> Path:
 def _refuse(report: BlockwiseReport, path: Path, case: str = "") -> None:
     if not report.ok:
         raise SurgeryError(
-            f"{path}: ONNX Runtime differs from torch{case} by more than --tolerance + --rtol x max|torch| allow, "
+            f"{path}: ONNX Runtime differs from torch{case} by more than --atol + --rtol x max|torch| allow, "
             f"block by block: {report.summary()}; nothing was written"
         )
 

@@ -16,7 +16,7 @@ goes first on the server's PATH (the stub's embedded Python takes its prefix, an
 `python3` it finds there, as in an activated environment). By default that is `model_env()`: a venv with numpy<2
 and onnxruntime under `$SURGERY_CACHE` (default `~/.cache/surgery`), made with pip on first use. The stub's
 compiled tensor conversion reads numpy 1.x's dtype layout: with numpy 2 it sizes tensors wrongly ("output tensor
-shape does not match size of output", then a crash on a string input; measured with nvidia-pytriton 0.7.0,
+shape does not match size of output", then a crash on a string input; seen with nvidia-pytriton 0.7.0,
 Triton 2.51), hence numpy<2 there.
 
 pytriton itself is installed without its dependencies (`pip install --no-deps nvidia-pytriton==0.7.0`): it pins

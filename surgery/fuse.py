@@ -16,13 +16,9 @@ to
 
     x2 = x.reshape(-1, d); h = relu(addmm(down_b', x2, down_w)); y = (x2 + mm(h, up_w)).reshape(B, S, d)
 
-Measured on MiniLM r=8, ORT 1.32 CPU, b1 s128, 150 interleaved runs, two runs: +2.6% / +3.5% over the base
-model, against +5.5% / +4.9% for the plain form. The up-projection was first a Gemm whose C input is the residual
-(`addmm(x2, h, up_w)`, one kernel); ORT's Gemm copies C into its output on one thread and then runs the GEMM with
-beta = 1, and its per-kernel profile at 2 threads put it at 44 µs against 30 µs on one thread. The MatMul and a
-threaded Add cost less: +3.3% against +4.4% over the base (median of three one-process alternations each, 300 calls,
-2 threads, 2026-11-28; equal at 1 thread). The rewrite changes base weights (the projection's bias), so it is for
-baked exports only, which are checked against the original, unfused model in torch.
+The up-projection is a MatMul and a threaded Add rather than a Gemm taking the residual as C: ORT's Gemm copies C
+into its output on one thread before the GEMM, which costs more. The rewrite changes base weights (the projection's
+bias), so it is for baked exports only, which are checked against the original, unfused model in torch.
 
 Where the projection is its own (weight and bias read by it alone) and no wider at its input than at its output
 (the attention output projection; not the feed-forward's, whose input is 4 d wide), the projection and its
@@ -32,10 +28,8 @@ z = a (W W_down) + (b W_down + b_down), and the output one GEMM over K = d_in + 
     y' = [a | σ(z)] [W ; W_up] + (b + b_up)          # Gemm, σ, Concat, Gemm: the up-projection's pass is gone
 
 so the skinny up-projection and the Add over the output disappear into the projection's own GEMM (K grows by r),
-at the price of a Concat copying a. MiniLM's six attention-output bottlenecks take it, its six feed-forward ones the
-form above: +2.5% over base at 2 threads against +3.2% with all twelve in the form above (medians of 8 and 11
-one-process (base, form) alternations, 2026-11-28, `benchmarks/cpu_forms.py`). A bias-free projection takes it too
-(b = 0). It changes base weights as well: baked exports only.
+at the price of a Concat copying a. A bias-free projection takes it too (b = 0). It changes base weights as well:
+baked exports only. Each form's cost is measured by `benchmarks/cpu_forms.py` (figures: docs/benchmarks.md).
 
 Elsewhere, a projection without a bias (Llama, Qwen2, Gemma, Mistral: down_proj, and o_proj where it is not
 concatenated) has none to take the up-bias. There the up-bias rides through the bottleneck as one more rank whose
@@ -44,9 +38,8 @@ pre-activation is the constant 1:
     W_down' = [W_down | 0],  b_down' = [b_down ; 1],  W_up' = [W_up ; b_up / σ(1)]
 
 so the extra column of σ(W_down' x + b_down') is σ(1) and the extra row of W_up' adds b_up (any σ with σ(1) != 0;
-relu and identity give exactly 1). The adapter is again the GEMM, the MatMul and the Add, and no base weight
-changes. On SmolLM2-135M's decode step (batch 1, one token) the plain form launches 6 kernels per adapter
-(MatMul, Add, Relu, MatMul, Add, Add); this form 3 after ORT's fusions (FusedGemm, MatMul, Add) besides reshapes.
+relu and identity give exactly 1). The adapter is again the GEMM, the MatMul and the Add (3 kernels after ORT's
+fusions instead of 6), and no base weight changes.
 """
 
 from __future__ import annotations

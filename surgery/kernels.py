@@ -44,7 +44,7 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Measured on an H200 (Triton 3.6) over N = 128..16384, d = 1024..4096, r = 8 and 64, fp32 and bf16.
+# Tuned on an H200 (Triton 3.6) over N = 128..16384, d = 1024..4096, r = 8 and 64, fp32 and bf16.
 BLOCK_M = (16, 32)  # rows per program: for N <= FEW_ROWS (more, shorter programs), and for more rows
 FEW_ROWS = 4096
 BLOCK_K = 128  # chunk of d in the down-projection loop

@@ -25,13 +25,12 @@ from torch.utils import _pytree as pytree
 
 from surgery.signature import Signature
 
-# Defaults for fp32 exports, chosen by measurement (README "Parity"): correct exports of MiniLM differ by ~3e-6,
-# of a 24-layer Llama-shaped model with random adapters by ~1e-5 of the output scale, of Qwen2.5-0.5B by 1.5e-5;
-# a weight matrix scaled by 1.01 or one adapter tensor changed moves outputs by 1e-3..1e-1 of their scale.
+# Defaults for fp32 exports, chosen by measurement (docs/reference/parity.md): correct exports differ from torch by
+# far less than 1e-4 of the output scale, and a corrupted weight matrix or adapter tensor moves outputs by more.
 ATOL = 1e-4
 RTOL = 1e-4
 # Half-precision exports against torch at the same precision (atol, rtol), set from benchmarks/precision.py on real
-# checkpoints (README "Parity"): ORT rounds other intermediates than torch does, so the two differ by about the
+# checkpoints (docs/reference/parity.md): ORT rounds other intermediates than torch does, so the two differ by about the
 # dtype's precision times the depth; the defaults sit above the largest difference measured, and below what a
 # corrupted weight moves.
 HALF_TOLERANCES = {torch.float16: (1e-3, 1e-2), torch.bfloat16: (1e-2, 5e-2)}
@@ -111,7 +110,7 @@ class Parity:
 
     @property
     def tolerance(self) -> float:
-        """The absolute tolerance (`--tolerance`)."""
+        """The absolute tolerance (`--atol`)."""
         return self.atol
 
     def combine(self, other: Parity) -> Parity:
@@ -128,7 +127,7 @@ class Parity:
             f"{name} {d.max_abs:.3g} abs, {d.rel:.3g} rel (allowed {self.atol + self.rtol * d.ref_max:.3g})"
             for name, d in self.outputs.items()
         ]
-        return f"{'; '.join(parts)}; --tolerance {self.atol:g} --rtol {self.rtol:g}; worst: {self.worst}"
+        return f"{'; '.join(parts)}; --atol {self.atol:g} --rtol {self.rtol:g}; worst: {self.worst}"
 
     def to_json(self) -> dict[str, Any]:
         return {

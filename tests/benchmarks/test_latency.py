@@ -27,7 +27,7 @@ def test_bench_writes_reports_and_skips_a_missing_backend(tmp_path, cli):
         "2",
         "--calls",
         "2",
-        "--out",
+        "-o",
         "bench",
         "--json",
         cwd=tmp_path,
@@ -86,6 +86,7 @@ def test_bench_for_torch_cuda_adds_the_fused_program(tmp_path, cli):
         cwd=tmp_path,
     )
     assert run.code == 0, run.stderr
+    assert "warning: --out is deprecated" in run.stderr  # the earlier spelling still works, for one release
     if "skipping torch-cuda" not in run.stderr:  # a GPU machine: the CUDA rows come too
         assert any(r["backend"] == "torch-cuda" for r in run.json["results"])
     rows = {(r["variant"], r["backend"]) for r in run.json["results"] if r["backend"] == "torch"}

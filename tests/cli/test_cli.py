@@ -162,7 +162,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, cli, make, m
 
 @pytest.mark.slow  # the whole main job (make demo) with its timing
 def test_demo_prints_its_table_and_writes_reports(tmp_path, cli):
-    run = cli("demo", "--out", "out", "--runs", "5", cwd=tmp_path)
+    run = cli("demo", "-o", "out", "--runs", "5", cwd=tmp_path)
     assert run.code == 0, run.stderr
     assert "78,432" in run.stdout and "equal" in run.stdout
     data = json.loads((tmp_path / "out" / "demo.json").read_text())
@@ -186,9 +186,9 @@ def test_swappable_export_pack_and_run(trained, cli):
         run.code == 0
         and run.json["fingerprint"] == cli("inspect", "a.onnx_adapter", "--json", cwd=folder).json["fingerprint"]
     )
-    no_pack = cli("run", "sw.onnx", "--input", "x.npz", "--save", "base.npz", "--json", cwd=folder)
+    no_pack = cli("run", "sw.onnx", "--input", "x.npz", "-o", "base.npz", "--json", cwd=folder)
     with_pack = cli(
-        "run", "sw.onnx", "--adapter", "a.safetensors", "--input", "x.npz", "--save", "a.npz", "--json", cwd=folder
+        "run", "sw.onnx", "--adapter", "a.safetensors", "--input", "x.npz", "-o", "a.npz", "--json", cwd=folder
     )
     assert no_pack.code == 0 and with_pack.code == 0, (no_pack.stderr, with_pack.stderr)
     assert with_pack.json["outputs"]["last_hidden_state"]["shape"] == [3, 20, 384]

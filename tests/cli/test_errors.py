@@ -72,7 +72,7 @@ def test_good_inputs_run(llama_onnx, cli, tmp_path):
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_inputs_are_one_line_before_onnx_runtime(llama_onnx, cli, tmp_path, case):
     arrays, message = BAD_INPUTS[case]
-    run = cli("run", llama_onnx, "--input", _npz(tmp_path, "bad", **arrays), "--save", tmp_path / "out.npz")
+    run = cli("run", llama_onnx, "--input", _npz(tmp_path, "bad", **arrays), "-o", tmp_path / "out.npz")
     assert run.code == 2, (run.code, run.stderr)
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --input"), run.stderr

@@ -464,7 +464,7 @@ def test_cli_run_on_a_cache_graph_takes_past_and_refuses_bad_input_in_one_line(l
         "250 past + 10 new tokens = 260 positions; the model has 256": ["--shape", "seq=10,past=250"],
     }
     for message, args in cases.items():
-        bad = cli("run", path, *args, "--save", tmp_path / "out.npz")
+        bad = cli("run", path, *args, "-o", tmp_path / "out.npz")
         assert bad.code == 2, (message, bad.stderr)
         lines = bad.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in bad.stderr, bad.stderr

@@ -100,7 +100,7 @@ def _largest_weight(path) -> str:
 )
 def test_a_corrupted_initializer_fails_with_the_default_tolerances(minilm_onnx, tmp_path, case, change):
     """Measured on this model: such a change moves the output by 1.8e-3 and 2.4e-3 of its scale; a correct export
-    by 5e-7 (README "Parity"). The defaults (atol 1e-4 + rtol 1e-4 x max|torch|) sit between."""
+    by 5e-7 (docs/reference/parity.md). The defaults (atol 1e-4 + rtol 1e-4 x max|torch|) sit between."""
     result, captured = minilm_onnx
     assert result.parity.ok and result.parity.max_rel_diff < 1e-5
     bad = tmp_path / "corrupt.onnx"

@@ -1,8 +1,8 @@
 """Streamed export of a causal LM with its KV cache (surgery/meta.py `capture_meta` with task causal-lm, then
-exporters/stream.py): the layout of issue 12 (past_key_values.N.key/value in, logits and present.N.* out, opset
-OPSET_CACHE), equal to the in-memory causal-LM export tensor by tensor, checked block by block with each block's
-present key and value compared by name, and greedy tokens through `exporters.runtime.Generator` the same as on the
-in-memory export. Slow tier: each export runs torch.onnx (about 10 s here)."""
+exporters/stream.py): the layout of optimum and onnxruntime-genai (past_key_values.N.key/value in, logits and
+present.N.* out, opset OPSET_CACHE), equal to the in-memory causal-LM export tensor by tensor, checked block by block
+with each block's present key and value compared by name, and greedy tokens through `exporters.runtime.Generator` the
+same as on the in-memory export. Slow tier: each export runs torch.onnx (about 10 s here)."""
 
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ def adapter_effect(ref: dict[str, np.ndarray], mask: np.ndarray) -> dict:
 
 def export_flags() -> list[str]:
     """The export's own parity check, at the defaults this tier asserts: atol + rtol * max|torch|."""
-    return ["--tolerance", str(ATOL), "--rtol", str(RTOL)]
+    return ["--atol", str(ATOL), "--rtol", str(RTOL)]
 
 
 def houlsby_adapted(flow: Flow) -> tuple[str, dict[str, np.ndarray]]:
@@ -217,7 +217,7 @@ def test_baked_export_matches_torch(flow: Flow) -> None:
     flags = export_flags()
     export = flow.surgery("export", "export", adapted, "--onnx", "-o", "baked.onnx", *flags, "--json")
     flow.record["export_reported"] = {k: export.json.get(k) for k in ("max_abs_diff", "tolerance", "max_rel_diff")}
-    flow.surgery("run-baked", "run", "baked.onnx", "--input", "inputs.npz", "--save", "baked.out.npz", "--json")
+    flow.surgery("run-baked", "run", "baked.onnx", "--input", "inputs.npz", "-o", "baked.out.npz", "--json")
     worst = compare(ref, outputs(flow.path("baked.out.npz")), flow.mask)
     flow.record["baked"] = worst
     assert worst["abs"] <= worst["limit"], f"baked ONNX differs from torch: {worst}"
@@ -236,7 +236,7 @@ def test_swappable_export_with_pack_matches_torch(flow: Flow) -> None:
         "trained.onnx_adapter",
         "--input",
         "inputs.npz",
-        "--save",
+        "-o",
         "swap.out.npz",
         "--json",
     )

@@ -3,7 +3,7 @@ weights, 2 layers, width 64), through the whole path: sites by the graph rule an
 and LoRA inserted with distinct random non-zero adapter weights, baked ONNX export, swappable export (no pack = base,
 own pack = adapted) and routed export (two adapters and the base, row by row), each checked against torch by the
 exporters themselves. Each family writes its row (`benchmarks/results/matrix/<model_type>.json`);
-`python -m benchmarks.matrix_table` renders the README's table from them.
+`python -m benchmarks.matrix_table` renders the docs' table from them.
 
     make test-matrix          # pytest -m matrix -n 2
 
