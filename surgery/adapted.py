@@ -277,5 +277,3 @@ def describe(model: AdaptedModel) -> dict[str, Any]:
     trainable = model.trainable_count()
     base = model.base_parameters
     return {"trainable": trainable, "base": base, "share": trainable / base, "dropout_nodes": model.dropout_nodes}
-
-

@@ -272,7 +272,9 @@ def adapted_manifest(
     )
 
 
-def save_program(path: str | Path, gm: torch.nn.Module, manifest: Manifest, files: dict[str, str] | None = None) -> None:
+def save_program(
+    path: str | Path, gm: torch.nn.Module, manifest: Manifest, files: dict[str, str] | None = None
+) -> None:
     """Re-export `gm` over its manifest's signature (same dynamic axes) and save it with the manifest, atomically."""
     program = export_program(gm, manifest.signature, str(path))
     with atomic_output(path) as tmp:
