@@ -24,6 +24,7 @@ from cli import (
     pack,
     run,
     serve,
+    train,
     trt,
 )
 from cli.common import Run, error_line, fail, quiet_libraries
@@ -52,6 +53,7 @@ app.command("export-peft")(export_peft.export_peft)
 app.command("serve")(serve.serve)
 app.command("generate")(generate.generate)
 app.command("convert")(convert.convert)
+app.command("train")(train.train)
 
 
 @app.callback()
