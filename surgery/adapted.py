@@ -90,10 +90,13 @@ def set_dropout(gm: fx.GraphModule, train: bool, attention_p: float = 0.0) -> in
 
 
 def _by_name(signature: Signature):  # noqa: ANN202  a forward pre-hook
-    """A forward pre-hook (with kwargs) that names positional arguments by the signature, as the graph wants."""
+    """A forward pre-hook (with kwargs) that takes inputs by position or by name and passes them as the graph wants
+    (by name; a causal LM's cache layout by position). Left out: `attention_mask` is ones, a causal LM's
+    `position_ids` follow the mask and its cache `past_key_values.N.*` is empty (no past positions)."""
     names = signature.names
+    specs = {i.name: i for i in signature.inputs}
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         if len(args) > len(names):
             raise SurgeryError(f"the model takes {len(names)} inputs ({', '.join(names)}); it was given {len(args)}")
         named = dict(zip(names, args))
@@ -102,8 +105,23 @@ def _by_name(signature: Signature):  # noqa: ANN202  a forward pre-hook
             raise SurgeryError(f"input {sorted(twice)[0]} given both by position and by name; give it once")
         named.update(kwargs)
         ids = named.get("input_ids")
-        if "attention_mask" in names and "attention_mask" not in named and isinstance(ids, torch.Tensor):
-            named["attention_mask"] = torch.ones_like(ids)
+        if isinstance(ids, torch.Tensor):
+            if "attention_mask" in specs and "attention_mask" not in named:
+                named["attention_mask"] = torch.ones_like(ids)
+            if "position_ids" in specs and "position_ids" not in named and "attention_mask" in named:
+                named["position_ids"] = (named["attention_mask"].cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+            for name, spec in specs.items():
+                if name.startswith("past_key_values.") and name not in named:  # (batch, kv_heads, 0, head_dim)
+                    shape = (ids.shape[0], spec.shape[1], 0, *spec.shape[3:])
+                    named[name] = torch.zeros(shape, dtype=spec.torch_dtype, device=ids.device)
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise SurgeryError(f"the model takes {', '.join(names)}; {', '.join(missing)} not given")
+        unknown = [n for n in named if n not in specs]
+        if unknown:
+            raise SurgeryError(f"the model takes {', '.join(names)}; it has no input {unknown[0]}")
+        if signature.positional:
+            return tuple(named[n] for n in names), {}
         return (), named
 
     return hook
@@ -124,8 +142,7 @@ class AdaptedModel:
         self.config = source_config(manifest)
         self.attention_p = attention_dropout(self.config)
         self.dropout_nodes = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is DROPOUT)
-        if not manifest.signature.positional:
-            gm.register_forward_pre_hook(_by_name(manifest.signature), prepend=True, with_kwargs=True)
+        gm.register_forward_pre_hook(_by_name(manifest.signature), prepend=True, with_kwargs=True)
         model = self
 
         def train(module: nn.Module, mode: bool = True) -> nn.Module:

@@ -95,7 +95,7 @@ class Step:
 
 @dataclass
 class TrainResult:
-    output: str
+    output: str | None  # None: trained in memory only
     interrupted: bool
     state: str | None  # the state file of an interrupted run
     steps: int
@@ -374,21 +374,26 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 def train(
     p: Prepared,
     config: TrainConfig,
-    output: str | Path,
+    output: str | Path | None,
     *,
     resume: bool = False,
     on_step: Callable[[Step], None] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train `p.model` on `p.train` and save the best (or last) weights to `output` with a training record."""
-    output = check_output(output)
-    state_file = state_path(output)
-    if state_file.exists() and not resume:
+    """Train `p.model` on `p.train` and save the best (or last) weights to `output` with a training record.
+
+    With `output` None the model is trained in memory only: no state file, nothing saved (`p.model.save` later)."""
+    output = check_output(output) if output is not None else None
+    state_file = state_path(output) if output is not None else None
+    if state_file is None:
+        if resume:
+            raise SurgeryError("--resume needs the output whose stopped run to continue")
+    elif state_file.exists() and not resume:
         raise SurgeryError(
             f"{state_file}: the state of a stopped run for this output exists; continue it with --resume, "
             "or delete it to start over"
         )
-    if resume and not state_file.exists():
+    if resume and state_file is not None and not state_file.exists():
         raise SurgeryError(f"--resume: no state {state_file} (a stopped run's); run without --resume to start")
     model = p.model
     model.module.to(p.device)
@@ -406,7 +411,7 @@ def train(
     evals: list[dict[str, float]] = []
     best: dict[str, Any] | None = None
     rng = torch.get_rng_state()
-    if resume:
+    if resume and state_file is not None:
         state = torch.load(state_file, weights_only=True)
         if state["fingerprint"] != fingerprint:
             raise SurgeryError(
@@ -476,7 +481,7 @@ def train(
                     on_step(
                         Step(step, total, epoch, window_loss, scheduler.get_last_lr()[0], seen / max(trained_s, 1e-9))
                     )
-                if config.save_every and step % config.save_every == 0:
+                if state_file is not None and config.save_every and step % config.save_every == 0:
                     _save_state(state_file, snapshot())
                 tick = time.perf_counter()
             if k >= len(batches):  # a whole epoch: evaluate, keep the best
@@ -493,8 +498,11 @@ def train(
                     on_epoch(epoch, metrics)
                 epoch, next_batch = epoch + 1, 0
                 rng = torch.get_rng_state()
-                _save_state(state_file, snapshot())
+                if state_file is not None:
+                    _save_state(state_file, snapshot())
     except KeyboardInterrupt:
+        if state_file is None:
+            raise
         _save_state(state_file, snapshot())
         model.eval()
         return _result(p, config, output, True, state_file, step, total, seen, losses, evals, best, started, trained_s)
@@ -527,15 +535,16 @@ def train(
         labels=p.labels.names if p.labels else (),
         truncated=p.train.truncated + (p.eval.truncated if p.eval else 0),
     )
-    model.save(output, training=record)
-    state_file.unlink(missing_ok=True)
+    if output is not None and state_file is not None:
+        model.save(output, training=record)
+        state_file.unlink(missing_ok=True)
     return result
 
 
 def _result(
     p: Prepared,
     config: TrainConfig,
-    output: Path,
+    output: Path | None,
     interrupted: bool,
     state: Path | None,
     step: int,
@@ -554,7 +563,7 @@ def _result(
     metrics.setdefault("train_loss", sum(tail) / max(1, len(tail)))
     metrics["final_step_loss"] = losses[-1] if losses else float("nan")
     return TrainResult(
-        output=str(output),
+        output=str(output) if output is not None else None,
         interrupted=interrupted,
         state=str(state) if state else None,
         steps=step,
