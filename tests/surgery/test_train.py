@@ -226,3 +226,29 @@ def test_models_without_adapters_are_refused(made, tiny_pt2):
         prepare(str(tiny_pt2), data, None, None, {}, TrainConfig(**FAST))
     with pytest.raises(SurgeryError, match="a model without adapters.*insert adapters first"):
         prepare(path.replace(f"model{SUFFIX}", "config.json"), data, None, None, {}, TrainConfig(**FAST))
+
+
+def test_jsonl_csv_and_parquet_give_the_same_rows(tmp_path):
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from surgery.data import dataset, read_rows
+
+    rows = [{"text": "good film", "label": "pos"}, {"text": "a, \"bad\" one", "label": "neg"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    with (tmp_path / "d.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    for suffix in ("jsonl", "csv", "parquet"):
+        assert read_rows(tmp_path / f"d.{suffix}") == rows
+    assert dataset(tmp_path / "d.csv", rows).rows == 2
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(SurgeryError, match="give .jsonl, .csv or .parquet"):
+        read_rows(tmp_path / "d.txt")
+    (tmp_path / "bad.jsonl").write_text('{"text": 1}\n[1]\n')
+    with pytest.raises(SurgeryError, match="line 2: a list, not an object"):
+        read_rows(tmp_path / "bad.jsonl")
