@@ -236,7 +236,7 @@ def test_jsonl_csv_and_parquet_give_the_same_rows(tmp_path):
 
     from surgery.data import dataset, read_rows
 
-    rows = [{"text": "good film", "label": "pos"}, {"text": "a, \"bad\" one", "label": "neg"}]
+    rows = [{"text": "good film", "label": "pos"}, {"text": 'a, "bad" one', "label": "neg"}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
     with (tmp_path / "d.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, ["text", "label"])
