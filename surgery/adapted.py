@@ -127,6 +127,21 @@ def _by_name(signature: Signature):  # noqa: ANN202  a forward pre-hook
     return hook
 
 
+def _apply_with_constants(module: fx.GraphModule, fn: Any, recurse: bool = True) -> fx.GraphModule:
+    """`nn.Module._apply` (what `.to`, `.cuda`, `.half` call), and the same for the tensor constants `torch.export`
+    lifted into plain attributes (`lifted_tensor_0`: neither parameters nor buffers, so `.to` would leave them)."""
+    nn.Module._apply(module, fn, recurse)
+    known = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
+    for node in module.graph.nodes:
+        if node.op == "get_attr" and node.target not in known:
+            prefix, _, name = str(node.target).rpartition(".")
+            owner = module.get_submodule(prefix) if prefix else module
+            value = getattr(owner, name, None)
+            if isinstance(value, torch.Tensor):
+                setattr(owner, name, fn(value))
+    return module
+
+
 class AdaptedModel:
     """An `.adapted.pt2` opened for training: `module` (an fx GraphModule to call and train), `manifest`,
     `trainable_parameters()`, `train()` / `eval()` (dropout on and off), and `save(path)`.
@@ -155,6 +170,7 @@ class AdaptedModel:
 
         gm.train = types.MethodType(train, gm)  # type: ignore[method-assign]  (torch's versions raise)
         gm.eval = types.MethodType(eval_, gm)  # type: ignore[method-assign]
+        gm._apply = types.MethodType(_apply_with_constants, gm)  # type: ignore[method-assign]
         gm.eval()
         self.set_trainable()
 

@@ -252,3 +252,18 @@ def test_jsonl_csv_and_parquet_give_the_same_rows(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n[1]\n')
     with pytest.raises(SurgeryError, match="line 2: a list, not an object"):
         read_rows(tmp_path / "bad.jsonl")
+
+
+def test_to_moves_the_constants_torch_export_lifted(made):
+    """`.to(device)` applies a function to every tensor; the graph's dtypes are fixed (it asserts them), and this
+    machine may have one device: the function here copies, and every constant must be a copy afterwards."""
+    model = surgery.open(made("causal-lm", "lora")[0])
+    gm = model.module
+    constants = [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith("lifted_tensor")]
+    assert constants  # a Llama's graph holds some: neither parameters nor buffers
+    ids = torch.randint(5, 30, (2, 6))
+    ref = model.module(ids)[0]
+    before = {c: getattr(gm, c) for c in constants}
+    gm._apply(lambda t: t.clone())
+    assert all(getattr(gm, c) is not before[c] and torch.equal(getattr(gm, c), before[c]) for c in constants)
+    torch.testing.assert_close(model.module(ids)[0], ref, rtol=0, atol=0)
