@@ -219,6 +219,11 @@ def encode(
 ) -> Encoded:
     """Tokenize `rows` for `task`, each cut to `max_length` tokens (counted in `truncated`)."""
     check_fields(rows, fields, name)
+    if task == TOKEN_CLASSIFICATION and not getattr(tokenizer, "is_fast", False):
+        raise SurgeryError(
+            f"token classification maps words to tokens with a fast tokenizer (tokenizer.json); "
+            f"{type(tokenizer).__name__} is not one: pass --tokenizer FOLDER of a fast tokenizer"
+        )
     examples, truncated = [], 0
     eos = getattr(tokenizer, "eos_token_id", None)
     for i, row in enumerate(rows, 1):
