@@ -444,14 +444,14 @@ def train(
         }
 
     deferred = _Deferred()
-    started, trained_s = time.perf_counter(), 0.0
+    started, trained_s, resumed_at = time.perf_counter(), 0.0, seen  # speed: of this process's examples
     model.train(config.dropout)
     try:
         while epoch < config.epochs and step < total:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
             batches = [order[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
             optimizer.zero_grad(set_to_none=True)
-            window, window_loss, tick = 0, 0.0, time.perf_counter()
+            tick = time.perf_counter()
             k = next_batch
             while k < len(batches) and step < total:
                 group = batches[k : k + config.accumulation]
@@ -475,11 +475,9 @@ def train(
                     losses.append(step_loss)
                 now = time.perf_counter()
                 trained_s += now - tick
-                window += rows
-                window_loss = step_loss
                 if on_step is not None:
                     on_step(
-                        Step(step, total, epoch, window_loss, scheduler.get_last_lr()[0], seen / max(trained_s, 1e-9))
+                        Step(step, total, epoch, step_loss, scheduler.get_last_lr()[0], seen / max(trained_s, 1e-9))
                     )
                 if state_file is not None and config.save_every and step % config.save_every == 0:
                     _save_state(state_file, snapshot())
@@ -505,7 +503,21 @@ def train(
             raise
         _save_state(state_file, snapshot())
         model.eval()
-        return _result(p, config, output, True, state_file, step, total, seen, losses, evals, best, started, trained_s)
+        return _result(
+            p,
+            config,
+            output,
+            True,
+            state_file,
+            step,
+            total,
+            seen,
+            losses,
+            evals,
+            best,
+            started,
+            (seen - resumed_at) / max(trained_s, 1e-9),
+        )
     if next_batch and step:  # stopped by max_steps within an epoch: evaluate where it stopped
         metrics = evaluate(p, config) if p.eval is not None else {}
         metrics["train_loss"] = sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:])
@@ -521,7 +533,21 @@ def train(
             for name, t in best["params"].items():
                 params[name].copy_(t)
     model.eval()
-    result = _result(p, config, output, False, None, step, total, seen, losses, evals, best, started, trained_s)
+    result = _result(
+        p,
+        config,
+        output,
+        False,
+        None,
+        step,
+        total,
+        seen,
+        losses,
+        evals,
+        best,
+        started,
+        (seen - resumed_at) / max(trained_s, 1e-9),
+    )
     record = Training(
         task=p.task,
         data=p.data,
@@ -554,7 +580,7 @@ def _result(
     evals: list[dict[str, float]],
     best: dict[str, Any] | None,
     started: float,
-    trained_s: float,
+    examples_per_s: float,
 ) -> TrainResult:
     tail = losses[
         -max(1, min(len(losses), math.ceil(len(p.train.examples) / config.batch_size / config.accumulation))) :
@@ -577,7 +603,7 @@ def _result(
         best_epoch=best["epoch"] if best else None,
         metrics=metrics,
         truncated=p.train.truncated + (p.eval.truncated if p.eval else 0),
-        examples_per_s=seen / max(trained_s, 1e-9),
+        examples_per_s=examples_per_s,
         seconds=time.perf_counter() - started,
         labels=p.labels.names if p.labels else (),
     )
