@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-matrix test-real real-results test-triton lint docs setup clean
+.PHONY: demo test test-slow test-matrix test-real real-results test-triton lint docs extras setup clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ test-triton: $(STAMP)
 
 # the documentation site (docs/, mkdocs.yml) into site/, strict: a broken link or a missing page fails it; the CLI
 # reference and the support matrix are generated from the code and the results as it builds (mkdocs_hooks.py)
+# every optional extra resolves (pip install --dry-run in a throwaway venv; the GPU and TensorRT wheels are gigabytes)
+extras:
+	$(PYTHON) .ci/extras.py
+
 docs: $(STAMP)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[docs]'
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet
