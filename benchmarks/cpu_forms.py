@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.slots import drop_dead
+
 FORMS = ("export", "fused", "gemm-c", "flat", "kcat")  # `export` as written; the rest made from `fused`
 
 
@@ -79,20 +81,6 @@ def _replace(graph: Any, old: list[Any], new: list[Any]) -> None:
         graph.node.remove(n)
     for n in reversed(new):
         graph.node.insert(at, n if not isinstance(n, tuple) else helper.make_node(*n))
-
-
-def _drop_dead(graph: Any) -> None:
-    need = {o.name for o in graph.output}
-    keep = []
-    for n in reversed(list(graph.node)):
-        if any(o in need for o in n.output):
-            keep.append(n)
-            need.update(i for i in n.input if i)
-    del graph.node[:]
-    graph.node.extend(reversed(keep))
-    used = [t for t in graph.initializer if t.name in need]
-    del graph.initializer[:]
-    graph.initializer.extend(used)
 
 
 def rewrite(model: Any, form: str) -> Any:
@@ -144,7 +132,7 @@ def rewrite(model: Any, form: str) -> Any:
             _replace(graph, [b["up"], b["add"]], nodes)
         elif form != "export":
             raise ValueError(f"form {form!r}: one of {', '.join(FORMS)}")
-    _drop_dead(graph)
+    drop_dead(graph)
     return model
 
 

@@ -98,6 +98,15 @@ def base_only(model: onnx.ModelProto, widths: Mapping[str, int]) -> onnx.ModelPr
     for out in graph.output:  # a slot's result that is itself an output gets an Identity of its input
         if out.name in replace:
             graph.node.append(onnx.helper.make_node("Identity", [replace[out.name]], [out.name]))
+    needed = drop_dead(graph)
+    inputs = [i for i in graph.input if i.name in needed or not i.name.startswith(ADAPTER_ROOT + ".")]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return model
+
+
+def drop_dead(graph: Any) -> set[str]:
+    """Remove the nodes and initializers of `graph` that no output depends on (in place); return the names it uses."""
     needed = {o.name for o in graph.output}
     kept = []
     for node in reversed(graph.node):  # the proto's nodes are in topological order
@@ -109,7 +118,4 @@ def base_only(model: onnx.ModelProto, widths: Mapping[str, int]) -> onnx.ModelPr
     inits = [t for t in graph.initializer if t.name in needed]
     del graph.initializer[:]
     graph.initializer.extend(inits)
-    inputs = [i for i in graph.input if i.name in needed or not i.name.startswith(ADAPTER_ROOT + ".")]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    return model
+    return needed
