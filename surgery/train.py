@@ -309,6 +309,25 @@ def better(task: str, new: dict[str, float], old: dict[str, float] | None) -> bo
     return (new["eval_accuracy"], -new["eval_loss"]) > (old["eval_accuracy"], -old["eval_loss"])
 
 
+def _close_epoch(
+    p: Prepared,
+    config: TrainConfig,
+    epoch: int,
+    losses: list[float],
+    evals: list[dict[str, float]],
+    best: dict[str, Any] | None,
+    params: dict[str, torch.Tensor],
+) -> dict[str, Any] | None:
+    """The end of an epoch (or of the steps where --max-steps stops within one): its metrics appended to `evals`, with
+    the mean of its step `losses`; returns the best so far, a copy of `params` where this epoch is the best."""
+    metrics = evaluate(p, config) if p.eval is not None else {}
+    metrics["train_loss"] = sum(losses) / max(1, len(losses))
+    evals.append(metrics)
+    if p.eval is not None and better(p.task, metrics, best["metrics"] if best else None):
+        return {"epoch": epoch, "metrics": metrics, "params": {k: v.detach().cpu().clone() for k, v in params.items()}}
+    return best
+
+
 def decay_groups(model: AdaptedModel, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW's groups as transformers' Trainer makes them: biases and norms without weight decay."""
     norms = set(model.norm_names())
@@ -483,17 +502,9 @@ def train(
                     _save_state(state_file, snapshot())
                 tick = time.perf_counter()
             if k >= len(batches):  # a whole epoch: evaluate, keep the best
-                metrics = evaluate(p, config) if p.eval is not None else {}
-                metrics["train_loss"] = sum(losses[-steps_per_epoch:]) / max(1, len(losses[-steps_per_epoch:]))
-                evals.append(metrics)
-                if p.eval is not None and better(p.task, metrics, best["metrics"] if best else None):
-                    best = {
-                        "epoch": epoch,
-                        "metrics": metrics,
-                        "params": {k2: v.detach().cpu().clone() for k2, v in params.items()},
-                    }
+                best = _close_epoch(p, config, epoch, losses[-steps_per_epoch:], evals, best, params)
                 if on_epoch is not None:
-                    on_epoch(epoch, metrics)
+                    on_epoch(epoch, evals[-1])
                 epoch, next_batch = epoch + 1, 0
                 rng = torch.get_rng_state()
                 if state_file is not None:
@@ -519,15 +530,7 @@ def train(
             (seen - resumed_at) / max(trained_s, 1e-9),
         )
     if next_batch and step:  # stopped by max_steps within an epoch: evaluate where it stopped
-        metrics = evaluate(p, config) if p.eval is not None else {}
-        metrics["train_loss"] = sum(losses[-steps_per_epoch:]) / len(losses[-steps_per_epoch:])
-        evals.append(metrics)
-        if p.eval is not None and better(p.task, metrics, best["metrics"] if best else None):
-            best = {
-                "epoch": epoch,
-                "metrics": metrics,
-                "params": {k: v.detach().cpu().clone() for k, v in params.items()},
-            }
+        best = _close_epoch(p, config, epoch, losses[-steps_per_epoch:], evals, best, params)
     if best is not None:
         with torch.no_grad():
             for name, t in best["params"].items():
