@@ -212,6 +212,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": _LLAMA,
     "gemma2": _LLAMA,  # o_proj -> post_attention_layernorm -> +: the norm sits between the site and the add
     "gemma3_text": _LLAMA,
+    "granite": _LLAMA,  # residual + out * residual_multiplier: the site is the unscaled output
     "mixtral": Architecture(  # experts are 3-D parameters combined inside `mlp`: one site after the combination
         roles={ATTN_OUT: _LLAMA.roles[ATTN_OUT], FFN_OUT: r"layers\.(\d+)\.mlp$"},
         lora={p: _LLAMA.lora[p] for p in "qkvo"},

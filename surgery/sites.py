@@ -55,6 +55,7 @@ PASS_THROUGH = {
     aten.to.dtype,
 }
 ADD_OPS = {aten.add.Tensor, aten.add_.Tensor, operator.add}
+SCALE_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, operator.mul, operator.truediv}
 
 # Where else a bottleneck can sit, relative to the residual add `a = y + x` after a sublayer output `y` and, in a
 # post-LN block, the norm `z = LN(a)` after it (the placements of AdapterHub's `adapters`, surgery/adapterhub.py):
@@ -247,7 +248,7 @@ class _Modules:
             if user.target in ADD_OPS:
                 other = [a for a in user.args[:2] if a is not node]
                 return chain + [user] if other and _shape(other[0]) == _shape(node) else None
-            nxt = self.norm_around(node, user) or (user if user.target in PASS_THROUGH else None)
+            nxt = self.norm_around(node, user) or (user if user.target in PASS_THROUGH or _scales(user, node) else None)
             if nxt is None:
                 return None
             node = nxt
@@ -255,12 +256,31 @@ class _Modules:
         return None
 
 
+def _scales(user: fx.Node, node: fx.Node) -> bool:
+    """Whether `user` scales `node` elementwise (`node * c`, `node / c`, `c * node`) by a number, a 0-d tensor or a
+    per-channel tensor (ones but for its last axis, as a parameter or a config value): a residual multiplier or a
+    depth scale, which keeps the branch a branch. A product with a tensor that varies along the tokens (a gate)
+    is not a scale."""
+    if user.target not in SCALE_OPS or len(user.args) != 2 or user.args.count(node) != 1:
+        return False
+    if user.target in (aten.div.Tensor, aten.div.Scalar, operator.truediv) and user.args[0] is not node:
+        return False  # c / node is not a scale of node
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    if isinstance(other, (int, float)):
+        return True
+    val = other.meta.get("val") if isinstance(other, fx.Node) else None
+    return isinstance(val, torch.Tensor) and all(int(n) == 1 for n in val.shape[:-1]) and _shape(user) == _shape(node)
+
+
 def graph_rule_sites(gm: fx.GraphModule) -> list[Site]:
     """Sites found by the graph alone: the output of each sublayer that is added to the residual stream.
 
     A sublayer is a module computing a projection whose output reaches an add with a tensor of its shape, by a
-    path where each node has one user (so it is a branch, not the stream): through dropout, copies, reshapes and
-    modules without projections (a norm after the sublayer, Gemma's `o_proj -> post_attention_layernorm -> +`).
+    path where each node has one user (so it is a branch, not the stream): through dropout, copies, reshapes,
+    modules without projections (a norm after the sublayer, Gemma's `o_proj -> post_attention_layernorm -> +`) and
+    elementwise scales by a constant, a config value or a per-channel parameter (Granite's
+    `residual + out * residual_multiplier`): the site is the unscaled output, so the scale applies to the adapter's
+    output as it does to the sublayer's.
     Several modules on one branch are one site, the first on it (the projection, not the attention module around
     it; at one node, the innermost module), so a path that prefixes another never gives a second site. Two
     branches into one add (a parallel block: GPT-J, Falcon, Phi) are two sites; a mixture of experts, whose

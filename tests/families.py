@@ -46,6 +46,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "phi": dict(_BASE, partial_rotary_factor=0.5),
     "phi3": dict(_BASE, num_key_value_heads=4, pad_token_id=0),  # q, k, v equal slices of qkv_proj: no GQA
     "llama": _GQA,
+    "granite": dict(_GQA, residual_multiplier=0.5),  # residual + out * residual_multiplier
     "mistral": _GQA,
     "mixtral": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
     "qwen2": _GQA,

@@ -113,6 +113,8 @@ def test_every_family_of_the_table_has_a_small_config():
         ("gemma3_text", ["layers.{}.self_attn.o_proj", "layers.{}.mlp.down_proj"]),
         # GPT-J: attention and MLP read one input and are added to the residual together
         ("gptj", ["h.{}.attn.out_proj", "h.{}.mlp.fc_out"]),
+        # Granite: o_proj -> * residual_multiplier -> +
+        ("granite", ["layers.{}.self_attn.o_proj", "layers.{}.mlp.down_proj"]),
         # Mixtral: one site after the combined experts, not one per expert
         ("mixtral", ["layers.{}.self_attn.o_proj", "layers.{}.mlp"]),
     ],
