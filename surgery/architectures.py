@@ -151,6 +151,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
     ),
     "clip_vision_model": _CLIP,
+    "siglip_vision_model": _CLIP,  # its attention-pooling head (`head`) takes no adapter by default
     "gpt2": Architecture(
         roles={ATTN_OUT: r"h\.(\d+)\.attn\.c_proj$", FFN_OUT: r"h\.(\d+)\.mlp\.c_proj$"},
         lora={

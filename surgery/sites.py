@@ -272,7 +272,7 @@ def _scales(user: fx.Node, node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and all(int(n) == 1 for n in val.shape[:-1]) and _shape(user) == _shape(node)
 
 
-def graph_rule_sites(gm: fx.GraphModule) -> list[Site]:
+def graph_rule_sites(gm: fx.GraphModule, heads: bool = False) -> list[Site]:
     """Sites found by the graph alone: the output of each sublayer that is added to the residual stream.
 
     A sublayer is a module computing a projection whose output reaches an add with a tensor of its shape, by a
@@ -300,11 +300,20 @@ def graph_rule_sites(gm: fx.GraphModule) -> list[Site]:
         if out not in on_branch:
             on_branch.update(chain[:-1])
             by_block.setdefault(block_of(path), []).append(path)
+    if not heads and len(by_block) > 1:
+        by_block.pop("", None)
     sites = []
     for block, paths in by_block.items():
         roles = {2: [ATTN_OUT, FFN_OUT], 3: [ATTN_OUT, CROSS_OUT, FFN_OUT]}.get(len(paths), [RESIDUAL] * len(paths))
         sites += [_site(gm, p, _layer_index(block or p), role) for p, role in zip(paths, roles)]
     return sites
+
+
+def head_sites(gm: fx.GraphModule) -> list[Site]:
+    """The sites the graph rule leaves out by default: sublayers outside the Transformer's numbered blocks (a
+    pooling or classification head with attention or an MLP). `--targets` adds them."""
+    kept = {s.node for s in graph_rule_sites(gm)}
+    return [s for s in graph_rule_sites(gm, heads=True) if s.node not in kept]
 
 
 def input_node(gm: fx.GraphModule, path: str) -> fx.Node:

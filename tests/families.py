@@ -67,6 +67,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     ),
     "vit": dict(_BASE, image_size=32, patch_size=8),
     "clip_vision_model": dict(_BASE, image_size=32, patch_size=8),
+    "siglip_vision_model": dict(_BASE, image_size=32, patch_size=8),  # an attention-pooling head
 }
 
 
