@@ -25,8 +25,9 @@ from tests.families import FAMILIES, write_config
 R = 4
 
 
-def adapted_against_hooked(model_type: str, folder: Path) -> Captured:
-    """Insert by default, compare with the eager module hooked at the same sites, count, export with parity."""
+def adapted_against_hooked(model_type: str, folder: Path, per_layer: int = 2) -> Captured:
+    """Insert by default, compare with the eager module hooked at the same sites, count, export with parity.
+    `per_layer`: sites per layer, 2 (encoder, decoder-only) or 2 + 3 (an encoder-decoder's two stacks)."""
     from exporters.onnx import export_onnx
 
     loaded = load(str(write_config(model_type, folder)))
@@ -36,10 +37,11 @@ def adapted_against_hooked(model_type: str, folder: Path) -> Captured:
     report = adapt(adapted, AdapterSpec("houlsby", r=R), seed=1)
     stand_in_weights(adapted.gm, seed=7)
 
-    d, n_layers = FAMILIES[model_type]["hidden_size"], FAMILIES[model_type]["num_hidden_layers"]
-    assert len(report.sites) == 2 * n_layers
+    row = FAMILIES[model_type]
+    d, n_layers = row.get("hidden_size", row.get("d_model")), row.get("num_hidden_layers", row.get("encoder_layers"))
+    assert len(report.sites) == per_layer * n_layers
     assert [(s.path, s.role) for s in graph_rule_sites(captured.gm)] == [(s.path, s.role) for s in report.sites]
-    assert report.trainable == 2 * n_layers * (2 * d * R + d + R)
+    assert report.trainable == per_layer * n_layers * (2 * d * R + d + R)  # 2L(2dr + d + r) for two per layer
 
     hooks = [
         module.get_submodule(s.path).register_forward_hook(
@@ -90,3 +92,28 @@ def test_inspect_names_the_head_it_leaves_out(small_config, cli):
     assert len(run.json["sites"]) == 4
     run = cli("inspect", config)
     assert "left out: head.mlp.fc2" in run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["pegasus", "marian", "mbart", "m2m_100"])
+def test_encoder_decoders_capture_with_their_own_decoder_inputs(model_type, tmp_path):
+    """Encoder-decoders beyond T5 and BART: decoder_input_ids built by the model's own shift from input_ids, two
+    sites per encoder layer and three per decoder layer, each checked against the hooked eager model."""
+    captured = adapted_against_hooked(model_type, tmp_path, per_layer=5)
+    assert captured.signature.outputs == ("last_hidden_state", "encoder_last_hidden_state")
+
+
+@pytest.mark.parametrize("model_type", ["mbart", "plbart"])
+def test_the_wrapping_shift_is_the_models_own(model_type):
+    """mBART's shift (the last non-pad token first), written so that it exports, equals the model's own."""
+    import importlib
+
+    from transformers import AutoConfig, AutoModel
+
+    from surgery.load import shift_right
+
+    model = AutoModel.from_config(AutoConfig.for_model(model_type, **FAMILIES["mbart"]))
+    own = importlib.import_module(type(model).__module__).shift_tokens_right
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 1, 1], [13, 14, 1, 1, 1]])  # pad 1: rows of 5, 3 and 2 tokens
+    assert torch.equal(shift_right(model, ids), own(ids, 1))
+    assert torch.equal(shift_right(model, ids[:1]), own(ids[:1], 1).reshape(1, -1))

@@ -97,7 +97,7 @@ def test_graph_rule_finds_the_tables_sites(model_type, family):
     assert [(s.path, s.role, s.node) for s in by_rule] == [(s.path, s.role, s.node) for s in by_table]
     assert len({s.node for s in by_rule}) == len(by_rule)  # one node is one site
     layers = len({block_of(s.path) for s in by_rule})
-    assert layers == (4 if model_type in ("bart", "t5") else 2)  # encoder-decoders: 2 + 2 blocks
+    assert layers == (4 if model_type in ENCODER_DECODER else 2)  # encoder-decoders: 2 + 2 blocks
 
 
 def test_every_family_of_the_table_has_a_small_config():
@@ -130,6 +130,10 @@ def test_graph_rule_on_real_architectures(model_type, sites, family):
 
 ENCODER_DECODER = {
     "bart": ("{}.layers.{}.", ("self_attn.out_proj", "fc2"), ("self_attn.out_proj", "encoder_attn.out_proj", "fc2")),
+    **{
+        t: ("{}.layers.{}.", ("self_attn.out_proj", "fc2"), ("self_attn.out_proj", "encoder_attn.out_proj", "fc2"))
+        for t in ("pegasus", "marian", "mbart", "m2m_100")
+    },
     "t5": (
         "{}.block.{}.layer.",
         ("0.SelfAttention.o", "1.DenseReluDense.wo"),
