@@ -245,6 +245,7 @@ def _hf_loaded(model: nn.Module, source: Source, task: str = FEATURE_EXTRACTION)
     """
     model.eval()
     config = model.config
+    exportable_experts(model)
     if task == CAUSAL_LM:
         wrapper, signature = with_past(model)
         return Loaded(source=source, signature=signature, module=wrapper, task=task)
@@ -261,6 +262,20 @@ def _hf_loaded(model: nn.Module, source: Source, task: str = FEATURE_EXTRACTION)
     model.config.return_dict = False
     names = tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
     return Loaded(source=source, signature=replace(signature, outputs=names), module=model, task=task)
+
+
+# How the experts of a mixture of experts are computed for the capture: transformers' default (grouped_mm) calls
+# its own operator `transformers::grouped_mm_fallback` on the CPU, which a saved program cannot name and ONNX cannot
+# express. batched_mm gathers each token's chosen experts' weights and multiplies in a batch: plain ops, and only
+# the chosen experts are computed.
+EXPERTS = "batched_mm"
+
+
+def exportable_experts(model: nn.Module) -> None:
+    """Compute a mixture of experts' experts in plain ops (`EXPERTS`), where the model lets them be chosen."""
+    can = getattr(type(model), "_can_set_experts_implementation", None)
+    if callable(can) and can() and getattr(model.config, "_experts_implementation", None) != EXPERTS:
+        model.set_experts_implementation(EXPERTS)
 
 
 def takes_decoder_inputs(model: nn.Module) -> bool:

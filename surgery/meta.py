@@ -162,7 +162,7 @@ def capture_meta(source: str, dtype: str = "auto", task: str | None = None) -> M
     from transformers import AutoConfig
 
     from surgery.load import DTYPE_NAMES, DTYPES, _decoder_inputs_from_input_ids, _model_class, _read_config
-    from surgery.load import hf_signature, sha256_of, takes_decoder_inputs
+    from surgery.load import exportable_experts, hf_signature, sha256_of, takes_decoder_inputs
     from surgery.tasks import CAUSAL_LM, check_task, default_task, with_past
 
     path = Path(source)
@@ -189,6 +189,7 @@ def capture_meta(source: str, dtype: str = "auto", task: str | None = None) -> M
     model.eval()
     if hasattr(model.config, "use_cache") and task != CAUSAL_LM:
         model.config.use_cache = False
+    exportable_experts(model)
     if takes_decoder_inputs(model) and task != CAUSAL_LM:
         model.register_forward_pre_hook(_decoder_inputs_from_input_ids, with_kwargs=True)
     checkpoint = Checkpoint.of(path, getattr(model, "base_model_prefix", "") or "")

@@ -284,15 +284,16 @@ def graph_rule_sites(gm: fx.GraphModule, heads: bool = False) -> list[Site]:
     Several modules on one branch are one site, the first on it (the projection, not the attention module around
     it; at one node, the innermost module), so a path that prefixes another never gives a second site. Two
     branches into one add (a parallel block: GPT-J, Falcon, Phi) are two sites; a mixture of experts, whose
-    experts are combined before the add, is one (the block's output). Per block (the path up to its index), two
+    experts are combined before the add, is one (the block's output, of the stream's shape, not the experts'
+    module's flattened (tokens, d_model) inside it). Per block (the path up to its index), two
     sites are `attn_out` and `ffn_out`, three (a decoder block) `attn_out`, `cross_out`, `ffn_out`.
     """
     mods = _Modules(gm)
     found: list[tuple[str, fx.Node]] = []
     for path in mods.with_linear:
         out = mods.output(path)
-        if out is not None and (chain := mods.residual_branch(out)) is not None:
-            found.append((path, out, chain))
+        if out is not None and (chain := mods.residual_branch(out)) is not None and _shape(out) == _shape(chain[-1]):
+            found.append((path, out, chain))  # of the stream's shape: not the experts' (tokens, d) inside a MoE
     found.sort(key=lambda f: (mods.order[f[1]], -f[0].count(".")))
     on_branch: set[fx.Node] = set()
     by_block: dict[str, list[str]] = {}

@@ -117,3 +117,55 @@ def test_the_wrapping_shift_is_the_models_own(model_type):
     ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 1, 1], [13, 14, 1, 1, 1]])  # pad 1: rows of 5, 3 and 2 tokens
     assert torch.equal(shift_right(model, ids), own(ids, 1))
     assert torch.equal(shift_right(model, ids[:1]), own(ids[:1], 1).reshape(1, -1))
+
+
+@torch.library.custom_op("surgerytest::twice", mutates_args=())
+def _twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_twice.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def test_insert_refuses_to_write_a_program_it_could_not_open(tmp_path):
+    """A graph calling an operator registered only in this process (as transformers' grouped_mm kernel is): the
+    adapted program is refused in one line, and nothing is left behind."""
+    from surgery.bundle import save_adapted
+    from surgery.errors import SurgeryError
+    from surgery.pipeline import open_model
+    from tests.conftest import TinyTransformer
+
+    class WithOwnOp(TinyTransformer):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.surgerytest.twice(super().forward(x))
+
+    torch.manual_seed(0)
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=256)
+    program = torch.export.export(
+        WithOwnOp().eval(), (torch.randn(2, 16, 32),), dynamic_shapes=({0: batch, 1: seq},), strict=False
+    )
+    torch.export.save(program, tmp_path / "own.pt2")
+    captured = open_model(str(tmp_path / "own.pt2"), trust=True)  # this process knows the op
+    spec = AdapterSpec("houlsby", r=R)
+    report = adapt(captured, spec, seed=1)
+    stand_in_weights(captured.gm, seed=7)
+    out = tmp_path / "out" / "own.adapted.pt2"
+    out.parent.mkdir()
+    with pytest.raises(SurgeryError, match=r"not written: .*surgerytest\.twice.*not a registered operator") as err:
+        save_adapted(out, captured, spec, report)
+    assert "\n" not in str(err.value)
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_mixture_of_experts_is_captured_in_plain_ops(tmp_path):
+    """Mixtral: the experts are captured with transformers' batched_mm (plain ops, the chosen experts only), so
+    the adapted program saves, reopens and exports; one site after the combined experts per layer."""
+    from surgery.pipeline import stand_in_adapted
+
+    captured = adapted_against_hooked("mixtral", tmp_path)
+    assert not [n for n in captured.gm.graph.nodes if "transformers" in str(n.target)]
+    reopened = stand_in_adapted(captured, AdapterSpec("houlsby", r=R), tmp_path / "m.adapted.pt2", 1, 7)
+    assert [s.path for s in reopened.manifest.sites][1::2] == ["layers.0.mlp", "layers.1.mlp"]
