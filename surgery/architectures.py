@@ -251,6 +251,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
 }
 ARCHITECTURES["mt5"] = ARCHITECTURES["t5"]
+ARCHITECTURES["qwen2_moe"] = ARCHITECTURES["mixtral"]  # routed experts plus a gated shared expert, one site after
 for _seq2seq in ("pegasus", "marian", "mbart", "m2m_100"):  # BART's layout, each with its own shift
     ARCHITECTURES[_seq2seq] = ARCHITECTURES["bart"]
 

@@ -199,6 +199,10 @@ def _data_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.users or _is_tensor(u)]
 
 
+def _stack(node: fx.Node) -> list[tuple[str, Any]]:
+    return list((node.meta.get("nn_module_stack") or {}).values())
+
+
 def _shape(node: Any) -> Any:
     return getattr(node.meta.get("val"), "shape", None) if isinstance(node, fx.Node) else None
 
@@ -285,7 +289,8 @@ def graph_rule_sites(gm: fx.GraphModule, heads: bool = False) -> list[Site]:
     it; at one node, the innermost module), so a path that prefixes another never gives a second site. Two
     branches into one add (a parallel block: GPT-J, Falcon, Phi) are two sites; a mixture of experts, whose
     experts are combined before the add, is one (the block's output, of the stream's shape, not the experts'
-    module's flattened (tokens, d_model) inside it). Per block (the path up to its index), two
+    module's flattened (tokens, d_model) inside it, nor an add inside the block: Qwen2-MoE's experts plus its
+    shared expert). Per block (the path up to its index), two
     sites are `attn_out` and `ffn_out`, three (a decoder block) `attn_out`, `cross_out`, `ffn_out`.
     """
     mods = _Modules(gm)
@@ -294,6 +299,9 @@ def graph_rule_sites(gm: fx.GraphModule, heads: bool = False) -> list[Site]:
         out = mods.output(path)
         if out is not None and (chain := mods.residual_branch(out)) is not None and _shape(out) == _shape(chain[-1]):
             found.append((path, out, chain))  # of the stream's shape: not the experts' (tokens, d) inside a MoE
+    sublayers = {path for path, _, _ in found}
+    # an add inside another sublayer is not the residual's (Qwen2-MoE's routed experts + its shared expert)
+    found = [f for f in found if not any(p in sublayers for p, _ in _stack(f[2][-1]) if p != f[0])]
     found.sort(key=lambda f: (mods.order[f[1]], -f[0].count(".")))
     on_branch: set[fx.Node] = set()
     by_block: dict[str, list[str]] = {}

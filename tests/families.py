@@ -61,6 +61,9 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "granite": dict(_GQA, residual_multiplier=0.5),  # residual + out * residual_multiplier
     "mistral": _GQA,
     "mixtral": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        _GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64
+    ),  # routed experts plus a gated shared expert
     "qwen2": _GQA,
     "qwen3": _GQA,
     "gemma2": _GQA,

@@ -169,3 +169,10 @@ def test_mixture_of_experts_is_captured_in_plain_ops(tmp_path):
     assert not [n for n in captured.gm.graph.nodes if "transformers" in str(n.target)]
     reopened = stand_in_adapted(captured, AdapterSpec("houlsby", r=R), tmp_path / "m.adapted.pt2", 1, 7)
     assert [s.path for s in reopened.manifest.sites][1::2] == ["layers.0.mlp", "layers.1.mlp"]
+
+
+@pytest.mark.slow
+def test_mixture_of_experts_with_a_shared_expert_is_one_site(tmp_path):
+    """Qwen2-MoE: routed experts plus a gated shared expert, added inside the block: one site after both."""
+    captured = adapted_against_hooked("qwen2_moe", tmp_path)
+    assert [s.path for s in graph_rule_sites(captured.gm)][1::2] == ["layers.0.mlp", "layers.1.mlp"]

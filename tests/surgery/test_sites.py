@@ -117,6 +117,8 @@ def test_every_family_of_the_table_has_a_small_config():
         ("granite", ["layers.{}.self_attn.o_proj", "layers.{}.mlp.down_proj"]),
         # Mixtral: one site after the combined experts, not one per expert
         ("mixtral", ["layers.{}.self_attn.o_proj", "layers.{}.mlp"]),
+        # Qwen2-MoE: the routed experts added to the shared expert inside `mlp`: still one site, after both
+        ("qwen2_moe", ["layers.{}.self_attn.o_proj", "layers.{}.mlp"]),
     ],
 )
 def test_graph_rule_on_real_architectures(model_type, sites, family):
