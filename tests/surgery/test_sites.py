@@ -81,8 +81,9 @@ def family(tmp_path_factory):
 
 # The graph rule against the table: one family per thing the rule must see in `make test` (post-norm, Conv1D,
 # a module path that prefixes another, a norm between the sublayer and the add, a parallel block, a mixture of
-# experts, decoder blocks); every other family of the table under `make test-matrix`.
-FAST = {"bert", "gpt2", "mpnet", "gemma3_text", "gptj", "mixtral", "t5"}
+# experts, decoder blocks, a scaled residual, an attention-pooling head, experts plus a shared expert); every other
+# family of the table under `make test-matrix`.
+FAST = {"bert", "gpt2", "mpnet", "gemma3_text", "gptj", "mixtral", "t5", "granite", "siglip_vision_model", "qwen2_moe"}
 
 
 @pytest.mark.slow
