@@ -13,7 +13,7 @@ from surgery.bundle import Manifest, Training
 from surgery.errors import SurgeryError
 from surgery.packs import SUFFIXES, load_pack
 from surgery.pipeline import open_model
-from surgery.sites import find_sites, linear_modules
+from surgery.sites import find_sites, head_sites, linear_modules
 
 
 def inspect(
@@ -45,6 +45,7 @@ def inspect(
         if targets is not None:
             raise
         sites, problem = [], str(exc)
+    heads = head_sites(captured.gm) if targets is None else []  # left out by default; --targets adds them
     total = sum(p.numel() for p in captured.gm.parameters())
     if json:
         emit_json(
@@ -54,6 +55,7 @@ def inspect(
                 "total_params": total,
                 "linear_modules": candidates,
                 "sites": [s.to_json() for s in sites],
+                "head_sites": [s.to_json() for s in heads],
                 "problem": problem,
             }
         )
@@ -71,6 +73,11 @@ def inspect(
     for s in sites:
         table.add_row(str(s.layer), s.role, s.path, str(s.width), s.node)
     out.print(table)
+    for s in heads:
+        out.print(
+            f"left out: {s.path} (width {s.width}), a head outside the Transformer layers; "
+            f"name it in --targets to adapt it"
+        )
     if problem:
         out.print(f"[yellow]{problem}[/]")
         out.print(f"linear modules: {', '.join(candidates) or 'none'}")

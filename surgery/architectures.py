@@ -33,8 +33,6 @@ class Architecture:
     parts: dict[str, tuple[int, int]] = field(default_factory=dict)  # LoRA role -> (i, n): i-th of n equal slices
     model_class: str | None = None  # the transformers class built from a config; None: AutoModel
     min_seq: int = 2  # the shortest sequence the captured graph takes (torch.export guards against shorter)
-    decoder_from_input_ids: bool = False  # an encoder-decoder whose forward needs decoder_input_ids: load shifts
-    # input_ids right into them (BART does so itself), so the decoder is captured from the same two inputs
     note: str = ""  # what a user should know (what is captured, what LoRA cannot reach)
 
     def __post_init__(self) -> None:
@@ -151,6 +149,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
     ),
     "clip_vision_model": _CLIP,
+    "siglip_vision_model": _CLIP,  # its attention-pooling head (`head`) takes no adapter by default
     "gpt2": Architecture(
         roles={ATTN_OUT: r"h\.(\d+)\.attn\.c_proj$", FFN_OUT: r"h\.(\d+)\.mlp\.c_proj$"},
         lora={
@@ -212,6 +211,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3": _LLAMA,
     "gemma2": _LLAMA,  # o_proj -> post_attention_layernorm -> +: the norm sits between the site and the add
     "gemma3_text": _LLAMA,
+    "granite": _LLAMA,  # residual + out * residual_multiplier: the site is the unscaled output
     "mixtral": Architecture(  # experts are 3-D parameters combined inside `mlp`: one site after the combination
         roles={ATTN_OUT: _LLAMA.roles[ATTN_OUT], FFN_OUT: r"layers\.(\d+)\.mlp$"},
         lora={p: _LLAMA.lora[p] for p in "qkvo"},
@@ -228,7 +228,6 @@ ARCHITECTURES: dict[str, Architecture] = {
             "ffn_in": r"block\.(\d+)\.layer\.\d+\.DenseReluDense\.wi$",
             "ffn_out": r"block\.(\d+)\.layer\.\d+\.DenseReluDense\.wo$",
         },
-        decoder_from_input_ids=True,
         min_seq=3,
         note="decoder_input_ids are input_ids shifted right",
     ),
@@ -252,6 +251,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
 }
 ARCHITECTURES["mt5"] = ARCHITECTURES["t5"]
+ARCHITECTURES["qwen2_moe"] = ARCHITECTURES["mixtral"]  # routed experts plus a gated shared expert, one site after
+for _seq2seq in ("pegasus", "marian", "mbart", "m2m_100"):  # BART's layout, each with its own shift
+    ARCHITECTURES[_seq2seq] = ARCHITECTURES["bart"]
 
 # Built-in shapes, by name, for `surgery count` and the latency harness (random weights: latency and counts do not
 # depend on them). GPT-3 175B is a GPT-2 architecture (pre-norm, learned positions, 4·d feed-forward).

@@ -275,11 +275,26 @@ def adapted_manifest(
 def save_program(
     path: str | Path, gm: torch.nn.Module, manifest: Manifest, files: dict[str, str] | None = None
 ) -> None:
-    """Re-export `gm` over its manifest's signature (same dynamic axes) and save it with the manifest, atomically."""
+    """Re-export `gm` over its manifest's signature (same dynamic axes) and save it with the manifest, atomically.
+
+    The archive is checked as this tool checks a `.pt2` it opens (`check_pt2`: a scan of its graph, not a second
+    load) before it takes its name: a program that calls an operator only this process has registered (transformers'
+    own kernels) is refused, and no file is written."""
+    from surgery.safe_files import check_pt2
+
     program = export_program(gm, manifest.signature, str(path))
     with atomic_output(path) as tmp:
         text = json.dumps(manifest.to_json(), indent=1)
         torch.export.save(program, tmp, extra_files={MANIFEST: text, **(files or {})})
+        try:
+            check_pt2(tmp, str(path))
+        except SurgeryError as exc:
+            why = str(exc).split(": member ", 1)[-1].split(": opening the file", 1)[0]
+            raise SurgeryError(
+                f"{path}: not written: the program's {why}, so neither this tool nor torch.export.load could open "
+                "it; capture the model without that operator (for transformers' experts, an experts_implementation "
+                "of plain ops such as batched_mm)"
+            ) from exc
 
 
 def save_adapted(

@@ -245,13 +245,13 @@ def _hf_loaded(model: nn.Module, source: Source, task: str = FEATURE_EXTRACTION)
     """
     model.eval()
     config = model.config
+    exportable_experts(model)
     if task == CAUSAL_LM:
         wrapper, signature = with_past(model)
         return Loaded(source=source, signature=signature, module=wrapper, task=task)
     if hasattr(config, "use_cache"):
         config.use_cache = False
-    arch = architecture(config.model_type)
-    if arch is not None and arch.decoder_from_input_ids:
+    if takes_decoder_inputs(model):
         model.register_forward_pre_hook(_decoder_inputs_from_input_ids, with_kwargs=True)
     signature = hf_signature(model)
     with torch.no_grad():
@@ -264,16 +264,60 @@ def _hf_loaded(model: nn.Module, source: Source, task: str = FEATURE_EXTRACTION)
     return Loaded(source=source, signature=replace(signature, outputs=names), module=model, task=task)
 
 
+# How the experts of a mixture of experts are computed for the capture: transformers' default (grouped_mm) calls
+# its own operator `transformers::grouped_mm_fallback` on the CPU, which a saved program cannot name and ONNX cannot
+# express. batched_mm gathers each token's chosen experts' weights and multiplies in a batch: plain ops, and only
+# the chosen experts are computed.
+EXPERTS = "batched_mm"
+
+
+def exportable_experts(model: nn.Module) -> None:
+    """Compute a mixture of experts' experts in plain ops (`EXPERTS`), where the model lets them be chosen."""
+    can = getattr(type(model), "_can_set_experts_implementation", None)
+    if callable(can) and can() and getattr(model.config, "_experts_implementation", None) != EXPERTS:
+        model.set_experts_implementation(EXPERTS)
+
+
+def takes_decoder_inputs(model: nn.Module) -> bool:
+    """An encoder-decoder whose forward takes `decoder_input_ids`: load builds them from `input_ids` (a pre-hook),
+    so the decoder is captured from the same two inputs as the encoder."""
+    return bool(getattr(model.config, "is_encoder_decoder", False)) and "decoder_input_ids" in _forward_args(model)
+
+
+def _forward_args(model: nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def shift_right(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """`ids` shifted right into decoder inputs, the model's own way where its module has one (`shift_tokens_right`
+    of BART, Marian, Pegasus, M2M-100 ...; mBART's wrap-around; T5's `_shift_right`), else with
+    `decoder_start_token_id` (or the pad token, or 0) first."""
+    config = model.config
+    pad = getattr(config, "pad_token_id", None)
+    pad = pad if pad is not None else 0
+    start = getattr(config, "decoder_start_token_id", None)
+    start = start if start is not None else pad
+    own = getattr(inspect.getmodule(type(model)), "shift_tokens_right", None)
+    if callable(own):
+        if "decoder_start_token_id" in inspect.signature(own).parameters:
+            return own(ids, pad_token_id=pad, decoder_start_token_id=start)
+        # mBART's and PLBart's form: the last token that is not padding (the language id) goes first. Their own
+        # code squeezes a (B, 1) tensor to (B,), which a graph exported at batch 2 turns into a scalar at batch 1.
+        ids = ids.masked_fill(ids == -100, pad)
+        last = (ids.ne(pad).sum(dim=1) - 1).unsqueeze(-1)  # (B, 1)
+        return torch.cat([ids.gather(1, last), ids[:, :-1]], dim=1)
+    if callable(getattr(model, "_shift_right", None)) and getattr(config, "decoder_start_token_id", None) is not None:
+        return model._shift_right(ids)
+    return torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
+
+
 def _decoder_inputs_from_input_ids(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
-    """A forward pre-hook: `decoder_input_ids` = `input_ids` shifted right, the decoder's start token first (what
-    BART's forward does by itself), and no cache; torch.export traces it into the graph."""
+    """A forward pre-hook: `decoder_input_ids` = `input_ids` shifted right (`shift_right`), and no cache where the
+    forward takes `use_cache`; torch.export traces it into the graph."""
     if kwargs.get("decoder_input_ids") is None and kwargs.get("input_ids") is not None:
-        ids = kwargs["input_ids"]
-        config = model.config
-        start = getattr(config, "decoder_start_token_id", None)
-        start = start if start is not None else (getattr(config, "pad_token_id", None) or 0)
-        kwargs["decoder_input_ids"] = torch.cat([torch.full_like(ids[:, :1], start), ids[:, :-1]], dim=1)
-    kwargs.setdefault("use_cache", False)  # a cache object in the outputs cannot be exported
+        kwargs["decoder_input_ids"] = shift_right(model, kwargs["input_ids"])
+    if "use_cache" in _forward_args(model):
+        kwargs.setdefault("use_cache", False)  # a cache object in the outputs cannot be exported
     return args, kwargs
 
 
@@ -285,7 +329,9 @@ def hf_signature(model: nn.Module) -> Signature:
     if main == "input_ids":
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 512
         arch = architecture(config.model_type)
-        seq = Axis("seq", arch.min_seq if arch else 2, int(max_pos))
+        # shifting input_ids right into decoder_input_ids needs 3 or more positions under torch.export
+        shortest = max(arch.min_seq if arch else 2, 3 if takes_decoder_inputs(model) else 2)
+        seq = Axis("seq", shortest, int(max_pos))
         axes = {0: batch, 1: seq}
         return Signature(
             (

@@ -161,8 +161,8 @@ def capture_meta(source: str, dtype: str = "auto", task: str | None = None) -> M
     cost of the buffers alone. `dtype` as `load` takes it (auto: the config's)."""
     from transformers import AutoConfig
 
-    from surgery.load import DTYPE_NAMES, DTYPES, _decoder_inputs_from_input_ids, _model_class, _read_config, sha256_of
-    from surgery.load import hf_signature
+    from surgery.load import DTYPE_NAMES, DTYPES, _decoder_inputs_from_input_ids, _model_class, _read_config
+    from surgery.load import exportable_experts, hf_signature, sha256_of, takes_decoder_inputs
     from surgery.tasks import CAUSAL_LM, check_task, default_task, with_past
 
     path = Path(source)
@@ -189,10 +189,8 @@ def capture_meta(source: str, dtype: str = "auto", task: str | None = None) -> M
     model.eval()
     if hasattr(model.config, "use_cache") and task != CAUSAL_LM:
         model.config.use_cache = False
-    from surgery.architectures import architecture
-
-    arch = architecture(config.model_type)
-    if arch is not None and arch.decoder_from_input_ids and task != CAUSAL_LM:
+    exportable_experts(model)
+    if takes_decoder_inputs(model) and task != CAUSAL_LM:
         model.register_forward_pre_hook(_decoder_inputs_from_input_ids, with_kwargs=True)
     checkpoint = Checkpoint.of(path, getattr(model, "base_model_prefix", "") or "")
     aliases: dict[int, list[str]] = {}

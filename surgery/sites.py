@@ -55,6 +55,7 @@ PASS_THROUGH = {
     aten.to.dtype,
 }
 ADD_OPS = {aten.add.Tensor, aten.add_.Tensor, operator.add}
+SCALE_OPS = {aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, operator.mul, operator.truediv}
 
 # Where else a bottleneck can sit, relative to the residual add `a = y + x` after a sublayer output `y` and, in a
 # post-LN block, the norm `z = LN(a)` after it (the placements of AdapterHub's `adapters`, surgery/adapterhub.py):
@@ -198,6 +199,10 @@ def _data_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.users or _is_tensor(u)]
 
 
+def _stack(node: fx.Node) -> list[tuple[str, Any]]:
+    return list((node.meta.get("nn_module_stack") or {}).values())
+
+
 def _shape(node: Any) -> Any:
     return getattr(node.meta.get("val"), "shape", None) if isinstance(node, fx.Node) else None
 
@@ -247,7 +252,7 @@ class _Modules:
             if user.target in ADD_OPS:
                 other = [a for a in user.args[:2] if a is not node]
                 return chain + [user] if other and _shape(other[0]) == _shape(node) else None
-            nxt = self.norm_around(node, user) or (user if user.target in PASS_THROUGH else None)
+            nxt = self.norm_around(node, user) or (user if user.target in PASS_THROUGH or _scales(user, node) else None)
             if nxt is None:
                 return None
             node = nxt
@@ -255,24 +260,48 @@ class _Modules:
         return None
 
 
-def graph_rule_sites(gm: fx.GraphModule) -> list[Site]:
+def _scales(user: fx.Node, node: fx.Node) -> bool:
+    """Whether `user` scales `node` elementwise (`node * c`, `node / c`, `c * node`) by a number, a 0-d tensor or a
+    per-channel tensor (ones but for its last axis, as a parameter or a config value): a residual multiplier or a
+    depth scale, which keeps the branch a branch. A product with a tensor that varies along the tokens (a gate)
+    is not a scale."""
+    if user.target not in SCALE_OPS or len(user.args) != 2 or user.args.count(node) != 1:
+        return False
+    if user.target in (aten.div.Tensor, aten.div.Scalar, operator.truediv) and user.args[0] is not node:
+        return False  # c / node is not a scale of node
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    if isinstance(other, (int, float)):
+        return True
+    val = other.meta.get("val") if isinstance(other, fx.Node) else None
+    return isinstance(val, torch.Tensor) and all(int(n) == 1 for n in val.shape[:-1]) and _shape(user) == _shape(node)
+
+
+def graph_rule_sites(gm: fx.GraphModule, heads: bool = False) -> list[Site]:
     """Sites found by the graph alone: the output of each sublayer that is added to the residual stream.
 
     A sublayer is a module computing a projection whose output reaches an add with a tensor of its shape, by a
-    path where each node has one user (so it is a branch, not the stream): through dropout, copies, reshapes and
-    modules without projections (a norm after the sublayer, Gemma's `o_proj -> post_attention_layernorm -> +`).
+    path where each node has one user (so it is a branch, not the stream): through dropout, copies, reshapes,
+    modules without projections (a norm after the sublayer, Gemma's `o_proj -> post_attention_layernorm -> +`) and
+    elementwise scales by a constant, a config value or a per-channel parameter (Granite's
+    `residual + out * residual_multiplier`): the site is the unscaled output, so the scale applies to the adapter's
+    output as it does to the sublayer's.
     Several modules on one branch are one site, the first on it (the projection, not the attention module around
     it; at one node, the innermost module), so a path that prefixes another never gives a second site. Two
     branches into one add (a parallel block: GPT-J, Falcon, Phi) are two sites; a mixture of experts, whose
-    experts are combined before the add, is one (the block's output). Per block (the path up to its index), two
+    experts are combined before the add, is one (the block's output, of the stream's shape, not the experts'
+    module's flattened (tokens, d_model) inside it, nor an add inside the block: Qwen2-MoE's experts plus its
+    shared expert). Per block (the path up to its index), two
     sites are `attn_out` and `ffn_out`, three (a decoder block) `attn_out`, `cross_out`, `ffn_out`.
     """
     mods = _Modules(gm)
     found: list[tuple[str, fx.Node]] = []
     for path in mods.with_linear:
         out = mods.output(path)
-        if out is not None and (chain := mods.residual_branch(out)) is not None:
-            found.append((path, out, chain))
+        if out is not None and (chain := mods.residual_branch(out)) is not None and _shape(out) == _shape(chain[-1]):
+            found.append((path, out, chain))  # of the stream's shape: not the experts' (tokens, d) inside a MoE
+    sublayers = {path for path, _, _ in found}
+    # an add inside another sublayer is not the residual's (Qwen2-MoE's routed experts + its shared expert)
+    found = [f for f in found if not any(p in sublayers for p, _ in _stack(f[2][-1]) if p != f[0])]
     found.sort(key=lambda f: (mods.order[f[1]], -f[0].count(".")))
     on_branch: set[fx.Node] = set()
     by_block: dict[str, list[str]] = {}
@@ -280,11 +309,20 @@ def graph_rule_sites(gm: fx.GraphModule) -> list[Site]:
         if out not in on_branch:
             on_branch.update(chain[:-1])
             by_block.setdefault(block_of(path), []).append(path)
+    if not heads and len(by_block) > 1:
+        by_block.pop("", None)
     sites = []
     for block, paths in by_block.items():
         roles = {2: [ATTN_OUT, FFN_OUT], 3: [ATTN_OUT, CROSS_OUT, FFN_OUT]}.get(len(paths), [RESIDUAL] * len(paths))
         sites += [_site(gm, p, _layer_index(block or p), role) for p, role in zip(paths, roles)]
     return sites
+
+
+def head_sites(gm: fx.GraphModule) -> list[Site]:
+    """The sites the graph rule leaves out by default: sublayers outside the Transformer's numbered blocks (a
+    pooling or classification head with attention or an MLP). `--targets` adds them."""
+    kept = {s.node for s in graph_rule_sites(gm)}
+    return [s for s in graph_rule_sites(gm, heads=True) if s.node not in kept]
 
 
 def input_node(gm: fx.GraphModule, path: str) -> fx.Node:

@@ -16,6 +16,18 @@ _BASE = dict(
     max_position_embeddings=256,
 )
 _GQA = dict(_BASE, num_key_value_heads=2, head_dim=16)
+_BART = dict(
+    d_model=64,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    vocab_size=1000,
+    max_position_embeddings=256,
+)
+_SEQ2SEQ = dict(_BART, pad_token_id=1, decoder_start_token_id=2)  # Marian's default pad id is past vocab_size
 
 # One row per family: the model_type and the small config it is built from.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -46,26 +58,26 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "phi": dict(_BASE, partial_rotary_factor=0.5),
     "phi3": dict(_BASE, num_key_value_heads=4, pad_token_id=0),  # q, k, v equal slices of qkv_proj: no GQA
     "llama": _GQA,
+    "granite": dict(_GQA, residual_multiplier=0.5),  # residual + out * residual_multiplier
     "mistral": _GQA,
     "mixtral": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        _GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64
+    ),  # routed experts plus a gated shared expert
     "qwen2": _GQA,
     "qwen3": _GQA,
     "gemma2": _GQA,
     "gemma3_text": _GQA,
     "t5": dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=1000),
-    "bart": dict(
-        d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        vocab_size=1000,
-        max_position_embeddings=256,
-    ),
+    "bart": _BART,
+    # encoder-decoders whose decoder inputs load builds from input_ids by the model's own shift
+    "pegasus": _SEQ2SEQ,
+    "marian": _SEQ2SEQ,
+    "mbart": _SEQ2SEQ,  # its shift wraps the last non-pad token round to the front
+    "m2m_100": _SEQ2SEQ,
     "vit": dict(_BASE, image_size=32, patch_size=8),
     "clip_vision_model": dict(_BASE, image_size=32, patch_size=8),
+    "siglip_vision_model": dict(_BASE, image_size=32, patch_size=8),  # an attention-pooling head
 }
 
 

@@ -40,14 +40,10 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "matr
 # Families that do not work, with the reason (a substring of the error) the test checks they still fail with.
 KNOWN_FAILURES: dict[str, str] = {
     "albert": "no insertion sites",  # every layer is one shared module, called once per layer
-    "mixtral": "ONNX export failed",  # the experts are transformers' own op, transformers::grouped_mm_fallback
 }
 WHY = {
     "albert": "not supported: its layers share one module (called once per layer), so a module path names no single "
     "site; an adapter per layer needs sites by node",
-    "mixtral": "sites and insert work (.adapted.pt2 runs in torch); ONNX export fails: transformers 5 computes the "
-    "experts with its own op `transformers::grouped_mm_fallback`, which torch.onnx cannot convert "
-    '("No ONNX function found"), with or without adapters',
 }
 
 

@@ -81,8 +81,9 @@ def family(tmp_path_factory):
 
 # The graph rule against the table: one family per thing the rule must see in `make test` (post-norm, Conv1D,
 # a module path that prefixes another, a norm between the sublayer and the add, a parallel block, a mixture of
-# experts, decoder blocks); every other family of the table under `make test-matrix`.
-FAST = {"bert", "gpt2", "mpnet", "gemma3_text", "gptj", "mixtral", "t5"}
+# experts, decoder blocks, a scaled residual, an attention-pooling head, experts plus a shared expert); every other
+# family of the table under `make test-matrix`.
+FAST = {"bert", "gpt2", "mpnet", "gemma3_text", "gptj", "mixtral", "t5", "granite", "siglip_vision_model", "qwen2_moe"}
 
 
 @pytest.mark.slow
@@ -97,7 +98,7 @@ def test_graph_rule_finds_the_tables_sites(model_type, family):
     assert [(s.path, s.role, s.node) for s in by_rule] == [(s.path, s.role, s.node) for s in by_table]
     assert len({s.node for s in by_rule}) == len(by_rule)  # one node is one site
     layers = len({block_of(s.path) for s in by_rule})
-    assert layers == (4 if model_type in ("bart", "t5") else 2)  # encoder-decoders: 2 + 2 blocks
+    assert layers == (4 if model_type in ENCODER_DECODER else 2)  # encoder-decoders: 2 + 2 blocks
 
 
 def test_every_family_of_the_table_has_a_small_config():
@@ -113,8 +114,12 @@ def test_every_family_of_the_table_has_a_small_config():
         ("gemma3_text", ["layers.{}.self_attn.o_proj", "layers.{}.mlp.down_proj"]),
         # GPT-J: attention and MLP read one input and are added to the residual together
         ("gptj", ["h.{}.attn.out_proj", "h.{}.mlp.fc_out"]),
+        # Granite: o_proj -> * residual_multiplier -> +
+        ("granite", ["layers.{}.self_attn.o_proj", "layers.{}.mlp.down_proj"]),
         # Mixtral: one site after the combined experts, not one per expert
         ("mixtral", ["layers.{}.self_attn.o_proj", "layers.{}.mlp"]),
+        # Qwen2-MoE: the routed experts added to the shared expert inside `mlp`: still one site, after both
+        ("qwen2_moe", ["layers.{}.self_attn.o_proj", "layers.{}.mlp"]),
     ],
 )
 def test_graph_rule_on_real_architectures(model_type, sites, family):
@@ -128,6 +133,10 @@ def test_graph_rule_on_real_architectures(model_type, sites, family):
 
 ENCODER_DECODER = {
     "bart": ("{}.layers.{}.", ("self_attn.out_proj", "fc2"), ("self_attn.out_proj", "encoder_attn.out_proj", "fc2")),
+    **{
+        t: ("{}.layers.{}.", ("self_attn.out_proj", "fc2"), ("self_attn.out_proj", "encoder_attn.out_proj", "fc2"))
+        for t in ("pegasus", "marian", "mbart", "m2m_100")
+    },
     "t5": (
         "{}.block.{}.layer.",
         ("0.SelfAttention.o", "1.DenseReluDense.wo"),
