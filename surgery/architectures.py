@@ -306,6 +306,25 @@ BUILTIN: dict[str, dict[str, Any]] = {
 }
 
 
+# Model types torch.export cannot capture with a dynamic batch and sequence, with the reason: refused at load, by name.
+UNCAPTURABLE: dict[str, str] = {
+    "led": "its attention pads the sequence to a multiple of attention_window, a data-dependent size that "
+    "torch.export cannot capture with a dynamic sequence",
+    "longt5": "its block-local attention cuts the sequence into fixed blocks, which violates the dynamic sequence "
+    "dimension torch.export is given",
+}
+
+
+def refuse_uncapturable(model_type: str | None, name: str) -> None:
+    """Raise the one-line refusal for a model type of UNCAPTURABLE."""
+    reason = UNCAPTURABLE.get(model_type or "")
+    if reason is not None:
+        raise SurgeryError(
+            f"{name}: model type {model_type} cannot be captured: {reason}; capture it yourself with "
+            "torch.export at a fixed sequence length and give the .pt2"
+        )
+
+
 def architecture(model_type: str | None) -> Architecture | None:
     """The table's entry for a model type, or None (the graph rule then finds the sites)."""
     return ARCHITECTURES.get(model_type or "")

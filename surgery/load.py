@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from surgery.architectures import architecture
+from surgery.architectures import architecture, refuse_uncapturable
 from surgery.bundle import MANIFEST, Manifest, read_manifest
 from surgery.errors import SurgeryError
 from surgery.safe_files import check_pt2, read_config
@@ -175,6 +175,7 @@ def _load_hf_folder(path: Path, name: str, dtype: str = "auto", task: str | None
             f"to build the architecture with random weights, pass the config itself: {path / 'config.json'}"
         )
     config = _read_config(path / "config.json", name, AutoConfig)
+    refuse_uncapturable(config.model_type, name)
     task = task or default_task(config)
     own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     wanted = DTYPES.get(dtype) or (own if own in DTYPE_NAMES else torch.float32)
@@ -212,6 +213,7 @@ def _load_hf_config(path: Path, name: str, dtype: str = "auto", task: str | None
     from transformers import AutoConfig
 
     config = _read_config(path, name, AutoConfig)
+    refuse_uncapturable(config.model_type, name)
     task = task or default_task(config)
     torch.manual_seed(0)
     cls = _model_class(config, task)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from surgery.adapters import AdapterSpec, stand_in_weights
 from surgery.capture import Captured, capture
+from surgery.errors import SurgeryError
 from surgery.graph import adapter_target
 from surgery.load import load
 from surgery.pipeline import adapt
@@ -101,6 +103,15 @@ def test_encoder_decoders_capture_with_their_own_decoder_inputs(model_type, tmp_
     sites per encoder layer and three per decoder layer, each checked against the hooked eager model."""
     captured = adapted_against_hooked(model_type, tmp_path, per_layer=5)
     assert captured.signature.outputs == ("last_hidden_state", "encoder_last_hidden_state")
+
+
+@pytest.mark.parametrize("model_type", ["led", "longt5"])
+def test_encoder_decoders_that_cannot_be_captured_are_refused_by_name(model_type, tmp_path):
+    """Refused at load, before any weights are made, with the reason in one line."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(SurgeryError, match=f"model type {model_type} cannot be captured: .+; capture it yourself"):
+        load(str(config))
 
 
 @pytest.mark.parametrize("model_type", ["mbart", "plbart"])
