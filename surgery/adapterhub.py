@@ -45,7 +45,7 @@ from surgery.architectures import ATTN_OUT, FFN_OUT
 from surgery.bundle import AdapterHub
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
-from surgery.graph import adapter_target
+from surgery.graph import adapter_target, set_lora
 from surgery.insert import InsertReport, insert_adapters
 from surgery.peft_import import adapter_files, read_tensors, resolve
 from surgery.safe_files import read_config
@@ -369,9 +369,5 @@ def _import_lora(
         raise SurgeryError(f"LoRA adapter {name!r} has tensors at {extra[0]}, where its config puts no LoRA")
     spec = LoraSpec(dict.fromkeys(roles, r), alpha)
     report = insert_adapters(gm, sites, spec)
-    with torch.no_grad():
-        for target, (a, b) in pairs.items():
-            lora = gm.get_submodule(target)
-            lora.lora_A.copy_(a)
-            lora.lora_B.copy_(b)
+    set_lora(gm, pairs)
     return spec, report, f"LoRA beside {', '.join(roles)} with alpha {alpha:g} (scaling alpha/r as in adapters)"

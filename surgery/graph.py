@@ -8,6 +8,7 @@ place and end with `graph.lint()` and `recompile()`; `insert_after` leaves that 
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from surgery.adapters import AdapterSpec, LoraSpec, make_adapter
@@ -19,6 +20,16 @@ def adapter_target(site: Site) -> str:
     """Submodule path of a site's adapter; its parameters are `adapters.<site>.down_w` and so on
     (`adapters.<site>.lora_A`; on a slice of a fused projection `adapters.h.0.attn.c_attn.q.lora_A`)."""
     return f"{ADAPTER_ROOT}.{site.path}" + (f".{site.role}" if site.part else "")
+
+
+def set_lora(gm: fx.GraphModule, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy imported LoRA weights into the adapters `insert_adapters` made: adapter target -> (lora_A, lora_B),
+    each already in this tool's layout, (d_in, r) and (r, d_out)."""
+    with torch.no_grad():
+        for target, (a, b) in pairs.items():
+            lora = gm.get_submodule(target)
+            lora.lora_A.copy_(a)
+            lora.lora_B.copy_(b)
 
 
 def adapter_nodes(gm: fx.GraphModule) -> list[fx.Node]:

@@ -27,7 +27,7 @@ from surgery.adapters import LoraSpec
 from surgery.bundle import Peft
 from surgery.capture import Captured
 from surgery.errors import SurgeryError
-from surgery.graph import adapter_target
+from surgery.graph import adapter_target, set_lora
 from surgery.insert import InsertReport, insert_adapters
 from surgery.safe_files import check_safetensors, read_config
 from surgery.sites import Site, _layer_index, _site, input_node, linear_modules
@@ -162,11 +162,7 @@ def import_peft(captured: Captured, folder: str | Path) -> tuple[LoraSpec, Inser
         pairs[adapter_target(site)] = (scale * A.T, B.T)
     spec = LoraSpec({s.role: int(pairs[adapter_target(s)][0].shape[1]) for s in sites})  # alpha = r: scaling 1
     report = insert_adapters(gm, sites, spec)
-    with torch.no_grad():
-        for target, (a, b) in pairs.items():
-            lora = gm.get_submodule(target)
-            lora.lora_A.copy_(a)
-            lora.lora_B.copy_(b)
+    set_lora(gm, pairs)
     keys = (
         "r",
         "lora_alpha",
