@@ -44,12 +44,22 @@ class OnnxExport:
     data: Path | None = None  # NAME.onnx.data, where the tensors are external
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "onnx": str(self.path),
-            "external_data": str(self.data) if self.data else None,
-            "export_seconds": round(self.seconds, 2),
-            **self.parity.to_json(),
-        }
+        return {**written(self.path, self.data), "export_seconds": round(self.seconds, 2), **self.parity.to_json()}
+
+
+def written(path: Path, data: Path | None) -> dict[str, Any]:
+    """The files of an export, as every export's JSON names them."""
+    return {"onnx": str(path), "external_data": str(data) if data else None}
+
+
+def worst(first: Parity, second: Parity) -> dict[str, Any]:
+    """Two checks of one export in one line: their larger differences, and `second`'s bound."""
+    return {
+        "max_abs_diff": max(first.max_abs_diff, second.max_abs_diff),
+        "max_rel_diff": max(first.max_rel_diff, second.max_rel_diff),
+        "tolerance": second.tolerance,
+        "rtol": second.rtol,
+    }
 
 
 def output_names(outputs: Any) -> list[str]:

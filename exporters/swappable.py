@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import torch
 
-from exporters.onnx import check_model, lean_proto, onnx_program, refuse_mismatch
+from exporters.onnx import check_model, lean_proto, onnx_program, refuse_mismatch, worst, written
 from exporters.onnx_files import atomic_onnx, save_onnx
 from exporters.runtime import AdaptedSession
 from exporters.slots import SwappableMeta
@@ -59,15 +59,11 @@ class SwappableExport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "onnx": str(self.path),
-            "external_data": str(self.data) if self.data else None,
+            **written(self.path, self.data),
             "swappable": True,
             "adapter_tensors": self.slots,
             "export_seconds": round(self.seconds, 2),
-            "max_abs_diff": max(self.base_parity.max_abs_diff, self.pack_parity.max_abs_diff),
-            "max_rel_diff": max(self.base_parity.max_rel_diff, self.pack_parity.max_rel_diff),
-            "tolerance": self.pack_parity.tolerance,
-            "rtol": self.pack_parity.rtol,
+            **worst(self.base_parity, self.pack_parity),
             "no_pack": self.base_parity.to_json(),
             "own_pack": self.pack_parity.to_json(),
         }
@@ -178,16 +174,12 @@ class RoutedExport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "onnx": str(self.path),
-            "external_data": str(self.data) if self.data else None,
+            **written(self.path, self.data),
             "route": self.models,
             "adapter_ids": {str(i): n for i, n in enumerate(self.names)},
             "padded_rank": self.rank,
             "checked_ids": self.ids,
-            "max_abs_diff": max(self.parity.max_abs_diff, self.rows.max_abs_diff),
-            "max_rel_diff": max(self.parity.max_rel_diff, self.rows.max_rel_diff),
-            "tolerance": self.rows.tolerance,
-            "rtol": self.rows.rtol,
+            **worst(self.parity, self.rows),
             "parity": self.parity.to_json(),
             "rows": self.rows.to_json(),
         }
