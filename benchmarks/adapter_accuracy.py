@@ -46,6 +46,7 @@ CONFIGS = {
     for c in (
         Config("full", "full", "1", 5e-5, "q,v"),
         Config("head", "head", "1", 1e-3, "q,v"),
+        Config("head-lr1e-2", "head", "1", 1e-2, "q,v"),  # a head alone takes a larger step
         Config("houlsby-r8", "houlsby", "8", 1e-3),
         Config("houlsby-r64", "houlsby", "64", 1e-3),
         Config("pfeiffer-r8", "pfeiffer", "8", 1e-3),
