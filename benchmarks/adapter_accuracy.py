@@ -228,6 +228,11 @@ def markdown(report: dict) -> str:
             f"{r['trainable']:,} | {100 * r['share']:.3f}% | {r['seconds']:.0f} | {r['examples_per_s']:.1f} | "
             f"{r['peak_rss_mib']:.0f} |"
         )
+    lines += [
+        "",
+        "Train time: the wall time of `surgery.train`, its held-out evaluation after each epoch included; "
+        "examples/s: of the training steps alone. Share: trainable parameters over the base's (its head included).",
+    ]
     full = report["results"].get("full")
     if full:
         lines += ["", "Against full fine-tuning (target: every adapter within 1 point):", ""]
