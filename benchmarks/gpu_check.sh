@@ -17,6 +17,9 @@
 #      '.[gpu]'`), else skipped with a line. Each variant is exported and checked on the CPU first, most of the step
 #      (GPT-2 medium base: 153 s on a shared 2-core machine), so it is capped at 240 s and, where it runs, takes
 #      budget from steps 4-5 (measured in earlier runs); the ORT CUDA rows have never been taken
+#   3c. `surgery train` on CUDA, as a user runs it: MiniLM with a classification head and Houlsby r=8, 40 steps at
+#      batch 16 x 128 under bf16 autocast, then the same in fp32 (--no-bf16); the --json summaries (examples/s,
+#      losses) in $REPORTS/train_cuda/; then the trained model exported and checked against torch on the CPU
 #   4. MODEL (MiniLM) at batch 1 x seq 128, the same variants and backends as 1
 #   5. the LoRA paper's grid (16x256, 32x512) on GPT-2 medium, CUDA graphs: base, houlsby, houlsby-kernel
 #   6. TensorRT and ONNX Runtime CUDA against torch, MiniLM: only where one of them is installed
@@ -70,6 +73,16 @@ if $PY -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in
 else
     echo "gpu_check: skipped generation on ORT CUDA: onnxruntime has no CUDAExecutionProvider (pip install -e '.[gpu]')"
 fi
+mkdir -p "$REPORTS/train_cuda"
+$PY -c "import json, random; r = random.Random(0); words = 'good bad fine poor great awful film plot acting'.split()
+open('$WORK/train.jsonl', 'w').writelines(json.dumps({'text': ' '.join(r.choices(words, k=100)), 'label': r.randrange(2)}) + chr(10) for _ in range(640))"
+run 150 bash -c "$PY -m cli.main insert --r 8 minilm --task sequence-classification -o '$WORK/m.adapted.pt2' &&
+    $PY -m cli.main train '$WORK/m.adapted.pt2' --data '$WORK/train.jsonl' --task seq-cls --device cuda --max-steps 40 \
+        --batch-size 16 --max-length 128 --json -o '$WORK/bf16.adapted.pt2' > '$REPORTS/train_cuda/bf16.json' &&
+    $PY -m cli.main train '$WORK/m.adapted.pt2' --data '$WORK/train.jsonl' --task seq-cls --device cuda --max-steps 40 \
+        --batch-size 16 --max-length 128 --no-bf16 --json -o '$WORK/fp32.adapted.pt2' > '$REPORTS/train_cuda/fp32.json' &&
+    $PY -m cli.main export '$WORK/bf16.adapted.pt2' -o '$WORK/bf16.onnx' --json > '$REPORTS/train_cuda/export.json'"
+train=$?
 run 120 $PY -m benchmarks.latency --model "$MODEL" $COMMON --rounds 12 --calls 10 \
     --out "$REPORTS/minilm_b1" --work "$WORK/minilm"
 minilm=$?
@@ -84,7 +97,7 @@ if $PY -c "import importlib.util as u, onnxruntime as o, sys; sys.exit(not (u.fi
 fi
 rm -rf "$WORK"
 echo "gpu_check: [$(( $(date +%s) - START )) s] GPT-2 medium b1 exit $gpt2, tests exit $tests, generate exit $gen," \
-     "generate on ORT CUDA exit $ortgen, MiniLM exit $minilm," \
+     "generate on ORT CUDA exit $ortgen, train on CUDA exit $train, MiniLM exit $minilm," \
      "paper grid exit $grid, TensorRT/ORT CUDA exit $trt (124 = timed out, 125 = no budget left)"
-echo "reports: $REPORTS/gpt2_medium_b1/, $REPORTS/generate/, $REPORTS/minilm_b1/, $REPORTS/gpt2_medium_paper/, $REPORTS/gpu_latency/"
-[ "$gpt2" -eq 0 ] && [ "$tests" -eq 0 ] && [ "$gen" -eq 0 ] && [ "$ortgen" -eq 0 ] && [ "$minilm" -eq 0 ] && [ "$grid" -eq 0 ] && [ "$trt" -eq 0 ]
+echo "reports: $REPORTS/gpt2_medium_b1/, $REPORTS/generate/, $REPORTS/train_cuda/, $REPORTS/minilm_b1/, $REPORTS/gpt2_medium_paper/, $REPORTS/gpu_latency/"
+[ "$gpt2" -eq 0 ] && [ "$tests" -eq 0 ] && [ "$gen" -eq 0 ] && [ "$ortgen" -eq 0 ] && [ "$train" -eq 0 ] && [ "$minilm" -eq 0 ] && [ "$grid" -eq 0 ] && [ "$trt" -eq 0 ]
