@@ -31,7 +31,16 @@ from typing import Any, List, Union
 import numpy as np
 
 from runtime.errors import SurgeryError
-from runtime.packs import ADAPTER_ROOT, ORT_TYPES, as_numpy, check_pack, dtype_name, load_pack, write_onnx_adapter
+from runtime.packs import (
+    ADAPTER_ROOT,
+    ORT_TYPES,
+    active_adapter,
+    as_numpy,
+    check_pack,
+    dtype_name,
+    load_pack,
+    write_onnx_adapter,
+)
 from runtime.slots import SlotsMeta
 
 # exporters/triton.py's names, repeated: this file is copied into the model folder and imports nothing of the
@@ -84,17 +93,12 @@ class Packs:
         self._keep: list[Any] = []  # the LoraAdapter objects the RunOptions point to
 
     def load(self, name: str, path: Path) -> None:
-        import onnxruntime as ort
-
         pack = load_pack(path)
         check_pack(pack, self.meta.fingerprint, self.meta.widths, name=f"pack {path.name}")
         if {dtype_name(t) for t in pack.tensors.values()} != {self.dtype}:  # in the slots' dtype, once, at load
             tensors = {n: as_numpy(t, self.dtype) for n, t in pack.tensors.items()}
             path = write_onnx_adapter(tensors, pack.fingerprint, self.folder / f"{len(self._keep)}.onnx_adapter")
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(path))
-        options = ort.RunOptions()
-        options.add_active_adapter(adapter)
+        adapter, options = active_adapter(path)
         self._keep.append(adapter)
         self.options[name] = options
 

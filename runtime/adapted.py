@@ -27,7 +27,17 @@ import numpy as np
 
 from .errors import SurgeryError
 from .files import check_name, check_onnx_data
-from .packs import ORT_TYPES, Pack, as_numpy, check_pack, dtype_name, load_pack, ortvalue, write_onnx_adapter
+from .packs import (
+    ORT_TYPES,
+    Pack,
+    active_adapter,
+    as_numpy,
+    check_pack,
+    dtype_name,
+    load_pack,
+    ortvalue,
+    write_onnx_adapter,
+)
 from .session import CPU, has_bf16, ort_session
 from .slots import SlotsMeta, base_only
 
@@ -82,8 +92,6 @@ class AdaptedSession:
 
     def load(self, name: str, pack: str | Path | Pack) -> Pack:
         """Check a pack against this export and make it available as `name`."""
-        import onnxruntime as ort
-
         check_name(name, "pack name")
         label = f"pack {name!r}" + (f" ({pack})" if not isinstance(pack, Pack) else "")
         loaded = pack if isinstance(pack, Pack) else load_pack(pack)
@@ -96,10 +104,7 @@ class AdaptedSession:
             file = write_onnx_adapter(
                 tensors, loaded.fingerprint, Path(self._tmp.name) / f"{len(self._keep)}.onnx_adapter"
             )
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(file))
-        options = ort.RunOptions()
-        options.add_active_adapter(adapter)
+        adapter, options = active_adapter(file)
         self._keep.append(adapter)
         self._options[name] = options
         self._tensors[name] = tensors

@@ -239,3 +239,15 @@ def check_pack(
         raise SurgeryError(
             f"{name} has rank {rank}, above this engine's maximum {max_rank}; rebuild with a larger --max-r"
         )
+
+
+def active_adapter(path: str | Path) -> tuple[Any, Any]:
+    """ONNX Runtime's adapter read from an `.onnx_adapter` file, and the RunOptions that activate it. The adapter
+    must outlive the options that name it: keep both."""
+    import onnxruntime as ort
+
+    adapter = ort.LoraAdapter()
+    adapter.Load(str(path))
+    options = ort.RunOptions()
+    options.add_active_adapter(adapter)
+    return adapter, options

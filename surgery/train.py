@@ -513,44 +513,21 @@ def train(
         if state_file is None:
             raise
         _save_state(state_file, snapshot())
-        model.eval()
-        return _result(
-            p,
-            config,
-            output,
-            True,
-            state_file,
-            step,
-            total,
-            seen,
-            losses,
-            evals,
-            best,
-            started,
-            (seen - resumed_at) / max(trained_s, 1e-9),
-        )
-    if next_batch and step:  # stopped by max_steps within an epoch: evaluate where it stopped
-        best = _close_epoch(p, config, epoch, losses[-steps_per_epoch:], evals, best, params)
-    if best is not None:
-        with torch.no_grad():
-            for name, t in best["params"].items():
-                params[name].copy_(t)
+        interrupted = True
+    else:
+        interrupted = False
+        if next_batch and step:  # stopped by max_steps within an epoch: evaluate where it stopped
+            best = _close_epoch(p, config, epoch, losses[-steps_per_epoch:], evals, best, params)
+        if best is not None:
+            with torch.no_grad():
+                for name, t in best["params"].items():
+                    params[name].copy_(t)
     model.eval()
-    result = _result(
-        p,
-        config,
-        output,
-        False,
-        None,
-        step,
-        total,
-        seen,
-        losses,
-        evals,
-        best,
-        started,
-        (seen - resumed_at) / max(trained_s, 1e-9),
-    )
+    rate = (seen - resumed_at) / max(trained_s, 1e-9)
+    state = state_file if interrupted else None
+    result = _result(p, config, output, interrupted, state, step, total, seen, losses, evals, best, started, rate)
+    if interrupted:
+        return result
     record = Training(
         task=p.task,
         data=p.data,
