@@ -93,8 +93,9 @@ def test_routed_pair(tmp_path, gpt2, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_failed_check_leaves_neither_file_and_keeps_the_old_pair(tmp_path, gpt2):
+def test_a_failed_check_leaves_neither_file_and_keeps_the_old_pair(tmp_path, gpt2, monkeypatch):
     _, adapted = gpt2
+    monkeypatch.setattr("surgery.parity.NOISE_K", 0.0)  # no allowance at all: fp32 rounding alone fails
     path = tmp_path / "gpt2.onnx"
     export_onnx(adapted.gm, adapted.signature, path, external=True)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

@@ -97,6 +97,15 @@ def test_blockwise_verification_names_a_corrupted_block(streamed, tmp_path):
     assert report.failing == ["block 1"], report.markdown()
 
 
+def test_blockwise_verification_with_no_fixed_allowance_passes_within_torch_noise(streamed):
+    """atol = rtol = 0: every block that differs at all is measured against its own torch noise (float64), and a
+    correct export stays within NOISE_K of it; the corrupted block above is refused by the same rule."""
+    fake, _, result = streamed
+    report = verify_blockwise(fake, result.path, tolerance=0.0, rtol=0.0)
+    assert report.ok, report.markdown()
+    assert any(p.parity.noise == "torch fp32 against float64" for p in report.parts), report.markdown()
+
+
 def test_cli_streams_a_folder_with_adapters(cli, folder, tmp_path):
     run = cli(
         "export",

@@ -11,12 +11,13 @@ import torch
 
 from exporters.runtime import AdaptedSession
 from exporters.slots import base_only
-from exporters.swappable import RANK, export_routed, export_swappable
-from exporters.verify import check_session
+from exporters.swappable import RANK, check_rows, export_routed, export_swappable
+from exporters.verify import check_session, ort_session
 from surgery.adapters import AdapterSpec
 from surgery.errors import SurgeryError
 from surgery.packs import check_pack, load_pack, pack_from_model, save_pack
 from surgery.pipeline import open_model
+from surgery.route import route
 from tests.conftest import make_adapted
 
 RANKS = (4, 8, 32)
@@ -200,3 +201,6 @@ def test_swappable_and_routed_on_small_architectures(tmp_path, small_config, mod
     assert parity.max_abs_diff < 1e-4, parity
     routed = export_routed([a, b], tmp_path / "r.onnx")
     assert routed.rows.max_abs_diff < 1e-4 and routed.rank == 8
+    # no fixed allowance: each row against its own model's torch noise (float64)
+    rows = check_rows(ort_session(routed.path), route([a, b])[0], [a, b], [0, 1, -1], tolerance=0.0, rtol=0.0)
+    assert rows.ok and rows.noise == "torch fp32 against float64", rows.summary()

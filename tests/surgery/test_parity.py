@@ -1,12 +1,19 @@
-"""The one comparison: per output, over unpadded positions, max|a - ref| <= atol + rtol * max|ref|."""
+"""The one comparison: per output, over unpadded positions, max|a - ref| <= atol + rtol * max|ref|, or, where that
+fails, within NOISE_K times torch's own noise on the same inputs."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 
-from surgery.parity import Parity, compare
+from exporters.onnx import export_onnx
+from exporters.verify import check_session
+from runtime.session import ort_session
+from surgery.adapters import stand_in_weights
+from surgery.parity import NOISE_K, Parity, compare, outputs_of, own_noise
 
 
 def test_relative_part_scales_with_the_largest_reference_magnitude():
@@ -57,3 +64,55 @@ def test_combine_keeps_the_worst_of_each_output():
     assert x.max_abs == pytest.approx(1e-3, rel=1e-6) and x.ref_max == 50 and x.rel == pytest.approx(2e-5, rel=1e-6)
     assert both.shapes == [{"batch": 1}, {"batch": 2}]
     assert both.worst == "output x, shape B"  # 1e-3 of an allowance of 5.1e-3 against 1e-5 of 2e-4
+
+
+def test_torch_noise_as_the_floor_passes_rounding_and_reports_both_figures():
+    ref = np.linspace(-50.0, 50.0, 12).reshape(3, 4)
+    got = ref + 6e-3  # past atol + rtol * 50 = 5.1e-3
+    own = ref + 1e-3  # torch disagreeing with itself by 1e-3
+    fixed = compare([ref], [got], names=["logits"])
+    assert not fixed.ok and "torch's own" not in fixed.summary()
+    p = compare([ref], [got], names=["logits"], noise=[own], how="torch fp32 against float64")
+    assert p.ok and p.outputs["logits"].floor == pytest.approx(1e-3)
+    assert p.outputs["logits"].allowed(p.atol, p.rtol) == pytest.approx(1e-4 + NOISE_K * 1e-3)
+    assert "torch's own 0.001" in p.summary() and "torch fp32 against float64" in p.summary()
+    assert p.to_json()["per_output"]["logits"]["torch_noise_abs"] == pytest.approx(1e-3)
+    wrong = compare([ref], [ref * 1.01], names=["logits"], noise=[own], how="threads")  # 0.5 abs: 50 floors
+    assert not wrong.ok and "torch's own 0.001" in wrong.summary()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: the LM head tied to the embedding
+def test_own_noise_runs_the_graph_in_float64_and_leaves_the_module_as_it_was(lm_base, family):
+    captured = lm_base(family)
+    sig = captured.signature
+    tensors = sig.examples({"batch": 2, "seq": 9, "past": 3}, seed=3, pad=True)
+    before = outputs_of(captured.gm, sig, tensors)
+    noise, how = own_noise(captured.gm, sig, tensors)
+    assert how == "torch fp32 against float64"
+    assert all(t.dtype == torch.float64 for t in noise if t.is_floating_point())
+    floors = [float((n - b.double()).abs().max()) for n, b in zip(noise, before)]
+    scales = [float(b.abs().max()) for b in before]
+    assert max(floors) > 0 and all(f <= 1e-5 * s for f, s in zip(floors, scales))  # fp32 rounding, not another model
+    after = outputs_of(captured.gm, sig, tensors)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # the fp32 module was not converted
+    assert all(p.dtype == torch.float32 for p in captured.gm.parameters())
+
+
+def test_check_passes_an_onnx_export_within_torch_noise_and_refuses_a_weight_scaled_by_1_01(lm_base, tmp_path):
+    """With no fixed allowance at all (atol = rtol = 0), what passes is ONNX Runtime's fp32 rounding measured against
+    torch's own; the same base matrix scaled by 1.01 in the reference is hundreds of floors away."""
+    captured = copy.deepcopy(lm_base("llama"))
+    stand_in_weights(captured.gm, seed=5)
+    path = tmp_path / "lm.onnx"
+    export_onnx(captured.gm, captured.signature, path)
+    session = ort_session(path)
+    strict = check_session(session, captured.gm, captured.signature, tolerance=0.0, rtol=0.0)
+    assert strict.ok and strict.noise == "torch fp32 against float64", strict.summary()
+    assert any(d.floor for d in strict.outputs.values()) and strict.max_abs_diff > 0
+    weight = captured.gm.get_parameter("model.layers.0.mlp.down_proj.weight")
+    with torch.no_grad():
+        weight.mul_(1.01)
+    bad = check_session(session, captured.gm, captured.signature, tolerance=0.0, rtol=0.0)
+    assert not bad.ok and "torch's own" in bad.summary()
+    bad = check_session(session, captured.gm, captured.signature)  # the defaults: fixed rule, then the floor
+    assert not bad.ok and "torch fp32 against float64" in bad.summary()
