@@ -100,6 +100,8 @@ RTOL_HELP = "the parity check's relative part: the share of each output's larges
 OldTolerance = Annotated[Optional[float], typer.Option("--tolerance", hidden=True)]
 # `--out`, the earlier spelling of `-o/--output` on `bench` and `demo`: the same treatment
 OldOut = Annotated[Optional[Path], typer.Option("--out", hidden=True)]
+# `--shapes`, the earlier spelling of `export --engine-shape` (singular, as every repeatable option): the same
+OldShapes = Annotated[Optional[list[str]], typer.Option("--shapes", hidden=True)]
 
 
 def in_panel(alias: Any, panel: str) -> Any:

@@ -3,7 +3,7 @@
 Three stages, and only the last needs TensorRT and a GPU:
 
 1. `prepare_trt`: the TensorRT-ready ONNX (verified in ONNX Runtime like every export), the optimization
-   profile from the capture's dynamic axes (or `--shapes`), and the equivalent `trtexec` command line.
+   profile from the capture's dynamic axes (or `--engine-shape`), and the equivalent `trtexec` command line.
 2. `build_engine`: ONNX parser -> network -> serialized engine, through Polygraphy's loaders
    (`NetworkFromOnnxPath`, `CreateConfig`, `EngineBytesFromNetwork`), written atomically with a JSON sidecar.
 3. `refit_engine` / `run_engine`: `trt.Refitter` with a pack's tensors; `TrtRunner` to run.
@@ -97,22 +97,22 @@ def parse_shapes(text: str | None) -> dict[str, AxisRange]:
         try:
             lo, opt, hi = (int(x) for x in spec.split(":"))
         except ValueError as exc:
-            raise SurgeryError(f"--shapes {text!r}: write each axis as NAME=MIN:OPT:MAX, e.g. batch=1:8:64") from exc
+            raise SurgeryError(f"--engine-shape {text!r}: write each axis as NAME=MIN:OPT:MAX, e.g. batch=1:8:64") from exc
         if not 1 <= lo <= opt <= hi:
-            raise SurgeryError(f"--shapes {item!r}: need 1 <= MIN <= OPT <= MAX")
+            raise SurgeryError(f"--engine-shape {item!r}: need 1 <= MIN <= OPT <= MAX")
         ranges[name] = AxisRange(lo, opt, hi)
     return ranges
 
 
 def axis_ranges(signature: Signature, overrides: dict[str, AxisRange] | None = None) -> dict[str, AxisRange]:
     """Profile ranges per dynamic axis: the captured min/max, opt at the benchmark point (batch 1, seq 128)
-    clamped to the range; `overrides` (from `--shapes`) replace them and must stay inside the captured range."""
+    clamped to the range; `overrides` (from `--engine-shape`) replace them and must stay inside the captured range."""
     axes = signature.axes()
     overrides = overrides or {}
     unknown = sorted(set(overrides) - set(axes))
     if unknown:
         raise SurgeryError(
-            f"--shapes names axis {unknown[0]!r}; this model's dynamic axes are {', '.join(axes) or 'none'}"
+            f"--engine-shape names axis {unknown[0]!r}; this model's dynamic axes are {', '.join(axes) or 'none'}"
         )
     ranges = {}
     for name, axis in axes.items():
@@ -120,8 +120,8 @@ def axis_ranges(signature: Signature, overrides: dict[str, AxisRange] | None = N
         r = overrides.get(name, AxisRange(axis.min, opt, axis.max))
         if r.min < axis.min or r.max > axis.max:
             raise SurgeryError(
-                f"--shapes {name}={r.min}:{r.opt}:{r.max} leaves the captured range {axis.min}..{axis.max}; "
-                "re-capture with a wider range or narrow --shapes"
+                f"--engine-shape {name}={r.min}:{r.opt}:{r.max} leaves the captured range {axis.min}..{axis.max}; "
+                "re-capture with a wider range or narrow --engine-shape"
             )
         ranges[name] = r
     return ranges
@@ -152,7 +152,7 @@ Shapes = dict[str, tuple[tuple[int, ...], ...]]
 
 
 def parse_profiles(texts: str | list[str] | None, names: tuple[str, ...]) -> dict[str | None, dict[str, AxisRange]]:
-    """`--shapes`, given once or more, each `[PROFILE:]AXIS=MIN:OPT:MAX,...` (several may also be joined by `;`):
+    """`--engine-shape`, given once or more, each `[PROFILE:]AXIS=MIN:OPT:MAX,...` (several may also be joined by `;`):
     {profile name or None (every profile): {axis: AxisRange}}. `names` are the model's profiles."""
     items = [texts] if isinstance(texts, str) else list(texts or [])
     parsed: dict[str | None, dict[str, AxisRange]] = {}
@@ -163,7 +163,7 @@ def parse_profiles(texts: str | list[str] | None, names: tuple[str, ...]) -> dic
         profile = head.strip() if sep and "=" not in head else None
         if profile is not None and profile not in names:
             raise SurgeryError(
-                f"--shapes {text!r}: this model's profiles are {', '.join(names)}"
+                f"--engine-shape {text!r}: this model's profiles are {', '.join(names)}"
                 + ("; drop the prefix" if names == (ONE,) else "")
             )
         for axis, r in parse_shapes(rest if profile is not None else text).items():
@@ -175,7 +175,7 @@ def cache_ranges(signature: Signature, overrides: dict[str | None, dict[str, Axi
     """{PREFILL: ranges, DECODE: ranges} of a cache graph's axes (batch, seq, past and their sum, total).
 
     Defaults: batch over its captured range (opt 1); prefill seq 1..positions (opt 128), past 0; decode seq 1,
-    past 1..positions-1 (opt 128). `--shapes` without a prefix sets batch in both profiles, seq in the prefill's
+    past 1..positions-1 (opt 128). `--engine-shape` without a prefix sets batch in both profiles, seq in the prefill's
     and past in the decode's; `prefill:` and `decode:` set one profile's. Every range stays inside the capture's.
     """
     from surgery.tasks import PAST, TOTAL
@@ -186,16 +186,16 @@ def cache_ranges(signature: Signature, overrides: dict[str | None, dict[str, Axi
     shared = overrides.get(None, {})
     for name in {n for ranges in overrides.values() for n in ranges}:
         if name == TOTAL:
-            raise SurgeryError(f"--shapes {TOTAL}=...: {TOTAL} is {PAST} + seq; set those instead")
+            raise SurgeryError(f"--engine-shape {TOTAL}=...: {TOTAL} is {PAST} + seq; set those instead")
         if name not in axes:
-            raise SurgeryError(f"--shapes names axis {name!r}; this model's axes are batch, seq, {PAST}")
+            raise SurgeryError(f"--engine-shape names axis {name!r}; this model's axes are batch, seq, {PAST}")
     if PAST in overrides.get(PREFILL, {}):
         raise SurgeryError(
-            f"--shapes {PREFILL}:{PAST}=...: the prefill profile has no cache ({PAST} 0); set {PAST} for {DECODE}"
+            f"--engine-shape {PREFILL}:{PAST}=...: the prefill profile has no cache ({PAST} 0); set {PAST} for {DECODE}"
         )
     if "seq" in overrides.get(DECODE, {}):
         raise SurgeryError(
-            f"--shapes {DECODE}:seq=...: the decode profile takes one new token (seq 1); set seq for {PREFILL}"
+            f"--engine-shape {DECODE}:seq=...: the decode profile takes one new token (seq 1); set seq for {PREFILL}"
         )
     batch = axes["batch"]
     defaults = {
@@ -211,13 +211,13 @@ def cache_ranges(signature: Signature, overrides: dict[str | None, dict[str, Axi
             axis = axes[name]
             if r.min < axis.min or r.max > axis.max:
                 raise SurgeryError(
-                    f"--shapes {profile}:{name}={r.min}:{r.opt}:{r.max} leaves the captured range "
-                    f"{axis.min}..{axis.max}; re-capture with a wider range or narrow --shapes"
+                    f"--engine-shape {profile}:{name}={r.min}:{r.opt}:{r.max} leaves the captured range "
+                    f"{axis.min}..{axis.max}; re-capture with a wider range or narrow --engine-shape"
                 )
         total = AxisRange(*(getattr(ranges[PAST], k) + getattr(ranges["seq"], k) for k in ("min", "opt", "max")))
         if total.max > positions:
             raise SurgeryError(
-                f"--shapes: the {profile} profile reaches {total.max} positions ({PAST} {ranges[PAST].max} + seq "
+                f"--engine-shape: the {profile} profile reaches {total.max} positions ({PAST} {ranges[PAST].max} + seq "
                 f"{ranges['seq'].max}); the model has {positions}"
             )
         profiles[profile] = {**ranges, TOTAL: total}
@@ -226,7 +226,7 @@ def cache_ranges(signature: Signature, overrides: dict[str | None, dict[str, Axi
 
 def plan_profiles(signature: Signature, shapes: str | list[str] | dict[str, AxisRange] | None) -> dict[str, Shapes]:
     """The engine's optimization profiles by name, in TensorRT's order: {PREFILL, DECODE} for a cache graph
-    (`cache_ranges`), else {ONE} (`axis_ranges`); `shapes` is what `--shapes` said, or `parse_shapes` of it."""
+    (`cache_ranges`), else {ONE} (`axis_ranges`); `shapes` is what `--engine-shape` said, or `parse_shapes` of it."""
     from surgery.tasks import cache_layout
 
     cache = bool(cache_layout(signature))
@@ -435,7 +435,7 @@ def prepare_trt(
     external: bool = False,
 ) -> TrtPlan:
     """Write the TensorRT-ready ONNX beside `engine` (verified in ONNX Runtime) and the trtexec command file.
-    Past 2 GB of initializers (or with `external`) that ONNX is NAME.onnx + NAME.onnx.data. `shapes` is `--shapes`
+    Past 2 GB of initializers (or with `external`) that ONNX is NAME.onnx + NAME.onnx.data. `shapes` is `--engine-shape`
     (`plan_profiles`): one profile, or a cache graph's prefill and decode profiles."""
     if precision not in PRECISIONS:
         raise SurgeryError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
