@@ -97,7 +97,9 @@ def parse_shapes(text: str | None) -> dict[str, AxisRange]:
         try:
             lo, opt, hi = (int(x) for x in spec.split(":"))
         except ValueError as exc:
-            raise SurgeryError(f"--engine-shape {text!r}: write each axis as NAME=MIN:OPT:MAX, e.g. batch=1:8:64") from exc
+            raise SurgeryError(
+                f"--engine-shape {text!r}: write each axis as NAME=MIN:OPT:MAX, e.g. batch=1:8:64"
+            ) from exc
         if not 1 <= lo <= opt <= hi:
             raise SurgeryError(f"--engine-shape {item!r}: need 1 <= MIN <= OPT <= MAX")
         ranges[name] = AxisRange(lo, opt, hi)
