@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from cli.common import ATOL_HELP, RTOL_HELP, Json, OldTolerance, Trust, emit_json, out, renamed, stage
+from cli.common import emit_json, out, renamed, stage
+from cli.options import ATOL_HELP, RTOL_HELP, Json, OldSave, OldTolerance, Output, with_help, Trust
 from runtime.adapted import AdaptedSession
 from runtime.errors import SurgeryError
 from runtime.files import check_onnx_data
@@ -109,16 +110,14 @@ def run(
         str,
         typer.Option("--shape", help="Random inputs of this size when no --input (a KV-cache graph: past=N too)."),
     ] = "batch=1,seq=128",
-    save: Annotated[
-        Optional[Path], typer.Option("-o", "--output", help="Write the outputs to this .npz (written atomically).")
-    ] = None,
+    save: with_help(Output, "Write the outputs to this .npz (written atomically).") = None,
     against: Annotated[
         Optional[str], typer.Option("--against", help="A TensorRT engine: compare it with this model in torch.")
     ] = None,
     atol: Annotated[Optional[float], typer.Option("--atol", help=f"With --against, {ATOL_HELP}{BY}")] = None,
     rtol: Annotated[Optional[float], typer.Option("--rtol", help=f"With --against, {RTOL_HELP}{BY}")] = None,
     tolerance: OldTolerance = None,
-    old_save: Annotated[Optional[Path], typer.Option("--save", hidden=True)] = None,
+    old_save: OldSave = None,
     json: Json = False,
     trust: Trust = False,
 ) -> None:
