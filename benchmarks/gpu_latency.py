@@ -75,7 +75,9 @@ def _trt_calls(models, folder, feeds, precision, stack):
 
     if importlib.util.find_spec("tensorrt") is None:
         return None, "TensorRT not installed (pip install 'surgery[trt]')"
-    from exporters.tensorrt import build_engine, engine_runner, parse_shapes, prepare_trt
+    from exporters.tensorrt import build_engine, prepare_trt
+    from exporters.trt_profiles import parse_shapes
+    from exporters.trt_run import engine_runner
 
     calls = {}
     for name, m in models.items():

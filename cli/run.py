@@ -74,13 +74,14 @@ BY = " (default: by the engine's precision)."
 
 def _run_engine(model: Path, adapter, input_file, shape, against, tolerance, rtol, json, trust=False):
     """A TensorRT engine through Polygraphy's TrtRunner; with --against, a parity check against torch instead."""
-    from exporters.tensorrt import read_sidecar, run_engine
+    from exporters.tensorrt import read_sidecar
+    from exporters.trt_run import run_engine
 
     if adapter is not None:
         raise SurgeryError(f"engines hold their adapters; refit one in place with `surgery swap {model} {adapter}`")
     sidecar = read_sidecar(model)
     if against is not None:
-        from exporters.tensorrt import check_engine
+        from exporters.trt_run import check_engine
         from surgery.pipeline import open_model
 
         captured = open_model(against, trust=trust)

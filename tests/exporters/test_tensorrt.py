@@ -16,22 +16,19 @@ import torch
 from onnx import TensorProto, helper
 
 from exporters.slots import SwappableMeta
-from exporters.tensorrt import (
+from exporters.tensorrt import TrtPlan, prepare_trt
+from exporters.trt_profiles import (
     DECODE,
     PREFILL,
     AxisRange,
-    TrtPlan,
     axis_ranges,
-    pad_pack,
     parse_shapes,
     pick_profile,
     plan_profiles,
-    prepare_trt,
     profile_shapes,
     profile_sizes,
-    refit_weights,
-    weight_names,
 )
+from exporters.trt_refit import pad_pack, refit_weights, weight_names
 from exporters.triton import write_triton_repo
 from exporters.trt_check import check_trt
 from exporters.verify import check_onnx
@@ -328,7 +325,8 @@ def trt(test):
 @trt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engine_builds_runs_and_matches_torch(models, tmp_path, precision):
-    from exporters.tensorrt import build_engine, check_engine, read_sidecar
+    from exporters.tensorrt import build_engine, read_sidecar
+    from exporters.trt_run import check_engine
 
     plan = prepare_trt(
         models[0], tmp_path / "m.plan", precision=precision, shapes=parse_shapes("batch=1:4:8,seq=2:128:256")
@@ -344,7 +342,8 @@ def test_engine_builds_runs_and_matches_torch(models, tmp_path, precision):
 
 @trt
 def test_refit_swaps_packs_and_refuses_a_too_large_rank(models, minilm_base, tmp_path):
-    from exporters.tensorrt import build_engine, check_engine, refit_engine
+    from exporters.tensorrt import build_engine, refit_engine
+    from exporters.trt_run import check_engine
     from surgery.packs import save_pack
 
     plan = prepare_trt(models[0], tmp_path / "m.plan", max_r=16, shapes=parse_shapes("batch=1:2:8,seq=2:64:128"))
@@ -366,7 +365,8 @@ def test_refit_swaps_packs_and_refuses_a_too_large_rank(models, minilm_base, tmp
 
 @trt
 def test_cache_engine_runs_prefill_and_decode_in_their_profiles(lm_base, tmp_path):
-    from exporters.tensorrt import build_engine, check_engine
+    from exporters.tensorrt import build_engine
+    from exporters.trt_run import check_engine
 
     captured = lm_base("llama")
     plan = prepare_trt(
