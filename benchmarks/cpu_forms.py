@@ -1,6 +1,6 @@
 """ONNX-level forms of the baked Houlsby export, each exact in algebra, timed in pairs against base on the CPU.
 
-    python -m benchmarks.cpu_forms [--threads 2] [--runs 300] [--rounds 2] [--out benchmarks/results/cpu_forms]
+    python -m benchmarks.cpu_forms [--threads 2] [--runs 300] [--rounds 2] [-o benchmarks/results/cpu_forms]
 
 The pretrained MiniLM and Houlsby r=8 on it (12 bottlenecks, relu, distinct random stand-in weights), batch 1 x
 sequence 128. `base` and `export` are the files `surgery export` writes (surgery/fuse.py: the 6 attention outputs as
@@ -19,7 +19,7 @@ Each form is run in ONNX Runtime against `export` on random tokens before any ti
 (surgery/parity.py's tolerance) and differs from `base`. Timing: each (base, form) pair in its own process, the two
 sessions called in turn (spinning off: DESIGN.md), `--runs` calls after 20 warm-up rounds; the overhead is the median
 of the paired per-call ratios, with a 95% interval (benchmarks/timing.py). `--rounds` repeats every pair, the order of
-the forms rotated, and the table gives each round. Writes cpu_forms.json and cpu_forms.md into --out.
+the forms rotated, and the table gives each round. Writes cpu_forms.json and cpu_forms.md into --output.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from runtime.slots import drop_dead
+from benchmarks.args import add_output
 
 FORMS = ("export", "fused", "gemm-c", "flat", "kcat")  # `export` as written; the rest made from `fused`
 
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--forms", default=",".join(FORMS))
-    parser.add_argument("--out", type=Path, default=Path("out/cpu_forms"))
+    add_output(parser, Path("out/cpu_forms"), type=Path)
     parser.add_argument("--work", type=Path, help="where base.onnx and houlsby.onnx are, or go (default: a temp dir)")
     parser.add_argument("--pair", nargs=2, type=Path, help=argparse.SUPPRESS)  # one timed pair: the worker process
     args = parser.parse_args(argv)

@@ -1,6 +1,6 @@
 """The adapter's cost on ONNX Runtime CPU, form by form, at 1, 2 and 4 threads.
 
-    python -m benchmarks.cpu_overhead [--threads 1,2,4] [--runs 300] [--out benchmarks/results/cpu_overhead]
+    python -m benchmarks.cpu_overhead [--threads 1,2,4] [--runs 300] [-o benchmarks/results/cpu_overhead]
 
 The pretrained MiniLM and Houlsby r=8 on it (12 bottlenecks, relu, distinct random stand-in weights), batch 1 x
 sequence 128. Every file comes from the tool's own exporters, each checked against torch when written:
@@ -16,7 +16,7 @@ All of them run in one process, call by call in turn (spinning off: DESIGN.md), 
 median of the paired per-call ratios against `base`, with a 95% t-interval on them (`benchmarks/timing.py`).
 Beside each form, the op counts of the graph ONNX Runtime runs after its optimizations (level 99, written through
 `optimized_model_filepath`): that the forms survive the optimizer is part of the result.
-Writes cpu_overhead.json and cpu_overhead.md into --out.
+Writes cpu_overhead.json and cpu_overhead.md into --output.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from surgery.adapters import AdapterSpec
 from surgery.fold import folded_copy
 from surgery.packs import pack_from_model, save_pack
 from surgery.pipeline import open_model, stand_in_adapted
+from benchmarks.args import add_output
 
 COUNTED = ("MatMul", "FusedMatMul", "Gemm", "FusedGemm", "Add", "Relu", "Slice", "Split", "SkipLayerNormalization")
 
@@ -126,7 +127,7 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2,4")
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=Path("out/cpu_overhead"))
+    add_output(parser, Path("out/cpu_overhead"), type=Path)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="cpu-overhead-"))

@@ -3,7 +3,7 @@ the same loop over the captured torch graph on the CPU or a CUDA GPU.
 
     python -m benchmarks.generate [--model smollm2-135m,gpt2-medium] [--variants base,houlsby,...] [--rounds 3]
                                   [--alternations 5] [--backend ort|ort-cuda|torch|torch-cuda] [--work DIR]
-                                  [--out out/generate]
+                                  [-o out/generate]
 
 Models (one after the other, each with all its variants): the real SmolLM2-135M (surgery/zoo.py, dequantized fp32)
 and a GPT-2-medium shape with random weights (surgery/architectures.py BUILTIN: 24 layers, d 1024, vocab 50257; a fixed
@@ -62,6 +62,7 @@ from surgery.merge import merge_adapters
 from surgery.packs import pack_from_model, save_pack
 from surgery.pipeline import adapt, open_model, stand_in_adapted
 from surgery.zoo import CHECKPOINTS, fetch
+from benchmarks.args import add_output
 
 VARIANTS = ("base", "houlsby", "lora", "lora-merged", "swappable", "routed")
 TORCH_VARIANTS = ("base", "houlsby", "lora", "lora-merged")  # swappable and routed are ONNX Runtime forms
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="ort", choices=BACKENDS)
     parser.add_argument("--work", type=Path, help="where the exports are kept, per model (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=Path("out/generate"))
+    add_output(parser, Path("out/generate"), type=Path)
     parser.add_argument("--pair", help=argparse.SUPPRESS)  # one round of one variant: the worker process
     args = parser.parse_args(argv)
     if args.pair:

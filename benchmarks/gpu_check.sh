@@ -57,18 +57,18 @@ VARIANTS=base,houlsby,houlsby-kernel,lora-merged
 BACKENDS=torch-cuda,torch-cuda-graphs,torch-cuda-compile,torch-cuda-compile-graphs
 COMMON="--grid 1x128 --variants $VARIANTS --backends $BACKENDS --compile-mode $COMPILE_MODE --build-timeout $BUILD_S --target 3"
 run 330 $PY -m benchmarks.latency --model gpt2-medium $COMMON --rounds 12 --calls 10 \
-    --out "$REPORTS/gpt2_medium_b1" --work "$WORK/gpt2"
+    -o "$REPORTS/gpt2_medium_b1" --work "$WORK/gpt2"
 gpt2=$?
 rm -rf "$WORK/gpt2"
 run 60 $PY -m pytest -q -rs -p no:cacheprovider -m "trt or gpu" tests
 tests=$?
 run 150 $PY -m benchmarks.generate --model gpt2-medium --backend torch-cuda --variants base,houlsby,lora,lora-merged \
-    --rounds 1 --alternations 2 --out "$REPORTS/generate"
+    --rounds 1 --alternations 2 -o "$REPORTS/generate"
 gen=$?
 ortgen=0
 if $PY -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
     run 240 $PY -m benchmarks.generate --model gpt2-medium --backend ort-cuda --variants base,houlsby \
-        --rounds 1 --alternations 3 --out "$REPORTS/generate"
+        --rounds 1 --alternations 3 -o "$REPORTS/generate"
     ortgen=$?
 else
     echo "gpu_check: skipped generation on ORT CUDA: onnxruntime has no CUDAExecutionProvider (pip install -e '.[gpu]')"
@@ -84,15 +84,15 @@ run 150 bash -c "$PY -m cli.main insert --r 8 minilm --task sequence-classificat
     $PY -m cli.main export '$WORK/bf16.adapted.pt2' -o '$WORK/bf16.onnx' --json > '$REPORTS/train_cuda/export.json'"
 train=$?
 run 120 $PY -m benchmarks.latency --model "$MODEL" $COMMON --rounds 12 --calls 10 \
-    --out "$REPORTS/minilm_b1" --work "$WORK/minilm"
+    -o "$REPORTS/minilm_b1" --work "$WORK/minilm"
 minilm=$?
 run 150 $PY -m benchmarks.latency --model gpt2-medium --grid 16x256,32x512 --rounds 5 --calls 3 \
     --variants base,houlsby,houlsby-kernel --backends torch-cuda-graphs --target 3 \
-    --out "$REPORTS/gpt2_medium_paper" --work "$WORK/gpt2p"
+    -o "$REPORTS/gpt2_medium_paper" --work "$WORK/gpt2p"
 grid=$?
 trt=0
 if $PY -c "import importlib.util as u, onnxruntime as o, sys; sys.exit(not (u.find_spec('tensorrt') or 'CUDAExecutionProvider' in o.get_available_providers()))" 2>/dev/null; then
-    run 120 $PY -m benchmarks.gpu_latency --model "$MODEL" --runs 100 --out "$REPORTS/gpu_latency"
+    run 120 $PY -m benchmarks.gpu_latency --model "$MODEL" --runs 100 -o "$REPORTS/gpu_latency"
     trt=$?
 fi
 rm -rf "$WORK"

@@ -1,7 +1,7 @@
 """GPU latency of MiniLM, base against Houlsby r=8: torch CUDA eager, ONNX Runtime CUDA, TensorRT (each where present).
 
     python -m benchmarks.gpu_latency [--model minilm|minilm-random] [--runs 100] [--precision fp32|fp16] \
-        [--out out/gpu_latency]
+        [-o out/gpu_latency]
 
 Batch 1, sequence 128. Within a backend the base and the adapted model are timed call by call in turn (see
 benchmarks/latency.py), so their ratio is what to read. Every call includes its host-device copies (torch:
@@ -27,6 +27,7 @@ from benchmarks.worker import on_device
 from surgery.adapters import AdapterSpec, stand_in_weights
 from surgery.capture import export_program
 from surgery.pipeline import adapt
+from benchmarks.args import add_output
 
 SIZES = {"batch": 1, "seq": 128}
 
@@ -74,7 +75,9 @@ def _trt_calls(models, folder, feeds, precision, stack):
 
     if importlib.util.find_spec("tensorrt") is None:
         return None, "TensorRT not installed (pip install 'surgery[trt]')"
-    from exporters.tensorrt import build_engine, engine_runner, parse_shapes, prepare_trt
+    from exporters.tensorrt import build_engine, prepare_trt
+    from exporters.trt_profiles import parse_shapes
+    from exporters.trt_run import engine_runner
 
     calls = {}
     for name, m in models.items():
@@ -97,7 +100,7 @@ def main() -> None:
     parser.add_argument("--model", default="minilm", help="minilm (needs its package) or minilm-random (same shape)")
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-    parser.add_argument("--out", type=Path, default=Path("out/gpu_latency"))
+    add_output(parser, Path("out/gpu_latency"), type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible to torch: install a CUDA build of torch (see README) on a GPU machine")

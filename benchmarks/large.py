@@ -1,7 +1,7 @@
 """Large models on a small machine: wall time and peak RSS of `surgery insert` and `surgery export` (which verifies)
 per step, as subprocesses under `/usr/bin/time -f %M`, against the model's weight bytes.
 
-    python -m benchmarks.large --model qwen2.5-0.5b --dtype fp32 bf16 --out benchmarks/results/large.json
+    python -m benchmarks.large --model qwen2.5-0.5b --dtype fp32 bf16 -o benchmarks/results/large.json
     python -m benchmarks.large --model llama-2-7b --dtype bf16 --stream
 
 The model is a config alone (random weights, no download): its shape is what costs memory. `qwen2.5-0.5b` is
@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from surgery.architectures import BUILTIN
+from benchmarks.args import add_output
 
 LARGE = ("qwen2.5-0.5b", "llama-559m", "llama-2-7b")  # shapes of surgery/architectures.py BUILTIN
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -312,7 +313,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=LARGE, default="qwen2.5-0.5b")
     parser.add_argument("--dtype", nargs="+", choices=sorted(BYTES), default=["fp32"])
-    parser.add_argument("--out", default="benchmarks/results/large.json")
+    add_output(parser, "benchmarks/results/large.json")
     parser.add_argument("--stream", action="store_true", help="The streamed path (export --stream) on safetensors.")
     parser.add_argument("--tmp", default=None, help="Folder for the temporary checkpoint and outputs.")
     parser.add_argument("--real", default=None, help="A real checkpoint of surgery/zoo.py, end to end (see above).")

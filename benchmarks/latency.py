@@ -20,6 +20,7 @@ from pathlib import Path
 
 from benchmarks.harness import BACKENDS, run_grid, write_reports
 from benchmarks.worker import COMPILE_MODES
+from benchmarks.args import add_output
 
 GRIDS = {"tiny": [(1, 16)], "default": [(1, 128)], "paper": [(1, 128), (16, 256), (32, 512)]}
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         "a case not ready by then is dropped with a message",
     )
     p.add_argument("--target", type=float, help="overhead target in percent: each row says met, missed or within noise")
-    p.add_argument("--out", type=Path, default=Path("out/bench"))
+    add_output(p, Path("out/bench"), type=Path)
     p.add_argument("--work", type=Path, help="where the exported variants go (default: OUT/artifacts)")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     from rich.console import Console

@@ -1,6 +1,6 @@
 """Merged LoRA costs nothing: ONNX Runtime latency of base, LoRA (unmerged) and merged-LoRA MiniLM.
 
-    python -m benchmarks.merge --r 8 --targets q,v --runs 200 --out merge.json
+    python -m benchmarks.merge --r 8 --targets q,v --runs 200 -o merge.json
 
 LoRA goes into the pretrained MiniLM, its B gets small random weights (standing in for trained ones, so the
 merge has something to fold), and the model is exported twice: as is, and after `merge_adapters`. Each export
@@ -24,6 +24,7 @@ from benchmarks.timing import alternate, machine
 from exporters.onnx import export_onnx
 from surgery.adapters import LoraSpec, stand_in_weights
 from surgery.pipeline import adapt, merge_model, open_model
+from benchmarks.args import add_output
 
 
 def run(r: str, targets: str, runs: int, threads: int, seq: int) -> dict:
@@ -58,7 +59,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    add_output(parser, None, "write the JSON here too", type=Path)
     args = parser.parse_args()
     result = run(args.r, args.targets, args.runs, args.threads, args.seq)
     text = json.dumps(result, indent=1)

@@ -1,7 +1,7 @@
 """This tool's generation loop against onnxruntime-genai's on the same checkpoint, paired.
 
     pip install -e '.[peers]'   # onnxruntime-genai 0.18: its model builder and its generation loop
-    python -m benchmarks.peers [--model smollm2-135m] [--threads 2] [--alternations 20] [--work DIR] [--out DIR]
+    python -m benchmarks.peers [--model smollm2-135m] [--threads 2] [--alternations 20] [--work DIR] [-o DIR]
 
 The real checkpoint of surgery/zoo.py (SmolLM2-135M: its GGUF, dequantized to fp32 by transformers) three ways:
 - `genai`: onnxruntime-genai's builder model of it (`onnxruntime_genai.models.builder -p fp32 -e cpu`, from the same
@@ -37,6 +37,7 @@ from benchmarks.generate import PROMPT, exported
 from benchmarks.timing import lockstep as in_lockstep
 from benchmarks.timing import machine, paired_overhead
 from exporters.runtime import Generation, Generator
+from benchmarks.args import add_output
 
 NEW_TOKENS = 32
 
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--alternations", type=int, default=20)
     parser.add_argument("--work", type=Path, default=Path("out/generate-work"), help="exports, shared with generate")
-    parser.add_argument("--out", type=Path, default=Path("out/peers"))
+    add_output(parser, Path("out/peers"), type=Path)
     args = parser.parse_args(argv)
     try:
         import onnxruntime_genai

@@ -1,6 +1,6 @@
 """What a plain `torch.onnx.export` of a Hugging Face folder costs, beside `surgery export --stream`.
 
-    python -m benchmarks.plain_export FOLDER [--dtype bf16] [--limit-gb 20] [--out out/plain_export.json]
+    python -m benchmarks.plain_export FOLDER [--dtype bf16] [--limit-gb 20] [-o out/plain_export.json]
 
 A child process does what a user without this tool would: `AutoModel.from_pretrained(FOLDER, dtype=...)` (the
 weights in memory), then `torch.onnx.export(model, (input_ids, attention_mask), dynamo=True, external_data=True)`
@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.args import add_output
 
 CHILD = r"""
 import sys, time, torch
@@ -99,7 +101,7 @@ def main() -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--limit-gb", type=float, default=20.0, help="kill the export past this resident memory")
     p.add_argument("--tmp", help="where the export is written (and deleted)")
-    p.add_argument("--out", type=Path, default=Path("out/plain_export.json"))
+    add_output(p, Path("out/plain_export.json"), type=Path)
     a = p.parse_args()
     load = os.getloadavg()[0]
     result = plain_export(a.folder, a.dtype, a.limit_gb, a.tmp)

@@ -1,7 +1,7 @@
 """Half-precision ONNX against torch: how far fp16 and bf16 exports are from torch at the same precision and from
 fp32, on real checkpoints. The default tolerances of `export --dtype fp16|bf16` (surgery/parity.py) come from here.
 
-    python -m benchmarks.precision smollm2-135m mpnet --out benchmarks/results/precision.json
+    python -m benchmarks.precision smollm2-135m mpnet -o benchmarks/results/precision.json
 
 Each checkpoint is adapted with LoRA r=8 (distinct random weights), exported baked in fp32, fp16 and bf16, and every
 export is run in ONNX Runtime (CPU; a bf16 export as its fp32 copy, see exporters/verify.py) on the padded 3x37 and
@@ -26,6 +26,7 @@ from surgery.adapters import LoraSpec, stand_in_weights
 from surgery.pipeline import adapt, open_model
 from surgery.sites import ADAPTER_ROOT
 from surgery.zoo import CHECKPOINTS, fetch
+from benchmarks.args import add_output
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -65,7 +66,7 @@ def measure(name: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="real checkpoint names (surgery/zoo.py) or model paths")
-    parser.add_argument("--out", default="benchmarks/results/precision.json")
+    add_output(parser, "benchmarks/results/precision.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
     result = {

@@ -1,6 +1,6 @@
 """Load on a real Triton server (bundled in nvidia-pytriton): MiniLM with adapters, requests from concurrent clients.
 
-    python -m benchmarks.serve [--clients 1,8,32] [--seconds 8] [--repeats 3] [--seq 128] [--out benchmarks/results]
+    python -m benchmarks.serve [--clients 1,8,32] [--seconds 8] [--repeats 3] [--seq 128] [-o benchmarks/results]
 
 Four adapted MiniLM models (Houlsby r=8, distinct random weights) are exported once as one routed ONNX (`--route`)
 and served as two Python-backend models of the same file, plus the base model:
@@ -13,7 +13,7 @@ and served as two Python-backend models of the same file, plus the base model:
 Each client sends batch-1 requests of `--seq` tokens over gRPC, back to back, for `--seconds`. Runs are interleaved
 (every repeat goes through every case and client count, in a shuffled order) and each figure is the median over
 repeats: throughput in requests/s, p50 and p99 latency in ms, and the mean batch size Triton executed.
-Writes serve.json and serve.md under --out.
+Writes serve.json and serve.md under --output.
 
 Against a server it did not start (any Triton that serves a model `surgery export --triton-repo` wrote, started by
 hand or in a container), give its gRPC address; the one case is `--model` with requests spread over `--adapters`
@@ -44,6 +44,7 @@ from exporters.triton import write_python_model
 from exporters.triton_server import start_server
 from surgery.adapters import AdapterSpec
 from surgery.pipeline import open_model, stand_in_adapted
+from benchmarks.args import add_output
 
 ADAPTERS = ["a", "b", "c", "d"]
 CASES = {  # name: (model, adapters the requests are spread over)
@@ -178,7 +179,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--workdir", help="keep the models and repository here (reused when present)")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_output(parser, "benchmarks/results")
     parser.add_argument("--url", help="the gRPC address (host:port) of a server this benchmark does not start")
     parser.add_argument("--model", default="routed-python", help="with --url: the model to load")
     parser.add_argument("--adapters", default="a,b,c,d", help="with --url: adapters to spread requests over ('' base)")

@@ -1,6 +1,6 @@
 """What it costs to change the adapter of a live model, against exporting and loading a new baked one.
 
-    python -m benchmarks.swap_cost [--runs 50] [--out out/swap_cost]
+    python -m benchmarks.swap_cost [--runs 50] [-o out/swap_cost]
 
 Three adapted MiniLM models (Houlsby r=8, distinct random weights) stand in for three tasks. Measured:
 - pack load: reading and checking an `.onnx_adapter` and memory-mapping it into the live session;
@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.args import add_output
 from benchmarks.timing import machine, time_interleaved
 from exporters.onnx import export_onnx
 from exporters.runtime import AdaptedSession
@@ -42,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("out/swap_cost"))
+    add_output(parser, Path("out/swap_cost"), type=Path)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="swap-cost-"))

@@ -12,7 +12,7 @@ bundled tritonserver): `swappable` (one pack), `routed` (two adapters, one ONNX 
 - `stub_modules`: whether torch was imported in the stub (its /proc maps hold libtorch).
 After one unrecorded run per side (which makes any environment a side caches), the sides alternate,
 `--repeats` times each; the report gives medians and ranges. Writes triton_runtime.json and
-triton_runtime.md under --out.
+triton_runtime.md under --output.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.args import add_output
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +115,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="swappable,routed", help="the exports to serve")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", help="keep the export here (reused when present)")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_output(parser, "benchmarks/results")
     args = parser.parse_args()
     folder = Path(args.workdir or tempfile.mkdtemp(prefix="surgery-triton-runtime-"))
     folder.mkdir(parents=True, exist_ok=True)

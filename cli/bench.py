@@ -12,7 +12,8 @@ from rich.progress import Progress
 
 from benchmarks.harness import BACKENDS, run_grid, write_reports
 from benchmarks.variants import prepare_adapted
-from cli.common import Json, OldOut, emit_json, err, out, renamed, step
+from cli.common import emit_json, err, out, renamed, step
+from cli.options import Adapted, Json, OldOut, OutputFolder, with_help
 from surgery.errors import SurgeryError
 
 
@@ -24,16 +25,14 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def bench(
-    source: Annotated[str, typer.Argument(help="An .adapted.pt2 from `surgery insert`.")],
+    source: Adapted,
     backends: Annotated[str, typer.Option("--backends", help=", ".join(BACKENDS))] = "torch,ort",
     batch: Annotated[str, typer.Option("--batch", help="Batch sizes, comma-separated.")] = "1",
     seq: Annotated[str, typer.Option("--seq", help="Sequence lengths, comma-separated.")] = "128",
     rounds: Annotated[int, typer.Option("--rounds", help="Interleaved rounds after 2 warm-up rounds.")] = 10,
     calls: Annotated[int, typer.Option("--calls", help="Timed calls per case per round.")] = 5,
     threads: Annotated[int, typer.Option("--threads", help="Threads per case (torch and ORT).")] = 2,
-    out_dir: Annotated[
-        Path, typer.Option("-o", "--output", help="Folder for results.md, results.json, results.png.")
-    ] = Path("out/bench"),
+    out_dir: with_help(OutputFolder, "Folder for results.md, results.json, results.png.") = Path("out/bench"),
     old_out: OldOut = None,
     json: Json = False,
 ) -> None:

@@ -1,4 +1,5 @@
-"""What every command shares: option aliases, progress steps, output, and how a failure ends the process.
+"""What every command shares: progress steps, output, and how a failure ends the process (the option
+aliases are cli/options.py's).
 
 A `SurgeryError` (the user's to fix) is one `error:` line and exit 2. Any other exception is ours: one `error:`
 line naming the stage (the `step` that was running) and the model, the full traceback written to a log file in the
@@ -7,7 +8,6 @@ temp folder whose path that line gives, and exit 1; `surgery --debug COMMAND` pr
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -17,96 +17,39 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 
-import typer
 from rich.console import Console
 from rich.markup import escape
 
 from surgery.errors import SurgeryError
 
 from surgery.quiet import quiet_libraries  # noqa: F401  (moved down: benchmarks use it too)
+from cli.options import (  # noqa: F401  (the option aliases live in cli.options; these names still import from here)
+    ATOL_HELP,
+    RTOL_HELP,
+    Act,
+    Alpha,
+    Dtype,
+    InputDtype,
+    InputShape,
+    Json,
+    Method,
+    OldOut,
+    OldShapes,
+    OldTolerance,
+    Output,
+    Rank,
+    Scale,
+    Source,
+    Targets,
+    Task,
+    Trust,
+    in_panel,
+)
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
-
-Source = Annotated[
-    Optional[str],
-    typer.Argument(
-        help="A Hugging Face model folder, a config.json (random weights), a .pt2, a .pt (with --trust), "
-        "or 'minilm' (default)."
-    ),
-]
-Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-Trust = Annotated[
-    bool,
-    typer.Option(
-        "--trust", help="Run code from a model file you trust: unpickle a .pt, or a .pt2 that holds more than tensors."
-    ),
-]
-InputShape = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "--input-shape",
-        help="Input shape of a plain nn.Module, e.g. batch,seq,64 (names are dynamic axes). Once per input.",
-    ),
-]
-Dtype = Annotated[
-    str,
-    typer.Option(
-        "--dtype",
-        help="Weights in auto (the checkpoint's own), fp32, fp16 or bf16; adapters and ONNX follow the model.",
-    ),
-]
-from surgery.task_names import TASK_HELP  # noqa: E402
-
-Task = Annotated[Optional[str], typer.Option("--task", help=TASK_HELP)]
-InputDtype = Annotated[str, typer.Option("--input-dtype", help="dtype of the --input-shape inputs.")]
-Output = Annotated[Optional[str], typer.Option("-o", "--output", help="Output file (written atomically).")]
-Targets = Annotated[
-    Optional[str],
-    typer.Option(
-        "--targets",
-        help="Regex over module paths (overrides the architecture's sites); for lora, projections: "
-        "q,k,v,o,ffn_in,ffn_gate,ffn_out (default q,v).",
-    ),
-]
-Method = Annotated[
-    str, typer.Option("--method", help="houlsby, pfeiffer, parallel (beside the feed-forward block) or lora.")
-]
-Rank = Annotated[
-    str,
-    typer.Option(
-        "--r",
-        help="Bottleneck size (1 <= r < d_model); for lora a rank for every --targets projection, "
-        "or per projection: q=2,k=2,v=2,o=2.",
-    ),
-]
-Act = Annotated[
-    str,
-    typer.Option(
-        "--act", help="Activation σ of a bottleneck: relu, gelu, silu, tanh, identity (a linear adapter, mergeable)."
-    ),
-]
-Alpha = Annotated[
-    Optional[float],
-    typer.Option("--alpha", help="lora: the delta is scaled by alpha/r (default alpha = r: scaling 1)."),
-]
-Scale = Annotated[float, typer.Option("--scale", help="parallel: scale s of the branch, y + s·W_up σ(W_down x).")]
-ATOL_HELP = "the parity check's absolute part: per output, max|a - torch| <= atol + rtol x max|torch|"
-RTOL_HELP = "the parity check's relative part: the share of each output's largest magnitude max|torch| allowed on top"
-# `--tolerance`, the earlier spelling of `--atol`: hidden, kept working for one release with a warning (`renamed`)
-OldTolerance = Annotated[Optional[float], typer.Option("--tolerance", hidden=True)]
-# `--out`, the earlier spelling of `-o/--output` on `bench` and `demo`: the same treatment
-OldOut = Annotated[Optional[Path], typer.Option("--out", hidden=True)]
-
-
-def in_panel(alias: Any, panel: str) -> Any:
-    """A shared `Annotated` option alias, shown under the help panel `panel` of one command's --help."""
-    info = copy.copy(alias.__metadata__[0])
-    info.rich_help_panel = panel
-    return Annotated[alias.__origin__, info]
 
 
 def renamed(new: Any, old: Any, new_name: str, old_name: str, default: Any = None) -> Any:

@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cli.common import Json, emit_json, err, out, stage
+from cli.common import emit_json, err, out, stage
+from cli.options import Json
 from surgery.gguf_convert import check_target, convert_gguf
 
 

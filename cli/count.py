@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Act, Alpha, Json, Method, Rank, Scale, Targets, emit_json, out, step
+from cli.common import emit_json, out, step
+from cli.options import Act, Alpha, Json, Method, Rank, Scale, Targets
 from surgery.adapters import parse_spec
 from surgery.count import BUILTIN, count as count_params
 

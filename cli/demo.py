@@ -9,13 +9,12 @@ import typer
 from rich.table import Table
 
 from benchmarks.demo import run_demo
-from cli.common import Json, OldOut, emit_json, out, renamed, step
+from cli.common import emit_json, out, renamed, step
+from cli.options import Json, OldOut, OutputFolder, with_help
 
 
 def demo(
-    out_dir: Annotated[Path, typer.Option("-o", "--output", help="Folder for the models and the report.")] = Path(
-        "out"
-    ),
+    out_dir: with_help(OutputFolder, "Folder for the models and the report.") = Path("out"),
     r: Annotated[int, typer.Option("--r", help="Bottleneck size.")] = 8,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per model.")] = 100,
     old_out: OldOut = None,

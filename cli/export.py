@@ -22,6 +22,7 @@ from cli.common import (
     InputDtype,
     InputShape,
     Json,
+    OldShapes,
     OldTolerance,
     Output,
     Rank,
@@ -112,12 +113,13 @@ def export(
     shapes: Annotated[
         Optional[list[str]],
         typer.Option(
-            "--shapes",
+            "--engine-shape",
             rich_help_panel=ENGINE,
             help="Engine profile per axis, e.g. batch=1:8:64,seq=16:128:512 (MIN:OPT:MAX). A causal LM's cache graph "
             "has two profiles: prefill (past 0) and decode (seq 1); prefix one with prefill: or decode:, repeat it.",
         ),
     ] = None,
+    old_shapes: OldShapes = None,
     fp16: Annotated[
         bool, typer.Option("--fp16", rich_help_panel=ENGINE, help="Engine in fp16 (tolerance 2e-2).")
     ] = False,
@@ -184,6 +186,7 @@ def export(
     """Export to ONNX with dynamic batch and sequence; written only if ONNX Runtime matches torch."""
     sources = sources or [None]
     tolerance = renamed(atol, tolerance, "--atol", "--tolerance")
+    shapes = renamed(shapes, old_shapes, "--engine-shape", "--shapes")
     if stream:
         if route:
             raise SurgeryError(
@@ -214,7 +217,7 @@ def export(
             tolerance, rtol, json, external_data,
         )  # fmt: skip
     if shapes or fp16 or bf16 or max_r is not None or timing_cache:
-        raise SurgeryError("--shapes, --fp16, --bf16, --max-r and --timing-cache are engine options; add --trt")
+        raise SurgeryError("--engine-shape, --fp16, --bf16, --max-r and --timing-cache are engine options; add --trt")
     if fused_pt2:
         if onnx:
             raise SurgeryError("--onnx and --fused-pt2 are two output formats; choose one")

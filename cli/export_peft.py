@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Json, Output, Trust, emit_json, out, step
+from cli.common import emit_json, out, step
+from cli.options import Json, Output, Trust
 from surgery.peft_export import peft_folder, write_peft
 from surgery.pipeline import default_output, open_adapted
 

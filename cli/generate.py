@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Json, emit_json, err, out, step
+from cli.common import emit_json, err, out, step
+from cli.options import Json
 from runtime.errors import SurgeryError
 from runtime.generate import Generator
 from runtime.tokenizer import TextTokenizer

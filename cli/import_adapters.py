@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Json, Output, Trust, emit_json, out, step
+from cli.common import emit_json, out, step
+from cli.options import Base, Json, Output, Trust
 from surgery.adapterhub import import_adapterhub, read_adapterhub
 from surgery.adapters import LoraSpec
 from surgery.bundle import SUFFIX, save_adapted
@@ -19,9 +20,7 @@ def import_adapters(
         str,
         typer.Argument(help="A folder written by adapters' model.save_adapter: adapter_config.json + weights."),
     ],
-    base: Annotated[
-        str, typer.Option("--base", help="The base model it was trained on: a HF folder, a config.json, or 'minilm'.")
-    ] = "minilm",
+    base: Base = "minilm",
     output: Output = None,
     json: Json = False,
     trust: Trust = False,

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Json, Output, Trust, emit_json, out, step
+from cli.common import emit_json, out, step
+from cli.options import Base, Json, Output, Trust
 from surgery.bundle import SUFFIX, save_adapted
 from surgery.io import check_output
 from surgery.peft_import import import_peft as import_folder
@@ -15,9 +16,7 @@ from surgery.pipeline import default_output, open_model
 
 def import_peft(
     folder: Annotated[str, typer.Argument(help="A PEFT LoRA folder: adapter_config.json + adapter_model.safetensors.")],
-    base: Annotated[
-        str, typer.Option("--base", help="The base model it was trained on: a HF folder, a config.json, or 'minilm'.")
-    ] = "minilm",
+    base: Base = "minilm",
     output: Output = None,
     json: Json = False,
     trust: Trust = False,

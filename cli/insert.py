@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import (
+from cli.common import emit_json, out, step
+from cli.options import (
     Task,
     Act,
     Alpha,
@@ -21,9 +22,6 @@ from cli.common import (
     Source,
     Targets,
     Trust,
-    emit_json,
-    out,
-    step,
 )
 from surgery.adapters import AdapterSpec, parse_spec
 from surgery.bundle import SUFFIX, save_adapted

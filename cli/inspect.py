@@ -7,7 +7,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from cli.common import Task, InputDtype, InputShape, Json, Source, Targets, Trust, emit_json, out, step
+from cli.common import emit_json, out, step
+from cli.options import Task, InputDtype, InputShape, Json, Source, Targets, Trust
 from surgery.adapters import LoraSpec, StackSpec
 from surgery.bundle import Manifest, Training
 from surgery.errors import SurgeryError

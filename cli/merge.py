@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Json, Output, Trust, emit_json, out, step
+from cli.common import emit_json, out, step
+from cli.options import Json, Output, Trust
 from surgery.bundle import save_adapted
 from surgery.errors import SurgeryError
 from surgery.io import check_output

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Json, Output, Trust, emit_json, out, step
+from cli.common import emit_json, out, step
+from cli.options import Json, Output, Trust
 from surgery.errors import SurgeryError
 from surgery.packs import SUFFIXES, load_pack, pack_from_model, save_pack
 from surgery.pipeline import default_output, open_model

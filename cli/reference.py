@@ -60,7 +60,7 @@ def render() -> str:
         "Conventions: `-o/--output` names what a command writes (written atomically); `--atol`/`--rtol` are the parity "
         "check's tolerances; `--json` prints machine-readable JSON on stdout. Three options take shapes, each its own "
         "thing: `--input-shape` describes the inputs of a plain `nn.Module` (names are dynamic axes), `run --shape` "
-        "sizes the random inputs of one run, and `export --shapes` sets a TensorRT engine's MIN:OPT:MAX profile.",
+        "sizes the random inputs of one run, and `export --engine-shape` sets a TensorRT engine's MIN:OPT:MAX profile.",
         "",
         "| global option | help |",
         "|---|---|",

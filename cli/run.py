@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from cli.common import ATOL_HELP, RTOL_HELP, Json, OldTolerance, Trust, emit_json, out, renamed, stage
+from cli.common import emit_json, out, renamed, stage
+from cli.options import ATOL_HELP, RTOL_HELP, Json, OldSave, OldTolerance, Output, with_help, Trust
 from runtime.adapted import AdaptedSession
 from runtime.errors import SurgeryError
 from runtime.files import check_onnx_data
@@ -73,13 +74,14 @@ BY = " (default: by the engine's precision)."
 
 def _run_engine(model: Path, adapter, input_file, shape, against, tolerance, rtol, json, trust=False):
     """A TensorRT engine through Polygraphy's TrtRunner; with --against, a parity check against torch instead."""
-    from exporters.tensorrt import read_sidecar, run_engine
+    from exporters.tensorrt import read_sidecar
+    from exporters.trt_run import run_engine
 
     if adapter is not None:
         raise SurgeryError(f"engines hold their adapters; refit one in place with `surgery swap {model} {adapter}`")
     sidecar = read_sidecar(model)
     if against is not None:
-        from exporters.tensorrt import check_engine
+        from exporters.trt_run import check_engine
         from surgery.pipeline import open_model
 
         captured = open_model(against, trust=trust)
@@ -109,16 +111,14 @@ def run(
         str,
         typer.Option("--shape", help="Random inputs of this size when no --input (a KV-cache graph: past=N too)."),
     ] = "batch=1,seq=128",
-    save: Annotated[
-        Optional[Path], typer.Option("-o", "--output", help="Write the outputs to this .npz (written atomically).")
-    ] = None,
+    save: with_help(Output, "Write the outputs to this .npz (written atomically).") = None,
     against: Annotated[
         Optional[str], typer.Option("--against", help="A TensorRT engine: compare it with this model in torch.")
     ] = None,
     atol: Annotated[Optional[float], typer.Option("--atol", help=f"With --against, {ATOL_HELP}{BY}")] = None,
     rtol: Annotated[Optional[float], typer.Option("--rtol", help=f"With --against, {RTOL_HELP}{BY}")] = None,
     tolerance: OldTolerance = None,
-    old_save: Annotated[Optional[Path], typer.Option("--save", hidden=True)] = None,
+    old_save: OldSave = None,
     json: Json = False,
     trust: Trust = False,
 ) -> None:

@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import Json, emit_json, out, step
+from cli.common import emit_json, out, step
+from cli.options import Json
 from exporters.triton_server import start_server
 from surgery.errors import SurgeryError
 

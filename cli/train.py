@@ -7,25 +7,22 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from cli.common import Json, emit_json, err, out, step
+from cli.common import emit_json, err, out, step
+from cli.options import Adapted, Json, Output, Task, with_help
 from surgery.bundle import SUFFIX
 from surgery.errors import SurgeryError
 from surgery.io import check_output
 from surgery.train import Step, TrainConfig, TrainResult, prepare, train as train_model
 
-Model = Annotated[str, typer.Argument(help="An adapted model: the .adapted.pt2 that `surgery insert` wrote.")]
-
 
 def train(
-    model: Model,
+    model: Adapted,
     data: Annotated[str, typer.Option("--data", help="Training data: .jsonl, .csv or .parquet.")],
-    output: Annotated[Optional[str], typer.Option("-o", "--output", help="The trained .adapted.pt2 (atomic).")] = None,
+    output: with_help(Output, "The trained .adapted.pt2 (atomic).") = None,
     eval_data: Annotated[
         Optional[str], typer.Option("--eval", help="Held-out data, evaluated after each epoch; the best epoch is kept.")
     ] = None,
-    task: Annotated[
-        Optional[str], typer.Option("--task", help="seq-cls, token-cls or causal-lm (default: the model's head).")
-    ] = None,
+    task: with_help(Task, "seq-cls, token-cls or causal-lm (default: the model's head).") = None,
     text_field: Annotated[
         Optional[str], typer.Option("--text-field", help="Field of the text (default: text; token-cls: tokens).")
     ] = None,

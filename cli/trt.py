@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from cli.common import Json, Output, emit_json, out, step
+from cli.common import emit_json, out, step
+from cli.options import Json, Output
 from exporters.tensorrt import refit_engine
 from exporters.trt_check import check_trt as run_check
 

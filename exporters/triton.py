@@ -40,7 +40,7 @@ import runtime
 
 from surgery.errors import SurgeryError
 from surgery.packs import Pack, save_pack
-from surgery.safe_files import check_name, check_onnx_data, external_locations
+from runtime.files import check_name, check_onnx_data, external_locations
 from surgery.sites import ADAPTER_ROOT
 from surgery.signature import BATCH, Signature
 

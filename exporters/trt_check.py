@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 
 from surgery.errors import SurgeryError
-from surgery.safe_files import check_onnx_data
+from runtime.files import check_onnx_data
 
 TABLE = Path(__file__).with_name("trt_onnx_operators.json")
 MAX_DIMS = 8  # nvinfer1::Dims::MAX_DIMS

@@ -3,7 +3,7 @@
 The runners of exports (ONNX Runtime sessions, reloaded torch programs) are checked here through the one
 comparison, `surgery.parity.check`: padded batches of other shapes than the captured one, every output
 held to `atol + rtol * max|torch|` over unpadded positions. TensorRT engines are checked in
-`exporters/tensorrt.py` through the same function.
+`exporters/trt_run.py` through the same function.
 """
 
 from __future__ import annotations

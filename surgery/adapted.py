@@ -49,7 +49,7 @@ def source_config(manifest: Manifest) -> dict[str, Any]:
     path = path / "config.json" if path.is_dir() else path
     if path.name != "config.json" or not path.is_file():
         return {}
-    from surgery.safe_files import read_config
+    from runtime.files import read_config
 
     return read_config(path, manifest.source.name)
 

@@ -48,7 +48,7 @@ from surgery.errors import SurgeryError
 from surgery.graph import adapter_target, set_lora
 from surgery.insert import InsertReport, insert_adapters
 from surgery.peft_import import adapter_files, read_tensors, resolve
-from surgery.safe_files import read_config
+from runtime.files import read_config
 from surgery.sites import (
     AFTER_ADD,
     AFTER_NORM,

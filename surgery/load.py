@@ -21,7 +21,8 @@ from torch import nn
 from surgery.architectures import architecture, refuse_uncapturable
 from surgery.bundle import MANIFEST, Manifest, read_manifest
 from surgery.errors import SurgeryError
-from surgery.safe_files import check_pt2, read_config
+from runtime.files import read_config
+from surgery.safe_files import check_pt2
 from surgery.signature import Axis, InputSpec, Signature, parse_input_shape
 from surgery.source import Source
 from surgery.tasks import CAUSAL_LM, FEATURE_EXTRACTION, check_task, default_task, task_class, with_past

@@ -29,7 +29,7 @@ from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.graph import adapter_target, set_lora
 from surgery.insert import InsertReport, insert_adapters
-from surgery.safe_files import check_safetensors, read_config
+from runtime.files import check_safetensors, read_config
 from surgery.sites import Site, _layer_index, _site, input_node, linear_modules
 
 PREFIX = "base_model.model."

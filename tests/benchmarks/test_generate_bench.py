@@ -73,7 +73,7 @@ def test_the_pair_method_end_to_end_on_a_tiny_llama(lm_config, tmp_path):
 
     cmd = [sys.executable, "-m", "benchmarks.generate", "--model", str(lm_config("llama")), "--variants"]
     cmd += ["base,houlsby,lora-merged", "--rounds", "2", "--alternations", "1", "--work", str(tmp_path / "work")]
-    cmd += ["--out", str(tmp_path / "out")]
+    cmd += ["-o", str(tmp_path / "out")]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.count("exported and checked") == 3
@@ -105,7 +105,7 @@ def test_ort_cuda_without_onnxruntime_gpu_stops_at_once_in_one_line(tmp_path):
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed here: the refusal cannot be seen")
     run = subprocess.run(
-        [sys.executable, "-m", "benchmarks.generate", "--backend", "ort-cuda", "--out", str(tmp_path / "out")],
+        [sys.executable, "-m", "benchmarks.generate", "--backend", "ort-cuda", "-o", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=120,

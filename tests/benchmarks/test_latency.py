@@ -126,7 +126,7 @@ def test_torch_compile_backend_runs_every_torch_form(tmp_path, small_config):
             "3",
             "--build-timeout",
             "500",
-            "--out",
+            "-o",
             str(out),
         ],
         check=False,

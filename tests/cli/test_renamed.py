@@ -1,6 +1,6 @@
-"""Options renamed to one spelling across commands (`-o/--output`, `--atol`): the earlier spellings (`--out` on
-`bench` and `demo`, `--save` on `run`, `--tolerance` on `export` and `run`) keep working for one release, with a
-deprecation line on stderr, and are hidden from --help."""
+"""Options renamed to one spelling across commands (`-o/--output`, `--atol`, `--engine-shape`): the earlier spellings
+(`--out` on `bench` and `demo`, `--save` on `run`, `--tolerance` on `export` and `run`, `--shapes` on `export`) keep
+working for one release, with a deprecation line on stderr, and are hidden from --help."""
 
 from __future__ import annotations
 
@@ -34,6 +34,24 @@ def test_both_spellings_parse_and_only_the_new_one_is_shown(command, old, new, v
     assert str(ctx.params[new_param]) == value
     shown = [o for p in cmd.get_params(ctx) if not getattr(p, "hidden", False) for o in p.opts]
     assert new in shown and old not in shown
+
+
+def test_engine_shape_takes_shapes_repeated_under_either_spelling():
+    cmd = COMMANDS["export"]
+    ctx = cmd.make_context("export", ["--shapes", "batch=1:2:4", "--shapes", "prefill:seq=1:8:16"])
+    assert (
+        ctx.params["old_shapes"] == ["batch=1:2:4", "prefill:seq=1:8:16"] and not ctx.params["shapes"]
+    )  # () at the click level: None in the function
+    ctx = cmd.make_context("export", ["--engine-shape", "batch=1:2:4", "--engine-shape", "prefill:seq=1:8:16"])
+    assert ctx.params["shapes"] == ["batch=1:2:4", "prefill:seq=1:8:16"] and not ctx.params["old_shapes"]
+    shown = [o for p in cmd.get_params(ctx) if not getattr(p, "hidden", False) for o in p.opts]
+    assert "--engine-shape" in shown and "--shapes" not in shown
+
+
+def test_export_refuses_shapes_and_engine_shape_together(cli):
+    run = cli("export", "--trt", "--shapes", "batch=1:2:4", "--engine-shape", "batch=1:2:4")
+    assert run.code == 2
+    assert "--shapes and --engine-shape are one option under two names; give --engine-shape only" in run.stderr
 
 
 def test_the_old_spelling_gives_its_value_and_a_deprecation_line(capsys):

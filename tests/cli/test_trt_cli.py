@@ -31,7 +31,7 @@ def test_export_trt_without_tensorrt_writes_onnx_and_trtexec_then_exits_2(folder
         "-o",
         "m.plan",
         "--fp16",
-        "--shapes",
+        "--engine-shape",
         "batch=1:8:64,seq=16:128:512",
         "--triton-repo",
         "repo",
@@ -79,8 +79,8 @@ def test_export_trt_of_a_cache_graph_has_a_prefill_and_a_decode_profile(lm_confi
     run = cli("insert", "--r", "4", lm_config("llama"), "-o", "lm.adapted.pt2", cwd=tmp_path)
     assert run.code == 0, run.stderr
     run = cli(
-        "export", "lm.adapted.pt2", "--trt", "-o", "lm.plan", "--shapes", "batch=1:2:4",
-        "--shapes", "prefill:seq=1:32:64", "--shapes", "decode:past=1:32:128", "--json", cwd=tmp_path,
+        "export", "lm.adapted.pt2", "--trt", "-o", "lm.plan", "--engine-shape", "batch=1:2:4",
+        "--engine-shape", "prefill:seq=1:32:64", "--engine-shape", "decode:past=1:32:128", "--json", cwd=tmp_path,
     )  # fmt: skip
     assert run.code == 2, run.stderr
     profiles = run.json["profiles"]
@@ -98,7 +98,7 @@ def test_export_trt_of_a_cache_graph_has_a_prefill_and_a_decode_profile(lm_confi
         )
         == 1
     )
-    bad = cli("export", "lm.adapted.pt2", "--trt", "--shapes", "decode:seq=1:2:4", cwd=tmp_path)
+    bad = cli("export", "lm.adapted.pt2", "--trt", "--engine-shape", "decode:seq=1:2:4", cwd=tmp_path)
     assert bad.code == 2 and "the decode profile takes one new token (seq 1)" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "lm.plan").exists()
 
@@ -113,7 +113,7 @@ SLOW = pytest.mark.slow
         # the rest in make test-slow: a CLI start each (about 6 s), make test keeps under 6 minutes
         pytest.param(["export", "minilm.adapted.pt2", "--trt", "--swappable"], "--swappable and --max-r", marks=SLOW),
         pytest.param(["export", "minilm.adapted.pt2", "--trt", "--fp16", "--bf16"], "choose one", marks=SLOW),
-        (["export", "minilm.adapted.pt2", "--trt", "--shapes", "batch=1:2"], "MIN:OPT:MAX"),
+        (["export", "minilm.adapted.pt2", "--trt", "--engine-shape", "batch=1:2"], "MIN:OPT:MAX"),
         pytest.param(
             ["export", "minilm.adapted.pt2", "--swappable", "--triton-repo", "minilm.adapted.pt2"],
             "is not a folder",

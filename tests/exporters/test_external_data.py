@@ -18,7 +18,7 @@ from surgery.adapters import AdapterSpec
 from surgery.errors import SurgeryError
 from surgery.packs import pack_from_model
 from surgery.pipeline import open_model, stand_in_adapted
-from surgery.safe_files import check_onnx_data
+from runtime.files import check_onnx_data
 
 
 @pytest.fixture(scope="module")

@@ -459,7 +459,7 @@ def test_client_examples_name_an_adapter_per_request(world, server, protocol, tm
 
 def test_load_benchmark_against_a_server_it_did_not_start(server, tmp_path):
     args = ["--url", server.grpc, "--model", ROUTED, "--adapters", "a,b,c,", "--clients", "2", "--seconds", "1",
-            "--repeats", "1", "--seq", "16", "--out", str(tmp_path)]  # fmt: skip
+            "--repeats", "1", "--seq", "16", "-o", str(tmp_path)]  # fmt: skip
     done = subprocess.run([sys.executable, "-m", "benchmarks.serve", *args], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr

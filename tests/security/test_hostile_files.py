@@ -365,7 +365,7 @@ def test_peft_bin_loads_tensors_only(small_bert, tmp_path, cli):
 @pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "a\\b", ""])
 def test_names_that_become_paths_are_refused(name, tmp_path):
     from exporters.triton import write_triton_repo
-    from surgery.safe_files import check_name
+    from runtime.files import check_name
 
     (tmp_path / "m.onnx").write_bytes(b"")
     with pytest.raises(SurgeryError, match="Triton model name"):

@@ -9,7 +9,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from surgery.safe_files import scan_pickles
+from surgery.pickle_scan import scan_pickles
 from tests.security.hostile import Payload
 
 
