@@ -139,3 +139,33 @@ def test_whisper_against_the_models_forward_on_given_decoder_ids(tmp_path):
             (feeds["decoder_input_ids"].shape[0], row["max_source_positions"], row["d_model"]),
         ]
         assert_close(got, want, hf_run(model, feeds, hooked=False))
+
+
+@pytest.mark.slow
+def test_cli_inserts_and_exports_a_raw_audio_model(tmp_path, cli):
+    """`surgery insert` then `surgery export` as a user runs them on a wav2vec2 folder's config; the adapters get
+    distinct random weights between the two (a trained model's stand-in), and ONNX Runtime's output on a length the
+    check did not use matches the saved program's."""
+    from surgery.bundle import save_program
+    from surgery.pipeline import open_model
+
+    config = write_config("wav2vec2", tmp_path / "w2v")
+    run = cli("insert", "--r", "4", str(config), "--json", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert run.json["sites"] == [p for p, _ in AUDIO_SITES]
+    pt2 = tmp_path / run.json["output"]
+    adapted = open_model(str(pt2))
+    assert adapted.signature.inputs[0].name == "input_values" and adapted.signature.axes()["samples"].unproven
+    stand_in_weights(adapted.gm, seed=3)
+    save_program(pt2, adapted.gm, adapted.manifest)
+
+    run = cli("export", str(pt2), "--json", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    onnx = tmp_path / run.json["onnx"]
+    x = np.random.default_rng(2).standard_normal((2, 2345)).astype(np.float32)
+    with torch.no_grad():
+        want = torch.export.load(pt2).module()(input_values=torch.from_numpy(x))
+        base = open_model(str(config)).gm(input_values=torch.from_numpy(x))
+    assert np.abs(want[0].numpy() - base[0].numpy()).max() > 1e-2
+    got = ort_run(onnx, {"input_values": x})
+    np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-4, rtol=1e-4)
