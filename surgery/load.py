@@ -260,10 +260,32 @@ def _hf_loaded(model: nn.Module, source: Source, task: str = FEATURE_EXTRACTION)
         out = signature.call(model, signature.examples())
     # Tuples from the model's own forward only: its submodules share `config`, and some (BART's encoder and
     # decoder) must keep returning ModelOutputs to the forward that reads them by name.
-    model.config = copy.copy(config)
-    model.config.return_dict = False
+    if _reads_return_dict_twice(model):
+        model.register_forward_pre_hook(_tuple_outputs, with_kwargs=True)
+    else:
+        model.config = copy.copy(config)
+        model.config.return_dict = False
     names = tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
     return Loaded(source=source, signature=replace(signature, outputs=names), module=model, task=task)
+
+
+def _reads_return_dict_twice(model: nn.Module) -> bool:
+    """A forward under transformers' `capture_outputs` wrapper that also reads `config.return_dict` itself (HuBERT):
+    the wrapper turns the output into a tuple, so a config that says tuples makes the inner forward return one
+    already, which the wrapper cannot convert. Such a model is asked for tuples by argument instead."""
+    if "return_dict" not in _forward_args(model):
+        return False
+    f = type(model).forward
+    while f is not None:
+        if getattr(f, "__code__", None) is not None and f.__code__.co_filename.endswith("output_capturing.py"):
+            return True
+        f = getattr(f, "__wrapped__", None)
+    return False
+
+
+def _tuple_outputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    """A forward pre-hook: `return_dict=False`, so the model's own forward returns a tuple."""
+    return args, {**kwargs, "return_dict": False}
 
 
 # How the experts of a mixture of experts are computed for the capture: transformers' default (grouped_mm) calls
