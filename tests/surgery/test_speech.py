@@ -9,6 +9,7 @@ adapters as forward hooks (an independent placement), on unpadded batches."""
 from __future__ import annotations
 
 import copy
+import json
 import dataclasses
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from surgery.capture import capture
 from surgery.graph import adapter_target
 from surgery.load import load
 from surgery.pipeline import adapt
+from surgery.signature import Signature
 from tests.families import FAMILIES, write_config
 
 R = 4
@@ -169,3 +171,18 @@ def test_cli_inserts_and_exports_a_raw_audio_model(tmp_path, cli):
     assert np.abs(want[0].numpy() - base[0].numpy()).max() > 1e-2
     got = ort_run(onnx, {"input_values": x})
     np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_the_samples_axis_keeps_its_form_through_the_manifest():
+    """An `unproven` axis (Dim.DYNAMIC at capture) reads back as one; the form earlier versions wrote still reads."""
+    from surgery.signature import Axis, InputSpec
+
+    spec = InputSpec(
+        "input_values", (2, 16000), "float32", {0: Axis("batch", 1, 64), 1: Axis("samples", 60, 900, (), True)}
+    )
+    assert InputSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert spec.to_json()["axes"] == {"0": ["batch", 1, 64], "1": ["samples", 60, 900, [], True]}
+    old = {"name": "x", "shape": [2, 5], "dtype": "float32", "axes": {"1": ["seq", 2, 9]}, "high": None}
+    assert InputSpec.from_json(old).axes == {1: Axis("seq", 2, 9)}
+    dims = Signature((spec,)).dynamic_shapes()["input_values"]
+    assert isinstance(dims[0], torch.export.Dim) and not isinstance(dims[1], torch.export.Dim)
