@@ -370,7 +370,7 @@ def hf_signature(model: nn.Module) -> Signature:
         return Signature((InputSpec("input_values", (2, SAMPLES), "float32", {0: batch, 1: audio_axis(config)}),))
     if main == "input_features" and takes_decoder_inputs(model):  # Whisper: log-mel frames, then the decoder's ids
         frames = 2 * config.max_source_positions  # the encoder refuses any other length
-        seq = Axis("seq", 3, int(config.max_target_positions))
+        seq = Axis("seq", 2, int(config.max_target_positions))
         return Signature(
             (
                 InputSpec("input_features", (2, config.num_mel_bins, frames), "float32", {0: batch}),
