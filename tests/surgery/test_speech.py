@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import dataclasses
 from pathlib import Path
 
@@ -108,8 +109,14 @@ AUDIO = [pytest.param("wav2vec2"), pytest.param("hubert", marks=pytest.mark.slow
 def test_raw_audio_encoders_take_any_length(model_type, tmp_path):
     """Two sites per encoder block after the convolutional front end; unpadded batches of three lengths (one a
     frame's worth past the shortest, none a multiple of the front end's stride) against the hooked HF model."""
+    import onnx
+
     model = exported(model_type, tmp_path)
     assert model.sites == AUDIO_SITES
+    graph = onnx.load(str(model.onnx)).graph
+    dims = [[d.dim_param for d in v.type.tensor_type.shape.dim] for v in (graph.input[0], graph.output[0])]
+    assert dims[0] == ["batch", "samples"]  # the axis's name, not torch's symbol
+    assert dims[1][0] == "batch" and "samples" in dims[1][1] and not re.search(r"\bs\d+", dims[1][1])
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((1, 81)), rng.standard_normal((3, 1234)), rng.standard_normal((2, 4007))]
     outputs = []
