@@ -7,6 +7,7 @@ never written at the output path.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +130,28 @@ def lean_proto(proto: onnx.ModelProto, signature: Signature | None = None) -> on
     rms_norm_as_div(proto.graph)
     if signature is not None:
         name_cache_axes(proto, signature)
+        name_unproven_axes(proto, signature)
         attention_in_3d(proto.graph)
     return proto
+
+
+def name_unproven_axes(proto: onnx.ModelProto, signature: Signature) -> None:
+    """An `unproven` axis (raw audio's samples; `Dim.DYNAMIC` at capture) is named after a symbol by torch (`s27`):
+    that symbol becomes the axis's name (`samples`) in every input and output shape, within expressions too
+    (`(samples//20)`)."""
+    names = {}
+    for value, spec in ((v, i) for i in signature.inputs for v in proto.graph.input if v.name == i.name):
+        for k, axis in spec.axes.items():
+            dim = value.type.tensor_type.shape.dim[k]
+            if axis.unproven and dim.dim_param and dim.dim_param != axis.name:
+                names[dim.dim_param] = axis.name
+    if not names:
+        return
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    for value in [*proto.graph.input, *proto.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = symbol.sub(lambda m: names[m.group(1)], dim.dim_param)
 
 
 def wiring(graph: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:

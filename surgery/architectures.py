@@ -104,6 +104,34 @@ _CLIP = Architecture(
     ),
 )
 
+_BART_ROLES = {
+    ATTN_OUT: r"layers\.(\d+)\.self_attn\.out_proj$",
+    CROSS_OUT: r"layers\.(\d+)\.encoder_attn\.out_proj$",
+    FFN_OUT: r"layers\.(\d+)\.fc2$",
+}
+_BART_LORA = _projections(
+    r"layers\.(\d+)",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.out_proj",
+    ffn_in="fc1",
+    ffn_out="fc2",
+)
+_WAV2VEC2 = Architecture(
+    roles={ATTN_OUT: r"layers\.(\d+)\.attention\.out_proj$", FFN_OUT: r"layers\.(\d+)\.feed_forward\.output_dense$"},
+    lora=_projections(
+        r"layers\.(\d+)",
+        q="attention.q_proj",
+        k="attention.k_proj",
+        v="attention.v_proj",
+        o="attention.out_proj",
+        ffn_in="feed_forward.intermediate_dense",
+        ffn_out="feed_forward.output_dense",
+    ),
+    note="input_values: raw audio, dynamic samples; no attention mask, so batches are unpadded",
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "bert": _BERT,
     "roberta": _BERT,
@@ -232,23 +260,18 @@ ARCHITECTURES: dict[str, Architecture] = {
         note="decoder_input_ids are input_ids shifted right",
     ),
     "bart": Architecture(  # encoder and decoder: a decoder block has three sites
-        roles={
-            ATTN_OUT: r"layers\.(\d+)\.self_attn\.out_proj$",
-            CROSS_OUT: r"layers\.(\d+)\.encoder_attn\.out_proj$",
-            FFN_OUT: r"layers\.(\d+)\.fc2$",
-        },
-        lora=_projections(
-            r"layers\.(\d+)",
-            q="self_attn.q_proj",
-            k="self_attn.k_proj",
-            v="self_attn.v_proj",
-            o="self_attn.out_proj",
-            ffn_in="fc1",
-            ffn_out="fc2",
-        ),
+        roles=_BART_ROLES,
+        lora=_BART_LORA,
         min_seq=3,  # shifting input_ids right into decoder_input_ids needs 3 or more positions under torch.export
         note="decoder_input_ids are input_ids shifted right",
     ),
+    "whisper": Architecture(  # BART's layout after a convolutional front end over log-mel frames
+        roles=_BART_ROLES,
+        lora=_BART_LORA,
+        note="input_features are fixed at 2 x max_source_positions frames; decoder_input_ids are given",
+    ),
+    "wav2vec2": _WAV2VEC2,  # sites in the Transformer encoder after the convolutional front end
+    "hubert": _WAV2VEC2,
 }
 ARCHITECTURES["mt5"] = ARCHITECTURES["t5"]
 ARCHITECTURES["qwen2_moe"] = ARCHITECTURES["mixtral"]  # routed experts plus a gated shared expert, one site after

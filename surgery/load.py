@@ -261,10 +261,32 @@ def _hf_loaded(model: nn.Module, source: Source, task: str = FEATURE_EXTRACTION)
         out = signature.call(model, signature.examples())
     # Tuples from the model's own forward only: its submodules share `config`, and some (BART's encoder and
     # decoder) must keep returning ModelOutputs to the forward that reads them by name.
-    model.config = copy.copy(config)
-    model.config.return_dict = False
+    if _reads_return_dict_twice(model):
+        model.register_forward_pre_hook(_tuple_outputs, with_kwargs=True)
+    else:
+        model.config = copy.copy(config)
+        model.config.return_dict = False
     names = tuple(k for k, v in out.items() if isinstance(v, torch.Tensor))
     return Loaded(source=source, signature=replace(signature, outputs=names), module=model, task=task)
+
+
+def _reads_return_dict_twice(model: nn.Module) -> bool:
+    """A forward under transformers' `capture_outputs` wrapper that also reads `config.return_dict` itself (HuBERT):
+    the wrapper turns the output into a tuple, so a config that says tuples makes the inner forward return one
+    already, which the wrapper cannot convert. Such a model is asked for tuples by argument instead."""
+    if "return_dict" not in _forward_args(model):
+        return False
+    f = type(model).forward
+    while f is not None:
+        if getattr(f, "__code__", None) is not None and f.__code__.co_filename.endswith("output_capturing.py"):
+            return True
+        f = getattr(f, "__wrapped__", None)
+    return False
+
+
+def _tuple_outputs(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    """A forward pre-hook: `return_dict=False`, so the model's own forward returns a tuple."""
+    return args, {**kwargs, "return_dict": False}
 
 
 # How the experts of a mixture of experts are computed for the capture: transformers' default (grouped_mm) calls
@@ -345,10 +367,34 @@ def hf_signature(model: nn.Module) -> Signature:
     if main == "pixel_values":
         size = config.image_size
         return Signature((InputSpec("pixel_values", (2, config.num_channels, size, size), "float32", {0: batch}),))
+    if main == "input_values":  # raw audio (wav2vec2, HuBERT): (batch, samples), no attention mask
+        return Signature((InputSpec("input_values", (2, SAMPLES), "float32", {0: batch, 1: audio_axis(config)}),))
+    if main == "input_features" and takes_decoder_inputs(model):  # Whisper: log-mel frames, then the decoder's ids
+        frames = 2 * config.max_source_positions  # the encoder refuses any other length
+        seq = Axis("seq", 2, int(config.max_target_positions))
+        return Signature(
+            (
+                InputSpec("input_features", (2, config.num_mel_bins, frames), "float32", {0: batch}),
+                InputSpec("decoder_input_ids", (2, 16), "int64", {0: batch, 1: seq}, high=config.vocab_size),
+            )
+        )
     raise SurgeryError(
-        f"{type(model).__name__}: its main input {main!r} is neither input_ids nor pixel_values; "
-        "capture it yourself with torch.export and pass the .pt2"
+        f"{type(model).__name__}: its main input {main!r} is none of input_ids, pixel_values, input_values "
+        "(wav2vec2, HuBERT) or input_features (Whisper); capture it yourself with torch.export and pass the .pt2"
     )
+
+
+SAMPLES = 16000  # example audio length at capture (one second at 16 kHz)
+MAX_SAMPLES = 16000 * 30  # the samples axis's upper bound (30 s at 16 kHz)
+
+
+def audio_axis(config: Any) -> Axis:
+    """The samples axis of raw audio: from the shortest input the convolutional front end turns into two frames
+    (torch.export would specialise a single frame) to `MAX_SAMPLES`."""
+    frames = 2
+    for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride))):
+        frames = (frames - 1) * stride + kernel
+    return Axis("samples", frames, MAX_SAMPLES, unproven=True)
 
 
 def _file_kind(path: Path) -> str:

@@ -27,6 +27,9 @@ class Axis:
     min: int
     max: int
     sum_of: tuple[str, ...] = ()  # a derived axis: the sum of these axes (a KV cache's total = past + seq)
+    # an axis whose guards torch.export's solver cannot prove over the range (a convolution stack's floor divisions
+    # on raw audio): given as `Dim.DYNAMIC` with its range, which still refuses a specialised size; one input only
+    unproven: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,23 @@ class InputSpec:
             "name": self.name,
             "shape": list(self.shape),
             "dtype": self.dtype,
-            "axes": {str(i): [a.name, a.min, a.max] + [list(a.sum_of)] * bool(a.sum_of) for i, a in self.axes.items()},
+            "axes": {str(i): _axis_json(a) for i, a in self.axes.items()},
             "high": self.high,
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> InputSpec:
-        axes = {int(i): Axis(a[0], a[1], a[2], tuple(a[3]) if len(a) > 3 else ()) for i, a in d["axes"].items()}
+        axes = {
+            int(i): Axis(a[0], a[1], a[2], tuple(a[3]) if len(a) > 3 else (), bool(a[4]) if len(a) > 4 else False)
+            for i, a in d["axes"].items()
+        }
         return cls(d["name"], tuple(d["shape"]), d["dtype"], axes, d.get("high"))
+
+
+def _axis_json(a: Axis) -> list[Any]:
+    """[name, min, max], then [sum_of] where derived, then `unproven` where set (the form earlier versions read)."""
+    tail = [list(a.sum_of), True] if a.unproven else [list(a.sum_of)] if a.sum_of else []
+    return [a.name, a.min, a.max, *tail]
 
 
 @dataclass(frozen=True)
@@ -81,9 +93,17 @@ class Signature:
 
     def dynamic_shapes(self) -> dict[str, Any] | tuple[Any, ...]:
         """`torch.export` dynamic shapes; an axis name shared by several inputs becomes one `Dim`. A derived axis
-        (`sum_of`) is `Dim.AUTO`: torch.export finds the sum itself (a `Dim` cannot be the sum of two others)."""
+        (`sum_of`) is `Dim.AUTO`: torch.export finds the sum itself (a `Dim` cannot be the sum of two others); an
+        `unproven` axis is `Dim.DYNAMIC` with its range."""
         Dim = torch.export.Dim
-        dims = {a.name: Dim.AUTO if a.sum_of else Dim(a.name, min=a.min, max=a.max) for a in self.axes().values()}
+        dims = {
+            a.name: Dim.AUTO
+            if a.sum_of
+            else Dim.DYNAMIC(min=a.min, max=a.max)
+            if a.unproven
+            else Dim(a.name, min=a.min, max=a.max)
+            for a in self.axes().values()
+        }
         per_input = [{i: dims[a.name] for i, a in spec.axes.items()} or None for spec in self.inputs]
         if self.positional:
             return tuple(per_input)

@@ -29,6 +29,16 @@ _BART = dict(
 )
 _SEQ2SEQ = dict(_BART, pad_token_id=1, decoder_start_token_id=2)  # Marian's default pad id is past vocab_size
 
+_AUDIO = dict(  # a front end of three convolutions (stride 20 in all), a convolutional position embedding
+    _BASE,
+    conv_dim=(32, 32, 32),
+    conv_stride=(5, 2, 2),
+    conv_kernel=(10, 3, 3),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+    vocab_size=32,
+)
+
 # One row per family: the model_type and the small config it is built from.
 FAMILIES: dict[str, dict[str, Any]] = {
     "bert": _BASE,
@@ -75,6 +85,19 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "marian": _SEQ2SEQ,
     "mbart": _SEQ2SEQ,  # its shift wraps the last non-pad token round to the front
     "m2m_100": _SEQ2SEQ,
+    # speech: raw audio through a convolutional front end (wav2vec2, HuBERT), log-mel frames (Whisper)
+    "wav2vec2": _AUDIO,
+    "hubert": _AUDIO,
+    "whisper": dict(
+        _BART,
+        num_mel_bins=16,
+        max_source_positions=32,  # input_features of 64 frames
+        max_target_positions=256,
+        pad_token_id=1,
+        bos_token_id=3,
+        eos_token_id=4,
+        decoder_start_token_id=2,
+    ),
     "vit": dict(_BASE, image_size=32, patch_size=8),
     "clip_vision_model": dict(_BASE, image_size=32, patch_size=8),
     "siglip_vision_model": dict(_BASE, image_size=32, patch_size=8),  # an attention-pooling head

@@ -101,6 +101,8 @@ NEW_FAMILY_CASES = [
     ("bart", AdapterSpec("pfeiffer", r=4)),
     ("phi3", LoraSpec({"q": 2, "k": 3, "v": 4, "ffn_gate": 5, "ffn_in": 6})),  # slices of fused projections
     ("gemma3_text", AdapterSpec("parallel", r=4, targets="attn,ffn")),
+    ("wav2vec2", AdapterSpec("houlsby", r=4)),  # a convolutional front end before the blocks
+    ("whisper", LoraSpec({"q": 2, "v": 3, "ffn_out": 4})),  # encoder and decoder blocks
 ]
 
 

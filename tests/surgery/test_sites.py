@@ -81,9 +81,22 @@ def family(tmp_path_factory):
 
 # The graph rule against the table: one family per thing the rule must see in `make test` (post-norm, Conv1D,
 # a module path that prefixes another, a norm between the sublayer and the add, a parallel block, a mixture of
-# experts, decoder blocks, a scaled residual, an attention-pooling head, experts plus a shared expert); every other
-# family of the table under `make test-matrix`.
-FAST = {"bert", "gpt2", "mpnet", "gemma3_text", "gptj", "mixtral", "t5", "granite", "siglip_vision_model", "qwen2_moe"}
+# experts, decoder blocks, a scaled residual, an attention-pooling head, experts plus a shared expert, a convolutional
+# front end and position embedding added to the residual before the blocks); every other family of the table under
+# `make test-matrix`.
+FAST = {
+    "bert",
+    "gpt2",
+    "mpnet",
+    "gemma3_text",
+    "gptj",
+    "mixtral",
+    "t5",
+    "granite",
+    "siglip_vision_model",
+    "qwen2_moe",
+    "wav2vec2",
+}
 
 
 @pytest.mark.slow
@@ -135,7 +148,7 @@ ENCODER_DECODER = {
     "bart": ("{}.layers.{}.", ("self_attn.out_proj", "fc2"), ("self_attn.out_proj", "encoder_attn.out_proj", "fc2")),
     **{
         t: ("{}.layers.{}.", ("self_attn.out_proj", "fc2"), ("self_attn.out_proj", "encoder_attn.out_proj", "fc2"))
-        for t in ("pegasus", "marian", "mbart", "m2m_100")
+        for t in ("pegasus", "marian", "mbart", "m2m_100", "whisper")
     },
     "t5": (
         "{}.block.{}.layer.",
