@@ -66,8 +66,12 @@ def weights_dtype(module: Any) -> torch.dtype:
 
 
 # Test shapes by axis name: an odd padded batch, then one row of the benchmark length.
-# A KV cache's past length (tasks.py) is 5 in the first, 0 (a prefill) in the second.
-CHECK_SIZES = ({"batch": 3, "seq": 37, "past": 5}, {"batch": 1, "seq": 128, "past": 0})
+# A KV cache's past length (tasks.py) is 5 in the first, 0 (a prefill) in the second. Raw audio's samples
+# (wav2vec2, HuBERT): an odd length, then one second at 16 kHz.
+CHECK_SIZES = (
+    {"batch": 3, "seq": 37, "past": 5, "samples": 1234},
+    {"batch": 1, "seq": 128, "past": 0, "samples": 16000},
+)
 OTHER_AXIS = (5, 9)  # sizes for axes of other names, in the same two checks
 
 
