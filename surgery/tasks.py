@@ -12,14 +12,14 @@ A causal LM is captured with its cache, in the layout ONNX Runtime users know fr
 
 with total = past + seq. One graph serves prefill (past 0) and decode (seq 1). `CausalLMWithPast` wraps the HF model:
 it fills a `DynamicCache` from the flat past tensors, builds the 4-D additive mask itself (causal over the last `seq`
-of `total` positions, and the 2-D padding mask), and returns the flat present tensors.
+of `total` positions, and the 2-D padding mask), and returns the flat present tensors. Its submodules are the HF
+model's own (`model`, `lm_head`), so module paths, and so sites, read as in the HF model.
 
 Sliding-window layers (Mistral; Gemma 2 and 3, whose `layer_types` alternate local and global layers) keep the same
 full cache: every layer's present holds all `total` positions, and a local layer's mask also hides the keys `window`
 or more positions behind the query. The cache stays one shape for every layer, so a runner grows it the same way past
 the window, and the graph is the plain ONNX attention that ONNX Runtime runs; a ring buffer would save memory on the
-local layers, at the cost of a second cache shape and index arithmetic in every runner. Its submodules are the HF
-model's own (`model`, `lm_head`), so module paths, and so sites, read as in the HF model.
+local layers, at the cost of a second cache shape and index arithmetic in every runner.
 """
 
 from __future__ import annotations
