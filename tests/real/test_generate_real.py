@@ -63,6 +63,17 @@ PASSAGE = " ".join(
         "the boat. Today the quay holds a museum, a cafe, and a yard where volunteers restore wooden boats. In",
         "summer visitors walk the path along the northern bank from the quay to the lighthouse, a distance of",
         "about four miles, and return by the ferry that crosses from the sands to the harbour every half hour.",
+        "The town itself grew up around the lowest bridging point of the river. Its market charter dates from the",
+        "thirteenth century, and a market is still held in the square every Thursday, though the cattle pens",
+        "behind the church were cleared long ago to make room for a car park. Wool made the town rich: merchants",
+        "built tall houses of timber and plaster along the main street, and their guild hall, with its carved",
+        "beams and painted ceiling, now serves as the library. When the trade moved north to the mill towns the",
+        "population fell by half, and for a century little was built. The railway arrived late and left early;",
+        "the station is a pottery now, and the line is a cycle path that follows the valley for eleven miles. In",
+        "recent years the town has grown again, as families moved out from the city and people who work from",
+        "home found that the broadband was good enough. The primary school has opened a new classroom, the",
+        "bakery has a queue on Saturday mornings, and the old cinema, closed for thirty years, shows films again",
+        "on Friday and Saturday nights, run by volunteers who repaired the seats one row at a time.",
     ]
 )
 
