@@ -148,20 +148,24 @@ def test_family(model_type: str, tmp_path: Path):
     assert row["max_abs_diff"] <= row["tolerance"]
 
 
+def note(model_type: str, window: int) -> str:
+    layers = "every layer windowed" if model_type == "mistral" else "local and global layers"
+    return f"with its KV cache; {layers} (a window of {window} here): full cache, windowed mask"
+
+
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("family", SLIDING_LMS)
 def test_sliding_window_causal_lm(family: str, tmp_path: Path):
     """The families with sliding-window layers as causal LMs with their KV cache (surgery/tasks.py): the same path
     on the cache graph, whose check inputs (37 new tokens after 5 cached, 128 at once) reach far past the windows."""
     model_type, _, extra = CAUSAL_LMS[family]
-    windows = "one window" if model_type == "mistral" else "local and global layers"
     row: dict[str, Any] = {"model_type": f"{model_type} (causal-lm)"}
     try:
         run_family(model_type, tmp_path, row, config=write_lm_config(family, tmp_path))
     except Exception as exc:
         save_row({**row, "error": first_line(exc)}, f"{model_type}.causal-lm")
         raise
-    row["note"] = f"KV cache; {windows}, window {extra['sliding_window']} here: full cache, windowed mask"
+    row["note"] = note(model_type, extra["sliding_window"])
     save_row(row, f"{model_type}.causal-lm")
     assert row["max_abs_diff"] <= row["tolerance"]
 
