@@ -4,7 +4,10 @@ logits of every step agree within the parity tolerance."""
 
 from __future__ import annotations
 
+import copy
 import time
+
+import numpy as np
 
 import pytest
 
@@ -114,3 +117,9 @@ def test_gemma3_greedy_generation_past_the_sliding_window_equals_transformers(tm
     assert got.tokens[0][:sure] == want[:sure]
     for parity in parities[:sure] if got.tokens[0] != want else parities:
         assert parity.ok, parity.summary()
+    unwindowed = copy.deepcopy(config)
+    unwindowed.sliding_window = config.max_position_embeddings  # every key in reach: a model without the window
+    full_logits = hf_generate(hf_model(unwindowed, captured, spec, report.sites), prompt, new)[1]
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(full_logits[12:sure], want_logits[12:sure]))
+    print(f"lifting the window moves the logits past it by up to {moved:.2e}")
+    assert moved > 100 * max(p.max_abs_diff for p in parities[:sure]), "the window must matter to what is compared"
