@@ -14,6 +14,12 @@ with total = past + seq. One graph serves prefill (past 0) and decode (seq 1). `
 it fills a `DynamicCache` from the flat past tensors, builds the 4-D additive mask itself (causal over the last `seq`
 of `total` positions, and the 2-D padding mask), and returns the flat present tensors. Its submodules are the HF
 model's own (`model`, `lm_head`), so module paths, and so sites, read as in the HF model.
+
+Sliding-window layers (Mistral; Gemma 2 and 3, whose `layer_types` alternate local and global layers) keep the same
+full cache: every layer's present holds all `total` positions, and a local layer's mask also hides the keys `window`
+or more positions behind the query. The cache stays one shape for every layer, so a runner grows it the same way past
+the window, and the graph is the plain ONNX attention that ONNX Runtime runs; a ring buffer would save memory on the
+local layers, at the cost of a second cache shape and index arithmetic in every runner.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from surgery.task_names import (  # noqa: F401  the names are data the CLI reads
 )
 
 PAST, TOTAL = "past", "total"  # the cache's axes: past positions, and past + seq (the attention mask's length)
+FULL = "full_attention"  # the layer type of a global layer in transformers' `layer_types`
 
 
 def _mapping(task: str) -> dict[str, Any]:
@@ -83,12 +90,13 @@ class CausalLMWithPast(nn.Module):
     """A HF causal LM as a function of flat tensors: (input_ids, attention_mask, position_ids, *past) ->
     (logits, *present), past and present as key, value per layer. See the module docstring."""
 
-    def __init__(self, lm: nn.Module, layers: int):
+    def __init__(self, lm: nn.Module, layers: int, windows: dict[str, int] | None = None):
         super().__init__()
         self.__dict__["lm"] = lm  # not a submodule: its children are ours, so paths read as in the HF model
         for name, child in lm.named_children():
             self.add_module(name, child)
         self.layers = layers
+        self.windows = windows or {}  # layer type -> window, for the types that have one (`sliding_windows`)
         params = inspect.signature(lm.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
 
@@ -96,14 +104,26 @@ class CausalLMWithPast(nn.Module):
         from transformers import DynamicCache
 
         seq, total = input_ids.shape[1], attention_mask.shape[1]
-        cache = DynamicCache(
-            ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)], config=self.lm.config
-        )
+        # no config: every layer a full `DynamicLayer` (with the config, sliding layers would crop their cache)
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])
         kv = torch.arange(total, device=input_ids.device)  # (T,)
         q = torch.arange(seq, device=input_ids.device) + (total - seq)  # (S,) positions of the new tokens
-        allowed = (kv[None, :] <= q[:, None])[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, S, T)
+        causal = kv[None, :] <= q[:, None]  # (S, T)
+        padding = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
         dtype = self.lm_head.weight.dtype if hasattr(self, "lm_head") else torch.float32
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+        def additive(allowed: torch.Tensor) -> torch.Tensor:  # (B, 1, S, T): 0 where allowed, else the dtype's min
+            return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+        full = additive(causal[None, None] & padding)
+        local = {kind: additive((causal & (q[:, None] - kv[None, :] < w))[None, None] & padding) for kind, w in
+                 self.windows.items()}  # fmt: skip
+        if FULL in local:  # one window for every layer (Mistral): the model takes one mask
+            mask: Any = local[FULL]
+        elif local:  # local and global layers (Gemma 2, 3): the model picks a mask per layer by its type
+            mask = {FULL: full, **local}
+        else:
+            mask = full
         with _gqa_in_sdpa():
             out = self.lm(
                 input_ids=input_ids,
@@ -133,6 +153,26 @@ def _gqa_in_sdpa() -> Iterator[None]:
             os.environ[key] = old
 
 
+def sliding_windows(config: Any, max_pos: int) -> dict[str, int]:
+    """The windows of a config's local layers, by layer type: `{"sliding_attention": 512}` where `layer_types` mixes
+    local and global layers (Gemma 2, 3), `{"full_attention": 4096}` where every layer has the one window (Mistral),
+    `{}` where none has a window shorter than the model's positions (such a window never hides a key)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or window >= max_pos:
+        return {}
+    types = set(getattr(config, "layer_types", None) or ())
+    if types and types != {FULL, "sliding_attention"} and types != {"sliding_attention"} and types != {FULL}:
+        raise SurgeryError(
+            f"--task {CAUSAL_LM}: layer types {sorted(types)} in the config; this export masks 'sliding_attention' "
+            f"and '{FULL}' layers only; use --task {FEATURE_EXTRACTION}"
+        )
+    if not types:  # one window for every layer (Mistral's config has no layer_types)
+        return {FULL: int(window)}
+    if types == {FULL}:
+        return {}
+    return {"sliding_attention": int(window)}
+
+
 def with_past(lm: nn.Module) -> tuple[nn.Module, Signature]:
     """`lm` wrapped as `CausalLMWithPast`, and its signature (positional: the cache inputs' names hold dots)."""
     config = lm.config.get_text_config(decoder=True) if hasattr(lm.config, "get_text_config") else lm.config
@@ -140,13 +180,7 @@ def with_past(lm: nn.Module) -> tuple[nn.Module, Signature]:
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-    if getattr(config, "sliding_window", None) and config.sliding_window < max_pos:
-        raise SurgeryError(
-            f"--task {CAUSAL_LM}: layers with a sliding window of {config.sliding_window} positions (fewer than the "
-            f"model's {max_pos}) would crop the cache, which this export does not do yet; "
-            f"use --task {FEATURE_EXTRACTION}"
-        )
-    wrapper = CausalLMWithPast(lm, layers)
+    wrapper = CausalLMWithPast(lm, layers, sliding_windows(config, int(max_pos)))
     wrapper.eval()
     # forward(*past) as named positional parameters, so torch.export sees one input per tensor
     names = [f"past_{i}" for i in range(2 * layers)]

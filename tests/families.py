@@ -113,7 +113,20 @@ CAUSAL_LMS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen2": ("qwen2", "Qwen2ForCausalLM", {}),
     "gemma": ("gemma3_text", "Gemma3ForCausalLM", dict(tie_word_embeddings=False)),
     "gpt2": ("gpt2", "GPT2LMHeadModel", {}),
+    # sliding-window attention, windows far below the 256 positions so that short generations cross them
+    "mistral": ("mistral", "MistralForCausalLM", dict(sliding_window=8)),  # one window, every layer
+    "gemma2": (
+        "gemma2",
+        "Gemma2ForCausalLM",
+        dict(sliding_window=8, tie_word_embeddings=False),
+    ),  # local, global (its default layer_types)
+    "gemma3": (  # global then local: the other order from Gemma 2's
+        "gemma3_text",
+        "Gemma3ForCausalLM",
+        dict(sliding_window=6, layer_types=["full_attention", "sliding_attention"], tie_word_embeddings=False),
+    ),
 }
+SLIDING_LMS = ("mistral", "gemma2", "gemma3")
 LM_INIT = dict(initializer_range=0.2)
 
 

@@ -65,3 +65,16 @@ def hf_generate(model: torch.nn.Module, prompt: list[int], new: int, stop: int |
             return_dict_in_generate=True,
         )
     return out.sequences[0, len(prompt) :].tolist(), [t.numpy() for t in out.logits]
+
+
+def until_near_tie(logits: list, margin: float) -> int:
+    """How many greedy steps are decided beyond doubt: the steps up to and including the first whose top two logits
+    (of the reference's `logits`, one (1, vocab) array a step) lie within `margin` of each other. Past a near tie two
+    correct runners may pick different tokens, and their later steps see different contexts."""
+    import numpy as np
+
+    for step, row in enumerate(logits):
+        top2 = np.sort(np.asarray(row, dtype=np.float64).ravel())[-2:]
+        if top2[1] - top2[0] <= margin:
+            return step + 1
+    return len(logits)

@@ -31,7 +31,7 @@ from surgery.capture import Captured
 from surgery.errors import SurgeryError
 from surgery.pipeline import adapt, open_model, stand_in_adapted
 from surgery.sites import find_sites, graph_rule_sites
-from tests.families import FAMILIES, write_config
+from tests.families import CAUSAL_LMS, FAMILIES, SLIDING_LMS, write_config, write_lm_config
 
 pytestmark = pytest.mark.matrix
 
@@ -73,16 +73,17 @@ def torch_scale(captured: Captured) -> float:
     return biggest
 
 
-def run_family(model_type: str, work: Path, row: dict[str, Any]) -> dict[str, Any]:
+def run_family(model_type: str, work: Path, row: dict[str, Any], config: Path | None = None) -> dict[str, Any]:
     """The whole path on one family, filling `row` as it goes (so a failure leaves what did work). Raises on the
-    first failure."""
+    first failure. `config`: another config.json of the family (a causal LM's) than its FAMILIES row."""
     from exporters.onnx import export_onnx
     from exporters.swappable import export_routed, export_swappable
 
     arch = architecture(model_type)
-    row.update(model_type=model_type, lora_targets=list(arch.lora) if arch else [], note=arch.note if arch else "")
+    row.update(lora_targets=list(arch.lora) if arch else [], note=arch.note if arch else "")
+    row.setdefault("model_type", model_type)
     start = time.perf_counter()
-    base = open_model(str(write_config(model_type, work)))
+    base = open_model(str(config or write_config(model_type, work)))
     sites = find_sites(base.gm, model_type)  # the table's, or the graph rule's where the table has no entry
     by_rule = [(s.path, s.role) for s in graph_rule_sites(base.gm)]
     assert by_rule == [(s.path, s.role) for s in sites], f"graph rule {by_rule} != table {sites}"
@@ -121,9 +122,9 @@ def run_family(model_type: str, work: Path, row: dict[str, Any]) -> dict[str, An
     return row
 
 
-def save_row(row: dict[str, Any]) -> None:
+def save_row(row: dict[str, Any], stem: str | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{row['model_type']}.json"
+    path = RESULTS / f"{stem or row['model_type']}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(row, indent=1) + "\n")
     tmp.replace(path)
@@ -144,6 +145,28 @@ def test_family(model_type: str, tmp_path: Path):
         save_row({**row, "error": first_line(exc)})
         raise
     save_row(row)
+    assert row["max_abs_diff"] <= row["tolerance"]
+
+
+def note(model_type: str, window: int) -> str:
+    layers = "every layer windowed" if model_type == "mistral" else "local and global layers"
+    return f"with its KV cache; {layers} (a window of {window} here): full cache, windowed mask"
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("family", SLIDING_LMS)
+def test_sliding_window_causal_lm(family: str, tmp_path: Path):
+    """The families with sliding-window layers as causal LMs with their KV cache (surgery/tasks.py): the same path
+    on the cache graph, whose check inputs (37 new tokens after 5 cached, 128 at once) reach far past the windows."""
+    model_type, _, extra = CAUSAL_LMS[family]
+    row: dict[str, Any] = {"model_type": f"{model_type} (causal-lm)"}
+    try:
+        run_family(model_type, tmp_path, row, config=write_lm_config(family, tmp_path))
+    except Exception as exc:
+        save_row({**row, "error": first_line(exc)}, f"{model_type}.causal-lm")
+        raise
+    row["note"] = note(model_type, extra["sliding_window"])
+    save_row(row, f"{model_type}.causal-lm")
     assert row["max_abs_diff"] <= row["tolerance"]
 
 

@@ -8,7 +8,7 @@ from surgery.errors import SurgeryError
 from surgery.pipeline import open_model
 from surgery.architectures import ARCHITECTURES, CROSS_OUT, block_of
 from surgery.sites import ATTN_OUT, FFN_OUT, TARGET, find_sites, graph_rule_sites
-from tests.families import FAMILIES, write_config
+from tests.families import CAUSAL_LMS, FAMILIES, SLIDING_LMS, write_config
 
 
 def test_minilm_preset_finds_both_projections_of_every_layer(minilm_base):
@@ -112,6 +112,25 @@ def test_graph_rule_finds_the_tables_sites(model_type, family):
     assert len({s.node for s in by_rule}) == len(by_rule)  # one node is one site
     layers = len({block_of(s.path) for s in by_rule})
     assert layers == (4 if model_type in ENCODER_DECODER else 2)  # encoder-decoders: 2 + 2 blocks
+
+
+@pytest.mark.parametrize(
+    "family", [f if f == "gemma3" else pytest.param(f, marks=pytest.mark.slow) for f in SLIDING_LMS]
+)
+def test_graph_rule_finds_the_tables_sites_in_sliding_window_causal_lms(family, lm_base):
+    """The same rule on the cache graph (surgery/tasks.py), whose local layers take a windowed mask: two sites a
+    layer, the table's, at the HF module paths."""
+    captured = lm_base(family)
+    assert captured.task == "causal-lm"
+    by_rule = graph_rule_sites(captured.gm)
+    assert [(s.path, s.role, s.node) for s in by_rule] == [
+        (s.path, s.role, s.node) for s in find_sites(captured.gm, CAUSAL_LMS[family][0])
+    ]
+    assert [(s.path, s.role) for s in by_rule] == [
+        (f"model.layers.{i}.{p}", role)
+        for i in range(2)
+        for p, role in (("self_attn.o_proj", ATTN_OUT), ("mlp.down_proj", FFN_OUT))
+    ]
 
 
 def test_every_family_of_the_table_has_a_small_config():
