@@ -379,7 +379,7 @@ def export_onnx(
     if quantize is not None:
         from exporters.quantize import Quantized
 
-        quantized = Quantized.of(proto, quantize, str(path))
+        quantized = Quantized.of(proto, quantize, str(path), gm)
         proto, reference = quantized.model, quantized.reference(gm)
     with atomic_onnx(path) as tmp:
         data = save_onnx(proto, tmp, external)

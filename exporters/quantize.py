@@ -47,6 +47,7 @@ META = "surgery.quantization"  # the ONNX metadata key: JSON of `Quantization.to
 # depth and with the activations' range (benchmarks/results/quantized_2026-12-07.md), so this bound is loose; the
 # weights themselves are held to the float tolerance by a second check of the same model at fp32 compute (`at_fp32`).
 LEVEL4_TOLERANCES = (1e-2, 1e-1)
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 AT_FP32 = " at fp32 compute with the same quantized weights"
 
 
@@ -164,10 +165,30 @@ def _quantizer_module() -> Any:
     return matmul_nbits_quantizer
 
 
-def quantize_model(model: onnx.ModelProto, spec: Quantization, what: str) -> tuple[onnx.ModelProto, QuantReport]:
+def adapter_initializers(model: onnx.ModelProto, module: torch.nn.Module | None = None) -> set[str]:
+    """The names of `model`'s adapter tensors: initializers named under `adapters.` (baked bottlenecks, slots), and
+    initializers equal to an adapter parameter of `module` as stored or transposed (the exporter names a routed
+    stack anonymously, `val_123`)."""
+    names = {t.name for t in model.graph.initializer if _is_adapter(t.name)}
+    if module is None:
+        return names
+    keys = set()
+    for name, p in module.named_parameters():
+        if _is_adapter(name) and p.numel() > 1:
+            a = p.detach().float().numpy()
+            keys.update({_key(a), _key(np.swapaxes(a, -1, -2))} if a.ndim >= 2 else {_key(a)})
+    for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES and len(t.dims) and _key(numpy_helper.to_array(t).astype(np.float32)) in keys:
+            names.add(t.name)
+    return names
+
+
+def quantize_model(
+    model: onnx.ModelProto, spec: Quantization, what: str, adapters: set[str] | None = None
+) -> tuple[onnx.ModelProto, QuantReport]:
     """Quantize `model`'s base MatMuls with ONNX Runtime's `MatMulNBitsQuantizer`, every node reading an adapter
-    tensor excluded; the quantized model (the input may be changed too) and what was done, also written to its
-    metadata (`META`)."""
+    tensor (`adapters`, default `adapter_initializers(model)`) excluded; the quantized model (the input may be
+    changed too) and what was done, also written to its metadata (`META`)."""
     from onnxruntime.quantization.quant_utils import QuantFormat
 
     mnb = _quantizer_module()
@@ -176,8 +197,9 @@ def quantize_model(model: onnx.ModelProto, spec: Quantization, what: str) -> tup
     for i, node in enumerate(graph.node):  # exclusion is by node name
         if not node.name:
             node.name = f"{node.op_type}_{i}"
-    adapters = [n.name for n in graph.node if any(_is_adapter(x) for x in n.input)]
-    exclude = adapters + ([] if spec.head else _head_nodes(graph))
+    tensors = adapter_initializers(model) if adapters is None else adapters
+    excluded = [n.name for n in graph.node if any(x in tensors or _is_adapter(x) for x in n.input)]
+    exclude = excluded + ([] if spec.head else _head_nodes(graph))
     options = dict(quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
     if spec.algorithm == "default":
         config = mnb.DefaultWeightOnlyQuantConfig(
@@ -224,32 +246,36 @@ def quantize_model(model: onnx.ModelProto, spec: Quantization, what: str) -> tup
             f"{what}: --quantize found no MatMul to quantize (no weight has {spec.block_size} rows or more, or "
             "none is a constant); lower --block-size or export without --quantize"
         )
-    tensors = float_adapters(result, what)
     report = QuantReport(
         spec,
         quantized,
         sum(n.op_type == "MatMul" for n in result.graph.node),
-        len(adapters),
-        tensors,
+        len(excluded),
+        float_adapters(result, what, tensors),
     )
     result.metadata_props.append(onnx.StringStringEntryProto(key=META, value=report.to_metadata()))
     return result, report
 
 
-def float_adapters(model: onnx.ModelProto, what: str) -> int:
-    """Check that every adapter tensor is a float initializer that no quantized node reads; returns their count."""
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
-    adapters = [t for t in model.graph.initializer if _is_adapter(t.name)]
-    wrong = [t.name for t in adapters if t.data_type not in floats]
+def float_adapters(model: onnx.ModelProto, what: str, adapters: set[str] | None = None) -> int:
+    """Check that every adapter tensor (`adapters`: names; default those under `adapters.`) is still a float
+    initializer and that no quantized node reads it or a tensor made from it; returns their count."""
+    names = {t.name for t in model.graph.initializer if _is_adapter(t.name)} if adapters is None else adapters
+    present = {t.name: t.data_type for t in model.graph.initializer}
+    wrong = [f"{name} is gone" for name in sorted(names) if name not in present]
+    wrong += [
+        f"{name} is not float" for name in sorted(names) if present.get(name, onnx.TensorProto.FLOAT) not in FLOAT_TYPES
+    ]
+    made_from = {f"{name}{suffix}" for name in names for suffix in ("_Q4", "_Q8", "_scales", "_zero_points")}
     wrong += [
         f"{n.name} reads {x}"
         for n in model.graph.node
         if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear")
         for x in n.input
-        if _is_adapter(x) or any(_is_adapter(x[: -len(s)]) for s in ("_Q4", "_Q8", "_scales") if x.endswith(s))
+        if x in names or x in made_from or _is_adapter(x)
     ]
     assert not wrong, f"{what}: adapter tensors were quantized: {wrong[:3]}"
-    return len(adapters)
+    return len(names)
 
 
 def _unpack(blob: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -330,9 +356,10 @@ class Quantized:
     weights: dict[str, tuple]  # float_weights of the model before quantization
 
     @classmethod
-    def of(cls, model: onnx.ModelProto, spec: Quantization, what: str) -> Quantized:
+    def of(cls, model: onnx.ModelProto, spec: Quantization, what: str, module: torch.nn.Module) -> Quantized:
+        """`model` exported from `module` (whose adapter parameters locate the adapter tensors), quantized."""
         weights = float_weights(model)
-        quantized, report = quantize_model(model, spec, what)
+        quantized, report = quantize_model(model, spec, what, adapter_initializers(model, module))
         return cls(quantized, report, weights)
 
     def reference(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -166,7 +166,7 @@ def export_swappable(
     if quantize is not None:
         from exporters.quantize import AT_FP32, Quantized
 
-        quantized = Quantized.of(proto, quantize, what)
+        quantized = Quantized.of(proto, quantize, what, captured.gm)
         proto, reference = quantized.model, quantized.reference(captured.gm)
     own_pack = pack_from_model(captured.gm.state_dict(), captured.manifest)
     sig = captured.signature
@@ -291,7 +291,7 @@ def export_routed(
     if quantize is not None:
         from exporters.quantize import AT_FP32, Quantized
 
-        quantized = Quantized.of(proto, quantize, what)
+        quantized = Quantized.of(proto, quantize, what, routed.gm)
         proto = quantized.model
         reference = dataclasses.replace(routed, gm=quantized.reference(routed.gm))
         sources = [dataclasses.replace(m, gm=quantized.reference(m.gm)) for m in models]
