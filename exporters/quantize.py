@@ -377,7 +377,6 @@ class Quantized:
     ) -> Parity | None:
         """Levels 2 to 4: `check(path, atol, rtol)` of the model at fp32 compute, held to the float model's
         tolerance (refused past it); None at levels 0 and 1, where the written model computes in fp32 already."""
-        from exporters.onnx import refuse_mismatch
         from surgery.parity import tolerances, weights_dtype
 
         if self.report.quantization.accuracy_level in (0, 1):
@@ -385,7 +384,11 @@ class Quantized:
         atol, rtol = tolerances(weights_dtype(module))
         with self.at_fp32(external) as path:
             parity = check(path, atol, rtol)
-        refuse_mismatch(parity, what, AT_FP32)
+        if not parity.ok:
+            raise SurgeryError(
+                f"{what}: ONNX Runtime differs from torch{AT_FP32} by more than --atol + --rtol x max|torch| allow: "
+                f"{parity.summary()}; nothing was written"
+            )
         return parity
 
     @contextmanager
