@@ -15,8 +15,10 @@ that level is held to `LEVEL4_TOLERANCES`. The distance from the float model is 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import logging
 import tempfile
@@ -227,7 +229,8 @@ def quantize_model(
     previous = logging.root.manager.disable
     logging.disable(logging.INFO)  # the quantizer logs a line per node at INFO
     try:
-        quantizer.process()
+        with contextlib.redirect_stdout(io.StringIO()):  # rtn and k_quant print a progress bar
+            quantizer.process()
     except Exception as exc:  # the quantizer raises many types (asserts, ValueErrors of its kernels)
         raise SurgeryError(
             f"{what}: ONNX Runtime's MatMulNBitsQuantizer failed ({type(exc).__name__}: {exc}); try "

@@ -41,10 +41,20 @@ def _matmul_model(w: np.ndarray) -> onnx.ModelProto:
 
 @pytest.mark.parametrize(
     "bits, symmetric, algorithm",
-    [(4, True, "default"), (4, False, "default"), (8, True, "default"), (8, False, "default"), (4, True, "hqq")],
+    [
+        (4, True, "default"),
+        (4, False, "default"),
+        (8, True, "default"),
+        (8, False, "default"),
+        (4, True, "hqq"),
+        (4, False, "rtn"),
+        (4, True, "k_quant"),
+    ],
 )
 def test_dequantized_weights_are_what_onnx_runtime_multiplies_by(bits, symmetric, algorithm):
-    k, n = 80, 24  # K not a multiple of the block: the last block is padded
+    # K not a multiple of the block (the last block padded); rtn and k_quant (Intel Neural Compressor's code inside
+    # ONNX Runtime) fail to pack the zero points of an odd number of blocks, so they get whole blocks
+    k, n = (80 if algorithm in ("default", "hqq") else 128), 24
     w = np.random.default_rng(bits).standard_normal((k, n)).astype(np.float32)
     spec = Quantization(bits=bits, block_size=32, symmetric=symmetric, algorithm=algorithm, accuracy_level=1)
     model, report = quantize_model(_matmul_model(w), spec, "test")
