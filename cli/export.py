@@ -4,6 +4,7 @@ ONNX is the format unless `--fused-pt2` names another; `--onnx` says so explicit
 Baked (default): adapter weights as initializers. `--swappable`: adapter slots that packs fill at run time.
 `--route`: several adapted models' adapters in one graph, chosen per batch row by an `adapter_id` input.
 `--fused-pt2`: not ONNX but a torch.export program whose bottlenecks are one Triton kernel each on CUDA.
+`--quantize int4|int8`: any ONNX kind above on a quantized base, its adapters float (exporters/quantize.py).
 """
 
 from __future__ import annotations
@@ -57,13 +58,14 @@ Sources = Annotated[
 ]
 
 # the help panels of `surgery export --help`
-FORMAT, CHECK, ENGINE, STREAM, MODEL, OUTPUT = (
+FORMAT, CHECK, ENGINE, STREAM, MODEL, OUTPUT, QUANT = (
     "What to write",
     "Check against torch",
     "TensorRT engine (--trt)",
     "Past memory (--stream)",
     "Reading the model",
     "Output",
+    "Quantized base (--quantize)",
 )
 
 
@@ -182,11 +184,72 @@ def export(
     dtype: in_panel(Dtype, MODEL) = "auto",
     task: in_panel(Task, MODEL) = None,
     json: in_panel(Json, OUTPUT) = False,
+    quantize: Annotated[
+        Optional[str],
+        typer.Option(
+            "--quantize",
+            rich_help_panel=QUANT,
+            help="int4 or int8: the base model's MatMul weights as MatMulNBits blocks (ONNX Runtime's quantizer); "
+            "adapters, slots and routed stacks stay float. Checked against torch with the same quantized weights.",
+        ),
+    ] = None,
+    block_size: Annotated[
+        int, typer.Option("--block-size", rich_help_panel=QUANT, help="Weight rows per scale (a power of two, >= 16).")
+    ] = 32,
+    accuracy_level: Annotated[
+        int,
+        typer.Option(
+            "--accuracy-level",
+            rich_help_panel=QUANT,
+            help="MatMulNBits compute: 0 unset (fp32 on CPU), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations "
+            "(fastest on CPU; checked at --atol 1e-2 --rtol 1e-1, and its weights again at fp32 compute).",
+        ),
+    ] = 0,
+    asymmetric: Annotated[
+        bool,
+        typer.Option("--asymmetric", rich_help_panel=QUANT, help="Unsigned blocks with zero points (default signed)."),
+    ] = False,
+    quant_algorithm: Annotated[
+        str,
+        typer.Option(
+            "--quant-algorithm",
+            rich_help_panel=QUANT,
+            help="default (ONNX Runtime's min/max rounding), hqq, rtn or k_quant (int4 only): none needs data.",
+        ),
+    ] = "default",
+    float_head: Annotated[
+        bool,
+        typer.Option(
+            "--float-head", rich_help_panel=QUANT, help="Keep the MatMul that writes an output (lm_head) float."
+        ),
+    ] = False,
 ) -> None:
     """Export to ONNX with dynamic batch and sequence; written only if ONNX Runtime matches torch."""
     sources = sources or [None]
     tolerance = renamed(atol, tolerance, "--atol", "--tolerance")
     shapes = renamed(shapes, old_shapes, "--engine-shape", "--shapes")
+    quant = None
+    if quantize is not None:
+        from exporters.quantize import Quantization
+
+        quant = Quantization.named(
+            quantize,
+            block_size=block_size,
+            accuracy_level=accuracy_level,
+            symmetric=not asymmetric,
+            algorithm=quant_algorithm,
+            head=not float_head,
+        )
+        if stream or trt or fused_pt2 or triton_repo:
+            raise SurgeryError(
+                "--quantize writes a baked, --swappable or --route ONNX of a model in memory; drop --stream, --trt, "
+                "--fused-pt2 and --triton-repo, or drop --quantize"
+            )
+    elif (block_size, accuracy_level, asymmetric, quant_algorithm, float_head) != (32, 0, False, "default", False):
+        raise SurgeryError(
+            "--block-size, --accuracy-level, --asymmetric, --quant-algorithm and --float-head set --quantize; add "
+            "--quantize int4 (or int8)"
+        )
     if stream:
         if route:
             raise SurgeryError(
@@ -237,18 +300,27 @@ def export(
             open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype, task=task)
             for s in sources
         ]
-    tolerance, rtol = tolerances(weights_dtype(models[0].gm), tolerance, rtol)
-    with step(f"export {path} and check it against torch"):
+    if quant is None:
+        tolerance, rtol = tolerances(weights_dtype(models[0].gm), tolerance, rtol)
+    else:
+        tolerance, rtol = quant.tolerances(tolerance, rtol, tolerances(weights_dtype(models[0].gm)))
+    kind = f" ({quantize} base)" if quant else ""
+    with step(f"export {path}{kind} and check it against torch"):
         if route:
             names = [adapter_name(s) for s in sources]
-            result = export_routed(models, path, tolerance=tolerance, rtol=rtol, external=external_data, names=names)
+            result = export_routed(
+                models, path, tolerance=tolerance, rtol=rtol, external=external_data, names=names, quantize=quant
+            )
         elif swappable:
-            result = export_swappable(models[0], path, tolerance=tolerance, rtol=rtol, external=external_data)
+            result = export_swappable(
+                models[0], path, tolerance=tolerance, rtol=rtol, external=external_data, quantize=quant
+            )
         else:
             m = models[0]
             result = export_onnx(
-                m.gm, m.signature, path, tolerance=tolerance, rtol=rtol, manifest=m.manifest, external=external_data
-            )
+                m.gm, m.signature, path, tolerance=tolerance, rtol=rtol, manifest=m.manifest, external=external_data,
+                quantize=quant,
+            )  # fmt: skip
     data = result.to_json()
     if triton_repo:
         with step(f"write the Triton repository {triton_repo}"):
@@ -257,10 +329,19 @@ def export(
         emit_json(data)
         return
     out.print(f"wrote {' + '.join(map(str, onnx_files(path)))} ({onnx_size(path) / 1e6:.1f} MB)")
+    same = " with the same quantized weights" if quant else ""
     out.print(
-        f"max |ORT - torch| = {data['max_abs_diff']:.2e}, {data['max_rel_diff']:.2e} of max|torch| "
+        f"max |ORT - torch{same}| = {data['max_abs_diff']:.2e}, {data['max_rel_diff']:.2e} of max|torch| "
         f"(--atol {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
     )
+    if quant:
+        q = data["quantization"]
+        out.print(
+            f"{q['quantized_matmuls']} MatMuls quantized to {quantize} (block {q['block_size']}, accuracy level "
+            f"{q['accuracy_level']}, {q['algorithm']}); {q['adapter_tensors_float']} adapter tensors float; "
+            f"max |ORT - float torch| = {q['from_float']['max_abs_diff']:.2e}, "
+            f"{q['from_float']['max_rel_diff']:.2e} of max|torch| (measured, not checked)"
+        )
     if swappable:
         out.print(
             f"{data['adapter_tensors']} adapter slots; no pack = base model, own pack = adapted model: both checked"

@@ -26,6 +26,7 @@ from surgery.parity import ATOL, RTOL, Parity
 from surgery.signature import Signature
 
 if TYPE_CHECKING:
+    from exporters.quantize import Quantization, QuantReport
     from surgery.bundle import Manifest
 
 OPSET = 20
@@ -43,14 +44,26 @@ class OnnxExport:
     parity: Parity
     seconds: float
     data: Path | None = None  # NAME.onnx.data, where the tensors are external
+    quantization: QuantReport | None = None  # a quantized base (exporters/quantize.py)
 
     def to_json(self) -> dict[str, Any]:
-        return {**written(self.path, self.data), "export_seconds": round(self.seconds, 2), **self.parity.to_json()}
+        return {
+            **written(self.path, self.data),
+            "export_seconds": round(self.seconds, 2),
+            **self.parity.to_json(),
+            **quantized_json(self.quantization),
+        }
 
 
 def written(path: Path, data: Path | None) -> dict[str, Any]:
     """The files of an export, as every export's JSON names them."""
     return {"onnx": str(path), "external_data": str(data) if data else None}
+
+
+def quantized_json(report: QuantReport | None) -> dict[str, Any]:
+    """An export's `quantization` field: what was quantized and how, and the measured distance from the float model
+    (nothing for a float export)."""
+    return {} if report is None else {"quantization": report.to_json()}
 
 
 def worst(first: Parity, second: Parity) -> dict[str, Any]:
@@ -369,20 +382,39 @@ def export_onnx(
     manifest: Manifest | None = None,
     fuse: bool = True,
     external: bool = False,
+    quantize: Quantization | None = None,
 ) -> OnnxExport:
     """Export `gm` to ONNX at `path` with dynamic axes, verify it in ONNX Runtime, then move it into place.
 
     Bottleneck adapters are exported in their fused form (surgery/fuse.py; `manifest` locates them in a
     reloaded .adapted.pt2); the check always compares with `gm` itself, unfused. Past 2 GB of initializers
     (or with `external`) the model is NAME.onnx + NAME.onnx.data, written as a pair.
+
+    With `quantize` the base model's MatMul weights are quantized (exporters/quantize.py) and the bottlenecks stay
+    unfused, so their GEMMs stay float; the check compares with `gm` holding the same quantized weights.
     """
     start = time.perf_counter()
-    exported = (fused_copy(gm, manifest) if fuse else None) or gm
+    exported = (fused_copy(gm, manifest) if fuse and quantize is None else None) or gm
+    proto = lean_proto(onnx_program(exported, signature, str(path)).model_proto, signature)
+    quantized, reference = None, gm
+    if quantize is not None:
+        from exporters.quantize import Quantized
+
+        quantized = Quantized.of(proto, quantize, str(path), gm)
+        proto, reference = quantized.model, quantized.reference(gm)
     with atomic_onnx(path) as tmp:
-        data = save_onnx(lean_proto(onnx_program(exported, signature, str(path)).model_proto, signature), tmp, external)
+        data = save_onnx(proto, tmp, external)
         seconds = time.perf_counter() - start
         check_model(tmp, str(path))
-        parity = check_onnx(tmp, gm, signature, tolerance=tolerance, rtol=rtol)
-        refuse_mismatch(parity, str(path))
+        parity = check_onnx(tmp, reference, signature, tolerance=tolerance, rtol=rtol)
+        refuse_mismatch(parity, str(path), " with the same quantized weights" if quantized else "")
+        report = None
+        if quantized is not None:
+            report = quantized.checked(
+                quantized.check_at_fp32(
+                    lambda p, a, r: check_onnx(p, reference, signature, a, rtol=r), gm, str(path), external
+                ),
+                check_onnx(tmp, gm, signature, float("inf"), rtol=0.0),
+            )
     data_path = Path(path).with_name(data.name) if data else None
-    return OnnxExport(path=Path(path), parity=parity, seconds=seconds, data=data_path)
+    return OnnxExport(path=Path(path), parity=parity, seconds=seconds, data=data_path, quantization=report)

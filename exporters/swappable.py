@@ -12,18 +12,27 @@ the export is traced with distinct random adapter values, then the defaults are 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import torch
 
-from exporters.onnx import check_model, lean_proto, onnx_program, refuse_mismatch, worst, written
+from exporters.onnx import (
+    check_model,
+    lean_proto,
+    onnx_program,
+    quantized_json,
+    refuse_mismatch,
+    worst,
+    written,
+)
 from exporters.onnx_files import atomic_onnx, save_onnx
 from exporters.runtime import AdaptedSession
 from exporters.slots import SwappableMeta
@@ -35,6 +44,9 @@ from surgery.packs import BOTTLENECK_SHAPES, pack_from_model
 from surgery.parity import ATOL, RTOL, Parity, compare, mask_of, outputs_of, own_noise
 from surgery.route import route
 from surgery.sites import ADAPTER_ROOT
+
+if TYPE_CHECKING:
+    from exporters.quantize import Quantization, QuantReport
 
 RANK = "adapter_rank"
 ROUTE_META = "surgery.adapter_ids"  # a routed export's metadata: JSON list of adapter names, indexed by adapter_id
@@ -56,6 +68,7 @@ class SwappableExport:
     slots: int
     seconds: float
     data: Path | None = None  # NAME.onnx.data, where the tensors are external
+    quantization: QuantReport | None = None  # a quantized base (exporters/quantize.py)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +79,7 @@ class SwappableExport:
             **worst(self.base_parity, self.pack_parity),
             "no_pack": self.base_parity.to_json(),
             "own_pack": self.pack_parity.to_json(),
+            **quantized_json(self.quantization),
         }
 
 
@@ -128,9 +142,18 @@ def adapters_filled(gm: torch.nn.Module, fill: str, seed: int = 0) -> Iterator[t
 
 
 def export_swappable(
-    captured: Captured, path: str | Path, *, tolerance: float = ATOL, rtol: float = RTOL, external: bool = False
+    captured: Captured,
+    path: str | Path,
+    *,
+    tolerance: float = ATOL,
+    rtol: float = RTOL,
+    external: bool = False,
+    quantize: Quantization | None = None,
 ) -> SwappableExport:
-    """Export an adapted model with adapter slots, verify no-pack = base and own-pack = adapted, then write."""
+    """Export an adapted model with adapter slots, verify no-pack = base and own-pack = adapted, then write.
+
+    With `quantize` the base model's MatMul weights are quantized and the slots stay float (exporters/quantize.py);
+    both checks compare with torch holding the same quantized weights."""
     if captured.manifest is None:
         raise SurgeryError(f"{captured.source.name}: --swappable needs an adapted model; run `surgery insert` first")
     start = time.perf_counter()
@@ -139,26 +162,49 @@ def export_swappable(
         onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what).model_proto, captured.signature
     )
     slots = make_slots(proto, captured.manifest)
+    quantized, reference = None, captured.gm
+    if quantize is not None:
+        from exporters.quantize import AT_FP32, Quantized
+
+        quantized = Quantized.of(proto, quantize, what, captured.gm)
+        proto, reference = quantized.model, quantized.reference(captured.gm)
+    own_pack = pack_from_model(captured.gm.state_dict(), captured.manifest)
+    sig = captured.signature
+
+    def check(model: Path, atol: float, rtol: float, case: str = "") -> tuple[Parity, Parity]:
+        """No pack against the base, the own pack against the adapted model; refused past `atol`, `rtol`."""
+        session = AdaptedSession(model)
+        base = _with_adapters(reference, "base")
+        base_parity = check_session(session.session, base, sig, atol, rtol=rtol)
+        refuse_mismatch(base_parity, what, f" with no pack active{case}")
+        if session.base_session is not session.session:  # the base graph cut out for runs with no pack
+            cut = check_session(session.base_session, base, sig, atol, rtol=rtol)
+            refuse_mismatch(cut, what, f" as the base graph for runs with no pack{case}")
+            base_parity = max(base_parity, cut, key=lambda p: p.max_abs_diff)
+        session.load("own", own_pack)
+        own = session.run_options("own")
+        pack_parity = check_session(session.session, reference, sig, atol, run_options=own, rtol=rtol)
+        refuse_mismatch(pack_parity, what, f" with the model's own pack active{case}")
+        return base_parity, pack_parity
+
     with atomic_onnx(path) as tmp:
         data = save_onnx(proto, tmp, external)
         seconds = time.perf_counter() - start
         check_model(tmp, what)
-        session = AdaptedSession(tmp)
-        base = _with_adapters(captured.gm, "base")
-        base_parity = check_session(session.session, base, captured.signature, tolerance, rtol=rtol)
-        refuse_mismatch(base_parity, what, " with no pack active")
-        if session.base_session is not session.session:  # the base graph cut out for runs with no pack
-            cut = check_session(session.base_session, base, captured.signature, tolerance, rtol=rtol)
-            refuse_mismatch(cut, what, " as the base graph for runs with no pack")
-            base_parity = max(base_parity, cut, key=lambda p: p.max_abs_diff)
-        session.load("own", pack_from_model(captured.gm.state_dict(), captured.manifest))
-        own = session.run_options("own")
-        pack_parity = check_session(
-            session.session, captured.gm, captured.signature, tolerance, run_options=own, rtol=rtol
-        )
-        refuse_mismatch(pack_parity, what, " with the model's own pack active")
+        quant = " with the same quantized weights" if quantized else ""
+        base_parity, pack_parity = check(tmp, tolerance, rtol, quant)
+        report = None
+        if quantized is not None:
+            session = AdaptedSession(tmp)
+            session.load("own", own_pack)
+            report = quantized.checked(
+                quantized.check_at_fp32(lambda p, a, r: check(p, a, r, AT_FP32)[1], captured.gm, what, external),
+                check_session(
+                    session.session, captured.gm, sig, float("inf"), run_options=session.run_options("own"), rtol=0.0
+                ),
+            )
     data_path = Path(path).with_name(data.name) if data else None
-    return SwappableExport(Path(path), base_parity, pack_parity, slots, seconds, data_path)
+    return SwappableExport(Path(path), base_parity, pack_parity, slots, seconds, data_path, report)
 
 
 @dataclass(frozen=True)
@@ -171,6 +217,7 @@ class RoutedExport:
     rank: int
     data: Path | None = None  # NAME.onnx.data, where the tensors are external
     names: tuple[str, ...] = ()  # the adapters' names by adapter_id (the model's metadata)
+    quantization: QuantReport | None = None  # a quantized base (exporters/quantize.py)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -182,6 +229,7 @@ class RoutedExport:
             **worst(self.parity, self.rows),
             "parity": self.parity.to_json(),
             "rows": self.rows.to_json(),
+            **quantized_json(self.quantization),
         }
 
 
@@ -228,14 +276,17 @@ def export_routed(
     rtol: float = RTOL,
     external: bool = False,
     names: list[str] | None = None,
+    quantize: Quantization | None = None,
 ) -> RoutedExport:
     """One ONNX model with every model's adapters and an `adapter_id` input, verified row by row (an id out of
     range included: it runs the base model). `names`: the adapters' names by id (default: the source file names
-    without suffixes, or `adapter<id>` where those repeat), written to the model's metadata (`ROUTE_META`)."""
+    without suffixes, or `adapter<id>` where those repeat), written to the model's metadata (`ROUTE_META`).
+    With `quantize` the base model's MatMul weights are quantized and the adapter stacks stay float
+    (exporters/quantize.py); both checks compare with torch holding the same quantized weights."""
     import json
 
     what = str(path)
-    routed, report = route(models)
+    routed, route_report = route(models)
     n = len(models)
     if names is None:
         names = [m.source.name.split(".")[0] for m in models]
@@ -243,16 +294,37 @@ def export_routed(
     if len(names) != n or len(set(names)) != n:
         raise SurgeryError(f"--route: {n} models need {n} distinct adapter names; got {names}")
     ids = [0, n - 1, -1, 1 % n, n]
+    proto = lean_proto(onnx_program(routed.gm, routed.signature, what).model_proto, routed.signature)
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=ROUTE_META, value=json.dumps(names)))
+    quantized, reference, sources = None, routed, models
+    if quantize is not None:
+        from exporters.quantize import AT_FP32, Quantized
+
+        quantized = Quantized.of(proto, quantize, what, routed.gm)
+        proto = quantized.model
+        reference = dataclasses.replace(routed, gm=quantized.reference(routed.gm))
+        sources = [dataclasses.replace(m, gm=quantized.reference(m.gm)) for m in models]
+
+    def check(model: Path, atol: float, rtol: float, case: str = "") -> tuple[Parity, Parity]:
+        """The routed graph against torch's, then row by row against the source models; refused past the bound."""
+        session = ort_session(model)
+        parity = check_session(session, reference.gm, routed.signature, atol, rtol=rtol)
+        refuse_mismatch(parity, what, case)
+        rows = check_rows(session, routed, sources, ids, atol, rtol=rtol)
+        refuse_mismatch(rows, what, f" row by row against the source models (ids {ids}){case}")
+        return parity, rows
+
     with atomic_onnx(path) as tmp:
-        proto = lean_proto(onnx_program(routed.gm, routed.signature, what).model_proto, routed.signature)
-        proto.metadata_props.append(onnx.StringStringEntryProto(key=ROUTE_META, value=json.dumps(names)))
         data = save_onnx(proto, tmp, external)
         check_model(tmp, what)
-        session = ort_session(tmp)
-        parity = check_session(session, routed.gm, routed.signature, tolerance, rtol=rtol)
-        refuse_mismatch(parity, what)
-        rows = check_rows(session, routed, models, ids, tolerance, rtol=rtol)
-        refuse_mismatch(rows, what, f" row by row against the source models (ids {ids})")
+        quant = " with the same quantized weights" if quantized else ""
+        parity, rows = check(tmp, tolerance, rtol, quant)
+        report = None
+        if quantized is not None:
+            report = quantized.checked(
+                quantized.check_at_fp32(lambda p, a, r: check(p, a, r, AT_FP32)[0], routed.gm, what, external),
+                check_session(ort_session(tmp), routed.gm, routed.signature, float("inf"), rtol=0.0),
+            )
     data_path = Path(path).with_name(data.name) if data else None
     models_ = [m.source.name for m in models]
-    return RoutedExport(Path(path), parity, rows, ids, models_, report.rank, data_path, tuple(names))
+    return RoutedExport(Path(path), parity, rows, ids, models_, route_report.rank, data_path, tuple(names), report)

@@ -1,0 +1,412 @@
+"""Quantized bases: the base model's MatMul weights as `MatMulNBits` (int4 or int8 blocks), the adapters in float.
+
+ONNX Runtime's `MatMulNBitsQuantizer` quantizes every MatMul whose weight is an initializer, and an adapter's
+tensor (a baked bottleneck's, a swappable slot's, a routed stack's) is one. So every node that reads an adapter
+tensor is named in `nodes_to_exclude`, and `float_adapters` checks afterwards that each adapter tensor is still a
+float initializer read by no quantized node.
+
+The check against torch runs torch with the same quantized weights: `dequantized` reads each `MatMulNBits` node's
+blocks, scales and zero points back into floats, `(q - zero_point) * scale` per block of `block_size` rows, finds
+the torch parameter the original MatMul weight came from (equal values, as stored or transposed), and puts the
+dequantized values there. At accuracy level 0 or 1 ONNX Runtime multiplies in fp32 and the usual tolerance holds;
+at level 4 it quantizes the activations to int8 per block as well, which no weight-only reference reproduces, so
+that level is held to `LEVEL4_TOLERANCES`. The distance from the float model is measured and reported beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import json
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from surgery.errors import SurgeryError
+from surgery.parity import HALF_TOLERANCES, Parity
+from surgery.sites import ADAPTER_ROOT
+
+BITS = {"int4": 4, "int8": 8}
+# ONNX Runtime's weight-only algorithms that need no calibration data: its own blockwise min/max rounding
+# ("default"), half-quadratic (HQQ), and Intel Neural Compressor's round-to-nearest and k-quant (int4 only).
+ALGORITHMS = ("default", "hqq", "rtn", "k_quant")
+INT4_ONLY = ("rtn", "k_quant")
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' compute type: unset, fp32, fp16, bf16, int8
+META = "surgery.quantization"  # the ONNX metadata key: JSON of `Quantization.to_json()` and the counts
+# Accuracy level 4 (int8 activations, quantized per block at run time) against torch with the dequantized weights,
+# (atol, rtol of max|torch|). No weight-only reference reproduces the rounding of the activations, and it grows with
+# depth and with the activations' range (benchmarks/results/quantized_2026-12-07.md), so this bound is loose; the
+# weights themselves are held to the float tolerance by a second check of the same model at fp32 compute (`at_fp32`).
+LEVEL4_TOLERANCES = (1e-2, 1e-1)
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+AT_FP32 = " at fp32 compute with the same quantized weights"
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the base model's MatMul weights are quantized (ONNX Runtime's `MatMulNBitsQuantizer` options)."""
+
+    bits: int = 4  # 4 or 8
+    block_size: int = 32  # rows of the weight (its input features) per scale
+    accuracy_level: int = 0  # MatMulNBits' compute type: 0 unset (fp32 on CPU), 1 fp32, 2 fp16, 3 bf16, 4 int8
+    symmetric: bool = True  # no zero points (signed blocks), as onnxruntime-genai's builder writes
+    algorithm: str = "default"
+    head: bool = True  # quantize the output projection (lm_head) too, as onnxruntime-genai's builder does
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS.values():
+            raise SurgeryError(f"--quantize: {self.bits} bits; choose int4 or int8")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise SurgeryError(f"--block-size {self.block_size}: give a power of two, 16 or more (32 is usual)")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise SurgeryError(
+                f"--accuracy-level {self.accuracy_level}: choose 0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)"
+            )
+        if self.algorithm not in ALGORITHMS:
+            raise SurgeryError(f"--quant-algorithm {self.algorithm}: choose one of {', '.join(ALGORITHMS)}")
+        if self.algorithm in INT4_ONLY and self.bits != 4:
+            raise SurgeryError(f"--quant-algorithm {self.algorithm} writes int4 only; use --quantize int4")
+
+    @classmethod
+    def named(cls, name: str, **options: Any) -> Quantization:
+        """From the CLI's `--quantize int4|int8` and the other options."""
+        if name not in BITS:
+            raise SurgeryError(f"--quantize {name}: choose int4 or int8")
+        return cls(bits=BITS[name], **options)
+
+    def tolerances(self, atol: float | None, rtol: float | None, default: tuple[float, float]) -> tuple[float, float]:
+        """(atol, rtol) against the dequantized reference: the given ones, else `default` (the float model's) at
+        accuracy levels 0 and 1, fp16's and bf16's at levels 2 and 3, and `LEVEL4_TOLERANCES` at level 4."""
+        half = {2: torch.float16, 3: torch.bfloat16}
+        base = (
+            LEVEL4_TOLERANCES
+            if self.accuracy_level == 4
+            else HALF_TOLERANCES[half[self.accuracy_level]]
+            if self.accuracy_level in half
+            else default
+        )
+        return (base[0] if atol is None else atol, base[1] if rtol is None else rtol)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What one quantization did: the settings, the MatMuls quantized and the adapter nodes left float."""
+
+    quantization: Quantization
+    quantized: int  # MatMulNBits nodes written
+    kept_float: int  # MatMul nodes left float: adapters, the head where asked, weights that are not initializers
+    adapter_nodes: int  # nodes excluded because they read an adapter tensor
+    adapter_tensors: int  # adapter initializers, all float (checked)
+    reference: Parity | None = None  # levels 2 to 4: the same model at fp32 compute against the dequantized weights
+    from_float: dict[str, float] = field(default_factory=dict)  # measured distance from the float model in torch
+
+    def to_metadata(self) -> str:
+        return json.dumps(
+            {
+                **self.quantization.to_json(),
+                "quantized_matmuls": self.quantized,
+                "float_matmuls": self.kept_float,
+                "adapter_nodes_excluded": self.adapter_nodes,
+            },
+            sort_keys=True,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.quantization.to_json(),
+            "quantized_matmuls": self.quantized,
+            "float_matmuls": self.kept_float,
+            "adapter_nodes_excluded": self.adapter_nodes,
+            "adapter_tensors_float": self.adapter_tensors,
+            "from_float": self.from_float,
+            "at_fp32": self.reference.to_json() if self.reference is not None else None,
+        }
+
+
+def _is_adapter(name: str) -> bool:
+    return name.startswith(ADAPTER_ROOT + ".")
+
+
+def _head_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The MatMuls that write a graph output (a causal LM's lm_head, a classifier's last projection)."""
+    outputs = {o.name for o in graph.output}
+    made = {n.output[0]: n for n in graph.node if n.output}
+    found = []
+    for name in outputs:
+        node = made.get(name)
+        while node is not None and node.op_type in ("Add", "Reshape", "Cast", "Identity"):  # bias, view
+            node = made.get(node.input[0])
+        if node is not None and node.op_type == "MatMul":
+            found.append(node.name)
+    return found
+
+
+def _quantizer_module() -> Any:
+    """ONNX Runtime's `matmul_nbits_quantizer`, imported without the root logger setup its import does (INFO to
+    stderr for every library's logger in the process)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer
+
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return matmul_nbits_quantizer
+
+
+def adapter_initializers(model: onnx.ModelProto, module: torch.nn.Module | None = None) -> set[str]:
+    """The names of `model`'s adapter tensors: initializers named under `adapters.` (baked bottlenecks, slots), and
+    initializers equal to an adapter parameter of `module` as stored or transposed (the exporter names a routed
+    stack anonymously, `val_123`)."""
+    names = {t.name for t in model.graph.initializer if _is_adapter(t.name)}
+    if module is None:
+        return names
+    keys = set()
+    for name, p in module.named_parameters():
+        if _is_adapter(name) and p.numel() > 1:
+            a = p.detach().float().numpy()
+            keys.update({_key(a), _key(np.swapaxes(a, -1, -2))} if a.ndim >= 2 else {_key(a)})
+    for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES and len(t.dims) and _key(numpy_helper.to_array(t).astype(np.float32)) in keys:
+            names.add(t.name)
+    return names
+
+
+def quantize_model(
+    model: onnx.ModelProto, spec: Quantization, what: str, adapters: set[str] | None = None
+) -> tuple[onnx.ModelProto, QuantReport]:
+    """Quantize `model`'s base MatMuls with ONNX Runtime's `MatMulNBitsQuantizer`, every node reading an adapter
+    tensor (`adapters`, default `adapter_initializers(model)`) excluded; the quantized model (the input may be
+    changed too) and what was done, also written to its metadata (`META`)."""
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    mnb = _quantizer_module()
+
+    graph = model.graph
+    for i, node in enumerate(graph.node):  # exclusion is by node name
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    tensors = adapter_initializers(model) if adapters is None else adapters
+    excluded = [n.name for n in graph.node if any(x in tensors or _is_adapter(x) for x in n.input)]
+    exclude = excluded + ([] if spec.head else _head_nodes(graph))
+    options = dict(quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
+    if spec.algorithm == "default":
+        config = mnb.DefaultWeightOnlyQuantConfig(
+            block_size=spec.block_size,
+            is_symmetric=spec.symmetric,
+            accuracy_level=spec.accuracy_level or None,
+            bits=spec.bits,
+            **options,
+        )
+    elif spec.algorithm == "hqq":
+        config = mnb.HQQWeightOnlyQuantConfig(block_size=spec.block_size, bits=spec.bits, **options)
+    elif spec.algorithm == "rtn":
+        config = mnb.RTNWeightOnlyQuantConfig(**options)
+    else:
+        config = mnb.KQuantWeightOnlyQuantConfig(**options)
+    quantizer = mnb.MatMulNBitsQuantizer(
+        model,
+        bits=spec.bits,
+        block_size=spec.block_size,
+        is_symmetric=spec.symmetric,
+        accuracy_level=spec.accuracy_level or None,
+        nodes_to_exclude=exclude,
+        algo_config=config,
+    )
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)  # the quantizer logs a line per node at INFO
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # rtn and k_quant print a progress bar
+            quantizer.process()
+    except Exception as exc:  # the quantizer raises many types (asserts, ValueErrors of its kernels)
+        raise SurgeryError(
+            f"{what}: ONNX Runtime's MatMulNBitsQuantizer failed ({type(exc).__name__}: {exc}); try "
+            "--quant-algorithm default"
+        ) from exc
+    finally:
+        logging.disable(previous)
+    result = quantizer.model if isinstance(quantizer.model, onnx.ModelProto) else quantizer.model.model
+    if spec.algorithm == "hqq" and spec.accuracy_level:  # HQQ's config has no accuracy level: set it on its nodes
+        for node in result.graph.node:
+            if node.op_type == "MatMulNBits":
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", spec.accuracy_level))
+    quantized = sum(n.op_type == "MatMulNBits" for n in result.graph.node)
+    if quantized == 0:
+        raise SurgeryError(
+            f"{what}: --quantize found no MatMul to quantize (no weight has {spec.block_size} rows or more, or "
+            "none is a constant); lower --block-size or export without --quantize"
+        )
+    report = QuantReport(
+        spec,
+        quantized,
+        sum(n.op_type == "MatMul" for n in result.graph.node),
+        len(excluded),
+        float_adapters(result, what, tensors),
+    )
+    result.metadata_props.append(onnx.StringStringEntryProto(key=META, value=report.to_metadata()))
+    return result, report
+
+
+def float_adapters(model: onnx.ModelProto, what: str, adapters: set[str] | None = None) -> int:
+    """Check that every adapter tensor (`adapters`: names; default those under `adapters.`) is still a float
+    initializer and that no quantized node reads it or a tensor made from it; returns their count."""
+    names = {t.name for t in model.graph.initializer if _is_adapter(t.name)} if adapters is None else adapters
+    present = {t.name: t.data_type for t in model.graph.initializer}
+    wrong = [f"{name} is gone" for name in sorted(names) if name not in present]
+    wrong += [
+        f"{name} is not float" for name in sorted(names) if present.get(name, onnx.TensorProto.FLOAT) not in FLOAT_TYPES
+    ]
+    made_from = {f"{name}{suffix}" for name in names for suffix in ("_Q4", "_Q8", "_scales", "_zero_points")}
+    wrong += [
+        f"{n.name} reads {x}"
+        for n in model.graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear")
+        for x in n.input
+        if x in names or x in made_from or _is_adapter(x)
+    ]
+    assert not wrong, f"{what}: adapter tensors were quantized: {wrong[:3]}"
+    return len(names)
+
+
+def _unpack(blob: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """uint8 bytes -> `count` unsigned values of `bits` each along the last axis, low bits first."""
+    if bits == 8:
+        return blob[..., :count].astype(np.float32)
+    low, high = blob & 0x0F, blob >> 4
+    return np.stack([low, high], axis=-1).reshape(*blob.shape[:-1], -1)[..., :count].astype(np.float32)
+
+
+def dequantize_node(node: onnx.NodeProto, tensors: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """The float weight (K, N) a MatMulNBits node multiplies by: `(q - zero_point) * scale` per block of rows."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+    blocks = (k + block - 1) // block
+    q = _unpack(numpy_helper.to_array(tensors[node.input[1]]).reshape(n, blocks, -1), bits, block)  # (N, blocks, B)
+    scales = numpy_helper.to_array(tensors[node.input[2]]).astype(np.float32).reshape(n, blocks, 1)
+    if len(node.input) > 3 and node.input[3]:
+        zp = numpy_helper.to_array(tensors[node.input[3]])
+        if zp.dtype == np.uint8:  # packed like the weights, one value per block
+            zp = _unpack(zp.reshape(n, -1), bits, blocks)
+        zp = zp.astype(np.float32).reshape(n, blocks, 1)
+    else:
+        zp = np.float32(2 ** (bits - 1))
+    w = ((q - zp) * scales).reshape(n, blocks * block)[:, :k]  # (N, K)
+    return np.ascontiguousarray(w.T)  # (K, N)
+
+
+def _key(a: np.ndarray) -> tuple:
+    return a.shape, hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def float_weights(model: onnx.ModelProto) -> dict[str, tuple]:
+    """{MatMul output: the key of its float weight initializer} of a model before quantization (the quantized node
+    writes the same output), so `dequantized` can find the torch parameter each quantized weight came from."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return {
+        n.output[0]: _key(numpy_helper.to_array(inits[n.input[1]]).astype(np.float32))
+        for n in model.graph.node
+        if n.op_type == "MatMul" and n.input[1] in inits and not _is_adapter(n.input[1])
+    }
+
+
+def dequantized(module: torch.nn.Module, quantized: onnx.ModelProto, weights: dict[str, tuple]) -> torch.nn.Module:
+    """A copy of `module` whose quantized weights hold the values the quantized model multiplies by."""
+    out = copy.deepcopy(module)
+    params = {}
+    for name, p in out.named_parameters():
+        if p.dim() == 2 and p.is_floating_point() and not _is_adapter(name):
+            a = p.detach().float().numpy()
+            params[_key(a.T)] = (name, True)
+            params.setdefault(_key(a), (name, False))
+    tensors = {t.name: t for t in quantized.graph.initializer}
+    found = dict(out.named_parameters())
+    missing = []
+    with torch.no_grad():
+        for node in quantized.graph.node:
+            if node.op_type != "MatMulNBits":
+                continue
+            key = weights.get(node.output[0].removesuffix("_pre_reshape"))
+            if key is None or key not in params:
+                missing.append(node.name)
+                continue
+            name, transposed = params[key]
+            w = torch.from_numpy(dequantize_node(node, tensors))
+            p = found[name]
+            p.copy_((w.T if transposed else w).to(p.dtype))
+    assert not missing, f"quantized MatMuls with no torch parameter to dequantize into: {missing[:3]}"
+    return out
+
+
+@dataclass
+class Quantized:
+    """A quantized export in the making: the model, what was done, and how to build its torch reference."""
+
+    model: onnx.ModelProto
+    report: QuantReport
+    weights: dict[str, tuple]  # float_weights of the model before quantization
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, spec: Quantization, what: str, module: torch.nn.Module) -> Quantized:
+        """`model` exported from `module` (whose adapter parameters locate the adapter tensors), quantized."""
+        weights = float_weights(model)
+        quantized, report = quantize_model(model, spec, what, adapter_initializers(model, module))
+        return cls(quantized, report, weights)
+
+    def reference(self, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` (the exported one, or any that shares its base weights) with the quantized weights."""
+        return dequantized(module, self.model, self.weights)
+
+    def checked(self, exact: Parity | None, from_float: Parity) -> QuantReport:
+        """The report with the check at fp32 compute (levels 2 to 4) and the measured distance from the float
+        model."""
+        distance = {"max_abs_diff": from_float.max_abs_diff, "max_rel_diff": from_float.max_rel_diff}
+        return replace(self.report, reference=exact, from_float=distance)
+
+    def check_at_fp32(
+        self, check: Callable[[Path, float, float], Parity], module: Any, what: str, external: bool = False
+    ) -> Parity | None:
+        """Levels 2 to 4: `check(path, atol, rtol)` of the model at fp32 compute, held to the float model's
+        tolerance (refused past it); None at levels 0 and 1, where the written model computes in fp32 already."""
+        from surgery.parity import tolerances, weights_dtype
+
+        if self.report.quantization.accuracy_level in (0, 1):
+            return None
+        atol, rtol = tolerances(weights_dtype(module))
+        with self.at_fp32(external) as path:
+            parity = check(path, atol, rtol)
+        if not parity.ok:
+            raise SurgeryError(
+                f"{what}: ONNX Runtime differs from torch{AT_FP32} by more than --atol + --rtol x max|torch| allow: "
+                f"{parity.summary()}; nothing was written"
+            )
+        return parity
+
+    @contextmanager
+    def at_fp32(self, external: bool = False) -> Iterator[Path]:
+        """The quantized model with every MatMulNBits at accuracy level 1 (fp32 activations), in a temporary file:
+        its check against the dequantized reference holds the weights to the float tolerance."""
+        from exporters.onnx_files import save_onnx
+
+        model = copy.deepcopy(self.model)
+        for node in model.graph.node:
+            if node.op_type == "MatMulNBits":
+                kept = [a for a in node.attribute if a.name != "accuracy_level"]
+                del node.attribute[:]
+                node.attribute.extend([*kept, onnx.helper.make_attribute("accuracy_level", 1)])
+        with tempfile.TemporaryDirectory(prefix="surgery-fp32-") as folder:
+            path = Path(folder) / "model.onnx"
+            save_onnx(model, path, external)
+            yield path
