@@ -15,7 +15,7 @@ from pathlib import Path
 
 from surgery.errors import SurgeryError
 
-IN_MEMORY_FACTOR = 4.0  # peak resident memory of an in-memory export, in multiples of the weights' bytes
+IN_MEMORY_FACTOR = 5.5  # peak resident memory of an in-memory export, in weights' bytes (the most measured)
 BUDGET_ENV = "SURGERY_MEMORY_BUDGET"  # bytes (or 800M, 12G) the export may use; default: the memory available now
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
