@@ -31,11 +31,13 @@ from cli.common import (
     Task,
     Trust,
     emit_json,
+    err,
     in_panel,
     out,
     renamed,
     step,
 )
+from exporters.budget import BUDGET_ENV, estimate
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.onnx_files import THRESHOLD_ENV, onnx_files, onnx_size
@@ -49,6 +51,7 @@ from surgery.packs import PACKABLE, pack_from_model
 from surgery.parity import tolerances, weights_dtype
 from surgery.adapters import parse_spec
 from surgery.bundle import adapted_manifest
+from surgery.archive import capture_pt2_meta
 from surgery.meta import capture_meta
 from surgery.pipeline import adapt, default_output, open_model
 
@@ -162,8 +165,9 @@ def export(
         typer.Option(
             "--stream",
             rich_help_panel=STREAM,
-            help="A Hugging Face folder past memory: captured without weights, its safetensors streamed into "
-            "NAME.onnx.data tensor by tensor, verified block by block.",
+            help="A Hugging Face folder or a .pt2 past memory: captured without weights, its weights streamed into "
+            "NAME.onnx.data tensor by tensor, verified block by block. Taken by itself where the in-memory export "
+            f"would not fit (${BUDGET_ENV} sets the bytes it may use).",
         ),
     ] = False,
     method: Annotated[
@@ -259,11 +263,11 @@ def export(
             )
         if trt or fused_pt2 or triton_repo or len(sources) > 1:
             raise SurgeryError(
-                "--stream writes a baked or --swappable ONNX of one Hugging Face folder; --trt, --fused-pt2 and "
-                "--triton-repo take models in memory: drop them, or drop --stream"
+                "--stream writes a baked or --swappable ONNX of one Hugging Face folder or .pt2; --trt, --fused-pt2 "
+                "and --triton-repo take models in memory: drop them, or drop --stream"
             )
         return _export_streamed(
-            sources[0], output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable
+            sources[0], output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable, trust
         )
     if method is not None:
         raise SurgeryError(f"--method {method}: export inserts adapters with --stream only; run `surgery insert` first")
@@ -293,6 +297,13 @@ def export(
         raise SurgeryError("--triton-env names the Triton models' Python environment; give --triton-repo too")
     if triton_repo and Path(triton_repo).exists() and not Path(triton_repo).is_dir():
         raise SurgeryError(f"--triton-repo {triton_repo}: exists and is not a folder; name a folder (it is created)")
+    if not route and not triton_repo and input_shape is None and sources[0] is not None:
+        fit = estimate(sources[0], dtype)
+        if fit is not None and not fit.fits:
+            err.print(f"{sources[0]}: {fit.line()}", soft_wrap=True)
+            return _export_streamed(
+                sources[0], output, None, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable, trust
+            )
     suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
     path = check_output(output or default_output(sources[0], suffix))
     with step(f"load {', '.join(s or 'minilm' for s in sources)}"):
@@ -360,25 +371,31 @@ def export(
 
 
 def _export_streamed(
-    source, output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable=False
+    source, output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable=False, trust=False
 ) -> None:  # fmt: skip
-    """--stream: capture without weights, insert, write the pair from the checkpoint's shards, verify per block;
-    --swappable: adapter slots, and the model's own adapters as a pack beside the pair (NAME.onnx_adapter)."""
+    """--stream: capture without weights, insert, write the pair from the checkpoint's shards (or the .pt2's weight
+    records), verify per block; --swappable: adapter slots, and the model's own adapters as a pack beside the pair
+    (NAME.onnx_adapter)."""
     if source is None:
-        raise SurgeryError("--stream takes a Hugging Face folder (config.json and safetensors weights); name it")
-    if swappable and method is None:
+        raise SurgeryError(
+            "--stream takes a Hugging Face folder (config.json and safetensors weights) or a .pt2; name it"
+        )
+    archive = Path(source).is_file()
+    if swappable and method is None and not archive:
         raise SurgeryError(
             "--stream --swappable makes slots for the adapters it inserts; add --method houlsby (or pfeiffer)"
         )
     spec = parse_spec(method, r, act, targets, alpha) if method else None
-    if swappable and method not in PACKABLE:
+    if swappable and method is not None and method not in PACKABLE:
         raise SurgeryError(
             f"--stream --swappable --method {method}: slots hold bottleneck adapters ({', '.join(PACKABLE)}); "
             "choose one of them, or drop --swappable for a baked export"
         )
     path = check_output(output or default_output(source, ".swappable.onnx" if swappable else ".onnx"))
-    with step(f"capture {source} without its weights"):
-        captured = capture_meta(source, dtype=dtype, task=task)
+    with step(f"{'open' if archive else 'capture'} {source} without its weights"):
+        captured = capture_pt2_meta(source, trust) if archive else capture_meta(source, dtype=dtype, task=task)
+    if archive:
+        _same_as_archive(captured, source, dtype, task)
     pack = check_output(pack_beside(path, captured.dtype)) if swappable else None
     if spec is not None:
         with step(f"insert {method} adapters, r={r}"):
@@ -397,6 +414,23 @@ def _export_streamed(
     assert result.blocks is not None
     out.print(result.blocks.markdown(), soft_wrap=True)
     out.print(result.blocks.summary())
+
+
+def _same_as_archive(captured, source, dtype, task) -> None:
+    """A .pt2 keeps the dtype and the head it was captured with: --dtype and --task may only repeat them."""
+    from surgery.load import DTYPE_NAMES
+
+    own = DTYPE_NAMES.get(captured.dtype, str(captured.dtype))
+    if dtype not in ("auto", own):
+        raise SurgeryError(
+            f"--dtype {dtype}: {source} holds {own} weights and a .pt2 keeps its dtype; drop --dtype, or insert "
+            f"into the base model again with --dtype {dtype}"
+        )
+    if task is not None and task != captured.task:
+        raise SurgeryError(
+            f"--task {task}: {source} was captured as {captured.task} and a .pt2 keeps its head; drop --task, or "
+            f"insert into the base model again with --task {task}"
+        )
 
 
 def adapter_name(source: str | None) -> str:

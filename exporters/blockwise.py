@@ -261,7 +261,7 @@ def verify_blockwise(
                 out = submod(*args)
                 env[node] = out
                 outs_t.append(_leaves(out))
-        del weights
+        del weights, args  # args holds the last call's weights: this part's tensors go before its ORT session comes
         part = parts.get(k)
         if part is None:
             continue
