@@ -8,7 +8,8 @@ Houlsby r=8 (distinct random weights, std 0.05), exported baked, and run in ONNX
 parity check's padded batches. Per output: ONNX Runtime's difference from torch fp32, and torch's own noise measured
 two ways (fp32 against float64; 2 threads against 1). `k needed` is the largest difference / floor over the outputs
 past atol: the smallest NOISE_K that passes the export (for a corruption: the largest that still refuses it). The
-corruptions scale one base weight matrix by 1.01 (the first, a middle and the last block's) in the reference.
+corruptions scale one base weight matrix by 1.01 in the reference (the first, a middle and the last block's among the
+value, output and feed-forward projections: a query or key projection under a norm is scale-invariant).
 """
 
 from __future__ import annotations
@@ -44,12 +45,18 @@ def k_needed(parity: Any) -> float:
     return worst
 
 
+# Matrices whose scale reaches the output: a query or key projection under a norm (Gemma 3's q_norm and k_norm) is
+# scale-invariant, so scaling it changes nothing to find.
+SCALED = ("v_proj", "o_proj", "down_proj", "up_proj", "value", "output.dense", "fc2", "out_proj", "c_proj")
+
+
 def corrupted(gm: torch.fx.GraphModule) -> list[str]:
-    """One 2-D base weight matrix each of the first, a middle and the last block (by parameter order)."""
+    """One 2-D base weight matrix each of the first, a middle and the last block (by parameter order), among those
+    whose scale reaches the output."""
     names = [n for n, p in gm.named_parameters() if p.dim() == 2 and not n.startswith(ADAPTER_ROOT + ".")]
-    blocks = [n for n in names if any(part.isdigit() for part in n.split("."))]
-    blocks = blocks or names
-    return list(dict.fromkeys([blocks[1 % len(blocks)], blocks[len(blocks) // 2], blocks[-1]]))
+    blocks = [n for n in names if any(part.isdigit() for part in n.split("."))] or names
+    blocks = [n for n in blocks if any(s in n for s in SCALED)] or blocks
+    return list(dict.fromkeys([blocks[0], blocks[len(blocks) // 2], blocks[-1]]))
 
 
 def measure(model: str) -> dict:
