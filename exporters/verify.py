@@ -21,9 +21,18 @@ from surgery.signature import Signature
 
 
 def feeds(session: Any, signature: Signature, tensors: list[torch.Tensor]) -> dict[str, np.ndarray]:
-    """ONNX Runtime feeds for the inputs the session declares (an unused input may have been dropped)."""
-    wanted = {i.name for i in session.get_inputs()}
-    return {n: t.numpy() for n, t in zip(signature.names, tensors) if n in wanted}
+    """ONNX Runtime feeds for the inputs the session declares (an unused input may have been dropped); a bf16 tensor
+    (a bf16 causal LM's cache) as fp32 where the session takes fp32 (a bf16 export run as its fp32 copy)."""
+    wanted = {i.name: i.type for i in session.get_inputs()}
+    return {n: _array(t, wanted[n]) for n, t in zip(signature.names, tensors) if n in wanted}
+
+
+def _array(t: torch.Tensor, onnx_type: str) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        if onnx_type != "tensor(float)":
+            raise TypeError(f"a bfloat16 input for an ONNX Runtime input of type {onnx_type}: numpy has no bfloat16")
+        return t.float().numpy()
+    return t.numpy()
 
 
 def check_onnx(

@@ -204,10 +204,12 @@ def with_past(lm: nn.Module) -> tuple[nn.Module, Signature]:
         InputSpec("position_ids", (2, example_seq), "int64", {0: batch, 1: seq}, high=int(max_pos)),
     ]
     outputs = ["logits"]
+    # the cache in the model's precision: a bf16 model's attention takes bf16 keys and values only
+    cache = str(next((p.dtype for p in lm.parameters() if p.is_floating_point()), torch.float32)).removeprefix("torch.")
     for i in range(layers):
         for kind in ("key", "value"):
             shape = (2, kv_heads, example_past, head_dim)
-            inputs.append(InputSpec(f"past_key_values.{i}.{kind}", shape, "float32", {0: batch, 2: past}))
+            inputs.append(InputSpec(f"past_key_values.{i}.{kind}", shape, cache, {0: batch, 2: past}))
             outputs.append(f"present.{i}.{kind}")
     return wrapper, Signature(tuple(inputs), positional=True, outputs=tuple(outputs))
 

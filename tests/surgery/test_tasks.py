@@ -97,3 +97,21 @@ def test_classification_heads_keep_sites_and_counts(task, tmp_path):
     with torch.no_grad():
         logits = head.signature.call(head.gm, tensors)[0]
     assert logits.shape[-1] == 2 and logits.dim() == (2 if task == "sequence-classification" else 3)
+
+
+@pytest.mark.slow
+def test_a_bf16_causal_lm_takes_its_cache_in_bf16_and_exports(lm_config, tmp_path):
+    """The cache inputs in the model's precision (a bf16 model's attention refuses fp32 keys); the bf16 export, run
+    as its fp32 copy on the CPU, within the bf16 tolerances of torch."""
+    from exporters.onnx import export_onnx
+    from surgery.adapters import stand_in_weights
+    from surgery.parity import tolerances
+
+    captured = open_model(str(lm_config("llama")), dtype="bf16")
+    past = [i for i in captured.signature.inputs if i.name.startswith("past_key_values.")]
+    assert past and {i.dtype for i in past} == {"bfloat16"}
+    adapt(captured, AdapterSpec("houlsby", r=4))
+    stand_in_weights(captured.gm, seed=2)
+    atol, rtol = tolerances(torch.bfloat16)
+    result = export_onnx(captured.gm, captured.signature, tmp_path / "lm.onnx", tolerance=atol, rtol=rtol)
+    assert result.parity.ok and "present.0.key" in result.parity.outputs
