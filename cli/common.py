@@ -25,28 +25,6 @@ from rich.markup import escape
 from surgery.errors import SurgeryError
 
 from surgery.quiet import quiet_libraries  # noqa: F401  (moved down: benchmarks use it too)
-from cli.options import (  # noqa: F401  (the option aliases live in cli.options; these names still import from here)
-    ATOL_HELP,
-    RTOL_HELP,
-    Act,
-    Alpha,
-    Dtype,
-    InputDtype,
-    InputShape,
-    Json,
-    Method,
-    OldOut,
-    OldShapes,
-    OldTolerance,
-    Output,
-    Rank,
-    Scale,
-    Source,
-    Targets,
-    Task,
-    Trust,
-    in_panel,
-)
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)

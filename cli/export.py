@@ -14,7 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.common import (
+from cli.common import emit_json, err, out, renamed, step
+from cli.options import (
     ATOL_HELP,
     RTOL_HELP,
     Act,
@@ -30,12 +31,7 @@ from cli.common import (
     Targets,
     Task,
     Trust,
-    emit_json,
-    err,
     in_panel,
-    out,
-    renamed,
-    step,
 )
 from exporters.budget import BUDGET_ENV, estimate
 from exporters.kernel_program import export_kernel_program
@@ -43,7 +39,8 @@ from exporters.onnx import export_onnx
 from exporters.onnx_files import THRESHOLD_ENV, onnx_files, onnx_size
 from exporters.stream import export_streamed, pack_beside
 from exporters.swappable import export_routed, export_swappable
-from exporters.tensorrt import DECODE, ONE, PREFILL, TensorRTMissing, build_engine, parse_profiles, prepare_trt
+from exporters.tensorrt import TensorRTMissing, build_engine, prepare_trt
+from exporters.trt_profiles import DECODE, ONE, PREFILL, parse_profiles
 from exporters.triton import write_python_model, write_triton_repo
 from surgery.errors import SurgeryError
 from surgery.io import check_output

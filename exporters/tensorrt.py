@@ -33,13 +33,10 @@ import torch
 
 from exporters.onnx import check_model, export_onnx, refuse_mismatch
 from exporters.onnx_files import atomic_onnx, save_onnx
-from exporters.trt_profiles import (  # noqa: F401  (DECODE, PREFILL, parse_profiles: the export command's, from here)
-    DECODE,
+from exporters.trt_profiles import (
     ONE,
-    PREFILL,
     AxisRange,
     Shapes,
-    parse_profiles,
     plan_profiles,
 )
 from exporters.trt_refit import refit_weights, refittable_onnx, weight_names
