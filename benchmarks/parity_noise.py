@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import onnxruntime
 import torch
 
+from benchmarks.timing import machine
 from exporters.onnx import export_onnx
 from exporters.verify import feeds
 from runtime.session import ort_session
@@ -113,8 +112,8 @@ def measure(model: str) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"NOISE_K = {result['noise_k']:g}, atol {result['atol']:g}; torch {result['torch']}, "
-        f"ONNX Runtime {result['onnxruntime']}, {result['machine']}.",
+        f"NOISE_K = {result['noise_k']:g}, atol {result['atol']:g}; torch {result['machine']['torch']}, "
+        f"ONNX Runtime {result['machine']['onnxruntime']}, {result['machine']['cpu']}.",
         "",
         "| model | task | shape | ORT vs torch fp32: abs (rel) | torch fp32 vs float64 | torch 2 vs 1 thread "
         "| k needed (float64 floor / threads floor) | one matrix x1.01: k below which it is refused |",
@@ -139,9 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     result = {
-        "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "machine": machine(),
         "noise_k": NOISE_K,
         "atol": ATOL,
         "models": {m: measure(m) for m in args.models},
