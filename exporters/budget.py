@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.memory import available
 
 IN_MEMORY_FACTOR = 5.5  # peak resident memory of an in-memory export, in weights' bytes (the most measured)
 BUDGET_ENV = "SURGERY_MEMORY_BUDGET"  # bytes (or 800M, 12G) the export may use; default: the memory available now
@@ -61,33 +62,10 @@ def budget() -> tuple[int, str] | None:
             raise SurgeryError(
                 f"${BUDGET_ENV}={value!r}: give the bytes an export may use, e.g. {BUDGET_ENV}=12G or 800M"
             ) from None
-    available = _meminfo("MemAvailable")
-    limit = _cgroup_room()
-    if available is None and limit is None:
+    room = available()
+    if room is None:
         return None
-    return min(x for x in (available, limit) if x is not None), "available"
-
-
-def _meminfo(field: str) -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _cgroup_room() -> int | None:
-    """A cgroup v2 memory limit less what the cgroup uses, where one is set."""
-    root = Path("/sys/fs/cgroup")
-    try:
-        limit = (root / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return int(limit) - int((root / "memory.current").read_text())
-    except (OSError, ValueError):
-        return None
+    return room, "available"
 
 
 def weight_bytes(source: str, dtype: str = "auto") -> int | None:

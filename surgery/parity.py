@@ -25,7 +25,7 @@ batches built from a `Signature`, measuring the floor only when the fixed rule f
 from __future__ import annotations
 
 import copy
-import os
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -37,6 +37,7 @@ from torch import fx
 from torch.fx.node import map_aggregate
 from torch.utils import _pytree as pytree
 
+from surgery.memory import available
 from surgery.signature import Signature
 
 # Defaults for fp32 exports, chosen by measurement (docs/reference/parity.md): correct exports differ from torch by
@@ -214,9 +215,8 @@ def compare(
     names = list(names) if names is not None else [f"output_{i}" for i in range(max(len(reference), len(candidate)))]
     keep = None if mask is None else _array(mask).astype(bool)
 
-    def kept(x: Any, like: np.ndarray) -> np.ndarray:
-        x = _array(x)
-        if keep is not None and like.ndim >= 2 and like.shape[:2] == keep.shape:
+    def kept(x: np.ndarray) -> np.ndarray:
+        if keep is not None and x.ndim >= 2 and x.shape[:2] == keep.shape:
             return x[keep]  # unpadded positions only
         return x
 
@@ -229,13 +229,14 @@ def compare(
         if want.shape != have.shape:
             outputs[name] = OutputDiff(float("inf"), 0.0, float("inf"), False)
             continue
-        want, have = kept(want, want), kept(have, want)
+        own = _array(noise[i]) if noise is not None and i < len(noise) else None
+        if own is not None and own.shape != want.shape:
+            own = None
+        want, have = kept(want), kept(have)
         err = _max_abs(have - want)
         scale = float(np.abs(want).max()) if want.size else 0.0
         rel = err / scale if scale > 0 else (0.0 if err == 0 else float("inf"))
-        floor = None
-        if noise is not None and i < len(noise) and _array(noise[i]).shape == _array(reference[i]).shape:
-            floor = _max_abs(kept(noise[i], _array(reference[i])) - want)
+        floor = None if own is None else _max_abs(kept(own) - want)
         d = OutputDiff(err, scale, rel, True, floor)
         outputs[name] = replace(d, ok=err <= d.allowed(atol, rtol, k))
     worst = max(outputs, key=lambda n: outputs[n].share(atol, rtol, k), default="")
@@ -263,10 +264,11 @@ def noise_of(module: Any, run: Callable[[Any, list], list], args: list, float64:
     memory (its difference from the fp32 run is fp32's own rounding), else (or with `float64` False) at another
     thread count (torch's disagreement with itself, a lower bound of it). Float tensors among `args` are converted
     with the module."""
-    if float64 and _float64_fits(module):
+    state = _tensors(module) if float64 else {}
+    if float64 and _float64_fits(state):
         try:
             with torch.no_grad():
-                return run(_Float64(module), [_to64(a) for a in args]), "torch fp32 against float64"
+                return run(_Float64(module, state), [_to64(a) for a in args]), "torch fp32 against float64"
         except (RuntimeError, TypeError, ValueError, AssertionError, NotImplementedError):
             pass  # an op without float64, a dtype the graph checks: the thread count still measures something
     threads = torch.get_num_threads()
@@ -289,16 +291,11 @@ def _to64(t: Any) -> Any:
     return t.to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
 
 
-def _float64_fits(module: Any) -> bool:
-    state = _tensors(module)
+def _float64_fits(state: dict[str, torch.Tensor]) -> bool:
+    """Whether float64 copies of `state`'s float tensors, with `FLOAT64_MARGIN`, fit in the memory available."""
+    room = available()
     need = sum(t.numel() * 8 for t in state.values() if t.is_floating_point()) * FLOAT64_MARGIN
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        available = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
-    return need <= available
+    return room is not None and need <= room
 
 
 def _tensors(module: Any) -> dict[str, torch.Tensor]:
@@ -311,29 +308,22 @@ def _tensors(module: Any) -> dict[str, torch.Tensor]:
         seen = {id(t) for t in out.values()}
         for node in module.graph.nodes:
             if node.op == "get_attr" and str(node.target) not in out:
-                value = _attr(module, str(node.target))
+                value = operator.attrgetter(str(node.target))(module)
                 if isinstance(value, torch.Tensor) and id(value) not in seen:
                     out[str(node.target)] = value
     return out
 
 
-def _attr(module: Any, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
-
-
-_HALF_TO_64 = {torch.float32: torch.float64, torch.float16: torch.float64, torch.bfloat16: torch.float64}
+_FLOATS_TO_64 = {torch.float32: torch.float64, torch.float16: torch.float64, torch.bfloat16: torch.float64}
 
 
 class _Float64:
     """`module` computed in float64: its float tensors converted (through `torch.func.functional_call`, leaving the
     module itself as it was) and, for a graph, every float dtype its nodes name (casts, `full`, dtype checks)."""
 
-    def __init__(self, module: Any) -> None:
-        self.state = {
-            n: (t.detach().to(torch.float64) if t.is_floating_point() else t) for n, t in _tensors(module).items()
-        }
+    def __init__(self, module: Any, state: dict[str, torch.Tensor]) -> None:
+        """`state`: the module's tensors by name (`_tensors`)."""
+        self.state = {n: (t.detach().to(torch.float64) if t.is_floating_point() else t) for n, t in state.items()}
         if isinstance(module, fx.GraphModule):
             graph = copy.deepcopy(module.graph)
             for node in graph.nodes:
@@ -347,7 +337,7 @@ class _Float64:
 
 
 def _dtype64(a: Any) -> Any:
-    return _HALF_TO_64.get(a, a) if isinstance(a, torch.dtype) else a
+    return _FLOATS_TO_64.get(a, a) if isinstance(a, torch.dtype) else a
 
 
 def check_sizes(signature: Signature) -> list[dict[str, int]]:
