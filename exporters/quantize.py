@@ -114,23 +114,21 @@ class QuantReport:
     reference: Parity | None = None  # levels 2 to 4: the same model at fp32 compute against the dequantized weights
     from_float: dict[str, float] = field(default_factory=dict)  # measured distance from the float model in torch
 
-    def to_metadata(self) -> str:
-        return json.dumps(
-            {
-                **self.quantization.to_json(),
-                "quantized_matmuls": self.quantized,
-                "float_matmuls": self.kept_float,
-                "adapter_nodes_excluded": self.adapter_nodes,
-            },
-            sort_keys=True,
-        )
-
-    def to_json(self) -> dict[str, Any]:
+    def _written(self) -> dict[str, Any]:
+        """The settings and counts: the model's metadata, and the start of `to_json`."""
         return {
             **self.quantization.to_json(),
             "quantized_matmuls": self.quantized,
             "float_matmuls": self.kept_float,
             "adapter_nodes_excluded": self.adapter_nodes,
+        }
+
+    def to_metadata(self) -> str:
+        return json.dumps(self._written(), sort_keys=True)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self._written(),
             "adapter_tensors_float": self.adapter_tensors,
             "from_float": self.from_float,
             "at_fp32": self.reference.to_json() if self.reference is not None else None,
