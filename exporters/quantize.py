@@ -103,6 +103,56 @@ class Quantization:
 
 
 @dataclass(frozen=True)
+class Record:
+    """The names behind a quantization's counts: each quantized weight (the float initializer it replaced, by the
+    MatMulNBits node that reads it now), each MatMul left float and why, and every adapter tensor (all float)."""
+
+    quantized: dict[str, str]  # MatMulNBits node -> the float weight initializer it replaced
+    float_adapter: tuple[str, ...] = ()  # MatMul/Gemm nodes that read an adapter tensor (excluded)
+    float_head: tuple[str, ...] = ()  # the MatMuls that write an output, with --float-head
+    float_other: tuple[str, ...] = ()  # MatMuls whose weight is not a constant (attention), or is shared
+    adapter_tensors: tuple[str, ...] = ()  # the adapter initializers: slots, stacks, baked bottlenecks
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "quantized_weights": dict(sorted(self.quantized.items())),
+            "float_nodes": {
+                "adapter": sorted(self.float_adapter),
+                "head": sorted(self.float_head),
+                "other": sorted(self.float_other),
+            },
+            "adapter_tensors": sorted(self.adapter_tensors),
+        }
+
+    @classmethod
+    def of(
+        cls, model: onnx.ModelProto, weights: dict[str, str], adapters: set[str], excluded: list[str], head: list[str]
+    ) -> Record:
+        """The record of `model` (quantized): `weights` {output of a MatMul before quantization: its weight
+        initializer}, `excluded` the nodes that read an adapter tensor, `head` those kept float by --float-head."""
+        quantized = {
+            n.name: weights.get(n.output[0].removesuffix("_pre_reshape"), n.input[1])
+            for n in model.graph.node
+            if n.op_type == "MatMulNBits"
+        }
+        excluded_set, head_set = set(excluded), set(head)
+        floats = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+        return cls(
+            quantized,
+            tuple(n for n in excluded if n),
+            tuple(n for n in floats if n in head_set and n not in excluded_set),
+            tuple(n for n in floats if n not in head_set and n not in excluded_set),
+            tuple(sorted(adapters)),
+        )
+
+
+def read_record(model: onnx.ModelProto) -> dict[str, Any] | None:
+    """What a quantized model's metadata (`META`) says was done, or None for a float model."""
+    text = {p.key: p.value for p in model.metadata_props}.get(META)
+    return None if text is None else json.loads(text)
+
+
+@dataclass(frozen=True)
 class QuantReport:
     """What one quantization did: the settings, the MatMuls quantized and the adapter nodes left float."""
 
@@ -113,14 +163,16 @@ class QuantReport:
     adapter_tensors: int  # adapter initializers, all float (checked)
     reference: Parity | None = None  # levels 2 to 4: the same model at fp32 compute against the dequantized weights
     from_float: dict[str, float] = field(default_factory=dict)  # measured distance from the float model in torch
+    record: Record | None = None  # which weights and nodes: the names
 
     def _written(self) -> dict[str, Any]:
-        """The settings and counts: the model's metadata, and the start of `to_json`."""
+        """The settings, counts and names: the model's metadata, and the start of `to_json`."""
         return {
             **self.quantization.to_json(),
             "quantized_matmuls": self.quantized,
             "float_matmuls": self.kept_float,
             "adapter_nodes_excluded": self.adapter_nodes,
+            **(self.record.to_json() if self.record is not None else {}),
         }
 
     def to_metadata(self) -> str:
@@ -199,7 +251,11 @@ def quantize_model(
             node.name = f"{node.op_type}_{i}"
     tensors = adapter_initializers(model) if adapters is None else adapters
     excluded = [n.name for n in graph.node if any(x in tensors or _is_adapter(x) for x in n.input)]
-    exclude = excluded + ([] if spec.head else _head_nodes(graph))
+    head = [] if spec.head else _head_nodes(graph)
+    exclude = excluded + head
+    inits = {t.name for t in graph.initializer}
+    weights = {n.output[0]: n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    adapter_matmuls = [n.name for n in graph.node if n.name in set(excluded) and n.op_type in ("MatMul", "Gemm")]
     options = dict(quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
     if spec.algorithm == "default":
         config = mnb.DefaultWeightOnlyQuantConfig(
@@ -253,6 +309,7 @@ def quantize_model(
         sum(n.op_type == "MatMul" for n in result.graph.node),
         len(excluded),
         float_adapters(result, what, tensors),
+        record=Record.of(result, weights, tensors, adapter_matmuls, head),
     )
     result.metadata_props.append(onnx.StringStringEntryProto(key=META, value=report.to_metadata()))
     return result, report

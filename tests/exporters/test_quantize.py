@@ -14,7 +14,15 @@ from onnx import helper, numpy_helper
 from torch.utils import _pytree as pytree
 
 from exporters.onnx import export_onnx
-from exporters.quantize import LEVEL4_TOLERANCES, META, Quantization, dequantize_node, float_adapters, quantize_model
+from exporters.quantize import (
+    LEVEL4_TOLERANCES,
+    META,
+    Quantization,
+    dequantize_node,
+    float_adapters,
+    quantize_model,
+    read_record,
+)
 from exporters.runtime import AdaptedSession
 from exporters.swappable import export_routed, export_swappable
 from exporters.verify import ort_session
@@ -130,6 +138,35 @@ def test_every_kind_quantizes_the_base_and_keeps_the_adapters_float(exports, kin
     assert data["quantization"]["from_float"]["max_abs_diff"] > 1e-4  # the base is quantized, and that is reported
 
 
+@pytest.mark.parametrize("kind, name", [("baked", "int8"), ("swappable", "int4"), ("routed", "int4")])
+def test_the_metadata_and_the_json_record_which_weights_were_quantized_and_which_kept_float(exports, kind, name):
+    result = exports[kind, name]
+    data = result.to_json()["quantization"]
+    model = onnx.load(str(result.path))
+    meta = read_record(model)
+    assert meta is not None and {k: data[k] for k in meta} == meta  # the JSON is the metadata and more
+    nbits = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert sorted(meta["quantized_weights"]) == sorted(nbits)  # every quantized node, by name
+    inits = {t.name: t for t in model.graph.initializer}
+    for node, weight in meta["quantized_weights"].items():
+        assert weight not in inits and nbits[node].input[1] == f"{weight}_Q{int(name[3:])}"  # replaced
+    adapters = set(meta["adapter_tensors"])
+    assert len(adapters) == data["adapter_tensors_float"] == 16 and adapters <= set(inits)  # every slot, float
+    assert all(inits[a].data_type in FLOATS for a in adapters)
+    assert not adapters & set(meta["quantized_weights"].values())
+    matmuls = {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")}
+    floats = meta["float_nodes"]
+    assert set(floats["adapter"]) <= matmuls and not floats["head"]
+    # attention's two MatMuls of activations per layer; a routed export's adapters multiply by the rows its
+    # adapter_id gathers from the stacks, not by a constant: those are among the others too
+    assert len(floats["adapter"]) == (0 if kind == "routed" else 8)
+    assert len(floats["other"]) == 4 + (8 if kind == "routed" else 0), floats["other"]
+    readers = {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and adapters & set(n.input)}
+    assert readers <= set(floats["adapter"]), readers - set(floats["adapter"])
+    settings = (meta["bits"], meta["block_size"], meta["symmetric"], meta["algorithm"])
+    assert settings == (int(name[3:]), 32, True, "default")
+
+
 def test_a_pack_switch_on_the_int4_base_moves_the_output_as_in_fp32(exports, adapted):
     result = exports["swappable", "int4"]
     session = AdaptedSession(result.path)
@@ -227,6 +264,8 @@ def test_cli_exports_an_int4_model(tmp_path, adapted, cli):
     data = run.json
     assert data["quantization"]["bits"] == 4 and data["quantization"]["quantized_matmuls"] == 12
     assert data["quantization"]["symmetric"] is False and data["parity_ok"] and out.is_file()
+    assert read_record(onnx.load(str(out)))["quantized_weights"] == data["quantization"]["quantized_weights"]
+    assert len(data["quantization"]["quantized_weights"]) == 12 and len(data["quantization"]["adapter_tensors"]) == 16
     zero_points = [t for t in onnx.load(str(out)).graph.initializer if t.name.endswith("_zero_points")]
     assert len(zero_points) == 12
     refused = cli("export", source, "--quantize", "int4", "--stream", "-o", tmp_path / "s.onnx")
