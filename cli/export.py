@@ -241,10 +241,10 @@ def export(
             algorithm=quant_algorithm,
             head=not float_head,
         )
-        if stream or trt or fused_pt2 or triton_repo:
+        if trt or fused_pt2 or triton_repo:
             raise SurgeryError(
-                "--quantize writes a baked, --swappable or --route ONNX of a model in memory; drop --stream, --trt, "
-                "--fused-pt2 and --triton-repo, or drop --quantize"
+                "--quantize writes a baked, --swappable, --route or --stream ONNX; drop --trt, --fused-pt2 and "
+                "--triton-repo, or drop --quantize"
             )
     elif (block_size, accuracy_level, asymmetric, quant_algorithm, float_head) != (32, 0, False, "default", False):
         raise SurgeryError(
@@ -264,8 +264,9 @@ def export(
                 "and --triton-repo take models in memory: drop them, or drop --stream"
             )
         return _export_streamed(
-            sources[0], output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable, trust
-        )
+            sources[0], output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable, trust,
+            quant,
+        )  # fmt: skip
     if method is not None:
         raise SurgeryError(f"--method {method}: export inserts adapters with --stream only; run `surgery insert` first")
     if swappable and route:
@@ -299,8 +300,9 @@ def export(
         if fit is not None and not fit.fits:
             err.print(f"{sources[0]}: {fit.line()}", soft_wrap=True)
             return _export_streamed(
-                sources[0], output, None, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable, trust
-            )
+                sources[0], output, None, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable, trust,
+                quant,
+            )  # fmt: skip
     suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
     path = check_output(output or default_output(sources[0], suffix))
     with step(f"load {', '.join(s or 'minilm' for s in sources)}"):
@@ -368,7 +370,8 @@ def export(
 
 
 def _export_streamed(
-    source, output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable=False, trust=False
+    source, output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable=False, trust=False,
+    quant=None,
 ) -> None:  # fmt: skip
     """--stream: capture without weights, insert, write the pair from the checkpoint's shards (or the .pt2's weight
     records), verify per block; --swappable: adapter slots, and the model's own adapters as a pack beside the pair
@@ -398,9 +401,17 @@ def _export_streamed(
         with step(f"insert {method} adapters, r={r}"):
             report = adapt(captured, spec)
         captured.manifest = adapted_manifest(captured, spec, report)
-    tolerance, rtol = tolerances(captured.dtype, tolerance, rtol)
-    with step(f"stream {captured.checkpoint.bytes() / 1e9:.2f} GB of weights into {path}.data, verify block by block"):
-        result = export_streamed(captured, path, swappable=swappable, pack=pack, tolerance=tolerance, rtol=rtol)
+    if quant is None:
+        tolerance, rtol = tolerances(captured.dtype, tolerance, rtol)
+    else:
+        tolerance, rtol = quant.tolerances(tolerance, rtol, tolerances(captured.dtype))
+    kind = f" (int{quant.bits} base)" if quant else ""
+    with step(
+        f"stream {captured.checkpoint.bytes() / 1e9:.2f} GB of weights into {path}.data{kind}, verify block by block"
+    ):
+        result = export_streamed(
+            captured, path, swappable=swappable, pack=pack, tolerance=tolerance, rtol=rtol, quantize=quant
+        )
     if json:
         emit_json(result.to_json())
         return
@@ -411,6 +422,13 @@ def _export_streamed(
     assert result.blocks is not None
     out.print(result.blocks.markdown(), soft_wrap=True)
     out.print(result.blocks.summary())
+    if result.quantization is not None:
+        q = result.quantization.to_json()
+        out.print(
+            f"{q['quantized_matmuls']} MatMuls quantized to int{q['bits']} as they were written (block "
+            f"{q['block_size']}, accuracy level {q['accuracy_level']}, {q['algorithm']}); {q['adapter_tensors_float']} "
+            "adapter tensors float; checked block by block against torch with the same quantized weights"
+        )
 
 
 def _same_as_archive(captured, source, dtype, task) -> None:

@@ -212,10 +212,13 @@ def verify_blockwise(
     sizes: list[dict[str, int]] | None = None,
     progress: Progress | None = None,
     overrides: dict[str, torch.Tensor] | None = None,
+    weights_as: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> BlockwiseReport:
     """Check the ONNX model at `path` against `captured` (a weightless capture, adapters as exported) block by
     block; only one part's weights are in memory at a time, on either side. `overrides`: initializers that ONNX
-    Runtime takes with these values instead of the file's (a swappable export's slots, filled by a pack)."""
+    Runtime takes with these values instead of the file's (a swappable export's slots, filled by a pack).
+    `weights_as(key, tensor)`: the values torch takes for a checkpoint tensor (a quantized export's dequantized
+    blocks)."""
     assert captured.checkpoint is not None and captured.keys is not None
     path = Path(path)
     sig = captured.signature
@@ -225,7 +228,7 @@ def verify_blockwise(
     top = split_torch(captured.gm)
     model = onnx.load(str(path), load_external_data=False)
     parts = split_onnx(model.graph)
-    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(model))  # the boundary values typed
+    extractor = onnx.utils.Extractor(_typed(model))  # the boundary values typed
     ids = {id(p): n for n, p in captured.gm.named_parameters()}
     torch_env: list[dict[fx.Node, Any]] = [{} for _ in batches]
     ort_env: list[dict[str, np.ndarray]] = [{} for _ in batches]
@@ -252,7 +255,7 @@ def verify_blockwise(
         if progress is not None:
             progress(label)
         start = time.perf_counter()
-        weights = _weights(top, node, captured, ids)
+        weights = _weights(top, node, captured, ids, weights_as)
         submod = top.get_submodule(str(node.target))
         outs_t = []
         with torch.no_grad():
@@ -289,7 +292,7 @@ def verify_blockwise(
                 ref, [g[n] for n in names], atol=tolerance, rtol=rtol, names=names, mask=masks[b], where=where
             )
             if not one.ok:  # within this block's own torch noise? (its weights read again, as before)
-                weights = _weights(top, node, captured, ids)
+                weights = _weights(top, node, captured, ids, weights_as)
                 args = [weights[a] if a in weights else torch_env[b][a] for a in node.args]
                 noise, how = noise_of(submod, lambda m, a: _leaves(m(*a)), args)
                 del weights, args
@@ -327,8 +330,38 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _weights(top: fx.GraphModule, node: fx.Node, captured: MetaCaptured, ids: dict[int, str]) -> dict:
-    """The real tensors of the get_attr arguments of one part's call: fake weights read from the checkpoint."""
+def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with the types of its values inferred. onnx's shape inference knows no `com.microsoft` op: each
+    MatMulNBits (a quantized export) is inferred as the MatMul by a (K, N) weight it computes."""
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    if not nbits:
+        return onnx.shape_inference.infer_shapes(model)
+    shadow = onnx.ModelProto()
+    shadow.CopyFrom(model)
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    del shadow.graph.node[:]
+    for n in model.graph.node:
+        if n.op_type != "MatMulNBits":
+            shadow.graph.node.append(n)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        weight = f"{n.name}.shape_of_weight"
+        kn = [attrs["K"], attrs["N"]]
+        shadow.graph.input.append(onnx.helper.make_tensor_value_info(weight, inits[n.input[2]], kn))
+        shadow.graph.node.append(onnx.helper.make_node("MatMul", [n.input[0], weight], list(n.output), name=n.name))
+    typed = onnx.shape_inference.infer_shapes(shadow)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.value_info.extend(typed.graph.value_info)
+    return out
+
+
+def _weights(
+    top: fx.GraphModule, node: fx.Node, captured: MetaCaptured, ids: dict[int, str],
+    weights_as: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> dict:  # fmt: skip
+    """The real tensors of the get_attr arguments of one part's call: fake weights read from the checkpoint (as
+    `weights_as` gives them, where given)."""
     assert captured.checkpoint is not None and captured.keys is not None
     attrs = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr"]
     weights: dict[fx.Node, torch.Tensor] = {}
@@ -343,6 +376,8 @@ def _weights(top: fx.GraphModule, node: fx.Node, captured: MetaCaptured, ids: di
         else:
             weights[a] = t
     for key, t in captured.checkpoint.read(dtypes):
+        if weights_as is not None:
+            t = weights_as(key, t)
         for a in wanted[key]:
             weights[a] = t
     return weights

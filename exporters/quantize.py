@@ -346,13 +346,24 @@ def _unpack(blob: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 def dequantize_node(node: onnx.NodeProto, tensors: dict[str, onnx.TensorProto]) -> np.ndarray:
     """The float weight (K, N) a MatMulNBits node multiplies by: `(q - zero_point) * scale` per block of rows."""
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    arrays = [numpy_helper.to_array(tensors[x]) if x else None for x in node.input[1:4]]
+    return dequantize_blocks(node_attrs(node), *arrays)
+
+
+def node_attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def dequantize_blocks(
+    attrs: dict[str, Any], packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None = None
+) -> np.ndarray:
+    """The float weight (K, N) of a MatMulNBits node's attributes (K, N, bits, block_size) and tensors."""
     k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
     blocks = (k + block - 1) // block
-    q = _unpack(numpy_helper.to_array(tensors[node.input[1]]).reshape(n, blocks, -1), bits, block)  # (N, blocks, B)
-    scales = numpy_helper.to_array(tensors[node.input[2]]).astype(np.float32).reshape(n, blocks, 1)
-    if len(node.input) > 3 and node.input[3]:
-        zp = numpy_helper.to_array(tensors[node.input[3]])
+    q = _unpack(packed.reshape(n, blocks, -1), bits, block)  # (N, blocks, B)
+    scales = scales.astype(np.float32).reshape(n, blocks, 1)
+    if zero_points is not None:
+        zp = zero_points
         if zp.dtype == np.uint8:  # packed like the weights, one value per block
             zp = _unpack(zp.reshape(n, -1), bits, blocks)
         zp = zp.astype(np.float32).reshape(n, blocks, 1)
@@ -360,6 +371,50 @@ def dequantize_node(node: onnx.NodeProto, tensors: dict[str, onnx.TensorProto]) 
         zp = np.float32(2 ** (bits - 1))
     w = ((q - zp) * scales).reshape(n, blocks * block)[:, :k]  # (N, K)
     return np.ascontiguousarray(w.T)  # (K, N)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One weight through `MatMulNBitsQuantizer` by itself: the node's attributes and domain, its tensors in input
+    order (packed blocks, scales, zero points where written) by role."""
+
+    attrs: dict[str, Any]
+    domain: str
+    tensors: dict[str, np.ndarray]  # "Q4" / "Q8", "scales", "zero_points"
+
+    def dequantized(self) -> np.ndarray:
+        """The float weight (K, N) the node multiplies by."""
+        roles = list(self.tensors.values())
+        return dequantize_blocks(self.attrs, *roles)
+
+
+def quantize_weight(w: np.ndarray, spec: Quantization, what: str) -> QuantizedWeight | None:
+    """The weight `w` (K, N) of `x @ w` quantized by ONNX Runtime's `MatMulNBitsQuantizer` exactly as it quantizes it
+    inside a whole model (the same settings, the same code, one MatMul); None where it leaves it float."""
+    from onnx import helper
+
+    k, n = w.shape
+    elem = helper.np_dtype_to_tensor_dtype(w.dtype)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "weight",
+        [helper.make_tensor_value_info("x", elem, ["b", k])],
+        [helper.make_tensor_value_info("y", elem, ["b", n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    try:
+        result, _ = quantize_model(model, replace(spec, head=True), what, set())
+    except SurgeryError:
+        return None  # nothing quantized (too few rows for a block)
+    node = next(x for x in result.graph.node if x.op_type == "MatMulNBits")
+    tensors = {t.name: t for t in result.graph.initializer}
+    roles = ("Q", "scales", "zero_points")
+    found = {role: numpy_helper.to_array(tensors[x]) for role, x in zip(roles, node.input[1:4]) if x}
+    if "Q" in found:
+        found[f"Q{spec.bits}"] = found.pop("Q")
+        found = {r: found[r] for r in (f"Q{spec.bits}", "scales", "zero_points") if r in found}
+    return QuantizedWeight(node_attrs(node), node.domain, found)
 
 
 def _key(a: np.ndarray) -> tuple:

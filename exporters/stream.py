@@ -21,9 +21,9 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
@@ -39,6 +39,10 @@ from surgery.meta import MetaCaptured, is_fake
 from surgery.packs import pack_from_model, save_pack
 from surgery.sites import ADAPTER_ROOT
 from surgery.parity import ATOL, RTOL
+
+if TYPE_CHECKING:
+    from exporters.quantize import Quantization, QuantReport
+    from exporters.stream_quant import Planned
 
 INLINE = 1024  # bytes: smaller tensors (shapes, scalars) stay in the graph, as save_onnx leaves them
 ALIGN = 4096  # offsets of the data file: page-aligned, so ONNX Runtime can map tensors in place
@@ -61,6 +65,7 @@ class StreamExport:
     slots: int = 0  # swappable: the adapter slots (overridable initializers)
     no_pack: BlockwiseReport | None = None  # swappable: the block-wise verification with no pack active
     pack: Path | None = None  # swappable: the model's own adapters as a pack
+    quantization: QuantReport | None = None  # --quantize: what was quantized, checked at fp32 compute (levels 2-4)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +87,7 @@ class StreamExport:
                 if self.slots
                 else {}
             ),
+            **({"quantization": self.quantization.to_json()} if self.quantization else {}),
         }
 
 
@@ -133,6 +139,7 @@ def export_streamed(
     rtol: float = RTOL,
     progress: Progress | None = None,
     verify_progress: Callable[[str], None] | None = None,
+    quantize: Quantization | None = None,
 ) -> StreamExport:
     """Write `captured` (a weightless capture, adapters inserted or not) as NAME.onnx + NAME.onnx.data, its base
     weights streamed from the checkpoint; with `verify`, checked block by block (exporters/blockwise.py) before
@@ -142,7 +149,11 @@ def export_streamed(
     exporters/swappable.py (overridable initializers, rank-0 defaults, in the graph: they are small), verified block
     by block twice: no pack against the base model, the model's own adapters against the adapted one; these are
     then written as the pack `pack` (`.onnx_adapter` or `.safetensors`, see `pack_beside`) before the pair moves into
-    place."""
+    place.
+
+    `quantize`: the base MatMul weights quantized one at a time as they are written (exporters/stream_quant.py),
+    adapters float, bottlenecks unfused (as in the in-memory export); the block-wise check runs torch with the
+    written blocks dequantized, and at accuracy levels 2 to 4 a second time at fp32 compute."""
     import onnx_ir as ir
 
     assert captured.checkpoint is not None and captured.keys is not None
@@ -155,7 +166,8 @@ def export_streamed(
     adapter = lambda v: swappable and v.name.startswith(ADAPTER_ROOT + ".")  # noqa: E731  a slot, not a weight
     # swappable: traced with distinct random adapter values (the exporter merges identical initializers)
     # baked: bottlenecks in the fused export form, base weights untouched (surgery/fuse.py's unit rank)
-    gm = captured.gm if swappable else fused_copy(captured.gm, captured.manifest, fold_bias=False) or captured.gm
+    unfused = swappable or quantize is not None
+    gm = captured.gm if unfused else fused_copy(captured.gm, captured.manifest, fold_bias=False) or captured.gm
     with adapters_filled(gm, "random") if swappable else nullcontext():
         program = onnx_program(gm, captured.signature, str(path), optimize=False)
     model = program.model
@@ -182,25 +194,45 @@ def export_streamed(
     proto = ir.serde.serialize_model(model)
     lean_proto(proto, captured.signature)  # the form the in-memory export writes
     slots_made = make_slots(proto, captured.manifest) if swappable else 0
+    planned: dict[str, Planned] = {}
+    if quantize is not None:
+        from exporters.stream_quant import plan
+
+        planned, head, adapter_nodes = plan(proto, {s.name: s.key for s in slots if s.key is not None}, quantize)
+        for s in slots:
+            if s.key in planned:
+                planned[s.key].dtype = s.dtype
+        slots, offset = _compact(proto, [s for s in slots if s.key not in planned])
+    weights_as = None
+    quant_report = None
     with atomic_onnx(path) as tmp:
+        tmp_data = tmp.with_name(data.name)
+        offset = _write_data(tmp_data, slots, captured, progress, planned, quantize, str(path))
+        if quantize is not None:
+            from exporters.stream_quant import dequantized, report as quant_summary, rewrite
+
+            rewrite(proto, planned, data.name, quantize)
+            quant_report = quant_summary(proto, planned, quantize, head, adapter_nodes, str(path))
+            done = {k: p for k, p in planned.items() if p.written is not None}
+            weights_as = lambda key, t: dequantized(done[key], tmp_data, t.dtype) if key in done else t  # noqa: E731
         onnx.save(proto, str(tmp))
-        _write_data(tmp.with_name(data.name), slots, captured, progress)
-        tmp.with_name(data.name).chmod(tmp.stat().st_mode & 0o777)
+        tmp_data.chmod(tmp.stat().st_mode & 0o777)
         check_model(tmp, str(path))
         seconds = time.perf_counter() - start
         report = no_pack = None
+        checked = dict(tolerance=tolerance, rtol=rtol, progress=verify_progress, weights_as=weights_as)
         if verify and swappable:
             with adapters_filled(captured.gm, "base"):  # torch: zero up-projections; ORT: the rank-0 defaults
-                no_pack = verify_blockwise(captured, tmp, tolerance=tolerance, rtol=rtol, progress=verify_progress)
+                no_pack = verify_blockwise(captured, tmp, **checked)
             _refuse(no_pack, path, " with no pack active")
             own = {n: p.detach() for n, p in captured.gm.named_parameters() if n.startswith(ADAPTER_ROOT + ".")}
-            report = verify_blockwise(
-                captured, tmp, tolerance=tolerance, rtol=rtol, progress=verify_progress, overrides=own
-            )
+            report = verify_blockwise(captured, tmp, overrides=own, **checked)
             _refuse(report, path, " with the model's own pack active")
         elif verify:
-            report = verify_blockwise(captured, tmp, tolerance=tolerance, rtol=rtol, progress=verify_progress)
-            _refuse(report, path)
+            report = verify_blockwise(captured, tmp, **checked)
+            _refuse(report, path, " with the same quantized weights" if quantize else "")
+        if verify and quant_report is not None and quantize is not None and quantize.accuracy_level not in (0, 1):
+            quant_report = replace(quant_report, reference=_at_fp32(captured, proto, tmp, checked, path))
         written = None
         if swappable and pack is not None:  # before the pair moves into place: a pack that fails leaves neither
             assert captured.manifest is not None
@@ -208,9 +240,48 @@ def export_streamed(
     from_checkpoint = sum(s.key is not None for s in slots)
     verified = time.perf_counter() - start - seconds
     return StreamExport(
-        path, data, len(slots), from_checkpoint, offset, seconds, report, verified if verify else 0.0,
-        slots_made, no_pack, written,
+        path, data, len(slots) + sum(len(p.places) for p in planned.values()), from_checkpoint, offset, seconds,
+        report, verified if verify else 0.0, slots_made, no_pack, written, quant_report,
     )  # fmt: skip
+
+
+def _compact(proto: onnx.ModelProto, slots: list[Slot]) -> tuple[list[Slot], int]:
+    """`slots` laid out again one after another (the quantized weights' places taken out), the graph's external
+    references moved with them; the slots and the end of the last."""
+    offset, laid = 0, []
+    for s in slots:
+        offset = -(-offset // ALIGN) * ALIGN
+        laid.append(replace(s, offset=offset))
+        offset += s.length
+    where = {s.name: s.offset for s in laid}
+    for t in proto.graph.initializer:
+        if t.name in where:
+            for e in t.external_data:
+                if e.key == "offset":
+                    e.value = str(where[t.name])
+    return laid, offset
+
+
+def _at_fp32(captured: MetaCaptured, proto: onnx.ModelProto, tmp: Path, checked: dict, path: Path) -> Any:
+    """Accuracy levels 2 to 4: the same pair at fp32 compute checked block by block against the same dequantized
+    weights at the dtype's own tolerance, so the weights are held tightly where the activations' rounding is not.
+    The whole verification, as one Parity (its worst part)."""
+    from exporters.quantize import AT_FP32
+    from exporters.stream_quant import at_level
+    from surgery.parity import tolerances
+
+    atol, rtol = tolerances(captured.dtype)
+    fp32 = tmp.with_name(f".{tmp.name}.fp32.onnx")
+    try:
+        onnx.save(at_level(proto, 1), str(fp32))
+        report = verify_blockwise(captured, fp32, **{**checked, "tolerance": atol, "rtol": rtol})
+    finally:
+        fp32.unlink(missing_ok=True)
+    _refuse(report, path, AT_FP32)
+    worst = report.parts[0].parity
+    for part in report.parts[1:]:
+        worst = worst.combine(part.parity)
+    return worst
 
 
 def pack_beside(path: str | Path, dtype: torch.dtype) -> Path:
@@ -229,14 +300,22 @@ def _refuse(report: BlockwiseReport, path: Path, case: str = "") -> None:
         )
 
 
-def _write_data(data: Path, slots: list[Slot], captured: MetaCaptured, progress: Progress | None) -> None:
-    """The data file: each slot's bytes at its offset; checkpoint tensors one at a time, shard by shard."""
+def _write_data(
+    data: Path, slots: list[Slot], captured: MetaCaptured, progress: Progress | None,
+    planned: dict[str, Planned] | None = None, quantize: Quantization | None = None, what: str = "",
+) -> int:  # fmt: skip
+    """The data file: each slot's bytes at its offset; checkpoint tensors one at a time, shard by shard. `planned`
+    tensors are quantized as they are read and their arrays appended after the slots
+    (exporters/stream_quant.py); returns the file's length."""
     assert captured.checkpoint is not None
+    planned = planned or {}
     by_key: dict[str, list[Slot]] = {}
     for s in slots:
         if s.key is not None:
             by_key.setdefault(s.key, []).append(s)
+    end = max((s.offset + s.length for s in slots), default=0)
     done = 0
+    total = len(slots) + len(planned)
     with open(data, "wb") as f:
 
         def put(slot: Slot, t: torch.Tensor) -> None:
@@ -251,13 +330,30 @@ def _write_data(data: Path, slots: list[Slot], captured: MetaCaptured, progress:
             f.write(memoryview(raw))
             done += 1
             if progress is not None:
-                progress(done, len(slots))
+                progress(done, total)
 
         for s in slots:
             if s.tensor is not None:
                 put(s, s.tensor)
-        for key, t in captured.checkpoint.read({k: ss[0].dtype for k, ss in by_key.items()}):
-            for s in by_key[key]:
+        dtypes = {k: ss[0].dtype for k, ss in by_key.items()}
+        dtypes.update({k: p.dtype for k, p in planned.items()})
+        for key, t in captured.checkpoint.read(dtypes):
+            for s in by_key.get(key, []):
                 put(s, t)
+            if key in planned:
+                assert quantize is not None
+                from exporters.stream_quant import quantize_into
+
+                end, quantized = quantize_into(f, planned[key], t, quantize, end, what)
+                if not quantized:  # left float by the quantizer: the float weight after the others
+                    end = -(-end // ALIGN) * ALIGN
+                    slot = Slot(planned[key].name, end, t.numel() * t.element_size(), key, t.dtype)
+                    planned[key].places["float"] = (end, slot.length, tuple(t.shape), 0)
+                    put(slot, t)
+                    end += slot.length
+                done += 1
+                if progress is not None:
+                    progress(done, total)
             del t
-        f.truncate(max((s.offset + s.length for s in slots), default=0))
+        f.truncate(end)
+    return end

@@ -268,7 +268,7 @@ def test_cli_exports_an_int4_model(tmp_path, adapted, cli):
     assert len(data["quantization"]["quantized_weights"]) == 12 and len(data["quantization"]["adapter_tensors"]) == 16
     zero_points = [t for t in onnx.load(str(out)).graph.initializer if t.name.endswith("_zero_points")]
     assert len(zero_points) == 12
-    refused = cli("export", source, "--quantize", "int4", "--stream", "-o", tmp_path / "s.onnx")
+    refused = cli("export", source, "--quantize", "int4", "--fused-pt2", "-o", tmp_path / "s.onnx")
     assert refused.code == 2 and "--quantize writes a baked" in refused.stderr
     assert not (tmp_path / "s.onnx").exists()
 
