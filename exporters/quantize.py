@@ -380,7 +380,7 @@ class QuantizedWeight:
 
     attrs: dict[str, Any]
     domain: str
-    tensors: dict[str, np.ndarray]  # "Q4" / "Q8", "scales", "zero_points"
+    tensors: dict[str, Any]  # "Q4" / "Q8", "scales", "zero_points": the arrays (or None: the roles alone)
 
     def dequantized(self) -> np.ndarray:
         """The float weight (K, N) the node multiplies by."""

@@ -35,6 +35,10 @@ from exporters.quantize import (
 from surgery.errors import SurgeryError
 
 ALIGN = 4096
+# bytes of float weight quantized at a time: a large weight (a 7B model's head) goes through the quantizer in slices
+# of its output columns, whose blocks, scales and zero points are rows of the whole one's (MatMulNBits lays them out
+# column by column), so memory holds a slice and its copies, not the weight's
+SLICE_BYTES = 64 << 20
 
 
 @dataclass
@@ -46,7 +50,7 @@ class Planned:
     matmul: str  # the MatMul node
     transpose: str | None  # the Transpose node between them (a Linear's weight is (N, K)), or None (K, N)
     dtype: torch.dtype | None = None  # what the graph takes it in
-    written: QuantizedWeight | None = None  # after the data file: attributes and arrays' places
+    written: QuantizedWeight | None = None  # after the data file: attributes and roles (no arrays)
     places: dict[str, tuple[int, int, tuple[int, ...], int]] = field(default_factory=dict)  # role: offset, length..
 
 
@@ -101,21 +105,38 @@ def quantize_into(
             "--dtype fp32 (or fp16)"
         )
     a = w.numpy()
-    if planned.transpose is not None:
-        a = a.T
-    written = quantize_weight(np.ascontiguousarray(a), spec, what)
-    if written is None:
-        return end, False
-    planned.written = written
-    for role, array in written.tensors.items():
-        end = -(-end // ALIGN) * ALIGN
-        raw = np.ascontiguousarray(array)
-        f.seek(end)
-        f.write(memoryview(raw).cast("B"))
-        elem = onnx.helper.np_dtype_to_tensor_dtype(raw.dtype)
-        planned.places[role] = (end, raw.nbytes, tuple(raw.shape), elem)
-        end += raw.nbytes
+    if planned.transpose is None:
+        a = a.T  # (N, K): a slice of output columns is a slice of rows
+    n, k = a.shape
+    step = max(1, SLICE_BYTES // max(1, k * a.itemsize))
+    for start in range(0, n, step):
+        part = quantize_weight(np.ascontiguousarray(a[start : start + step].T), spec, what)
+        if part is None:
+            return end, False
+        rows = part.attrs["N"]
+        if start == 0:  # the places of the whole weight's arrays: each slice's are rows of them
+            for role, array in part.tensors.items():
+                end = -(-end // ALIGN) * ALIGN
+                whole = _whole_shape(array.shape, rows, n)
+                elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+                planned.places[role] = (end, array.nbytes // rows * n, whole, elem)
+                end += array.nbytes // rows * n
+            planned.written = QuantizedWeight({**part.attrs, "N": n}, part.domain, dict.fromkeys(part.tensors))
+        for role, array in part.tensors.items():
+            raw = np.ascontiguousarray(array)
+            f.seek(planned.places[role][0] + start * (raw.nbytes // rows))
+            f.write(memoryview(raw).cast("B"))
+        del part
     return end, True
+
+
+def _whole_shape(shape: tuple[int, ...], rows: int, n: int) -> tuple[int, ...]:
+    """The shape of a MatMulNBits array for `n` output columns, from its shape for `rows` of them (first axis the
+    column, or flat, column-major)."""
+    if shape[0] == rows:
+        return (n, *shape[1:])
+    assert len(shape) == 1 and shape[0] % rows == 0, shape
+    return (shape[0] // rows * n,)
 
 
 def rewrite(proto: onnx.ModelProto, planned: dict[str, Planned], data_name: str, spec: Quantization) -> int:
