@@ -9,6 +9,8 @@ Baked (default): adapter weights as initializers. `--swappable`: adapter slots t
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -313,6 +315,8 @@ def export(
     if quant is None:
         tolerance, rtol = tolerances(weights_dtype(models[0].gm), tolerance, rtol)
     else:
+        if models[0].source.path.endswith(".gguf"):  # its Q4_0 / Q8_0 blocks carried (exporters/gguf_carry.py)
+            quant = dataclasses.replace(quant, gguf=models[0].source.path)
         tolerance, rtol = quant.tolerances(tolerance, rtol, tolerances(weights_dtype(models[0].gm)))
     kind = f" ({quantize} base)" if quant else ""
     with step(f"export {path}{kind} and check it against torch"):
@@ -352,6 +356,8 @@ def export(
             f"max |ORT - float torch| = {q['from_float']['max_abs_diff']:.2e}, "
             f"{q['from_float']['max_rel_diff']:.2e} of max|torch| (measured, not checked)"
         )
+        if "gguf" in q:
+            out.print(q["gguf"]["summary"])
     if swappable:
         out.print(
             f"{data['adapter_tensors']} adapter slots; no pack = base model, own pack = adapted model: both checked"

@@ -63,6 +63,7 @@ class Quantization:
     symmetric: bool = True  # no zero points (signed blocks), as onnxruntime-genai's builder writes
     algorithm: str = "default"
     head: bool = True  # quantize the output projection (lm_head) too, as onnxruntime-genai's builder does
+    gguf: str | None = None  # the GGUF file the model was loaded from: its Q4_0 / Q8_0 blocks carried as they are
 
     def __post_init__(self) -> None:
         if self.bits not in BITS.values():
@@ -99,7 +100,9 @@ class Quantization:
         return (base[0] if atol is None else atol, base[1] if rtol is None else rtol)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        settings = asdict(self)
+        del settings["gguf"]  # a local path; the record names the file
+        return settings
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,11 @@ class Record:
     float_head: tuple[str, ...] = ()  # the MatMuls that write an output, with --float-head
     float_other: tuple[str, ...] = ()  # MatMuls whose weight is not a constant (attention), or is shared
     adapter_tensors: tuple[str, ...] = ()  # the adapter initializers: slots, stacks, baked bottlenecks
+    gguf: dict[str, Any] | None = None  # a GGUF source: the weights carried from its blocks (exporters/gguf_carry.py)
 
     def to_json(self) -> dict[str, Any]:
         return {
+            **({"gguf": self.gguf} if self.gguf is not None else {}),
             "quantized_weights": dict(sorted(self.quantized.items())),
             "float_nodes": {
                 "adapter": sorted(self.float_adapter),
@@ -255,6 +260,11 @@ def quantize_model(
     exclude = excluded + head
     inits = {t.name for t in graph.initializer}
     weights = {n.output[0]: n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    carried = None
+    if spec.gguf is not None and spec.block_size == 32 and spec.symmetric:
+        from exporters.gguf_carry import carry
+
+        carried = carry(model, spec.bits, spec.accuracy_level, spec.gguf, set(exclude))
     adapter_matmuls = [n.name for n in graph.node if n.name in set(excluded) and n.op_type in ("MatMul", "Gemm")]
     options = dict(quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
     if spec.algorithm == "default":
@@ -298,6 +308,9 @@ def quantize_model(
             if node.op_type == "MatMulNBits":
                 node.attribute.append(onnx.helper.make_attribute("accuracy_level", spec.accuracy_level))
     quantized = sum(n.op_type == "MatMulNBits" for n in result.graph.node)
+    gguf = None
+    if carried is not None:
+        gguf = {**carried.to_json(quantized), "summary": carried.summary(spec.bits, quantized)}
     if quantized == 0:
         raise SurgeryError(
             f"{what}: --quantize found no MatMul to quantize (no weight has {spec.block_size} rows or more, or "
@@ -309,7 +322,7 @@ def quantize_model(
         sum(n.op_type == "MatMul" for n in result.graph.node),
         len(excluded),
         float_adapters(result, what, tensors),
-        record=Record.of(result, weights, tensors, adapter_matmuls, head),
+        record=replace(Record.of(result, weights, tensors, adapter_matmuls, head), gguf=gguf),
     )
     result.metadata_props.append(onnx.StringStringEntryProto(key=META, value=report.to_metadata()))
     return result, report
