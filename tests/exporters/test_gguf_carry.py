@@ -67,3 +67,12 @@ def test_no_carry_without_a_gguf_or_at_another_block_size(gguf_model, tmp_path):
     result = export_onnx(m.gm, m.signature, tmp_path / "m.onnx", tolerance=1e-4, rtol=1e-4, quantize=spec)
     record = read_record(onnx.load(str(result.path)))
     assert "gguf" not in record and record["block_size"] == 64 and record["quantized_matmuls"] == 14
+
+
+def test_cli_carries_a_gguf_sources_blocks_and_says_so(gguf_model, cli, tmp_path):
+    path, _ = gguf_model
+    run = cli("export", path, "--quantize", "int8", "-o", tmp_path / "m.int8.onnx")
+    assert run.code == 0, run.stderr
+    assert "4 weights carried from the GGUF's Q8_0 blocks unrounded; 10 requantized" in run.stdout, run.stdout
+    record = read_record(onnx.load(str(tmp_path / "m.int8.onnx")))
+    assert record["gguf"]["file"] == "tiny.gguf" and len(record["gguf"]["carried"]) == 4
