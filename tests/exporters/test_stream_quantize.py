@@ -114,3 +114,21 @@ def test_cli_streams_an_int8_base_with_adapters(cli, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "m.onnx", "m.onnx.data"]
     record = read_record(onnx.load(str(tmp_path / "m.onnx"), load_external_data=False))
     assert record["bits"] == 8 and record["accuracy_level"] == 4 and len(record["quantized_weights"]) == 14
+
+
+def test_cli_streams_a_swappable_int4_base_with_float_slots(cli, tmp_path):
+    folder = write_checkpoint(tmp_path / "llama", "llama")
+    run = cli(
+        "export", folder, "--stream", "--swappable", "--task", TASK, "--method", "houlsby", "--r", "4",
+        "--quantize", "int4", "-o", "m.swappable.onnx", "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert run.code == 0, run.stderr
+    data = run.json
+    assert data["blockwise"]["ok"] and data["blockwise_no_pack"]["ok"]  # own pack, and no pack, both checked
+    assert data["quantization"]["quantized_matmuls"] == 14 and data["adapter_tensors"] == 16
+    model = onnx.load(str(tmp_path / "m.swappable.onnx"), load_external_data=False)
+    slots = {i.name for i in model.graph.input if i.name.startswith("adapters.")}
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    assert len(slots) == 16 and all(inits[s] in FLOATS for s in slots)  # overridable initializers, float
+    assert set(read_record(model)["adapter_tensors"]) == slots
+    assert not [n.name for n in model.graph.node if n.op_type == "MatMulNBits" and slots & set(n.input)]
