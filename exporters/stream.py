@@ -163,6 +163,11 @@ def export_streamed(
         raise SurgeryError(f"{path}: a swappable export needs adapters; insert them first (--method)")
     if swappable:
         SwappableMeta.of(captured.manifest, "--swappable")  # bottleneck adapters only: refused before the export
+    if quantize is not None and captured.dtype == torch.bfloat16:
+        raise SurgeryError(
+            f"{path}: --quantize of a bf16 model: MatMulNBits takes fp32 or fp16 activations; export with "
+            "--dtype fp32 (or fp16)"
+        )
     adapter = lambda v: swappable and v.name.startswith(ADAPTER_ROOT + ".")  # noqa: E731  a slot, not a weight
     # swappable: traced with distinct random adapter values (the exporter merges identical initializers)
     # baked: bottlenecks in the fused export form, base weights untouched (surgery/fuse.py's unit rank)

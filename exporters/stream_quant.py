@@ -98,13 +98,7 @@ def quantize_into(
 ) -> tuple[int, bool]:
     """Quantize the checkpoint tensor `t` of `planned` and append its arrays to the open data file `f` at `end`
     (page-aligned); the new end, and whether it was quantized (False: the quantizer left it float)."""
-    w = t.detach()
-    if w.dtype == torch.bfloat16:
-        raise SurgeryError(
-            f"{what}: --quantize of a bf16 model: MatMulNBits takes fp32 or fp16 activations; export with "
-            "--dtype fp32 (or fp16)"
-        )
-    a = w.numpy()
+    a = t.detach().numpy()  # fp32 or fp16: export_streamed refuses bf16 before it starts
     if planned.transpose is None:
         a = a.T  # (N, K): a slice of output columns is a slice of rows
     n, k = a.shape

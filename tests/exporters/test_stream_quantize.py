@@ -132,3 +132,10 @@ def test_cli_streams_a_swappable_int4_base_with_float_slots(cli, tmp_path):
     assert len(slots) == 16 and all(inits[s] in FLOATS for s in slots)  # overridable initializers, float
     assert set(read_record(model)["adapter_tensors"]) == slots
     assert not [n.name for n in model.graph.node if n.op_type == "MatMulNBits" and slots & set(n.input)]
+
+
+def test_cli_refuses_a_bf16_streamed_quantization_in_one_line(cli, tmp_path):
+    folder = write_checkpoint(tmp_path / "llama", "llama")
+    run = cli("export", folder, "--stream", "--dtype", "bf16", "--quantize", "int4", "-o", "m.onnx", cwd=tmp_path)
+    assert run.code == 2 and "Traceback" not in run.stderr and "--dtype fp32" in run.stderr, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
