@@ -242,7 +242,7 @@ def export_streamed(
         if swappable and pack is not None:  # before the pair moves into place: a pack that fails leaves neither
             assert captured.manifest is not None
             written = save_pack(pack_from_model(captured.gm.state_dict(), captured.manifest), pack)
-    from_checkpoint = sum(s.key is not None for s in slots)
+    from_checkpoint = sum(s.key is not None for s in slots) + len(planned)  # float, and quantized as written
     verified = time.perf_counter() - start - seconds
     return StreamExport(
         path, data, len(slots) + sum(len(p.places) for p in planned.values()), from_checkpoint, offset, seconds,
@@ -354,11 +354,12 @@ def _write_data(
                     end = -(-end // ALIGN) * ALIGN
                     slot = Slot(planned[key].name, end, t.numel() * t.element_size(), key, t.dtype)
                     planned[key].places["float"] = (end, slot.length, tuple(t.shape), 0)
-                    put(slot, t)
+                    put(slot, t)  # counted there
                     end += slot.length
-                done += 1
-                if progress is not None:
-                    progress(done, total)
+                else:
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
             del t
         f.truncate(end)
     return end

@@ -109,6 +109,7 @@ def test_cli_streams_an_int8_base_with_adapters(cli, tmp_path):
     data = run.json
     q = data["quantization"]
     assert data["blockwise"]["ok"] and q["bits"] == 8 and q["quantized_matmuls"] == 14
+    assert data["from_checkpoint"] == 20  # every checkpoint tensor: 14 projections quantized, 5 norms, the embedding
     assert q["at_fp32"] is not None and q["at_fp32"]["parity_ok"]  # level 4: checked again at fp32 compute
     assert (data["blockwise"]["parts"][0]["tolerance"], data["blockwise"]["parts"][0]["rtol"]) == (1e-2, 1e-1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "m.onnx", "m.onnx.data"]
