@@ -5,7 +5,8 @@ Linear) or directly (GPT-2's Conv1D). `plan` picks the MatMuls whose weight is s
 MatMul alone (adapters never are: they do not come from the checkpoint); while the data file is written, each of
 those tensors goes through ONNX Runtime's `MatMulNBitsQuantizer` by itself (`quantize_weight`: the same quantizer,
 settings and rounding as inside a whole model), one tensor in memory at a time, and its packed blocks, scales and
-zero points are appended to the data file instead of the float weight. `rewrite` then makes each planned MatMul a
+zero points are appended to the data file instead of the float weight (a weight past `SLICE_BYTES` in slices of its
+output columns, whose arrays are rows of the whole one's). `rewrite` then makes each planned MatMul a
 `MatMulNBits` node reading them. The block-wise check reads the written blocks back (`dequantized`) as the torch
 reference's weights.
 """
@@ -51,7 +52,8 @@ class Planned:
     transpose: str | None  # the Transpose node between them (a Linear's weight is (N, K)), or None (K, N)
     dtype: torch.dtype | None = None  # what the graph takes it in
     written: QuantizedWeight | None = None  # after the data file: attributes and roles (no arrays)
-    places: dict[str, tuple[int, int, tuple[int, ...], int]] = field(default_factory=dict)  # role: offset, length..
+    # role -> (offset, length, shape, ONNX dtype) in the data file; "float" where the quantizer left it float
+    places: dict[str, tuple[int, int, tuple[int, ...], int]] = field(default_factory=dict)
 
 
 def plan(
