@@ -25,7 +25,7 @@ from runtime.files import read_config
 from surgery.safe_files import check_pt2
 from surgery.signature import Axis, InputSpec, Signature, parse_input_shape
 from surgery.source import Source
-from surgery.tasks import CAUSAL_LM, FEATURE_EXTRACTION, check_task, default_task, task_class, with_past
+from surgery.tasks import CAUSAL_LM, FEATURE_EXTRACTION, SPEECH_RECOGNITION, check_task, default_task, task_class, with_past
 
 DEFAULT_MODEL = "minilm"
 WEIGHT_FILES = (
@@ -251,6 +251,11 @@ def _hf_loaded(model: nn.Module, source: Source, task: str = FEATURE_EXTRACTION)
     exportable_experts(model)
     if task == CAUSAL_LM:
         wrapper, signature = with_past(model)
+        return Loaded(source=source, signature=signature, module=wrapper, task=task)
+    if task == SPEECH_RECOGNITION:
+        from surgery.speech import with_caches
+
+        wrapper, signature = with_caches(model)
         return Loaded(source=source, signature=signature, module=wrapper, task=task)
     if hasattr(config, "use_cache"):
         config.use_cache = False
