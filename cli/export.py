@@ -37,6 +37,7 @@ from exporters.budget import BUDGET_ENV, estimate
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.onnx_files import THRESHOLD_ENV, onnx_files, onnx_size
+from exporters.speech import export_speech
 from exporters.stream import export_streamed, pack_beside
 from exporters.swappable import export_routed, export_swappable
 from exporters.tensorrt import TensorRTMissing, build_engine, prepare_trt
@@ -51,6 +52,7 @@ from surgery.bundle import adapted_manifest
 from surgery.archive import capture_pt2_meta
 from surgery.meta import capture_meta
 from surgery.pipeline import adapt, default_output, open_model
+from surgery.task_names import SPEECH_RECOGNITION
 
 Sources = Annotated[
     Optional[list[str]],
@@ -312,6 +314,9 @@ def export(
         tolerance, rtol = tolerances(weights_dtype(models[0].gm), tolerance, rtol)
     else:
         tolerance, rtol = quant.tolerances(tolerance, rtol, tolerances(weights_dtype(models[0].gm)))
+    if models[0].task == SPEECH_RECOGNITION:
+        return _export_speech(models[0], path, swappable or route or bool(triton_repo) or quant is not None, tolerance,
+                              rtol, external_data, json)  # fmt: skip
     kind = f" ({quantize} base)" if quant else ""
     with step(f"export {path}{kind} and check it against torch"):
         if route:
@@ -365,6 +370,28 @@ def export(
         out.print(f"wrote {config}")
     if triton_repo:
         out.print(f"serve it with: surgery serve {triton_repo}")
+
+
+def _export_speech(model, path, other_form, tolerance, rtol, external, json) -> None:
+    """A speech recognizer: its encoder and decoder graphs, baked (exporters/speech.py)."""
+    if other_form:
+        raise SurgeryError(
+            f"--task {SPEECH_RECOGNITION}: this export writes the baked encoder and decoder pair only; drop "
+            "--swappable, --route, --triton-repo and --quantize"
+        )
+    with step(f"export {path} as its encoder and decoder, and check both against torch"):
+        result = export_speech(model, path, tolerance=tolerance, rtol=rtol, external=external)
+    data = result.to_json()
+    if json:
+        emit_json(data)
+        return
+    for part in (result.encoder, result.decoder):
+        out.print(f"wrote {' + '.join(map(str, onnx_files(part.path)))} ({onnx_size(part.path) / 1e6:.1f} MB)")
+    out.print(
+        f"max |ORT - torch| = {data['max_abs_diff']:.2e}, {data['max_rel_diff']:.2e} of max|torch| "
+        f"(--atol {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
+    )
+    out.print(f"transcribe with: surgery generate {result.decoder.path} --features FEATURES.npy --config FOLDER")
 
 
 def _export_streamed(

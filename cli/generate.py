@@ -1,4 +1,5 @@
-"""`surgery generate`: text from an ONNX causal LM exported with its KV cache, streamed as it comes."""
+"""`surgery generate`: text from an ONNX causal LM exported with its KV cache, streamed as it comes; or, with
+`--features`, the greedy tokens of a speech recognizer's encoder and decoder pair."""
 
 from __future__ import annotations
 
@@ -18,7 +19,19 @@ def generate(
     model: Annotated[
         str, typer.Argument(help="An ONNX causal LM exported with --task causal-lm (baked or swappable).")
     ],
-    prompt: Annotated[str, typer.Option("--prompt", help="The text to continue.")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The text to continue.")] = None,
+    features: Annotated[
+        Optional[str],
+        typer.Option("--features", help="A speech recognizer's input: log-mel frames (batch, mel, frames) as .npy."),
+    ] = None,
+    config: Annotated[
+        Optional[str],
+        typer.Option("--config", help="With --features: the model folder (or config.json) giving the start token."),
+    ] = None,
+    prefix_token: Annotated[
+        Optional[list[int]],
+        typer.Option("--prefix-token", help="With --features: a token forced after the start token (repeatable)."),
+    ] = None,
     tokenizer: Annotated[
         Optional[str], typer.Option("--tokenizer", help="The model folder holding tokenizer.json (or a GGUF file).")
     ] = None,
@@ -40,6 +53,10 @@ def generate(
     and decode tokens/s."""
     if max_new_tokens < 1:
         raise SurgeryError(f"--max-new-tokens {max_new_tokens}: give at least 1")
+    if features is not None:
+        return _transcribe(model, features, config, prefix_token or [], stop_token or [], max_new_tokens, threads, json)
+    if prompt is None:
+        raise SurgeryError("--prompt TEXT is missing (or --features FILE.npy for a speech recognizer)")
     if tokenizer is None:
         raise SurgeryError("--tokenizer FOLDER is missing: the model folder whose tokenizer.json encodes the prompt")
     tok = TextTokenizer.from_folder(tokenizer)
@@ -78,4 +95,35 @@ def generate(
     err.print(
         f"[dim]{len(ids)} prompt tokens, {result.steps} new; time to first token {result.ttft_s * 1e3:.1f} ms, "
         f"decode {result.tokens_per_s:.1f} tokens/s[/]"
+    )
+
+
+def _transcribe(model, features, config, prefix, stops, max_new_tokens, threads, json) -> None:
+    """Greedy tokens from log-mel frames (runtime/speech.py), one line of ids per row."""
+    import numpy as np
+
+    from runtime.speech import Transcriber, speech_config
+
+    if config is None:
+        raise SurgeryError("--features needs --config FOLDER: the model folder whose config.json names the start token")
+    start, eos, positions = speech_config(config)
+    try:
+        frames = np.load(features)
+    except (OSError, ValueError) as exc:
+        raise SurgeryError(f"--features {features}: not a .npy array ({exc}); save the frames with numpy.save")
+    if frames.ndim == 2:  # one clip (mel, frames)
+        frames = frames[None]
+    with step(f"load {model}"):
+        transcriber = Transcriber(model, threads=threads, max_positions=positions)
+    start_s = time.perf_counter()
+    result = transcriber.transcribe(frames, [*start, *prefix], max_new_tokens, stop_tokens=[*eos, *stops])
+    total = time.perf_counter() - start_s
+    if json:
+        emit_json({"start_tokens": [*start, *prefix], "seconds": round(total, 3), **result.to_json()})
+        return
+    for row in result.tokens:
+        out.print(" ".join(map(str, row)))
+    err.print(
+        f"[dim]{len(result.tokens)} clips, {result.steps} steps; encoder and first token {result.ttft_s * 1e3:.1f} "
+        f"ms, decode {result.tokens_per_s:.1f} tokens/s[/]"
     )

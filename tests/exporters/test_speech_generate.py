@@ -1,0 +1,164 @@
+"""Whisper transcription (`--task automatic-speech-recognition`, surgery/speech.py, exporters/speech.py,
+runtime/speech.py): a tiny random Whisper with Houlsby adapters of distinct random weights, exported as its encoder
+and decoder pair; ONNX Runtime's greedy loop (encoder once, decoder with its cache) against a torch loop over the
+Hugging Face model's own forward, with the same adapters hooked on its site modules (an independent placement), run on
+the whole decoder sequence at every step (no cache): the same tokens, and the logits within tolerance at every step."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from surgery.adapters import AdapterSpec, stand_in_weights
+from surgery.capture import capture
+from surgery.graph import adapter_target
+from surgery.load import load
+from surgery.pipeline import adapt
+from surgery.task_names import SPEECH_RECOGNITION
+from tests.families import FAMILIES
+from tests.surgery.test_speech import WHISPER_SITES
+
+NEW = 14  # greedy steps compared
+ATOL = 1e-4
+
+
+def write_asr_config(folder: Path) -> Path:
+    """The tiny Whisper of tests/families.py saved as `WhisperForConditionalGeneration` (so the default task is
+    speech recognition), with a wide init: logits that change from step to step."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "whisper", **FAMILIES["whisper"], init_std=0.2, architectures=["WhisperForConditionalGeneration"]
+    )
+    config.save_pretrained(folder)
+    return folder / "config.json"
+
+
+def features(batch: int, seed: int) -> np.ndarray:
+    row = FAMILIES["whisper"]
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, row["num_mel_bins"], 2 * row["max_source_positions"])).astype(np.float32)
+
+
+def torch_greedy(model: torch.nn.Module, frames: np.ndarray, start: list[int], steps: int):
+    """Greedy tokens and each step's last-position logits from the HF model's forward on the whole sequence."""
+    ids = torch.tensor([start] * frames.shape[0])
+    tokens, logits = [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(input_features=torch.from_numpy(frames), decoder_input_ids=ids, use_cache=False)
+            last = out.logits[:, -1, :]
+            token = last.argmax(-1)
+            tokens.append(token.numpy())
+            logits.append(last.numpy())
+            ids = torch.cat([ids, token[:, None]], 1)
+    return np.stack(tokens, 1), logits
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(the HF model with the adapters hooked, the hooked adapters by site, the decoder's path)."""
+    from exporters.speech import export_speech
+
+    folder = tmp_path_factory.mktemp("asr")
+    loaded = load(str(write_asr_config(folder)))
+    assert loaded.task == SPEECH_RECOGNITION  # the default for WhisperForConditionalGeneration
+    captured = capture(loaded)
+    adapted = dataclasses.replace(captured, gm=copy.deepcopy(captured.gm))
+    report = adapt(adapted, AdapterSpec("houlsby", r=4), seed=1)
+    assert [(s.path, s.role) for s in report.sites] == WHISPER_SITES  # the feature-extraction capture's sites
+    stand_in_weights(adapted.gm, seed=7)
+    hf = loaded.module.hf
+    adapters = {s.path: adapted.gm.get_submodule(adapter_target(s)) for s in report.sites}
+    for path, a in adapters.items():
+        loaded.module.get_submodule(path).register_forward_hook(lambda m, i, out, a=a: a(out))  # the HF model's own
+    result = export_speech(adapted, folder / "asr.onnx")
+    assert result.encoder.parity.ok and result.decoder.parity.ok
+    return hf, adapters, result.decoder.path
+
+
+def test_greedy_transcription_matches_the_models_forward(exported):
+    """Two clips, 14 greedy steps after the start token: ORT's tokens equal torch's, logits within 1e-4 at every
+    step; each graph holds its own blocks' adapters only."""
+    import onnx
+
+    from runtime.speech import Transcriber
+
+    hf, adapters, decoder = exported
+    row = FAMILIES["whisper"]
+    frames = features(2, seed=3)
+    start = [row["decoder_start_token_id"]]
+    got = Transcriber(decoder).transcribe(frames, start, max_new_tokens=NEW, keep_logits=True)
+    want_tokens, want_logits = torch_greedy(hf, frames, start, NEW)
+    assert got.steps == NEW
+    np.testing.assert_array_equal(np.array(got.tokens), want_tokens)
+    assert len({tuple(r) for r in want_tokens.T}) > 3  # the tokens change from step to step
+    diffs = [float(np.abs(g - w).max()) for g, w in zip(got.logits, want_logits)]
+    scale = max(float(np.abs(w).max()) for w in want_logits)
+    assert max(diffs) <= ATOL + 1e-4 * scale, diffs
+
+    names = {p: [i.name for i in onnx.load(str(decoder.with_name(f"asr.{p}.onnx"))).graph.initializer]
+             for p in ("encoder", "decoder")}  # fmt: skip
+    assert any("adapters.encoder" in n for n in names["encoder"]) and not any("decoder" in n for n in names["encoder"])
+
+
+@pytest.mark.parametrize("site", ["encoder.layers.1.fc2", "decoder.layers.0.encoder_attn.out_proj"])
+def test_a_changed_adapter_changes_what_torch_computes(exported, site):
+    """The comparison sees one adapter: scaling one up-projection (an encoder block's, a decoder block's) by 1.05 on
+    the torch side moves its logits past the tolerance the export meets."""
+    from runtime.speech import Transcriber
+
+    hf, adapters, decoder = exported
+    frames = features(1, seed=4)
+    start = [FAMILIES["whisper"]["decoder_start_token_id"]]
+    got = Transcriber(decoder).transcribe(frames, start, max_new_tokens=3, keep_logits=True)
+    up = dict(adapters[site].named_parameters())
+    name = next(n for n in up if "up" in n and up[n].dim() == 2)
+    with torch.no_grad():
+        up[name].mul_(1.05)
+    try:
+        _, want = torch_greedy(hf, frames, start, 3)
+    finally:
+        with torch.no_grad():
+            up[name].div_(1.05)
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got.logits, want)) > 10 * ATOL
+
+
+def test_the_transcriber_refuses_features_of_another_length(exported):
+    from runtime.errors import SurgeryError
+    from runtime.speech import Transcriber
+
+    with pytest.raises(SurgeryError, match="log-mel frames"):
+        Transcriber(exported[2]).transcribe(np.zeros((1, 16, 63), np.float32), [2])
+
+
+@pytest.mark.slow
+def test_cli_inserts_exports_and_transcribes(tmp_path, cli):
+    """`surgery insert`, `surgery export`, `surgery generate --features` as a user runs them, on a config folder;
+    the tokens equal the in-process Transcriber's over the same files."""
+    from runtime.speech import Transcriber
+
+    folder = tmp_path / "whisper"
+    write_asr_config(folder)
+    run = cli("insert", "--r", "4", str(folder), "--json", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    assert run.json["task"] == SPEECH_RECOGNITION and run.json["sites"] == [p for p, _ in WHISPER_SITES]
+    run = cli("export", run.json["output"], "--json", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    encoder, decoder = map(Path, run.json["onnx"])
+    assert encoder.name == "whisper.adapted.encoder.onnx" and run.json["max_abs_diff"] <= ATOL
+    np.save(tmp_path / "f.npy", features(1, seed=5))
+    run = cli("generate", str(tmp_path / decoder), "--features", "f.npy", "--config", str(folder),
+              "--max-new-tokens", "12", "--json", cwd=tmp_path)  # fmt: skip
+    assert run.code == 0, run.stderr
+    start = json.loads((folder / "config.json").read_text())["decoder_start_token_id"]
+    want = Transcriber(tmp_path / decoder).transcribe(features(1, seed=5), [start], 12)
+    assert run.json["start_tokens"] == [start] and run.json["tokens"] == want.tokens
+    bad = cli("generate", str(tmp_path / decoder), "--features", "f.npy", cwd=tmp_path)
+    assert bad.code == 2 and "--config" in bad.stderr
