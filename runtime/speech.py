@@ -97,7 +97,9 @@ class Transcriber:
         if max_new_tokens <= 0:
             return out
         begin = time.perf_counter()
-        encoded = dict(zip([o.name for o in self.encoder.get_outputs()], self.encoder.run(None, {"input_features": features})))
+        encoded = dict(
+            zip([o.name for o in self.encoder.get_outputs()], self.encoder.run(None, {"input_features": features}))
+        )
         cross = {n: v for n, v in encoded.items() if n.startswith("cross.")}
         empty = np.zeros((B, self.heads, 0, self.head_dim), dtype=np.float32)
         past = {f"past_key_values.{i}.{k}": empty for i in range(self.layers) for k in ("key", "value")}

@@ -25,7 +25,15 @@ from runtime.files import read_config
 from surgery.safe_files import check_pt2
 from surgery.signature import Axis, InputSpec, Signature, parse_input_shape
 from surgery.source import Source
-from surgery.tasks import CAUSAL_LM, FEATURE_EXTRACTION, SPEECH_RECOGNITION, check_task, default_task, task_class, with_past
+from surgery.tasks import (
+    CAUSAL_LM,
+    FEATURE_EXTRACTION,
+    SPEECH_RECOGNITION,
+    check_task,
+    default_task,
+    task_class,
+    with_past,
+)
 
 DEFAULT_MODEL = "minilm"
 WEIGHT_FILES = (

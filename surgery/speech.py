@@ -6,7 +6,7 @@ The captured program is the whole step, so `insert`, `merge` and the `.adapted.p
     inputs   input_features (batch, mel, frames), input_ids (batch, seq),
              past_key_values.N.key / .value (batch, heads, past, head_dim)      the decoder's self-attention cache
     outputs  logits (batch, seq, vocab), present.N.key / .value (batch, heads, past + seq, head_dim),
-             encoder_hidden_states (batch, frames / 2, d_model), cross.N.key / .value (batch, heads, frames / 2, head_dim)
+             encoder_hidden_states (batch, F, d_model), cross.N.key / .value (batch, heads, F, head_dim), F = frames / 2
 
 `split` cuts it where the encoder ends, into
 
@@ -24,8 +24,6 @@ its block.
 from __future__ import annotations
 
 import inspect
-from typing import Any
-
 import torch
 from torch import fx, nn
 
@@ -46,8 +44,8 @@ def cache_names(layers: int, prefix: str) -> list[str]:
 
 
 class SpeechSeq2SeqWithPast(nn.Module):
-    """A HF speech encoder-decoder (`WhisperForConditionalGeneration`) as one step of flat tensors:
-    (input_features, input_ids, *past) -> (logits, *present, encoder_hidden_states, *cross). See the module docstring."""
+    """A HF speech encoder-decoder (`WhisperForConditionalGeneration`) as one step of flat tensors: (input_features,
+    input_ids, *past) -> (logits, *present, encoder_hidden_states, *cross). See the module docstring."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -191,7 +189,6 @@ def _part(gm: fx.GraphModule, inputs: dict[str, fx.Node], outputs: list[fx.Node]
     part.graph.lint()
     part.recompile()
     return part
-
 
 
 def _same_size(node: fx.Node, inputs: dict[fx.Node, str]) -> tuple[fx.Node, int]:

@@ -2,8 +2,8 @@
 
 `--task feature-extraction | causal-lm | sequence-classification | token-classification | automatic-speech-recognition`;
 the default comes from the config's `architectures` (a folder saved from `LlamaForCausalLM` or `GPT2LMHeadModel` gets
-`causal-lm`, one saved from `WhisperForConditionalGeneration` gets `automatic-speech-recognition`: surgery/speech.py). The task
-changes the head and the inputs, never the sites: the blocks are the same modules.
+`causal-lm`, one saved from `WhisperForConditionalGeneration` gets `automatic-speech-recognition`: surgery/speech.py).
+The task changes the head and the inputs, never the sites: the blocks are the same modules.
 
 A causal LM is captured with its cache, in the layout ONNX Runtime users know from optimum and onnxruntime-genai:
 

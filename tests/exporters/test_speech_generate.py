@@ -143,13 +143,19 @@ def test_cli_inserts_exports_and_transcribes(tmp_path, cli):
     """`surgery insert`, `surgery export`, `surgery generate --features` as a user runs them, on a config folder;
     the tokens equal the in-process Transcriber's over the same files."""
     from runtime.speech import Transcriber
+    from surgery.bundle import save_program
+    from surgery.pipeline import open_model
 
     folder = tmp_path / "whisper"
     write_asr_config(folder)
-    run = cli("insert", "--r", "4", str(folder), "--json", cwd=tmp_path)
+    run = cli("insert", "--r", "4", str(folder / "config.json"), "--json", cwd=tmp_path)
     assert run.code == 0, run.stderr
     assert run.json["task"] == SPEECH_RECOGNITION and run.json["sites"] == [p for p, _ in WHISPER_SITES]
-    run = cli("export", run.json["output"], "--json", cwd=tmp_path)
+    pt2 = tmp_path / run.json["output"]
+    adapted = open_model(str(pt2))  # a trained model's stand-in: distinct random adapter weights
+    stand_in_weights(adapted.gm, seed=3)
+    save_program(pt2, adapted.gm, adapted.manifest)
+    run = cli("export", str(pt2), "--json", cwd=tmp_path)
     assert run.code == 0, run.stderr
     encoder, decoder = map(Path, run.json["onnx"])
     assert encoder.name == "whisper.adapted.encoder.onnx" and run.json["max_abs_diff"] <= ATOL
