@@ -1,5 +1,6 @@
 """Speech recognition (`--task automatic-speech-recognition`): Whisper captured for greedy transcription with its
-caches, as one program that `split` cuts into the two graphs onnxruntime-genai's Whisper runs (its split; the names are this tool's).
+caches, as one program that `split` cuts into the two graphs onnxruntime-genai's Whisper runs (its split; the tensor
+names are this tool's).
 
 The captured program is the whole step, so `insert`, `merge` and the `.adapted.pt2` treat it as any other model:
 
