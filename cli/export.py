@@ -391,7 +391,7 @@ def _export_speech(model, path, other_form, tolerance, rtol, external, json) -> 
         f"max |ORT - torch| = {data['max_abs_diff']:.2e}, {data['max_rel_diff']:.2e} of max|torch| "
         f"(--atol {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
     )
-    out.print(f"transcribe with: surgery generate {result.decoder.path} --features FEATURES.npy --config FOLDER")
+    out.print(f"transcribe with: surgery generate {result.decoder.path} --features FEATURES.npy")
 
 
 def _export_streamed(

@@ -26,11 +26,18 @@ def generate(
     ] = None,
     config: Annotated[
         Optional[str],
-        typer.Option("--config", help="With --features: the model folder (or config.json) giving the start token."),
+        typer.Option(
+            "--config",
+            help="With --features: the model folder (or config.json) giving the start and stop tokens, instead of "
+            "the graphs' metadata.",
+        ),
     ] = None,
     prefix_token: Annotated[
         Optional[list[int]],
-        typer.Option("--prefix-token", help="With --features: a token forced after the start token (repeatable)."),
+        typer.Option(
+            "--prefix-token",
+            help="With --features: a token forced after the start tokens (repeatable).",
+        ),
     ] = None,
     tokenizer: Annotated[
         Optional[str], typer.Option("--tokenizer", help="The model folder holding tokenizer.json (or a GGUF file).")
@@ -99,14 +106,13 @@ def generate(
 
 
 def _transcribe(model, features, config, prefix, stops, max_new_tokens, threads, json) -> None:
-    """Greedy tokens from log-mel frames (runtime/speech.py), one line of ids per row."""
+    """Greedy tokens from log-mel frames (runtime/speech.py), one line of ids per row. The start and stop tokens come
+    from the graphs' metadata, or from --config where it is given."""
     import numpy as np
 
     from runtime.speech import Transcriber, speech_config
 
-    if config is None:
-        raise SurgeryError("--features needs --config FOLDER: the model folder whose config.json names the start token")
-    start, eos, positions = speech_config(config)
+    decoding = speech_config(config) if config is not None else None
     try:
         frames = np.load(features)
     except (OSError, ValueError) as exc:
@@ -114,12 +120,19 @@ def _transcribe(model, features, config, prefix, stops, max_new_tokens, threads,
     if frames.ndim == 2:  # one clip (mel, frames)
         frames = frames[None]
     with step(f"load {model}"):
-        transcriber = Transcriber(model, threads=threads, max_positions=positions)
+        transcriber = Transcriber(model, threads=threads, max_positions=decoding.max_positions if decoding else None)
+    decoding = decoding or transcriber.decoding
+    if decoding is None:
+        raise SurgeryError(
+            f"{model}: its metadata names no start token (exported by an earlier version); give --config FOLDER, "
+            "the model folder whose config.json names it, or re-export the model"
+        )
+    start = [*decoding.start_tokens, *prefix]
     start_s = time.perf_counter()
-    result = transcriber.transcribe(frames, [*start, *prefix], max_new_tokens, stop_tokens=[*eos, *stops])
+    result = transcriber.transcribe(frames, start, max_new_tokens, stop_tokens=[*decoding.eos, *stops])
     total = time.perf_counter() - start_s
     if json:
-        emit_json({"start_tokens": [*start, *prefix], "seconds": round(total, 3), **result.to_json()})
+        emit_json({"start_tokens": start, "seconds": round(total, 3), **result.to_json()})
         return
     for row in result.tokens:
         out.print(" ".join(map(str, row)))

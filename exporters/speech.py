@@ -47,12 +47,16 @@ def export_speech(
     captured: Captured, path: str | Path, *, tolerance: float = ATOL, rtol: float = RTOL, external: bool = False
 ) -> SpeechExport:
     """Split `captured` (surgery/speech.py) and export both graphs beside `path` (`speech_paths`); where the
-    decoder's export or check fails, the encoder already written is removed."""
+    decoder's export or check fails, the encoder already written is removed. Both graphs carry the model's
+    `Decoding` (start tokens, forced prefix, stop tokens, positions) in their metadata, so the pair transcribes with
+    no model folder beside it."""
     (encoder, enc_sig), (decoder, dec_sig) = split(captured.gm, captured.signature)
     enc_path, dec_path = speech_paths(path)
-    enc = export_onnx(encoder, enc_sig, enc_path, tolerance=tolerance, rtol=rtol, fuse=False, external=external)
+    meta = captured.decoding.to_metadata() if captured.decoding is not None else None
+    kw: dict[str, Any] = dict(tolerance=tolerance, rtol=rtol, fuse=False, external=external, metadata=meta)
+    enc = export_onnx(encoder, enc_sig, enc_path, **kw)
     try:
-        dec = export_onnx(decoder, dec_sig, dec_path, tolerance=tolerance, rtol=rtol, fuse=False, external=external)
+        dec = export_onnx(decoder, dec_sig, dec_path, **kw)
     except BaseException:
         for written in onnx_files(enc_path):
             written.unlink(missing_ok=True)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,33 +32,119 @@ def speech_pair(path: str | Path) -> tuple[Path, Path]:
     return pair
 
 
-def speech_config(folder: str | Path) -> tuple[list[int], list[int], int | None]:
-    """(start tokens, stop tokens, the decoder's positions) from a model folder's config.json (or the file):
-    `decoder_start_token_id`, `eos_token_id`, `max_target_positions`."""
+TASK = "automatic-speech-recognition"
+META = {
+    "task": "surgery.task",
+    "start": "surgery.decoder_start_token_id",
+    "prefix": "surgery.forced_prefix",
+    "eos": "surgery.eos_token_id",
+    "max_positions": "surgery.max_positions",
+}
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a speech recognizer's decoder starts and stops: the config's `decoder_start_token_id`, the forced prefix
+    after it (`forced_decoder_ids` of the generation config or the config, from position 1 up to the first gap or
+    unset token: language, task, no timestamps), `eos_token_id` and `max_target_positions`. The export writes it into
+    both graphs' ONNX metadata (`surgery.*`), so the pair transcribes without the model folder."""
+
+    start: int
+    prefix: tuple[int, ...] = ()
+    eos: tuple[int, ...] = ()
+    max_positions: int | None = None
+
+    @property
+    def start_tokens(self) -> list[int]:
+        return [self.start, *self.prefix]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], generation: dict[str, Any] | None = None, where: str = "config"):
+        """From a config's (and its generation config's) keys; the generation config wins where both have one."""
+        both = {**config, **{k: v for k, v in (generation or {}).items() if v is not None}}
+        start = both.get("decoder_start_token_id")
+        if start is None:
+            raise SurgeryError(f"{where}: no decoder_start_token_id; give the start tokens with --prefix-token")
+        eos = both.get("eos_token_id")
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        prefix = []
+        for position, token in sorted(both.get("forced_decoder_ids") or (), key=lambda pair: pair[0]):
+            if position != len(prefix) + 1 or token is None:
+                break
+            prefix.append(int(token))
+        positions = both.get("max_target_positions")
+        return cls(int(start), tuple(prefix), tuple(int(t) for t in eos), None if positions is None else int(positions))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "start": self.start,
+            "prefix": list(self.prefix),
+            "eos": list(self.eos),
+            "max_positions": self.max_positions,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Decoding:
+        positions = d.get("max_positions")
+        return cls(
+            int(d["start"]),
+            tuple(int(t) for t in d.get("prefix", ())),
+            tuple(int(t) for t in d.get("eos", ())),
+            None if positions is None else int(positions),
+        )
+
+    def to_metadata(self) -> dict[str, str]:
+        """ONNX `metadata_props`, keys `META`."""
+        meta = {"task": TASK, "start": str(self.start), "prefix": json.dumps(list(self.prefix))}
+        meta["eos"] = json.dumps(list(self.eos))
+        if self.max_positions is not None:
+            meta["max_positions"] = str(self.max_positions)
+        return {META[k]: v for k, v in meta.items()}
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], where: str) -> Decoding | None:
+        """None for a graph exported without it; a damaged entry is a SurgeryError."""
+        if meta.get(META["task"]) != TASK or META["start"] not in meta:
+            return None
+        try:
+            positions = meta.get(META["max_positions"])
+            return cls(
+                int(meta[META["start"]]),
+                tuple(int(t) for t in json.loads(meta.get(META["prefix"], "[]"))),
+                tuple(int(t) for t in json.loads(meta.get(META["eos"], "[]"))),
+                None if positions is None else int(positions),
+            )
+        except (ValueError, TypeError) as exc:
+            raise SurgeryError(
+                f"{where}: damaged surgery.* metadata ({exc}); re-export it, or give --config FOLDER"
+            ) from exc
+
+
+def speech_config(folder: str | Path) -> Decoding:
+    """The `Decoding` of a model folder's config.json (and generation_config.json beside it), or of the file."""
     path = Path(folder)
     path = path / "config.json" if path.is_dir() else path
     try:
         config = json.loads(path.read_text())
+        generation = path.with_name("generation_config.json")
+        extra = json.loads(generation.read_text()) if generation.is_file() else None
     except (OSError, ValueError) as exc:
         raise SurgeryError(f"--config {folder}: cannot read {path} ({exc}); give the model folder or its config.json")
-    start = config.get("decoder_start_token_id")
-    if start is None:
-        raise SurgeryError(f"--config {path}: no decoder_start_token_id; give the start tokens with --prefix-token")
-    eos = config.get("eos_token_id")
-    stops = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return [int(start)], [int(t) for t in stops], config.get("max_target_positions")
+    return Decoding.from_config(config, extra, where=f"--config {path}")
 
 
 class Transcriber:
     """A greedy loop over a speech recognizer's encoder and decoder graphs (exporters/speech.py):
 
         t = Transcriber("whisper.decoder.onnx")
-        out = t.transcribe(features, start=[50258], stop_tokens=[50257], max_new_tokens=64)
+        out = t.transcribe(features, max_new_tokens=64)  # start and stop tokens from the graphs' metadata
 
-    `features` are log-mel frames (batch, mel, frames). The encoder runs once and gives the cross-attention keys
-    and values of every decoder layer; the decoder's first step takes the start tokens (the config's
-    `decoder_start_token_id`, then any forced prefix the caller gives), each later step one token and the cache of
-    the step before. A row stops at a stop token; the loop stops when every row has, or after `max_new_tokens`."""
+    `features` are log-mel frames (batch, mel, frames). `decoding` is what the export wrote into the graphs
+    (`Decoding`), None for a pair exported without it; `start` and `stop_tokens` given to `transcribe` override it.
+    The encoder runs once and gives the cross-attention keys and values of every decoder layer; the decoder's first
+    step takes the start tokens (`decoder_start_token_id`, then the forced prefix), each later step one token and the
+    cache of the step before. A row stops at a stop token; the loop stops when every row has, or after
+    `max_new_tokens`."""
 
     def __init__(self, model: str | Path, threads: int = 2, max_positions: int | None = None):
         encoder, decoder = speech_pair(model)
@@ -71,18 +159,29 @@ class Transcriber:
         _, self.heads, _, self.head_dim = inputs["past_key_values.0.key"].shape
         self.frames = self.encoder.get_inputs()[0].shape[2]
         self.outputs = [o.name for o in self.decoder.get_outputs()]
-        self.max_positions = max_positions
+        self.decoding = Decoding.from_metadata(self.decoder.get_modelmeta().custom_metadata_map, str(decoder))
+        self.max_positions = max_positions or (self.decoding.max_positions if self.decoding else None)
         self.where = str(decoder)
 
     def transcribe(
         self,
         features: np.ndarray,
-        start: list[int],
+        start: list[int] | None = None,
         max_new_tokens: int = 32,
-        stop_tokens: list[int] | tuple[int, ...] = (),
+        stop_tokens: list[int] | tuple[int, ...] | None = None,
         keep_logits: bool = False,
     ) -> Generation:
-        """Greedy tokens after `start`, per row (up to and including a stop token)."""
+        """Greedy tokens after `start`, per row (up to and including a stop token); `start` and `stop_tokens` default
+        to the graphs' `decoding`."""
+        if start is None:
+            if self.decoding is None:
+                raise SurgeryError(
+                    f"{self.where}: no start tokens in its metadata (exported before the tool wrote them); "
+                    "give them (--config FOLDER), or re-export the model"
+                )
+            start = self.decoding.start_tokens
+        if stop_tokens is None:
+            stop_tokens = self.decoding.eos if self.decoding is not None else ()
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 3 or features.shape[2] != self.frames:
             raise SurgeryError(

@@ -28,6 +28,7 @@ import inspect
 import torch
 from torch import fx, nn
 
+from runtime.speech import Decoding
 from surgery.errors import SurgeryError
 from surgery.signature import Axis, InputSpec, Signature
 from surgery.task_names import SPEECH_RECOGNITION
@@ -202,3 +203,12 @@ def _same_size(node: fx.Node, inputs: dict[fx.Node, str]) -> tuple[fx.Node, int]
             if str(size) == want:
                 return source, dim
     raise SurgeryError(f"split: no input of this graph has the size {want} that {node.format_node()} reads")
+
+
+def decoding_of(model: nn.Module) -> Decoding:
+    """How `model` (a `WhisperForConditionalGeneration`) starts and stops decoding: from its config and generation
+    config (runtime/speech.py's `Decoding`, written into the exported graphs)."""
+    config = model.config.to_dict()
+    generation = getattr(model, "generation_config", None)
+    extra = generation.to_dict() if generation is not None else None
+    return Decoding.from_config(config, extra, where=f"{type(model).__name__} config")

@@ -26,6 +26,7 @@ from tests.surgery.test_speech import WHISPER_SITES
 
 NEW = 14  # greedy steps compared
 ATOL = 1e-4
+FORCED = [[1, 5], [2, 6], [4, 9]]  # a forced prefix (5, 6); position 3 is a gap, so 9 is not part of it
 
 
 def write_asr_config(folder: Path) -> Path:
@@ -34,7 +35,11 @@ def write_asr_config(folder: Path) -> Path:
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(
-        "whisper", **FAMILIES["whisper"], init_std=0.2, architectures=["WhisperForConditionalGeneration"]
+        "whisper",
+        **FAMILIES["whisper"],
+        init_std=0.2,
+        architectures=["WhisperForConditionalGeneration"],
+        forced_decoder_ids=FORCED,
     )
     config.save_pretrained(folder)
     return folder / "config.json"
@@ -130,6 +135,34 @@ def test_a_changed_adapter_changes_what_torch_computes(exported, site):
     assert max(float(np.abs(g - w).max()) for g, w in zip(got.logits, want)) > 10 * ATOL
 
 
+def test_the_graphs_carry_their_start_and_stop_tokens(exported, tmp_path):
+    """Both graphs' metadata hold the config's start token, the forced prefix up to its first gap, the end token and
+    the decoder's positions; `transcribe` with no start tokens uses them. A pair whose metadata was stripped is
+    refused with a message naming --config."""
+    import onnx
+
+    from runtime.errors import SurgeryError
+    from runtime.speech import Decoding, Transcriber
+
+    decoder = exported[2]
+    row = FAMILIES["whisper"]
+    want = Decoding(row["decoder_start_token_id"], (5, 6), (row["eos_token_id"],), row["max_target_positions"])
+    for part in ("encoder", "decoder"):
+        meta = {p.key: p.value for p in onnx.load(str(decoder.with_name(f"asr.{part}.onnx"))).metadata_props}
+        assert Decoding.from_metadata(meta, part) == want
+    t = Transcriber(decoder)
+    assert t.decoding == want and t.max_positions == want.max_positions
+    frames = features(1, seed=6)
+    assert t.transcribe(frames, max_new_tokens=4).tokens == t.transcribe(frames, [2, 5, 6], 4, [4]).tokens
+
+    for part in ("encoder", "decoder"):
+        proto = onnx.load(str(decoder.with_name(f"asr.{part}.onnx")))
+        del proto.metadata_props[:]
+        onnx.save(proto, str(tmp_path / f"bare.{part}.onnx"))
+    with pytest.raises(SurgeryError, match="--config"):
+        Transcriber(tmp_path / "bare.decoder.onnx").transcribe(frames, max_new_tokens=2)
+
+
 def test_the_transcriber_refuses_features_of_another_length(exported):
     from runtime.errors import SurgeryError
     from runtime.speech import Transcriber
@@ -160,11 +193,17 @@ def test_cli_inserts_exports_and_transcribes(tmp_path, cli):
     encoder, decoder = map(Path, run.json["onnx"])
     assert encoder.name == "whisper.adapted.encoder.onnx" and run.json["max_abs_diff"] <= ATOL
     np.save(tmp_path / "f.npy", features(1, seed=5))
-    run = cli("generate", str(tmp_path / decoder), "--features", "f.npy", "--config", str(folder),
-              "--max-new-tokens", "12", "--json", cwd=tmp_path)  # fmt: skip
-    assert run.code == 0, run.stderr
-    start = json.loads((folder / "config.json").read_text())["decoder_start_token_id"]
-    want = Transcriber(tmp_path / decoder).transcribe(features(1, seed=5), [start], 12)
-    assert run.json["start_tokens"] == [start] and run.json["tokens"] == want.tokens
-    bad = cli("generate", str(tmp_path / decoder), "--features", "f.npy", cwd=tmp_path)
-    assert bad.code == 2 and "--config" in bad.stderr
+    run = cli("generate", str(tmp_path / decoder), "--features", "f.npy", "--max-new-tokens", "12", "--json",
+              cwd=tmp_path)  # fmt: skip
+    assert run.code == 0, run.stderr  # no --config: the start tokens come from the graphs' metadata
+    config = json.loads((folder / "config.json").read_text())
+    start = [config["decoder_start_token_id"], 5, 6]
+    want = Transcriber(tmp_path / decoder).transcribe(features(1, seed=5), start, 12, [config["eos_token_id"]])
+    assert run.json["start_tokens"] == start and run.json["tokens"] == want.tokens
+
+    other = tmp_path / "other"  # --config overrides the metadata
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**config, "decoder_start_token_id": 7, "forced_decoder_ids": None}))
+    run = cli("generate", str(tmp_path / decoder), "--features", "f.npy", "--config", str(other),
+              "--max-new-tokens", "3", "--json", cwd=tmp_path)  # fmt: skip
+    assert run.code == 0 and run.json["start_tokens"] == [7], run.stderr
