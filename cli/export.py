@@ -52,6 +52,7 @@ from surgery.bundle import adapted_manifest
 from surgery.archive import capture_pt2_meta
 from surgery.meta import capture_meta
 from surgery.pipeline import adapt, default_output, open_model
+from surgery.speech import is_speech_source
 from surgery.task_names import SPEECH_RECOGNITION
 
 Sources = Annotated[
@@ -254,6 +255,11 @@ def export(
             "--quantize int4 (or int8)"
         )
     if stream:
+        if is_speech_source(sources[0], task):
+            raise SurgeryError(
+                f"--stream {sources[0]}: an {SPEECH_RECOGNITION} model is exported in memory as its encoder and "
+                "decoder pair, not streamed; drop --stream"
+            )
         if route:
             raise SurgeryError(
                 "--stream --route: routing stacks the adapters of several .adapted.pt2 files, which --stream cannot "
@@ -299,6 +305,11 @@ def export(
     if not route and not triton_repo and input_shape is None and sources[0] is not None:
         fit = estimate(sources[0], dtype)
         if fit is not None and not fit.fits:
+            if is_speech_source(sources[0], task):
+                raise SurgeryError(
+                    f"{sources[0]}: {fit.line().split(': streaming', 1)[0]}, and an {SPEECH_RECOGNITION} model cannot "
+                    f"be streamed; free memory, or set {BUDGET_ENV} higher if the estimate is too cautious"
+                )
             err.print(f"{sources[0]}: {fit.line()}", soft_wrap=True)
             return _export_streamed(
                 sources[0], output, None, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable, trust

@@ -212,3 +212,36 @@ def decoding_of(model: nn.Module) -> Decoding:
     generation = getattr(model, "generation_config", None)
     extra = generation.to_dict() if generation is not None else None
     return Decoding.from_config(config, extra, where=f"{type(model).__name__} config")
+
+
+def is_speech_source(source: str | None, task: str | None) -> bool:
+    """Whether `source` (a Hugging Face folder or a `.pt2`) would be opened as a speech recognizer, read cheaply
+    (the archive's manifest, the folder's config) before anything is captured: `--task`, else the `.pt2`'s task,
+    else the config's default (tasks.py)."""
+    import json
+    import zipfile
+    from pathlib import Path
+
+    if task is not None or source is None:
+        return task == SPEECH_RECOGNITION
+    path = Path(source)
+    if path.is_file() and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.endswith("/extra/surgery.json")]
+            try:
+                manifest = json.loads(zf.read(names[0])) if names else {}
+            except ValueError:
+                return False  # a damaged manifest is refused where the archive is opened
+        return isinstance(manifest, dict) and manifest.get("task") == SPEECH_RECOGNITION
+    folder = path if path.is_dir() else path.parent if path.name == "config.json" else None
+    if folder is None or not (folder / "config.json").is_file():
+        return False
+    from transformers import AutoConfig
+
+    from surgery.tasks import default_task
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError):
+        return False  # an unreadable config is refused where the model is loaded
+    return default_task(config) == SPEECH_RECOGNITION

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from surgery.adapters import AdapterSpec, stand_in_weights
+from surgery.bundle import Manifest, adapted_manifest
 from surgery.capture import capture
 from surgery.graph import adapter_target
 from surgery.load import load
@@ -85,6 +86,8 @@ def exported(tmp_path_factory):
         loaded.module.get_submodule(path).register_forward_hook(lambda m, i, out, a=a: a(out))  # the HF model's own
     result = export_speech(adapted, folder / "asr.onnx")
     assert result.encoder.parity.ok and result.decoder.parity.ok
+    manifest = adapted_manifest(adapted, AdapterSpec("houlsby", r=4), report)
+    assert Manifest.from_json(json.loads(json.dumps(manifest.to_json()))).decoding == adapted.decoding is not None
     return hf, adapters, result.decoder.path
 
 
@@ -163,6 +166,16 @@ def test_the_graphs_carry_their_start_and_stop_tokens(exported, tmp_path):
         Transcriber(tmp_path / "bare.decoder.onnx").transcribe(frames, max_new_tokens=2)
 
 
+def test_a_speech_source_is_known_before_capture(exported):
+    """What `export --stream` and the budget's switch to streaming refuse, read from the config (or --task)."""
+    from surgery.speech import is_speech_source
+
+    folder = exported[2].parent
+    assert is_speech_source(str(folder), None) and is_speech_source(str(folder / "config.json"), None)
+    assert not is_speech_source(str(folder), "feature-extraction") and is_speech_source(None, SPEECH_RECOGNITION)
+    assert not is_speech_source(str(exported[2]), None)  # an ONNX file: neither a .pt2 nor a folder
+
+
 def test_the_transcriber_refuses_features_of_another_length(exported):
     from runtime.errors import SurgeryError
     from runtime.speech import Transcriber
@@ -207,3 +220,52 @@ def test_cli_inserts_exports_and_transcribes(tmp_path, cli):
     run = cli("generate", str(tmp_path / decoder), "--features", "f.npy", "--config", str(other),
               "--max-new-tokens", "3", "--json", cwd=tmp_path)  # fmt: skip
     assert run.code == 0 and run.json["start_tokens"] == [7], run.stderr
+
+
+@pytest.mark.slow
+def test_cli_merges_a_lora_and_refuses_streaming_and_training(tmp_path, cli, monkeypatch):
+    """A LoRA speech recognizer merges (and the merged model exports and transcribes from its metadata); --stream,
+    the budget's switch to streaming and `surgery train` refuse it in one line, writing nothing."""
+    from runtime.speech import Transcriber
+    from surgery.bundle import save_program
+    from surgery.pipeline import open_model
+
+    folder = tmp_path / "whisper"
+    write_asr_config(folder)
+    run = cli(
+        "insert", "--method", "lora", "--r", "4", str(folder / "config.json"), "-o", "w.adapted.pt2", cwd=tmp_path
+    )
+    assert run.code == 0, run.stderr
+    adapted = open_model(str(tmp_path / "w.adapted.pt2"))
+    stand_in_weights(adapted.gm, seed=11)  # B != 0: the merge changes the weights
+    save_program(tmp_path / "w.adapted.pt2", adapted.gm, adapted.manifest)
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 0}\n')
+    before = set(tmp_path.iterdir())
+    refusals = {
+        "--stream": (("export", "w.adapted.pt2", "--stream"), {}),
+        "--stream folder": (("export", str(folder), "--stream"), {}),
+        "budget": (("export", "w.adapted.pt2"), {"SURGERY_MEMORY_BUDGET": "1M"}),
+        "train": (("train", "w.adapted.pt2", "--data", "d.jsonl"), {}),
+    }
+    for what, (args, env) in refusals.items():
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            run = cli(*args, cwd=tmp_path)
+        lines = run.stderr.strip().splitlines()
+        assert run.code == 2 and len(lines) == 1 and "Traceback" not in run.stderr, (what, run.stderr)
+        assert SPEECH_RECOGNITION in lines[0], (what, lines[0])
+        assert set(tmp_path.iterdir()) == before, what
+
+    run = cli("merge", "w.adapted.pt2", "-o", "m.adapted.pt2", "--json", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    run = cli("export", "m.adapted.pt2", "--json", cwd=tmp_path)
+    assert run.code == 0 and run.json["max_abs_diff"] <= ATOL, run.stderr
+    merged, unmerged = tmp_path / "m.adapted.decoder.onnx", tmp_path / "w.adapted.decoder.onnx"
+    run = cli("export", "w.adapted.pt2", cwd=tmp_path)
+    assert run.code == 0, run.stderr
+    frames = features(2, seed=12)
+    got = Transcriber(merged).transcribe(frames, max_new_tokens=6, keep_logits=True)
+    want = Transcriber(unmerged).transcribe(frames, max_new_tokens=6, keep_logits=True)
+    assert got.tokens == want.tokens
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got.logits, want.logits)) <= ATOL
