@@ -5,14 +5,20 @@ them."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from exporters.onnx import OnnxExport, export_onnx
 from exporters.onnx_files import onnx_files
+from exporters.swappable import SwappableExport, export_swappable
+from runtime.speech import PACK_FINGERPRINT
 from surgery.capture import Captured
+from surgery.errors import SurgeryError
+from surgery.packs import fingerprint
 from surgery.parity import ATOL, RTOL
+from surgery.sites import ADAPTER_ROOT
 from surgery.speech import split
 
 
@@ -27,8 +33,8 @@ def speech_paths(path: str | Path) -> tuple[Path, Path]:
 class SpeechExport:
     """The two graphs written, each with its parity against torch."""
 
-    encoder: OnnxExport
-    decoder: OnnxExport
+    encoder: OnnxExport | SwappableExport
+    decoder: OnnxExport | SwappableExport
 
     def to_json(self) -> dict[str, Any]:
         parts = {"encoder": self.encoder.to_json(), "decoder": self.decoder.to_json()}
@@ -62,3 +68,41 @@ def export_speech(
             written.unlink(missing_ok=True)
         raise
     return SpeechExport(enc, dec)
+
+
+def export_speech_swappable(
+    captured: Captured, path: str | Path, *, tolerance: float = ATOL, rtol: float = RTOL, external: bool = False
+) -> SpeechExport:
+    """The pair with adapter slots (exporters/swappable.py): each graph has the slots of its own sites, and each is
+    checked with no pack (= the base) and with its part of the model's own pack (= the adapted model). Each graph's
+    slot metadata is that of its sites; both also carry the whole model's pack fingerprint (`surgery.speech_pack`),
+    so that one pack of every site, as `surgery pack` makes it, applies to the pair (`Transcriber.load` splits it
+    by site)."""
+    manifest = captured.manifest
+    if manifest is None:
+        raise SurgeryError(f"{captured.source.name}: --swappable needs an adapted model; run `surgery insert` first")
+    meta = {PACK_FINGERPRINT: str(fingerprint(manifest))}
+    if captured.decoding is not None:
+        meta.update(captured.decoding.to_metadata())
+    written = []
+    try:
+        for (gm, sig), part_path in zip(split(captured.gm, captured.signature), speech_paths(path)):
+            own = [name for name, _ in gm.named_parameters() if name.startswith(ADAPTER_ROOT + ".")]
+            sites = tuple(s for s in manifest.sites if any(n.startswith(f"{ADAPTER_ROOT}.{s.path}.") for n in own))
+            if not sites:
+                raise SurgeryError(
+                    f"--swappable {part_path.name}: this graph holds no adapter, so it has no slots; insert adapters "
+                    "into both the encoder and the decoder, or export without --swappable"
+                )
+            part = dataclasses.replace(
+                captured, gm=gm, signature=sig, manifest=dataclasses.replace(manifest, sites=sites, signature=sig)
+            )
+            written.append(
+                export_swappable(part, part_path, tolerance=tolerance, rtol=rtol, external=external, metadata=meta)
+            )
+    except BaseException:
+        for done in written:
+            for file in onnx_files(done.path):
+                file.unlink(missing_ok=True)
+        raise
+    return SpeechExport(*written)

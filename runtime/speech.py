@@ -14,8 +14,11 @@ import numpy as np
 
 from .errors import SurgeryError
 from .files import check_onnx_data
+from .adapted import AdaptedSession
 from .generate import Generation
+from .packs import Pack, load_pack
 from .session import ort_session
+from .slots import SlotsMeta
 
 
 def speech_pair(path: str | Path) -> tuple[Path, Path]:
@@ -33,6 +36,7 @@ def speech_pair(path: str | Path) -> tuple[Path, Path]:
 
 
 TASK = "automatic-speech-recognition"
+PACK_FINGERPRINT = "surgery.speech_pack"  # swappable pairs: the fingerprint of a pack of every site of both graphs
 META = {
     "task": "surgery.task",
     "start": "surgery.decoder_start_token_id",
@@ -152,6 +156,11 @@ class Transcriber:
             check_onnx_data(p)
         self.encoder = ort_session(encoder, threads=threads)
         self.decoder = ort_session(decoder, threads=threads)
+        self.parts: list[AdaptedSession] | None = None
+        if SlotsMeta.FINGERPRINT in self.decoder.get_modelmeta().custom_metadata_map:
+            # a swappable pair (exporters/speech.py): each graph an AdaptedSession, a pack split between them by site
+            self.parts = [AdaptedSession(p, threads=threads) for p in (encoder, decoder)]
+            self.encoder, self.decoder = (p.session for p in self.parts)
         inputs = {i.name: i for i in self.decoder.get_inputs()}
         if "past_key_values.0.key" not in inputs or "cross.0.key" not in inputs:
             raise SurgeryError(f"{decoder}: not a speech decoder with its caches (no past_key_values.0.key input)")
@@ -163,6 +172,23 @@ class Transcriber:
         self.max_positions = max_positions or (self.decoding.max_positions if self.decoding else None)
         self.where = str(decoder)
 
+    def load(self, name: str, pack: str | Path | Pack) -> None:
+        """Make a pack of every site of both graphs (`surgery pack`, or a pack file) available as `name`: each graph
+        loads the tensors of its own sites (module paths; the encoder's are under `encoder.`)."""
+        if self.parts is None:
+            raise SurgeryError(f"{self.where}: a baked pair has no adapter slots; export it with --swappable")
+        whole = pack if isinstance(pack, Pack) else load_pack(pack)
+        meta = self.decoder.get_modelmeta().custom_metadata_map
+        if str(whole.fingerprint) != meta.get(PACK_FINGERPRINT):
+            raise SurgeryError(
+                f"pack {name!r} was made for another model: its base model, method, activation or sites differ from "
+                f"{self.where}'s; make the pack from a model adapted from the same base with the same settings"
+            )
+        for part in self.parts:
+            prefixes = tuple(f"adapters.{site}." for site in part.widths)
+            tensors = {n: t for n, t in whole.tensors.items() if n.startswith(prefixes)}
+            part.load(name, Pack(tensors, part.fingerprint, whole.meta))
+
     def transcribe(
         self,
         features: np.ndarray,
@@ -170,9 +196,13 @@ class Transcriber:
         max_new_tokens: int = 32,
         stop_tokens: list[int] | tuple[int, ...] | None = None,
         keep_logits: bool = False,
+        adapter: str | None = None,
     ) -> Generation:
         """Greedy tokens after `start`, per row (up to and including a stop token); `start` and `stop_tokens` default
-        to the graphs' `decoding`."""
+        to the graphs' `decoding`; `adapter` names a pack `load`ed into a swappable pair (None: its base model)."""
+        if adapter is not None and self.parts is None:
+            raise SurgeryError(f"{self.where}: a baked pair has no adapter slots; export it with --swappable")
+        options = [p.run_options(adapter) for p in self.parts] if self.parts else [None, None]
         if start is None:
             if self.decoding is None:
                 raise SurgeryError(
@@ -197,7 +227,10 @@ class Transcriber:
             return out
         begin = time.perf_counter()
         encoded = dict(
-            zip([o.name for o in self.encoder.get_outputs()], self.encoder.run(None, {"input_features": features}))
+            zip(
+                [o.name for o in self.encoder.get_outputs()],
+                self.encoder.run(None, {"input_features": features}, options[0]),
+            )
         )
         cross = {n: v for n, v in encoded.items() if n.startswith("cross.")}
         empty = np.zeros((B, self.heads, 0, self.head_dim), dtype=np.float32)
@@ -206,7 +239,7 @@ class Transcriber:
         stops = [int(t) for t in stop_tokens]
         done = np.zeros(B, dtype=bool)
         for step in range(max_new_tokens):
-            result = dict(zip(self.outputs, self.decoder.run(None, {"input_ids": ids, **cross, **past})))
+            result = dict(zip(self.outputs, self.decoder.run(None, {"input_ids": ids, **cross, **past}, options[1])))
             logits = result["logits"][:, -1, :]  # (B, V)
             token = np.where(done, 0, logits.argmax(-1)).astype(np.int64)
             if keep_logits:

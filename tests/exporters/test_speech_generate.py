@@ -69,7 +69,8 @@ def torch_greedy(model: torch.nn.Module, frames: np.ndarray, start: list[int], s
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """(the HF model with the adapters hooked, the hooked adapters by site, the decoder's path)."""
+    """(the HF model with the adapters hooked, the hooked adapters by site, the decoder's path, the adapted model
+    with its manifest)."""
     from exporters.speech import export_speech
 
     folder = tmp_path_factory.mktemp("asr")
@@ -88,7 +89,8 @@ def exported(tmp_path_factory):
     assert result.encoder.parity.ok and result.decoder.parity.ok
     manifest = adapted_manifest(adapted, AdapterSpec("houlsby", r=4), report)
     assert Manifest.from_json(json.loads(json.dumps(manifest.to_json()))).decoding == adapted.decoding is not None
-    return hf, adapters, result.decoder.path
+    adapted.manifest = manifest
+    return hf, adapters, result.decoder.path, adapted
 
 
 def test_greedy_transcription_matches_the_models_forward(exported):
@@ -98,7 +100,7 @@ def test_greedy_transcription_matches_the_models_forward(exported):
 
     from runtime.speech import Transcriber
 
-    hf, adapters, decoder = exported
+    hf, adapters, decoder, _ = exported
     row = FAMILIES["whisper"]
     frames = features(2, seed=3)
     start = [row["decoder_start_token_id"]]
@@ -122,7 +124,7 @@ def test_a_changed_adapter_changes_what_torch_computes(exported, site):
     the torch side moves its logits past the tolerance the export meets."""
     from runtime.speech import Transcriber
 
-    hf, adapters, decoder = exported
+    hf, adapters, decoder, _ = exported
     frames = features(1, seed=4)
     start = [FAMILIES["whisper"]["decoder_start_token_id"]]
     got = Transcriber(decoder).transcribe(frames, start, max_new_tokens=3, keep_logits=True)
@@ -164,6 +166,45 @@ def test_the_graphs_carry_their_start_and_stop_tokens(exported, tmp_path):
         onnx.save(proto, str(tmp_path / f"bare.{part}.onnx"))
     with pytest.raises(SurgeryError, match="--config"):
         Transcriber(tmp_path / "bare.decoder.onnx").transcribe(frames, max_new_tokens=2)
+
+
+def test_a_swappable_pair_runs_a_pack_of_other_weights(exported, tmp_path):
+    """--swappable: each graph holds the slots of its own sites; one pack of every site, made from a second set of
+    distinct random adapter weights and saved to a file, splits between them, and the greedy loop with it active
+    matches torch with those weights (tokens equal, logits within 1e-4), and differs from the model's own weights."""
+    from exporters.speech import export_speech_swappable
+    from runtime.errors import SurgeryError
+    from runtime.speech import Transcriber
+    from surgery.packs import pack_from_model, save_pack
+    from surgery.sites import ADAPTER_ROOT
+
+    hf, adapters, baked, adapted = exported
+    result = export_speech_swappable(adapted, tmp_path / "asr.swappable.onnx")
+    t = Transcriber(result.decoder.path)
+    encoder_sites, decoder_sites = (set(p.widths) for p in t.parts)
+    assert encoder_sites == {p for p in adapters if p.startswith("encoder.")}
+    assert decoder_sites == {p for p in adapters if p.startswith("decoder.")}
+
+    saved = {n: p.detach().clone() for n, p in adapted.gm.named_parameters() if n.startswith(ADAPTER_ROOT + ".")}
+    frames, start = features(2, seed=8), [FAMILIES["whisper"]["decoder_start_token_id"]]
+    stand_in_weights(adapted.gm, seed=21)  # the hooked adapters are these modules: torch computes with them too
+    try:
+        pack = save_pack(pack_from_model(adapted.gm.state_dict(), adapted.manifest), tmp_path / "b.onnx_adapter")
+        want_tokens, want_logits = torch_greedy(hf, frames, start, 8)
+    finally:
+        with torch.no_grad():
+            for n, p in adapted.gm.named_parameters():
+                if n in saved:
+                    p.copy_(saved[n])
+    t.load("b", pack)
+    got = t.transcribe(frames, start, 8, stop_tokens=[], keep_logits=True, adapter="b")
+    np.testing.assert_array_equal(np.array(got.tokens), want_tokens)
+    scale = max(float(np.abs(w).max()) for w in want_logits)
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got.logits, want_logits)) <= ATOL + 1e-4 * scale
+    own = Transcriber(baked).transcribe(frames, start, 8, stop_tokens=[], keep_logits=True)
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got.logits, own.logits)) > 10 * ATOL
+    with pytest.raises(SurgeryError, match="no adapter slots"):
+        Transcriber(baked).load("b", pack)
 
 
 def test_a_speech_source_is_known_before_capture(exported):
