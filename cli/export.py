@@ -37,7 +37,7 @@ from exporters.budget import BUDGET_ENV, estimate
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.onnx_files import THRESHOLD_ENV, onnx_files, onnx_size
-from exporters.speech import export_speech
+from exporters.speech import export_speech, export_speech_swappable
 from exporters.stream import export_streamed, pack_beside
 from exporters.swappable import export_routed, export_swappable
 from exporters.tensorrt import TensorRTMissing, build_engine, prepare_trt
@@ -326,7 +326,7 @@ def export(
     else:
         tolerance, rtol = quant.tolerances(tolerance, rtol, tolerances(weights_dtype(models[0].gm)))
     if models[0].task == SPEECH_RECOGNITION:
-        return _export_speech(models[0], path, swappable or route or bool(triton_repo) or quant is not None, tolerance,
+        return _export_speech(models[0], path, swappable, route or bool(triton_repo) or quant is not None, tolerance,
                               rtol, external_data, json)  # fmt: skip
     kind = f" ({quantize} base)" if quant else ""
     with step(f"export {path}{kind} and check it against torch"):
@@ -383,15 +383,16 @@ def export(
         out.print(f"serve it with: surgery serve {triton_repo}")
 
 
-def _export_speech(model, path, other_form, tolerance, rtol, external, json) -> None:
-    """A speech recognizer: its encoder and decoder graphs, baked (exporters/speech.py)."""
+def _export_speech(model, path, swappable, other_form, tolerance, rtol, external, json) -> None:
+    """A speech recognizer: its encoder and decoder graphs, baked or with adapter slots (exporters/speech.py)."""
     if other_form:
         raise SurgeryError(
-            f"--task {SPEECH_RECOGNITION}: this export writes the baked encoder and decoder pair only; drop "
-            "--swappable, --route, --triton-repo and --quantize"
+            f"--task {SPEECH_RECOGNITION}: this export writes the encoder and decoder pair, baked or --swappable; "
+            "drop --route, --triton-repo and --quantize"
         )
     with step(f"export {path} as its encoder and decoder, and check both against torch"):
-        result = export_speech(model, path, tolerance=tolerance, rtol=rtol, external=external)
+        how = export_speech_swappable if swappable else export_speech
+        result = how(model, path, tolerance=tolerance, rtol=rtol, external=external)
     data = result.to_json()
     if json:
         emit_json(data)
@@ -402,7 +403,11 @@ def _export_speech(model, path, other_form, tolerance, rtol, external, json) -> 
         f"max |ORT - torch| = {data['max_abs_diff']:.2e}, {data['max_rel_diff']:.2e} of max|torch| "
         f"(--atol {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
     )
-    out.print(f"transcribe with: surgery generate {result.decoder.path} --features FEATURES.npy")
+    if swappable:
+        out.print("adapter slots in each graph; no pack = base model, own pack = adapted model: both checked")
+        out.print(f"transcribe with: surgery generate {result.decoder.path} --features FEATURES.npy --adapter PACK")
+    else:
+        out.print(f"transcribe with: surgery generate {result.decoder.path} --features FEATURES.npy")
 
 
 def _export_streamed(

@@ -61,7 +61,9 @@ def generate(
     if max_new_tokens < 1:
         raise SurgeryError(f"--max-new-tokens {max_new_tokens}: give at least 1")
     if features is not None:
-        return _transcribe(model, features, config, prefix_token or [], stop_token or [], max_new_tokens, threads, json)
+        return _transcribe(
+            model, features, config, prefix_token or [], stop_token or [], max_new_tokens, threads, json, adapter
+        )
     if prompt is None:
         raise SurgeryError("--prompt TEXT is missing (or --features FILE.npy for a speech recognizer)")
     if tokenizer is None:
@@ -105,7 +107,7 @@ def generate(
     )
 
 
-def _transcribe(model, features, config, prefix, stops, max_new_tokens, threads, json) -> None:
+def _transcribe(model, features, config, prefix, stops, max_new_tokens, threads, json, adapter=None) -> None:
     """Greedy tokens from log-mel frames (runtime/speech.py), one line of ids per row. The start and stop tokens come
     from the graphs' metadata, or from --config where it is given."""
     import numpy as np
@@ -121,6 +123,8 @@ def _transcribe(model, features, config, prefix, stops, max_new_tokens, threads,
         frames = frames[None]
     with step(f"load {model}"):
         transcriber = Transcriber(model, threads=threads, max_positions=decoding.max_positions if decoding else None)
+        if adapter is not None:
+            transcriber.load("adapter", adapter)
     decoding = decoding or transcriber.decoding
     if decoding is None:
         raise SurgeryError(
@@ -129,7 +133,9 @@ def _transcribe(model, features, config, prefix, stops, max_new_tokens, threads,
         )
     start = [*decoding.start_tokens, *prefix]
     start_s = time.perf_counter()
-    result = transcriber.transcribe(frames, start, max_new_tokens, stop_tokens=[*decoding.eos, *stops])
+    result = transcriber.transcribe(
+        frames, start, max_new_tokens, stop_tokens=[*decoding.eos, *stops], adapter="adapter" if adapter else None
+    )
     total = time.perf_counter() - start_s
     if json:
         emit_json({"start_tokens": start, "seconds": round(total, 3), **result.to_json()})

@@ -27,6 +27,7 @@ from tests.surgery.test_speech import WHISPER_SITES
 
 NEW = 14  # greedy steps compared
 ATOL = 1e-4
+PARTS = ("encoder", "decoder")
 FORCED = [[1, 5], [2, 6], [4, 9]]  # a forced prefix (5, 6); position 3 is a gap, so 9 is not part of it
 
 
@@ -254,6 +255,15 @@ def test_cli_inserts_exports_and_transcribes(tmp_path, cli):
     start = [config["decoder_start_token_id"], 5, 6]
     want = Transcriber(tmp_path / decoder).transcribe(features(1, seed=5), start, 12, [config["eos_token_id"]])
     assert run.json["start_tokens"] == start and run.json["tokens"] == want.tokens
+
+    run = cli("export", str(pt2), "--swappable", "--json", cwd=tmp_path)  # slots, and the model's own pack
+    assert run.code == 0, run.stderr
+    assert [Path(p).name for p in run.json["onnx"]] == [f"whisper.adapted.swappable.{p}.onnx" for p in PARTS]
+    assert cli("pack", str(pt2), "-o", "own.onnx_adapter", cwd=tmp_path).code == 0
+    swappable = tmp_path / run.json["onnx"][1]
+    run = cli("generate", str(swappable), "--features", "f.npy", "--adapter", "own.onnx_adapter",
+              "--max-new-tokens", "12", "--json", cwd=tmp_path)  # fmt: skip
+    assert run.code == 0 and run.json["tokens"] == want.tokens, run.stderr
 
     other = tmp_path / "other"  # --config overrides the metadata
     other.mkdir()
