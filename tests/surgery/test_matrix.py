@@ -173,9 +173,9 @@ def test_sliding_window_causal_lm(family: str, tmp_path: Path):
 @pytest.mark.timeout(1800)
 def test_speech_recognition(tmp_path: Path):
     """Whisper as a speech recognizer with its caches (surgery/speech.py): Houlsby and LoRA, baked as the encoder and
-    decoder pair (exporters/speech.py), each graph checked against its part of the torch program. The pair has no
-    swappable or routed form."""
-    from exporters.speech import export_speech
+    decoder pair (exporters/speech.py), each graph checked against its part of the torch program; Houlsby also with
+    adapter slots in each graph. The pair has no routed form."""
+    from exporters.speech import export_speech, export_speech_swappable
     from surgery.task_names import SPEECH_RECOGNITION
     from tests.exporters.test_speech_generate import write_asr_config
 
@@ -191,6 +191,8 @@ def test_speech_recognition(tmp_path: Path):
         baked = export_speech(houlsby, tmp_path / "h.onnx").to_json()
         diffs = {"baked": baked["max_abs_diff"]}
         row["baked"] = True
+        diffs["swappable"] = export_speech_swappable(houlsby, tmp_path / "h.swappable.onnx").to_json()["max_abs_diff"]
+        row["swappable"] = True
         lora = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
         adapt(lora, LoraSpec({t: 4 for t in row["lora_targets"]}), seed=2)
         stand_in_weights(lora.gm, seed=102)
@@ -203,7 +205,7 @@ def test_speech_recognition(tmp_path: Path):
     row.update(
         max_abs_diff=max(diffs.values()), max_rel_diff=max(diffs.values()) / scale, max_abs_torch=scale, diffs=diffs,
         tolerance=baked["tolerance"], seconds=round(time.perf_counter() - start, 1),
-        note="transcription with its caches: encoder and decoder graphs (baked only; no swappable or routed form)",
+        note="transcription with its caches: encoder and decoder graphs (baked and swappable; no routed form)",
     )  # fmt: skip
     save_row(row, stem)
     assert row["max_abs_diff"] <= row["tolerance"]
