@@ -17,7 +17,11 @@ from runtime.tokenizer import TextTokenizer
 
 def generate(
     model: Annotated[
-        str, typer.Argument(help="An ONNX causal LM exported with --task causal-lm (baked or swappable).")
+        str,
+        typer.Argument(
+            help="An ONNX causal LM exported with --task causal-lm (baked or swappable), or with --features a speech "
+            "recognizer's NAME.decoder.onnx."
+        ),
     ],
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="The text to continue.")] = None,
     features: Annotated[

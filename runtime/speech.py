@@ -68,7 +68,9 @@ class Decoding:
         both = {**config, **{k: v for k, v in (generation or {}).items() if v is not None}}
         start = both.get("decoder_start_token_id")
         if start is None:
-            raise SurgeryError(f"{where}: no decoder_start_token_id; give the start tokens with --prefix-token")
+            raise SurgeryError(
+                f"{where}: names no decoder_start_token_id (the token the decoder starts from); add it to the config"
+            )
         eos = both.get("eos_token_id")
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         prefix = []
