@@ -39,6 +39,7 @@ from exporters.budget import BUDGET_ENV, estimate
 from exporters.kernel_program import export_kernel_program
 from exporters.onnx import export_onnx
 from exporters.onnx_files import THRESHOLD_ENV, onnx_files, onnx_size
+from exporters.speech import export_speech, export_speech_swappable
 from exporters.stream import export_streamed, pack_beside
 from exporters.swappable import export_routed, export_swappable
 from exporters.tensorrt import TensorRTMissing, build_engine, prepare_trt
@@ -53,6 +54,8 @@ from surgery.bundle import adapted_manifest
 from surgery.archive import capture_pt2_meta
 from surgery.meta import capture_meta
 from surgery.pipeline import adapt, default_output, open_model
+from surgery.speech import is_speech_source
+from surgery.task_names import SPEECH_RECOGNITION
 
 Sources = Annotated[
     Optional[list[str]],
@@ -254,6 +257,11 @@ def export(
             "--quantize int4 (or int8)"
         )
     if stream:
+        if is_speech_source(sources[0], task):
+            raise SurgeryError(
+                f"--stream {sources[0]}: an {SPEECH_RECOGNITION} model is exported in memory as its encoder and "
+                "decoder pair, not streamed; drop --stream"
+            )
         if route:
             raise SurgeryError(
                 "--stream --route: routing stacks the adapters of several .adapted.pt2 files, which --stream cannot "
@@ -300,6 +308,11 @@ def export(
     if not route and not triton_repo and input_shape is None and sources[0] is not None:
         fit = estimate(sources[0], dtype)
         if fit is not None and not fit.fits:
+            if is_speech_source(sources[0], task):
+                raise SurgeryError(
+                    f"{sources[0]}: {fit.line().split(': streaming', 1)[0]}, and an {SPEECH_RECOGNITION} model cannot "
+                    f"be streamed; free memory, or set {BUDGET_ENV} higher if the estimate is too cautious"
+                )
             err.print(f"{sources[0]}: {fit.line()}", soft_wrap=True)
             return _export_streamed(
                 sources[0], output, None, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable, trust,
@@ -318,6 +331,9 @@ def export(
         if models[0].source.path.endswith(".gguf"):  # its Q4_0 / Q8_0 blocks carried (exporters/gguf_carry.py)
             quant = dataclasses.replace(quant, gguf=models[0].source.path)
         tolerance, rtol = quant.tolerances(tolerance, rtol, tolerances(weights_dtype(models[0].gm)))
+    if models[0].task == SPEECH_RECOGNITION:
+        return _export_speech(models[0], path, swappable, route or bool(triton_repo) or quant is not None, tolerance,
+                              rtol, external_data, json)  # fmt: skip
     kind = f" ({quantize} base)" if quant else ""
     with step(f"export {path}{kind} and check it against torch"):
         if route:
@@ -373,6 +389,33 @@ def export(
         out.print(f"wrote {config}")
     if triton_repo:
         out.print(f"serve it with: surgery serve {triton_repo}")
+
+
+def _export_speech(model, path, swappable, other_form, tolerance, rtol, external, json) -> None:
+    """A speech recognizer: its encoder and decoder graphs, baked or with adapter slots (exporters/speech.py)."""
+    if other_form:
+        raise SurgeryError(
+            f"--task {SPEECH_RECOGNITION}: this export writes the encoder and decoder pair, baked or --swappable; "
+            "drop --route, --triton-repo and --quantize"
+        )
+    with step(f"export {path} as its encoder and decoder, and check both against torch"):
+        how = export_speech_swappable if swappable else export_speech
+        result = how(model, path, tolerance=tolerance, rtol=rtol, external=external)
+    data = result.to_json()
+    if json:
+        emit_json(data)
+        return
+    for part in (result.encoder, result.decoder):
+        out.print(f"wrote {' + '.join(map(str, onnx_files(part.path)))} ({onnx_size(part.path) / 1e6:.1f} MB)")
+    out.print(
+        f"max |ORT - torch| = {data['max_abs_diff']:.2e}, {data['max_rel_diff']:.2e} of max|torch| "
+        f"(--atol {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
+    )
+    if swappable:
+        out.print("adapter slots in each graph; no pack = base model, own pack = adapted model: both checked")
+        out.print(f"transcribe with: surgery generate {result.decoder.path} --features FEATURES.npy --adapter PACK")
+    else:
+        out.print(f"transcribe with: surgery generate {result.decoder.path} --features FEATURES.npy")
 
 
 def _export_streamed(

@@ -383,8 +383,10 @@ def export_onnx(
     fuse: bool = True,
     external: bool = False,
     quantize: Quantization | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> OnnxExport:
     """Export `gm` to ONNX at `path` with dynamic axes, verify it in ONNX Runtime, then move it into place.
+    `metadata`: more entries of the model's `metadata_props`.
 
     Bottleneck adapters are exported in their fused form (surgery/fuse.py; `manifest` locates them in a
     reloaded .adapted.pt2); the check always compares with `gm` itself, unfused. Past 2 GB of initializers
@@ -402,6 +404,8 @@ def export_onnx(
 
         quantized = Quantized.of(proto, quantize, str(path), gm)
         proto, reference = quantized.model, quantized.reference(gm)
+    for key, value in (metadata or {}).items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     with atomic_onnx(path) as tmp:
         data = save_onnx(proto, tmp, external)
         seconds = time.perf_counter() - start

@@ -149,8 +149,10 @@ def export_swappable(
     rtol: float = RTOL,
     external: bool = False,
     quantize: Quantization | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> SwappableExport:
     """Export an adapted model with adapter slots, verify no-pack = base and own-pack = adapted, then write.
+    `metadata`: more entries of the model's `metadata_props`.
 
     With `quantize` the base model's MatMul weights are quantized and the slots stay float (exporters/quantize.py);
     both checks compare with torch holding the same quantized weights."""
@@ -162,6 +164,8 @@ def export_swappable(
         onnx_program(_with_adapters(captured.gm, "random"), captured.signature, what).model_proto, captured.signature
     )
     slots = make_slots(proto, captured.manifest)
+    for key, value in (metadata or {}).items():
+        proto.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     quantized, reference = None, captured.gm
     if quantize is not None:
         from exporters.quantize import AT_FP32, Quantized

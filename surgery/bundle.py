@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from runtime.speech import Decoding
 from surgery import __version__
 from surgery.adapters import AdapterSpec, LoraSpec, StackSpec, spec_from_json
 from surgery.capture import export_program
@@ -175,6 +176,7 @@ class Manifest:
     adapterhub: AdapterHub | None = None
     task: str = "feature-extraction"  # the head captured (tasks.py); manifests before it had none: feature-extraction
     training: Training | None = None  # what `surgery train` did, if anything
+    decoding: Decoding | None = None  # a speech recognizer's start and stop tokens (runtime/speech.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.adapter, (AdapterSpec, LoraSpec, StackSpec)):
@@ -220,6 +222,8 @@ class Manifest:
             d["adapterhub"] = {**asdict(self.adapterhub), "skipped": list(self.adapterhub.skipped)}
         if self.training is not None:
             d["training"] = self.training.to_json()
+        if self.decoding is not None:
+            d["decoding"] = self.decoding.to_json()
         return d
 
     @classmethod
@@ -247,6 +251,7 @@ class Manifest:
                 adapterhub=_adapterhub(d.get("adapterhub")),
                 task=str(d.get("task", "feature-extraction")),
                 training=Training.from_json(d["training"]) if d.get("training") is not None else None,
+                decoding=Decoding.from_json(d["decoding"]) if d.get("decoding") is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise SurgeryError(f"{where}: damaged manifest ({type(exc).__name__}: {exc}); {_REMAKE}") from exc
@@ -268,6 +273,7 @@ def adapted_manifest(
         total=report.total,
         signature=captured.signature,
         task=captured.task,
+        decoding=captured.decoding,
         **extra,
     )
 

@@ -13,6 +13,7 @@ from surgery.signature import Signature
 from surgery.source import Source
 
 if TYPE_CHECKING:
+    from runtime.speech import Decoding
     from surgery.bundle import Manifest
     from surgery.load import Loaded
 
@@ -26,6 +27,7 @@ class Captured:
     source: Source
     manifest: Manifest | None = None  # the manifest of an adapted .pt2, if that was the source
     task: str = "feature-extraction"  # the head captured (tasks.py)
+    decoding: Decoding | None = None  # a speech recognizer's start and stop tokens (runtime/speech.py)
 
 
 def export_program(module: nn.Module, signature: Signature, what: str) -> torch.export.ExportedProgram:
@@ -49,4 +51,11 @@ def capture(loaded: Loaded) -> Captured:
         assert loaded.module is not None
         program = export_program(loaded.module, loaded.signature, loaded.source.name)
     gm = program.module()
-    return Captured(gm=gm, signature=loaded.signature, source=loaded.source, manifest=loaded.manifest, task=loaded.task)
+    return Captured(
+        gm=gm,
+        signature=loaded.signature,
+        source=loaded.source,
+        manifest=loaded.manifest,
+        task=loaded.task,
+        decoding=loaded.decoding,
+    )

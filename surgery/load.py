@@ -22,10 +22,19 @@ from surgery.architectures import architecture, refuse_uncapturable
 from surgery.bundle import MANIFEST, Manifest, read_manifest
 from surgery.errors import SurgeryError
 from runtime.files import read_config
+from runtime.speech import Decoding
 from surgery.safe_files import check_pt2
 from surgery.signature import Axis, InputSpec, Signature, parse_input_shape
 from surgery.source import Source
-from surgery.tasks import CAUSAL_LM, FEATURE_EXTRACTION, check_task, default_task, task_class, with_past
+from surgery.tasks import (
+    CAUSAL_LM,
+    FEATURE_EXTRACTION,
+    SPEECH_RECOGNITION,
+    check_task,
+    default_task,
+    task_class,
+    with_past,
+)
 
 DEFAULT_MODEL = "minilm"
 WEIGHT_FILES = (
@@ -49,6 +58,7 @@ class Loaded:
     program: torch.export.ExportedProgram | None = None
     manifest: Manifest | None = None  # present when the source is a `.adapted.pt2` written by this tool
     task: str = FEATURE_EXTRACTION  # the head captured (tasks.py)
+    decoding: Decoding | None = None  # a speech recognizer's start and stop tokens (runtime/speech.py)
 
 
 def load(
@@ -252,6 +262,11 @@ def _hf_loaded(model: nn.Module, source: Source, task: str = FEATURE_EXTRACTION)
     if task == CAUSAL_LM:
         wrapper, signature = with_past(model)
         return Loaded(source=source, signature=signature, module=wrapper, task=task)
+    if task == SPEECH_RECOGNITION:
+        from surgery.speech import decoding_of, with_caches
+
+        wrapper, signature = with_caches(model)
+        return Loaded(source=source, signature=signature, module=wrapper, task=task, decoding=decoding_of(model))
     if hasattr(config, "use_cache"):
         config.use_cache = False
     if takes_decoder_inputs(model):
@@ -442,6 +457,7 @@ def _load_pt2(path: Path, name: str, trust: bool = False) -> Loaded:
         program=program,
         manifest=manifest,
         task=manifest.task if manifest is not None else FEATURE_EXTRACTION,
+        decoding=manifest.decoding if manifest is not None else None,
     )
 
 

@@ -1,8 +1,9 @@
 """Task heads: which Hugging Face class a source is built as, and for a causal LM the KV-cache form it is captured in.
 
-`--task feature-extraction | causal-lm | sequence-classification | token-classification`; the default comes from the
-config's `architectures` (a folder saved from `LlamaForCausalLM` or `GPT2LMHeadModel` gets `causal-lm`). The task
-changes the head and the inputs, never the sites: the blocks are the same modules.
+`--task feature-extraction | causal-lm | sequence-classification | token-classification | automatic-speech-recognition`;
+the default comes from the config's `architectures` (a folder saved from `LlamaForCausalLM` or `GPT2LMHeadModel` gets
+`causal-lm`, one saved from `WhisperForConditionalGeneration` gets `automatic-speech-recognition`: surgery/speech.py).
+The task changes the head and the inputs, never the sites: the blocks are the same modules.
 
 A causal LM is captured with its cache, in the layout ONNX Runtime users know from optimum and onnxruntime-genai:
 
@@ -40,12 +41,14 @@ from surgery.task_names import (  # noqa: F401  the names are data the CLI reads
     CAUSAL_LM,
     FEATURE_EXTRACTION,
     SEQUENCE_CLASSIFICATION,
+    SPEECH_RECOGNITION,
     TASK_HELP,
     TASKS,
     TOKEN_CLASSIFICATION,
 )
 
 PAST, TOTAL = "past", "total"  # the cache's axes: past positions, and past + seq (the attention mask's length)
+SPEECH_FAMILIES = ("whisper",)  # captured by surgery/speech.py
 FULL = "full_attention"  # the layer type of a global layer in transformers' `layer_types`
 
 
@@ -64,7 +67,9 @@ def check_task(task: str | None) -> str | None:
 def default_task(config: Any) -> str:
     """The task a config's `architectures` names (`LlamaForCausalLM` -> causal-lm), else feature-extraction."""
     names = set(getattr(config, "architectures", None) or ())
-    for task in (CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION):
+    for task in (CAUSAL_LM, SPEECH_RECOGNITION, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION):
+        if task == SPEECH_RECOGNITION and config.model_type not in SPEECH_FAMILIES:
+            continue  # a speech seq2seq head this tool has no step wrapper for (surgery/speech.py)
         classes = _mapping(task).get(config.model_type)
         classes = {classes} if isinstance(classes, str) else set(classes or ())
         if names & classes or any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names if task == CAUSAL_LM):

@@ -31,7 +31,7 @@ from surgery.data import IGNORE, Encoded, Example, Fields, Labels, dataset, enco
 from surgery.data import read_rows
 from surgery.errors import SurgeryError
 from surgery.io import atomic_output, check_output
-from surgery.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
+from surgery.tasks import CAUSAL_LM, SEQUENCE_CLASSIFICATION, SPEECH_RECOGNITION, TOKEN_CLASSIFICATION
 
 TASK_ALIASES = {"seq-cls": SEQUENCE_CLASSIFICATION, "token-cls": TOKEN_CLASSIFICATION, "causal-lm": CAUSAL_LM}
 TRAIN_TASKS = (SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION, CAUSAL_LM)
@@ -140,6 +140,11 @@ class Prepared:
 
 def resolve_task(task: str | None, model: AdaptedModel) -> str:
     task = TASK_ALIASES.get(task, task) if task else model.manifest.task
+    if SPEECH_RECOGNITION in (task, model.manifest.task):
+        raise SurgeryError(
+            f"{model.path}: surgery train reads text data and does not train an {SPEECH_RECOGNITION} model; train "
+            "its adapters in torch on torch.export.load(path).module()"
+        )
     if task not in TRAIN_TASKS:
         raise SurgeryError(
             f"--task {task}: train one of seq-cls, token-cls, causal-lm; a {model.manifest.task} model has no head "

@@ -170,6 +170,47 @@ def test_sliding_window_causal_lm(family: str, tmp_path: Path):
     assert row["max_abs_diff"] <= row["tolerance"]
 
 
+@pytest.mark.timeout(1800)
+def test_speech_recognition(tmp_path: Path):
+    """Whisper as a speech recognizer with its caches (surgery/speech.py): Houlsby and LoRA, baked as the encoder and
+    decoder pair (exporters/speech.py), each graph checked against its part of the torch program; Houlsby also with
+    adapter slots in each graph. The pair has no routed form."""
+    from exporters.speech import export_speech, export_speech_swappable
+    from surgery.task_names import SPEECH_RECOGNITION
+    from tests.exporters.test_speech_generate import write_asr_config
+
+    arch = architecture("whisper")
+    row: dict[str, Any] = {"model_type": f"whisper ({SPEECH_RECOGNITION})", "lora_targets": list(arch.lora)}
+    stem = f"whisper.{SPEECH_RECOGNITION}"
+    try:
+        start = time.perf_counter()
+        base = open_model(str(write_asr_config(tmp_path)))
+        houlsby = stand_in_adapted(base, AdapterSpec("houlsby", r=4), tmp_path / "h.adapted.pt2", 0, 100)
+        row["sites_per_layer"] = per_layer(list(houlsby.manifest.sites))
+        row["inserted"] = True
+        baked = export_speech(houlsby, tmp_path / "h.onnx").to_json()
+        diffs = {"baked": baked["max_abs_diff"]}
+        row["baked"] = True
+        diffs["swappable"] = export_speech_swappable(houlsby, tmp_path / "h.swappable.onnx").to_json()["max_abs_diff"]
+        row["swappable"] = True
+        lora = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
+        adapt(lora, LoraSpec({t: 4 for t in row["lora_targets"]}), seed=2)
+        stand_in_weights(lora.gm, seed=102)
+        diffs["lora"] = export_speech(lora, tmp_path / "lora.onnx").to_json()["max_abs_diff"]
+        row["lora"] = True
+        scale = torch_scale(houlsby)
+    except Exception as exc:
+        save_row({**row, "error": first_line(exc)}, stem)
+        raise
+    row.update(
+        max_abs_diff=max(diffs.values()), max_rel_diff=max(diffs.values()) / scale, max_abs_torch=scale, diffs=diffs,
+        tolerance=baked["tolerance"], seconds=round(time.perf_counter() - start, 1),
+        note="transcription with its caches: encoder and decoder graphs (baked and swappable; no routed form)",
+    )  # fmt: skip
+    save_row(row, stem)
+    assert row["max_abs_diff"] <= row["tolerance"]
+
+
 def first_line(exc: BaseException) -> str:
     """The error's first line without terminal colours, for the table."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()

@@ -28,6 +28,9 @@ OLD = Path(__file__).resolve().parents[1] / "data" / "manifests"
         ("bert", ["BertForSequenceClassification"], "sequence-classification"),
         ("bert", ["BertForTokenClassification"], "token-classification"),
         ("bert", ["BertModel"], "feature-extraction"),
+        ("whisper", ["WhisperForConditionalGeneration"], "automatic-speech-recognition"),
+        ("whisper", ["WhisperModel"], "feature-extraction"),
+        ("speech_to_text", ["Speech2TextForConditionalGeneration"], "feature-extraction"),  # no step wrapper for it
         ("llama", None, "feature-extraction"),
     ],
 )
