@@ -186,16 +186,17 @@ def _load_hf_folder(path: Path, name: str, dtype: str = "auto", task: str | None
 
 
 def _pretrained(cls: Any, path: Path, config: Any, dtype: torch.dtype) -> nn.Module:
-    """`cls.from_pretrained` of the folder in `dtype`, its safetensors read with plain reads (safetensors' pread
-    backend, as transformers reads them on Windows), not mapped.
+    """`cls.from_pretrained` of the folder in `dtype`; safetensors that convert to `dtype` read with plain reads
+    (safetensors' pread backend, as transformers reads them on Windows), not mapped.
 
     transformers maps each shard and converts tensor by tensor; the mapped pages it reads stay in the process's
     memory until the shard is closed after the last tensor, so a checkpoint read into another dtype (bf16 from an
     fp32 folder) held the whole file beside the converted weights. Read, each tensor is one buffer that goes once
-    it is converted. A folder of `pytorch_model.bin` goes through transformers' own reading."""
+    it is converted. Tensors already in `dtype` stay mapped (the parameters are the file's pages, which the
+    system can drop and read again), and a folder of `pytorch_model.bin` goes through transformers' own reading."""
     from safetensors import safe_open
 
-    from surgery.meta import INDEX, SINGLE
+    from surgery.meta import INDEX, SAFETENSORS_DTYPES, SINGLE
 
     if (path / INDEX).is_file():
         shards = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
@@ -212,6 +213,9 @@ def _pretrained(cls: Any, path: Path, config: Any, dtype: torch.dtype) -> nn.Mod
         for shard in shards:
             f = files.enter_context(safe_open(str(path / shard), framework="pt", device="cpu", backend="pread"))
             state.update({k: f.get_slice(k) for k in f.keys()})
+        stored = {SAFETENSORS_DTYPES.get(t.get_dtype()) for t in state.values()}
+        if not any(d is not None and d.is_floating_point and d != dtype for d in stored):
+            return cls.from_pretrained(path, config=config, dtype=dtype)
         return cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
 
 
