@@ -1,8 +1,8 @@
 """`torch.export.save` with each weight written from its tensor's storage, not from a copy of its bytes.
 
 torch writes a weight as a raw zip member (`data/weights/weight_N`), but first copies its storage into a Python
-`bytes`, which the writer's binding copies again into a C++ string: while the largest tensor is written (the
-embedding, 0.27x the weights of a Qwen2.5-0.5B) the process holds it three times. `save` hands the writer the
+`bytes`, which the writer's binding copies again into a C++ string: while the largest tensor is written (often
+the embedding) the process holds it three times. `save` hands the writer the
 storage itself (`PyTorchFileWriter.write_record(name, storage, nbytes)`, as `torch.save` writes its tensors), so
 writing adds nothing to the weights already in memory. The archive is the one torch writes, member for member:
 `torch.export.load` and `surgery.archive` read it unchanged.
