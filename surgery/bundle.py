@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from runtime.speech import Decoding
-from surgery import __version__
+from surgery import __version__, pt2_save
 from surgery.adapters import AdapterSpec, LoraSpec, StackSpec, spec_from_json
 from surgery.capture import export_program
 from surgery.errors import SurgeryError
@@ -291,7 +291,7 @@ def save_program(
     program = export_program(gm, manifest.signature, str(path))
     with atomic_output(path) as tmp:
         text = json.dumps(manifest.to_json(), indent=1)
-        torch.export.save(program, tmp, extra_files={MANIFEST: text, **(files or {})})
+        pt2_save.save(program, tmp, extra_files={MANIFEST: text, **(files or {})})
         try:
             check_pt2(tmp, str(path))
         except SurgeryError as exc:

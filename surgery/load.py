@@ -6,6 +6,7 @@ captured (a `.pt2`), together with the `Signature` of its inputs and where it ca
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -190,8 +191,42 @@ def _load_hf_folder(path: Path, name: str, dtype: str = "auto", task: str | None
     task = task or default_task(config)
     own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     wanted = DTYPES.get(dtype) or (own if own in DTYPE_NAMES else torch.float32)
-    model = _model_class(config, task).from_pretrained(path, config=config, dtype=wanted)
+    model = _pretrained(_model_class(config, task), path, config, wanted)
     return _hf_loaded(model, Source(name, str(path), sha256_of(path), config.model_type), task)
+
+
+def _pretrained(cls: Any, path: Path, config: Any, dtype: torch.dtype) -> nn.Module:
+    """`cls.from_pretrained` of the folder in `dtype`; safetensors that convert to `dtype` read with plain reads
+    (safetensors' pread backend, as transformers reads them on Windows), not mapped.
+
+    transformers maps each shard and converts tensor by tensor; the mapped pages it reads stay in the process's
+    memory until the shard is closed after the last tensor, so a checkpoint read into another dtype (bf16 from an
+    fp32 folder) held the whole file beside the converted weights. Read, each tensor is one buffer that goes once
+    it is converted. Tensors already in `dtype` stay mapped (the parameters are the file's pages, which the
+    system can drop and read again), and a folder of `pytorch_model.bin` goes through transformers' own reading."""
+    from safetensors import safe_open
+
+    from surgery.meta import INDEX, SAFETENSORS_DTYPES, SINGLE
+
+    if (path / INDEX).is_file():
+        shards = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+    elif (path / SINGLE).is_file():
+        shards = [SINGLE]
+    else:
+        return cls.from_pretrained(path, config=config, dtype=dtype)
+    if hasattr(cls, "_model_mapping"):  # an Auto class loads a name, not a state dict: the class it would pick
+        from transformers.models.auto.auto_factory import _get_model_class
+
+        cls = _get_model_class(config, cls._model_mapping)
+    with contextlib.ExitStack() as files:
+        state: dict[str, Any] = {}
+        for shard in shards:
+            f = files.enter_context(safe_open(str(path / shard), framework="pt", device="cpu", backend="pread"))
+            state.update({k: f.get_slice(k) for k in f.keys()})
+        stored = {SAFETENSORS_DTYPES.get(t.get_dtype()) for t in state.values()}
+        if not any(d is not None and d.is_floating_point and d != dtype for d in stored):
+            return cls.from_pretrained(path, config=config, dtype=dtype)
+        return cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
 
 
 def _load_gguf(path: Path, name: str, dtype: str = "auto", task: str | None = None) -> Loaded:

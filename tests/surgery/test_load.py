@@ -115,3 +115,24 @@ def test_gguf_files_that_cannot_be_read_are_refused_clearly(tmp_path):
         load(tmp_path / "enc.gguf")
     with pytest.raises(SurgeryError, match="2 GGUF files"):
         load(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("task", ["feature-extraction", "causal-lm"])
+def test_a_folder_converted_at_load_holds_the_weights_transformers_loads(tmp_path, family, task):
+    """bf16 from an fp32 folder of 50 KB shards: read tensor by tensor (not mapped), the same tensors as
+    transformers' own from_pretrained."""
+    import transformers
+
+    from tests.checkpoints import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / family, family, seed=3)
+    cls = transformers.AutoModel if task == "feature-extraction" else transformers.AutoModelForCausalLM
+    want = cls.from_pretrained(folder, dtype=torch.bfloat16).state_dict()
+    got = load(str(folder), dtype="bf16", task=task).module.state_dict()
+    assert len(want) > 4
+    for name, tensor in want.items():
+        mine = [v for k, v in got.items() if k == name or k.endswith("." + name)]
+        assert len(mine) == 1, name
+        assert mine[0].dtype == torch.bfloat16
+        torch.testing.assert_close(mine[0], tensor, atol=0, rtol=0)
