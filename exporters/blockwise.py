@@ -238,7 +238,7 @@ def verify_blockwise(
     for env, tensors in zip(torch_env, batches):
         env.update({p: t for p, t in zip(placeholders, tensors)})
     for oenv, tensors in zip(ort_env, batches):
-        oenv.update({name: t.numpy() for name, t in zip(sig.names, tensors)})
+        oenv.update({name: _numpy(t) for name, t in zip(sig.names, tensors)})
     for node in top.graph.nodes:
         if node.op == "get_attr":
             continue
