@@ -77,7 +77,7 @@ def weight_bytes(source: str, dtype: str = "auto") -> int | None:
             sizes = [i.file_size for i in zf.infolist() if i.filename.split("/", 1)[-1].startswith("data/weights/")]
         return sum(sizes) or None
     if path.is_dir() and (path / "config.json").is_file():
-        from surgery.meta import INDEX, SINGLE
+        from surgery.weight_files import INDEX, SINGLE
 
         files = [path / SINGLE] if (path / SINGLE).is_file() else sorted(path.glob("*.safetensors"))
         if not (path / SINGLE).is_file() and not (path / INDEX).is_file():

@@ -206,7 +206,7 @@ def _pretrained(cls: Any, path: Path, config: Any, dtype: torch.dtype) -> nn.Mod
     system can drop and read again), and a folder of `pytorch_model.bin` goes through transformers' own reading."""
     from safetensors import safe_open
 
-    from surgery.meta import INDEX, SAFETENSORS_DTYPES, SINGLE
+    from surgery.weight_files import INDEX, SAFETENSORS_DTYPES, SINGLE
 
     if (path / INDEX).is_file():
         shards = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))

@@ -25,7 +25,8 @@ from surgery.adapters import LoRA
 from surgery.errors import SurgeryError
 from surgery.graph import adapter_nodes
 from surgery.merge import _add_lora, _Projection, _projection
-from surgery.meta import SAFETENSORS_DTYPES, MetaCaptured, read_tensor
+from surgery.meta import MetaCaptured, read_tensor
+from surgery.weight_files import SAFETENSORS_DTYPES
 
 
 @dataclass(frozen=True)

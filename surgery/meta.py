@@ -28,13 +28,7 @@ from torch.utils import _pytree as pytree
 from surgery.capture import Captured, export_program
 from surgery.errors import SurgeryError
 from surgery.source import Source
-
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+from surgery.weight_files import INDEX, SAFETENSORS_DTYPES, SINGLE
 
 
 @contextmanager
