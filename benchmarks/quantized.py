@@ -191,25 +191,28 @@ def export(kind: str, precision: str, base, work: Path, std: float) -> Path:
         return path
     start = time.perf_counter()
     q = quantization(precision)
-    atol, rtol = q.tolerances(None, None, (CHECK["tolerance"], CHECK["rtol"])) if q else tuple(CHECK.values())
-    check = dict(tolerance=atol, rtol=rtol, quantize=q)
+    # At level 4 the activations are rounded to int8 at run time, which no weight-only reference reproduces: that
+    # check is left unbounded here (measured and kept), and the weights are held to the float tolerance by the
+    # export's second check at fp32 compute (`at_fp32`), which still refuses. The rounding is what this measures.
+    check = dict(tolerance=float("inf"), rtol=0.0, quantize=q) if q else dict(CHECK)
     if kind in ("base", "houlsby", "lora"):
         m = base
         if kind != "base":
             m = dataclasses.replace(base, gm=copy.deepcopy(base.gm))
             adapt(m, AdapterSpec("houlsby", r=8) if kind == "houlsby" else LoraSpec({"q": 8, "v": 8}))
             stand_in_weights(m.gm, seed=1, std=std)
-        export_onnx(m.gm, m.signature, path, **check)
+        report = export_onnx(m.gm, m.signature, path, **check)
     else:
         spec = AdapterSpec("houlsby", r=8)
         models = []
         for k in range(4 if kind == "routed" else 1):
             models.append(stand_in_adapted(base, spec, work / f"m{k}.adapted.pt2", seed=k, weights_seed=10 + k))
         if kind == "swappable":
-            export_swappable(models[0], path, **check)
+            report = export_swappable(models[0], path, **check)
             save_pack(pack_from_model(models[0].gm.state_dict(), models[0].manifest), work / "own.onnx_adapter")
         else:
-            export_routed(models, path, **check)
+            report = export_routed(models, path, **check)
+    (work / f"{name}.json").write_text(json.dumps(report.to_json(), indent=1, default=str) + "\n")
     done.write_text("")
     print(f"{name}: exported and checked in {time.perf_counter() - start:.0f} s", flush=True)
     return path
@@ -382,7 +385,8 @@ def markdown(r: dict) -> str:
     ]
     ref = q["perplexity"]["transformers fp32"]
     for n, p in q["perplexity"].items():
-        lines.append(f"| {n} | {p:.3f} | {p / ref - 1:+.2%} | {r['disk_mb'].get(n, float('nan')):.1f} |")
+        disk = r["disk_mb"].get(n)
+        lines.append(f"| {n} | {p:.3f} | {p / ref - 1:+.2%} | {'' if disk is None else f'{disk:.1f}'} |")
     ours, theirs = q["perplexity"].get("surgery int4"), q["perplexity"].get("genai int4")
     if ours is not None and theirs is not None:
         verdict = "met" if ours <= theirs else "missed"
@@ -426,6 +430,29 @@ def markdown(r: dict) -> str:
                 ttft = f" ({row['ttft_vs_' + g['reference']]:+.1%})"
             lines.append(f"| {n} | {row['ttft_ms']:.1f}{ttft} | {row['decode_tok_s']:.1f} | {vs} |")
     lines += ["", *r["notes"]]
+    quantized = {n: e for n, e in r.get("exports", {}).items() if "quantization" in e}
+    if quantized:
+        lines += [
+            "",
+            "## The quantized exports' checks",
+            "",
+            "max|diff| / max|torch| over the export's checked batches: at level 4 against torch with the dequantized "
+            "weights (int8 activations: measured, not bounded here); the same model at fp32 compute against it (held "
+            "to the float tolerance: the weights' check, which refuses); and from the float model. MatMulNBits "
+            "written, MatMuls left float, adapter tensors (all float, checked); peak RSS of the export's process.",
+            "",
+            "| export | level 4 vs reference | at fp32 compute | from float | quantized / float MatMuls | adapter "
+            "tensors | peak RSS (MB) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for n, e in quantized.items():
+            q = e["quantization"]
+            at = (q.get("at_fp32") or {}).get("max_rel_diff", float("nan"))
+            rss = r.get("export_peak_rss_mb", {}).get(n, float("nan"))
+            lines.append(
+                f"| {n} | {e['max_rel_diff']:.3g} | {at:.2g} | {q['from_float'].get('max_rel_diff', float('nan')):.3g} "
+                f"| {q['quantized_matmuls']} / {q['float_matmuls']} | {q['adapter_tensors_float']} | {rss:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -463,16 +490,28 @@ def run(args, work: Path) -> dict:
     from runtime.generate import Generator
 
     load_before = load()
+    exports = [("base", "fp32"), ("houlsby", "fp32"), ("lora", "fp32"), ("base", "int8")]
+    exports += [(k, "int4") for k in ("base", "houlsby", "lora", "swappable", "routed")]
+    export_rss = {}
+    for kind, p in exports:  # each in a process of its own: its peak memory is its own, and freed after
+        if not (work / f"{kind}-{p}.done").is_file():
+            cmd = [sys.executable, "-m", "benchmarks.quantized", "--model", args.model, "--export", f"{kind}-{p}"]
+            cmd += ["--adapter-std", str(args.adapter_std), "--export-dir", str(work)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{kind}-{p}: the export failed:\n{done.stderr[-3000:]}")
+            export_rss[f"{kind}-{p}"] = json.loads(done.stdout.splitlines()[-1])["peak_rss_mb"]
+    paths = {(kind, p): work / f"{kind}-{p}.onnx" for kind, p in exports}
+    checks = {
+        n: json.loads((work / f"{n}.json").read_text())
+        for n in map("-".join, exports)
+        if (work / f"{n}.json").is_file()
+    }
     captured, hf, encode = open_base(args.model, work)
+    del captured
     ids = encode(corpus_text())
     wins = windows(ids, args.tokens, args.window)
     prompt = list(encode(PROMPT))
-    paths = {
-        (kind, p): export(kind, p, captured, work, args.adapter_std)
-        for kind, p in [("base", "fp32"), ("houlsby", "fp32"), ("lora", "fp32"), ("base", "int8")]
-        + [(k, "int4") for k in ("base", "houlsby", "lora", "swappable", "routed")]
-    }
-    del captured
     genai = genai_build(hf, work / "genai-int4", args.threads, [])
     peft = peft_lora(hf, work / "peft-lora", args.adapter_std)
     genai_lora = genai_build(hf, work / "genai-int4-lora", args.threads, [f"adapter_path={peft}"])
@@ -552,6 +591,8 @@ def run(args, work: Path) -> dict:
         "quality": result_q,
         "speed": result_s,
         "disk_mb": disk,
+        "exports": checks,
+        "export_peak_rss_mb": export_rss,
         "notes": notes,
     }
 
@@ -567,7 +608,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, help="where exports and builds are kept (default: a temp dir)")
     parser.add_argument("--quick", action="store_true", help="2 windows of 64 tokens, 2 alternations: a test")
     add_output(parser, Path("out/quantized"), type=Path)
+    parser.add_argument("--export", help=argparse.SUPPRESS)  # one export, KIND-PRECISION: the worker process
+    parser.add_argument("--export-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.export:
+        kind, precision = args.export.split("-")
+        captured = open_base(args.model, args.export_dir)[0]
+        export(kind, precision, captured, args.export_dir, args.adapter_std)
+        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        return
     if args.quick:
         args.tokens, args.window, args.alternations = 128, 64, 2
     start = time.perf_counter()
