@@ -40,6 +40,7 @@ weights, a byte-level tokenizer written beside it for the builder). Writes quant
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -310,35 +311,53 @@ def disk_mb(path: Path) -> float:
 # ---------------------------------------------------------------- measures
 
 
-def quality(models: dict[str, Any], wins: np.ndarray, pairs: dict[str, tuple[str, str, str, str]]) -> dict:
-    """Perplexity per model, and per adapter the cosine of the int4 and fp32 adapted-minus-base logits, per window."""
+def scores(models: dict[str, Any], wins: np.ndarray) -> dict:
+    """Perplexity per model over every window."""
     losses: dict[str, list[np.ndarray]] = {n: [] for n in models}
+    for w, ids in enumerate(wins):
+        for n, m in models.items():
+            losses[n].append(nll(m(ids), ids))
+        print(f"perplexity: window {w + 1}/{len(wins)}", flush=True)
+    first = next(iter(losses.values()))
+    return {"perplexity": {n: perplexity(x) for n, x in losses.items()}, "predictions": int(sum(map(len, first)))}
+
+
+def cosines(models: dict[str, Any], wins: np.ndarray, pairs: dict[str, tuple[str, str, str, str]]) -> dict:
+    """Per adapter, per window: the cosine of the int4 and fp32 adapted-minus-base logits (over every position and
+    vocabulary entry), and how far the adapter moves the fp32 logits, ||adapted - base|| / ||base||."""
     cos: dict[str, list[float]] = {a: [] for a in pairs}
     moved: dict[str, list[float]] = {a: [] for a in pairs}
     for w, ids in enumerate(wins):
-        logits = {n: m(ids) for n, m in models.items()}
-        for n, z in logits.items():
-            losses[n].append(nll(z, ids))
+        logits = {n: m(ids).astype(np.float64) for n, m in models.items()}
         for a, (ad32, b32, ad4, b4) in pairs.items():
-            d32 = (logits[ad32] - logits[b32]).astype(np.float64).ravel()
-            d4 = (logits[ad4] - logits[b4]).astype(np.float64).ravel()
+            d32, d4 = (logits[ad32] - logits[b32]).ravel(), (logits[ad4] - logits[b4]).ravel()
             cos[a].append(float(d32 @ d4 / (np.linalg.norm(d32) * np.linalg.norm(d4))))
             moved[a].append(float(np.linalg.norm(d32) / np.linalg.norm(logits[b32])))
-        print(f"window {w + 1}/{len(wins)}", flush=True)
-    names = [n for n in models if not n.startswith("adapted ")]
+        print(f"adapters: window {w + 1}/{len(wins)}", flush=True)
     return {
-        "perplexity": {n: perplexity(losses[n]) for n in names},
-        "predictions": int(sum(len(x) for x in losses[names[0]])),
-        "adapters": {
-            a: {
-                "cosine_min": min(cos[a]),
-                "cosine_median": statistics.median(cos[a]),
-                "moved_median": statistics.median(moved[a]),
-                "cosine": cos[a],
-            }
-            for a in pairs
-        },
+        a: {
+            "cosine_min": min(cos[a]),
+            "cosine_median": statistics.median(cos[a]),
+            "moved_median": statistics.median(moved[a]),
+            "cosine": cos[a],
+        }
+        for a in pairs
     }
+
+
+def export_all(model: str, names: list[str], work: Path, std: float) -> dict[str, float]:
+    """Each export not in `work` yet, each in a process of its own (its peak memory its own, freed after), one after
+    the other: {name: the process's peak RSS in MB}."""
+    rss = {}
+    for name in names:
+        if not (work / f"{name}.done").is_file():
+            cmd = [sys.executable, "-m", "benchmarks.quantized", "--model", model, "--export", name]
+            cmd += ["--adapter-std", str(std), "--export-dir", str(work)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{name}: the export failed:\n{done.stderr[-3000:]}")
+            rss[name] = json.loads(done.stdout.splitlines()[-1])["peak_rss_mb"]
+    return rss
 
 
 def speed(groups: dict[str, dict[str, Any]], prompt: list[int], alternations: int) -> dict[str, dict]:
@@ -396,7 +415,8 @@ def markdown(r: dict) -> str:
         "## The adapter on the int4 base",
         "",
         f"Cosine between (adapted - base) logits of the int4 exports and of the fp32 exports, per window over every "
-        f"position and vocabulary entry; stand-in adapter weights of std {r['adapter_std']}; 'moves': "
+        f"position and vocabulary entry, the first {q['cosine_windows']} windows; stand-in adapter weights of std "
+        f"{r['adapter_std']}; 'moves': "
         f"||adapted - base|| / ||base|| of the fp32 logits (median over windows). Target >= {COSINE_TARGET}.",
         "",
         "| adapter | cosine min | cosine median | moves | target |",
@@ -448,7 +468,7 @@ def markdown(r: dict) -> str:
         for n, e in quantized.items():
             q = e["quantization"]
             at = (q.get("at_fp32") or {}).get("max_rel_diff", float("nan"))
-            rss = r.get("export_peak_rss_mb", {}).get(n, float("nan"))
+            rss = r.get("export_peak_rss_mb", {}).get(n, float("nan"))  # nan: exported by an earlier run
             lines.append(
                 f"| {n} | {e['max_rel_diff']:.3g} | {at:.2g} | {q['from_float'].get('max_rel_diff', float('nan')):.3g} "
                 f"| {q['quantized_matmuls']} / {q['float_matmuls']} | {q['adapter_tensors_float']} | {rss:.0f} |"
@@ -490,45 +510,49 @@ def run(args, work: Path) -> dict:
     from runtime.generate import Generator
 
     load_before = load()
-    exports = [("base", "fp32"), ("houlsby", "fp32"), ("lora", "fp32"), ("base", "int8")]
-    exports += [(k, "int4") for k in ("base", "houlsby", "lora", "swappable", "routed")]
-    export_rss = {}
-    for kind, p in exports:  # each in a process of its own: its peak memory is its own, and freed after
-        if not (work / f"{kind}-{p}.done").is_file():
-            cmd = [sys.executable, "-m", "benchmarks.quantized", "--model", args.model, "--export", f"{kind}-{p}"]
-            cmd += ["--adapter-std", str(args.adapter_std), "--export-dir", str(work)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode:
-                raise SystemExit(f"{kind}-{p}: the export failed:\n{done.stderr[-3000:]}")
-            export_rss[f"{kind}-{p}"] = json.loads(done.stdout.splitlines()[-1])["peak_rss_mb"]
-    paths = {(kind, p): work / f"{kind}-{p}.onnx" for kind, p in exports}
-    checks = {
-        n: json.loads((work / f"{n}.json").read_text())
-        for n in map("-".join, exports)
-        if (work / f"{n}.json").is_file()
-    }
+    bases = ["base-fp32", "base-int8", "base-int4"]
+    adapted = ["houlsby-fp32", "lora-fp32", *(f"{k}-int4" for k in ("houlsby", "swappable", "routed", "lora"))]
+    export_rss = export_all(args.model, bases, work, args.adapter_std)
     captured, hf, encode = open_base(args.model, work)
     del captured
     ids = encode(corpus_text())
     wins = windows(ids, args.tokens, args.window)
     prompt = list(encode(PROMPT))
+    # the adapted exports are made while the base models are scored
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    pending = pool.submit(export_all, args.model, adapted, work, args.adapter_std)
     genai = genai_build(hf, work / "genai-int4", args.threads, [])
     peft = peft_lora(hf, work / "peft-lora", args.adapter_std)
     genai_lora = genai_build(hf, work / "genai-int4-lora", args.threads, [f"adapter_path={peft}"])
 
     config = json.loads((hf / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    start = time.perf_counter()
     models = {"transformers fp32": TorchPrefill(hf, args.threads)}
     for p in ("fp32", "int8", "int4"):
-        models[f"surgery {p}"] = Prefill(paths["base", p], args.threads, head_dim)
+        models[f"surgery {p}"] = Prefill(work / f"base-{p}.onnx", args.threads, head_dim)
     models["genai int4"] = Prefill(genai / "model.onnx", args.threads, head_dim)
+    result_q = scores(models, wins)
+    print(f"perplexity: {time.perf_counter() - start:.0f} s", flush=True)
+    del models
+    export_rss |= pending.result()
+    for n in bases + adapted:  # exported by an earlier run: its process's peak as it recorded it
+        if n not in export_rss and (work / f"{n}.rss").is_file():
+            export_rss[n] = float((work / f"{n}.rss").read_text())
+    pool.shutdown()
+    paths = {tuple(n.split("-")): work / f"{n}.onnx" for n in bases + adapted}
+    checks = {
+        n: json.loads((work / f"{n}.json").read_text()) for n in bases + adapted if (work / f"{n}.json").is_file()
+    }
+    start = time.perf_counter()
+    models = {n: Prefill(paths["base", n.split()[1]], args.threads, head_dim) for n in ("base fp32", "base int4")}
     for kind in ("houlsby", "lora"):
         for p in ("fp32", "int4"):
-            models[f"adapted {kind} {p}"] = Prefill(paths[kind, p], args.threads, head_dim)
-    pairs = {k: (f"adapted {k} fp32", "surgery fp32", f"adapted {k} int4", "surgery int4") for k in ("houlsby", "lora")}
-    start = time.perf_counter()
-    result_q = quality(models, wins, pairs)
-    print(f"quality: {time.perf_counter() - start:.0f} s", flush=True)
+            models[f"{kind} {p}"] = Prefill(paths[kind, p], args.threads, head_dim)
+    pairs = {k: (f"{k} fp32", "base fp32", f"{k} int4", "base int4") for k in ("houlsby", "lora")}
+    result_q["adapters"] = cosines(models, wins[: args.cosine_windows], pairs)
+    result_q["cosine_windows"] = len(wins[: args.cosine_windows])
+    print(f"adapters: {time.perf_counter() - start:.0f} s", flush=True)
     del models
 
     def gen(kind: str, p: str = "int4"):
@@ -603,6 +627,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=TOKENS, help="tokens of text scored (whole windows)")
     parser.add_argument("--window", type=int, default=WINDOW)
     parser.add_argument("--alternations", type=int, default=12)
+    parser.add_argument("--cosine-windows", type=int, default=8, help="windows of the adapters' cosine (the first)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--adapter-std", type=float, default=ADAPTER_STD, help="std of the stand-in adapter weights")
     parser.add_argument("--work", type=Path, help="where exports and builds are kept (default: a temp dir)")
@@ -615,10 +640,12 @@ def main(argv: list[str] | None = None) -> None:
         kind, precision = args.export.split("-")
         captured = open_base(args.model, args.export_dir)[0]
         export(kind, precision, captured, args.export_dir, args.adapter_std)
-        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        (args.export_dir / f"{args.export}.rss").write_text(f"{rss:.0f}\n")
+        print(json.dumps({"peak_rss_mb": rss}))
         return
     if args.quick:
-        args.tokens, args.window, args.alternations = 128, 64, 2
+        args.tokens, args.window, args.alternations, args.cosine_windows = 128, 64, 2, 2
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quantized-bench-") as tmp:
         label = Path(args.model).parent.name if args.model.endswith(".json") else args.model
