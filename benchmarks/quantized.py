@@ -25,7 +25,7 @@ Speed (`--alternations`, 32 new tokens greedy from benchmarks/generate.py's prom
 off, one process, the engines stepped in lockstep and their order rotated, 2 warm-up rounds: benchmarks/peers.py's
 `alternate`): (1) genai int4 (its own loop), surgery int4 and int8 (`exporters.runtime.Generator`): time to first
 token and decode tok/s, and the median paired ratio to genai; (2) the adapters on the int4 base: Houlsby, LoRA
-(baked), swappable (the Houlsby export with its own pack active) and routed (4 Houlsby models stacked, row on adapter
+(baked), swappable (the Houlsby export with its own pack active) and routed (2 Houlsby models stacked, row on adapter
 0), beside the int4 base and a second session of the same base (the control: two sessions of one model differ by
 noise alone), per decoded token against the int4 base; (3) genai's LoRA: its builder's int4 model built with a LoRA
 adapter (PEFT, q and v, r=8, random weights; `--extra_options adapter_path=`) against its plain int4 model. That
@@ -206,7 +206,7 @@ def export(kind: str, precision: str, base, work: Path, std: float) -> Path:
     else:
         spec = AdapterSpec("houlsby", r=8)
         models = []
-        for k in range(4 if kind == "routed" else 1):
+        for k in range(2 if kind == "routed" else 1):
             models.append(stand_in_adapted(base, spec, work / f"m{k}.adapted.pt2", seed=k, weights_seed=10 + k))
         if kind == "swappable":
             report = export_swappable(models[0], path, **check)
@@ -508,13 +508,16 @@ def run(args, work: Path) -> dict:
     from benchmarks.generate import PROMPT
     from benchmarks.peers import GenaiEngine
     from runtime.generate import Generator
+    from runtime.tokenizer import TextTokenizer
 
     load_before = load()
     bases = ["base-fp32", "base-int8", "base-int4"]
     adapted = ["houlsby-fp32", "lora-fp32", *(f"{k}-int4" for k in ("houlsby", "swappable", "routed", "lora"))]
     export_rss = export_all(args.model, bases, work, args.adapter_std)
-    captured, hf, encode = open_base(args.model, work)
-    del captured
+    hf = work / "hf"  # written by the first export's process (open_base), or by an earlier run
+    if not (hf / "config.json").is_file():
+        hf = open_base(args.model, work)[1]
+    encode = TextTokenizer.from_folder(hf).encode
     ids = encode(corpus_text())
     wins = windows(ids, args.tokens, args.window)
     prompt = list(encode(PROMPT))

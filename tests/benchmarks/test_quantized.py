@@ -32,6 +32,7 @@ def test_windows_are_whole_and_non_overlapping():
         windows(list(range(100)), 700, 128)
 
 
+@pytest.mark.timeout(1200)
 @pytest.mark.slow  # eleven tiny exports, two builds by onnxruntime-genai, three lockstep groups: about a minute
 def test_quick_run_on_a_tiny_llama(lm_config, tmp_path):
     pytest.importorskip("onnxruntime_genai", reason="the peers extra: pip install -e '.[peers]'")
