@@ -131,3 +131,41 @@ def test_gemma3_greedy_generation_past_the_sliding_window_equals_transformers(tm
     moved = max(float(np.abs(a - b).max()) for a, b in zip(full_logits[12:sure], want_logits[12:sure]))
     print(f"lifting the window moves the logits past it by up to {moved:.2e}")
     assert moved > 100 * max(p.max_abs_diff for p in parities[:sure]), "the window must matter to what is compared"
+
+
+def test_smollm2_int4_greedy_generation_equals_its_dequantized_reference(tmp_path):
+    """SmolLM2-135M exported with `quantize=int4` (block 32, accuracy level 1: fp32 activations, so the weights are
+    the only rounding): `Generator` gives the greedy tokens of transformers holding the same dequantized weights, up
+    to the reference's first near tie, and the logits before it agree within the parity tolerance."""
+    import dataclasses
+
+    import onnx
+    from transformers import AutoConfig
+
+    from exporters.quantize import Quantization, dequantized, float_weights
+
+    gguf = fetch("smollm2-135m")
+    captured = open_model(str(gguf), task="causal-lm")
+    start = time.perf_counter()
+    export_onnx(captured.gm, captured.signature, tmp_path / "fp32.onnx")
+    quantized = export_onnx(
+        captured.gm, captured.signature, tmp_path / "int4.onnx", quantize=Quantization(bits=4, accuracy_level=1)
+    )
+    print(f"exports {time.perf_counter() - start:.0f} s; int4 from fp32: {quantized.quantization.from_float}")
+    weights = float_weights(onnx.load(str(tmp_path / "fp32.onnx")))
+    module = dequantized(captured.gm, onnx.load(str(tmp_path / "int4.onnx")), weights)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    reference = hf_model(config, dataclasses.replace(captured, gm=module))
+    prompt = TextTokenizer.from_folder(gguf.parent).encode(PROMPT)
+    want, want_logits = hf_generate(reference, prompt, 32)
+    float_tokens = hf_generate(hf_model(config, captured), prompt, 32)[0]
+    got = Generator(tmp_path / "int4.onnx").generate(prompt, 32, keep_logits=True)
+    parities = [
+        compare([a], [b], names=["logits"], where=f"step {k}") for k, (a, b) in enumerate(zip(want_logits, got.logits))
+    ]
+    sure = until_near_tie(want_logits, 2 * max(p.atol + p.rtol * p.outputs["logits"].ref_max for p in parities))
+    print(f"{sure} of 32 steps before a near tie; the float model's tokens differ: {float_tokens != want}")
+    assert sure >= 8, "too few steps decided beyond doubt to compare"
+    assert got.tokens[0][:sure] == want[:sure]
+    for parity in parities[:sure]:
+        assert parity.ok, parity.summary()
