@@ -4,14 +4,12 @@ ONNX is the format unless `--fused-pt2` names another; `--onnx` says so explicit
 Baked (default): adapter weights as initializers. `--swappable`: adapter slots that packs fill at run time.
 `--route`: several adapted models' adapters in one graph, chosen per batch row by an `adapter_id` input.
 `--fused-pt2`: not ONNX but a torch.export program whose bottlenecks are one Triton kernel each on CUDA.
-`--quantize int4|int8`: any ONNX kind above on a quantized base, its adapters float (exporters/quantize.py).
+`--quantize int4|int8`: any ONNX kind above, streamed too, on a quantized base, its adapters float
+(exporters/quantize.py, exporters/stream_quant.py). A speech recognizer is written as its encoder and decoder pair.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -35,27 +33,10 @@ from cli.options import (
     Trust,
     in_panel,
 )
-from exporters.budget import BUDGET_ENV, estimate
-from exporters.kernel_program import export_kernel_program
-from exporters.onnx import export_onnx
+from exporters.budget import BUDGET_ENV
 from exporters.onnx_files import THRESHOLD_ENV, onnx_files, onnx_size
-from exporters.speech import export_speech, export_speech_swappable
-from exporters.stream import export_streamed, pack_beside
-from exporters.swappable import export_routed, export_swappable
-from exporters.tensorrt import TensorRTMissing, build_engine, prepare_trt
-from exporters.trt_profiles import DECODE, ONE, PREFILL, parse_profiles
-from exporters.triton import write_python_model, write_triton_repo
-from surgery.errors import SurgeryError
-from surgery.io import check_output
-from surgery.packs import PACKABLE, pack_from_model
-from surgery.parity import tolerances, weights_dtype
-from surgery.adapters import parse_spec
-from surgery.bundle import adapted_manifest
-from surgery.archive import capture_pt2_meta
-from surgery.meta import capture_meta
-from surgery.pipeline import adapt, default_output, open_model
-from surgery.speech import is_speech_source
-from surgery.task_names import SPEECH_RECOGNITION
+from exporters.pipeline import Exported, run_plan
+from exporters.plan import ExportOptions, ExportPlan
 
 Sources = Annotated[
     Optional[list[str]],
@@ -231,133 +212,60 @@ def export(
     ] = False,
 ) -> None:
     """Export to ONNX with dynamic batch and sequence; written only if ONNX Runtime matches torch."""
-    sources = sources or [None]
-    tolerance = renamed(atol, tolerance, "--atol", "--tolerance")
-    shapes = renamed(shapes, old_shapes, "--engine-shape", "--shapes")
-    quant = None
-    if quantize is not None:
-        from exporters.quantize import Quantization
-
-        quant = Quantization.named(
-            quantize,
-            block_size=block_size,
-            accuracy_level=accuracy_level,
-            symmetric=not asymmetric,
-            algorithm=quant_algorithm,
-            head=not float_head,
-        )
-        if trt or fused_pt2 or triton_repo:
-            raise SurgeryError(
-                "--quantize writes a baked, --swappable, --route or --stream ONNX; drop --trt, --fused-pt2 and "
-                "--triton-repo, or drop --quantize"
-            )
-    elif (block_size, accuracy_level, asymmetric, quant_algorithm, float_head) != (32, 0, False, "default", False):
-        raise SurgeryError(
-            "--block-size, --accuracy-level, --asymmetric, --quant-algorithm and --float-head set --quantize; add "
-            "--quantize int4 (or int8)"
-        )
-    if stream:
-        if is_speech_source(sources[0], task):
-            raise SurgeryError(
-                f"--stream {sources[0]}: an {SPEECH_RECOGNITION} model is exported in memory as its encoder and "
-                "decoder pair, not streamed; drop --stream"
-            )
-        if route:
-            raise SurgeryError(
-                "--stream --route: routing stacks the adapters of several .adapted.pt2 files, which --stream cannot "
-                "open (it reads one Hugging Face folder); export --stream --swappable and load a pack per request, "
-                "or drop --stream"
-            )
-        if trt or fused_pt2 or triton_repo or len(sources) > 1:
-            raise SurgeryError(
-                "--stream writes a baked or --swappable ONNX of one Hugging Face folder or .pt2; --trt, --fused-pt2 "
-                "and --triton-repo take models in memory: drop them, or drop --stream"
-            )
-        return _export_streamed(
-            sources[0], output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable, trust,
-            quant,
-        )  # fmt: skip
-    if method is not None:
-        raise SurgeryError(f"--method {method}: export inserts adapters with --stream only; run `surgery insert` first")
-    if swappable and route:
-        raise SurgeryError("--swappable and --route are two kinds of export; choose one")
-    if len(sources) > 1 and not route:
-        raise SurgeryError(f"{len(sources)} models given; export takes one, or several with --route")
-    if trt:
-        opener = lambda: open_model(  # noqa: E731
-            sources[0], trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype, task=task
-        )
-        return _export_trt(
-            sources[0], opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo,
-            tolerance, rtol, json, external_data,
-        )  # fmt: skip
-    if shapes or fp16 or bf16 or max_r is not None or timing_cache:
-        raise SurgeryError("--engine-shape, --fp16, --bf16, --max-r and --timing-cache are engine options; add --trt")
-    if fused_pt2:
-        if onnx:
-            raise SurgeryError("--onnx and --fused-pt2 are two output formats; choose one")
-        if swappable or route or triton_repo:
-            raise SurgeryError(
-                "--fused-pt2 writes a torch program; --swappable, --route and --triton-repo are ONNX exports"
-            )
-        return _export_fused_pt2(sources[0], output, tolerance, rtol, trust, input_shape, input_dtype, task, json)
-    if triton_env and not triton_repo:
-        raise SurgeryError("--triton-env names the Triton models' Python environment; give --triton-repo too")
-    if triton_repo and Path(triton_repo).exists() and not Path(triton_repo).is_dir():
-        raise SurgeryError(f"--triton-repo {triton_repo}: exists and is not a folder; name a folder (it is created)")
-    if not route and not triton_repo and input_shape is None and sources[0] is not None:
-        fit = estimate(sources[0], dtype)
-        if fit is not None and not fit.fits:
-            if is_speech_source(sources[0], task):
-                raise SurgeryError(
-                    f"{sources[0]}: {fit.line().split(': streaming', 1)[0]}, and an {SPEECH_RECOGNITION} model cannot "
-                    f"be streamed; free memory, or set {BUDGET_ENV} higher if the estimate is too cautious"
-                )
-            err.print(f"{sources[0]}: {fit.line()}", soft_wrap=True)
-            return _export_streamed(
-                sources[0], output, None, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable, trust,
-                quant,
-            )  # fmt: skip
-    suffix = ".routed.onnx" if route else ".swappable.onnx" if swappable else ".onnx"
-    path = check_output(output or default_output(sources[0], suffix))
-    with step(f"load {', '.join(s or 'minilm' for s in sources)}"):
-        models = [
-            open_model(s, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, dtype=dtype, task=task)
-            for s in sources
-        ]
-    if quant is None:
-        tolerance, rtol = tolerances(weights_dtype(models[0].gm), tolerance, rtol)
-    else:
-        if models[0].source.path.endswith(".gguf"):  # its Q4_0 / Q8_0 blocks carried (exporters/gguf_carry.py)
-            quant = dataclasses.replace(quant, gguf=models[0].source.path)
-        tolerance, rtol = quant.tolerances(tolerance, rtol, tolerances(weights_dtype(models[0].gm)))
-    if models[0].task == SPEECH_RECOGNITION:
-        return _export_speech(models[0], path, swappable, route or bool(triton_repo) or quant is not None, tolerance,
-                              rtol, external_data, json)  # fmt: skip
-    kind = f" ({quantize} base)" if quant else ""
-    with step(f"export {path}{kind} and check it against torch"):
-        if route:
-            names = [adapter_name(s) for s in sources]
-            result = export_routed(
-                models, path, tolerance=tolerance, rtol=rtol, external=external_data, names=names, quantize=quant
-            )
-        elif swappable:
-            result = export_swappable(
-                models[0], path, tolerance=tolerance, rtol=rtol, external=external_data, quantize=quant
-            )
-        else:
-            m = models[0]
-            result = export_onnx(
-                m.gm, m.signature, path, tolerance=tolerance, rtol=rtol, manifest=m.manifest, external=external_data,
-                quantize=quant,
-            )  # fmt: skip
-    data = result.to_json()
-    if triton_repo:
-        with step(f"write the Triton repository {triton_repo}"):
-            data["triton"] = _triton(triton_repo, path, sources, models, route, swappable, triton_env)
+    options = ExportOptions(
+        sources=tuple(sources or [None]),
+        onnx=onnx,
+        swappable=swappable,
+        route=route,
+        fused_pt2=fused_pt2,
+        output=output,
+        atol=renamed(atol, tolerance, "--atol", "--tolerance"),
+        rtol=rtol,
+        trt=trt,
+        engine_shapes=_tuple(renamed(shapes, old_shapes, "--engine-shape", "--shapes")),
+        fp16=fp16,
+        bf16=bf16,
+        max_r=max_r,
+        timing_cache=timing_cache,
+        triton_repo=triton_repo,
+        triton_env=triton_env,
+        external_data=external_data,
+        stream=stream,
+        method=method,
+        r=r,
+        act=act,
+        targets=targets,
+        alpha=alpha,
+        trust=trust,
+        input_shape=_tuple(input_shape),
+        input_dtype=input_dtype,
+        dtype=dtype,
+        task=task,
+        quantize=quantize,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        asymmetric=asymmetric,
+        quant_algorithm=quant_algorithm,
+        float_head=float_head,
+    )
+    done = run_plan(ExportPlan.from_options(options), step=step, note=lambda text: err.print(text, soft_wrap=True))
     if json:
-        emit_json(data)
-        return
+        emit_json(done.data)
+    else:
+        SUMMARIES[done.plan.mode](done)
+    if done.missing is not None:
+        raise done.missing
+
+
+def _tuple(values: list[str] | None) -> tuple[str, ...] | None:
+    return tuple(values) if values is not None else None
+
+
+def _onnx_summary(done: Exported) -> None:
+    if done.speech:
+        return _speech_summary(done)
+    plan, data, path = done.plan, done.data, done.path
+    quant = plan.quantization
     out.print(f"wrote {' + '.join(map(str, onnx_files(path)))} ({onnx_size(path) / 1e6:.1f} MB)")
     same = " with the same quantized weights" if quant else ""
     out.print(
@@ -367,103 +275,47 @@ def export(
     if quant:
         q = data["quantization"]
         out.print(
-            f"{q['quantized_matmuls']} MatMuls quantized to {quantize} (block {q['block_size']}, accuracy level "
+            f"{q['quantized_matmuls']} MatMuls quantized to int{quant.bits} (block {q['block_size']}, accuracy level "
             f"{q['accuracy_level']}, {q['algorithm']}); {q['adapter_tensors_float']} adapter tensors float; "
             f"max |ORT - float torch| = {q['from_float']['max_abs_diff']:.2e}, "
             f"{q['from_float']['max_rel_diff']:.2e} of max|torch| (measured, not checked)"
         )
         if "gguf" in q:
             out.print(q["gguf"]["summary"])
-    if swappable:
+    if plan.adapters == "swappable":
         out.print(
             f"{data['adapter_tensors']} adapter slots; no pack = base model, own pack = adapted model: both checked"
         )
-    if route:
+    if plan.adapters == "routed":
         out.print(
             f"{len(data['route'])} adapters stacked at rank {data['padded_rank']}; "
             f"rows checked with ids {data['checked_ids']}"
         )
         table = ", ".join(f"{i} {n}" for i, n in data["adapter_ids"].items())
         out.print(f"adapter_id: {table}; any other id runs the base model")
-    for config in data.get("triton", []):
+    for config in done.triton:
         out.print(f"wrote {config}")
-    if triton_repo:
-        out.print(f"serve it with: surgery serve {triton_repo}")
+    if plan.triton is not None:
+        out.print(f"serve it with: surgery serve {plan.triton.repo}")
 
 
-def _export_speech(model, path, swappable, other_form, tolerance, rtol, external, json) -> None:
-    """A speech recognizer: its encoder and decoder graphs, baked or with adapter slots (exporters/speech.py)."""
-    if other_form:
-        raise SurgeryError(
-            f"--task {SPEECH_RECOGNITION}: this export writes the encoder and decoder pair, baked or --swappable; "
-            "drop --route, --triton-repo and --quantize"
-        )
-    with step(f"export {path} as its encoder and decoder, and check both against torch"):
-        how = export_speech_swappable if swappable else export_speech
-        result = how(model, path, tolerance=tolerance, rtol=rtol, external=external)
-    data = result.to_json()
-    if json:
-        emit_json(data)
-        return
+def _speech_summary(done: Exported) -> None:
+    result, data = done.result, done.data
     for part in (result.encoder, result.decoder):
         out.print(f"wrote {' + '.join(map(str, onnx_files(part.path)))} ({onnx_size(part.path) / 1e6:.1f} MB)")
     out.print(
         f"max |ORT - torch| = {data['max_abs_diff']:.2e}, {data['max_rel_diff']:.2e} of max|torch| "
         f"(--atol {data['tolerance']:g} + --rtol {data['rtol']:g} x max|torch|)"
     )
-    if swappable:
+    if done.plan.adapters == "swappable":
         out.print("adapter slots in each graph; no pack = base model, own pack = adapted model: both checked")
         out.print(f"transcribe with: surgery generate {result.decoder.path} --features FEATURES.npy --adapter PACK")
     else:
         out.print(f"transcribe with: surgery generate {result.decoder.path} --features FEATURES.npy")
 
 
-def _export_streamed(
-    source, output, method, r, act, targets, alpha, dtype, task, tolerance, rtol, json, swappable=False, trust=False,
-    quant=None,
-) -> None:  # fmt: skip
-    """--stream: capture without weights, insert, write the pair from the checkpoint's shards (or the .pt2's weight
-    records), verify per block; --swappable: adapter slots, and the model's own adapters as a pack beside the pair
-    (NAME.onnx_adapter)."""
-    if source is None:
-        raise SurgeryError(
-            "--stream takes a Hugging Face folder (config.json and safetensors weights) or a .pt2; name it"
-        )
-    archive = Path(source).is_file()
-    if swappable and method is None and not archive:
-        raise SurgeryError(
-            "--stream --swappable makes slots for the adapters it inserts; add --method houlsby (or pfeiffer)"
-        )
-    spec = parse_spec(method, r, act, targets, alpha) if method else None
-    if swappable and method is not None and method not in PACKABLE:
-        raise SurgeryError(
-            f"--stream --swappable --method {method}: slots hold bottleneck adapters ({', '.join(PACKABLE)}); "
-            "choose one of them, or drop --swappable for a baked export"
-        )
-    path = check_output(output or default_output(source, ".swappable.onnx" if swappable else ".onnx"))
-    with step(f"{'open' if archive else 'capture'} {source} without its weights"):
-        captured = capture_pt2_meta(source, trust) if archive else capture_meta(source, dtype=dtype, task=task)
-    if archive:
-        _same_as_archive(captured, source, dtype, task)
-    pack = check_output(pack_beside(path, captured.dtype)) if swappable else None
-    if spec is not None:
-        with step(f"insert {method} adapters, r={r}"):
-            report = adapt(captured, spec)
-        captured.manifest = adapted_manifest(captured, spec, report)
-    if quant is None:
-        tolerance, rtol = tolerances(captured.dtype, tolerance, rtol)
-    else:
-        tolerance, rtol = quant.tolerances(tolerance, rtol, tolerances(captured.dtype))
-    kind = f" (int{quant.bits} base)" if quant else ""
-    with step(
-        f"stream {captured.checkpoint.bytes() / 1e9:.2f} GB of weights into {path}.data{kind}, verify block by block"
-    ):
-        result = export_streamed(
-            captured, path, swappable=swappable, pack=pack, tolerance=tolerance, rtol=rtol, quantize=quant
-        )
-    if json:
-        emit_json(result.to_json())
-        return
+def _streamed_summary(done: Exported) -> None:
+    result, path = done.result, done.path
     out.print(f"wrote {' + '.join(map(str, onnx_files(path)))} ({onnx_size(path) / 1e6:.1f} MB)")
     if result.no_pack is not None:
         out.print(f"{result.slots} adapter slots; no pack = base model: {result.no_pack.summary()}")
@@ -480,61 +332,8 @@ def _export_streamed(
         )
 
 
-def _same_as_archive(captured, source, dtype, task) -> None:
-    """A .pt2 keeps the dtype and the head it was captured with: --dtype and --task may only repeat them."""
-    from surgery.load import DTYPE_NAMES
-
-    own = DTYPE_NAMES.get(captured.dtype, str(captured.dtype))
-    if dtype not in ("auto", own):
-        raise SurgeryError(
-            f"--dtype {dtype}: {source} holds {own} weights and a .pt2 keeps its dtype; drop --dtype, or insert "
-            f"into the base model again with --dtype {dtype}"
-        )
-    if task is not None and task != captured.task:
-        raise SurgeryError(
-            f"--task {task}: {source} was captured as {captured.task} and a .pt2 keeps its head; drop --task, or "
-            f"insert into the base model again with --task {task}"
-        )
-
-
-def adapter_name(source: str | None) -> str:
-    """The name a routed model's adapter is asked for by: the file name without its suffixes (a.adapted.pt2: a)."""
-    return (source or "minilm").replace("\\", "/").rsplit("/", 1)[-1].split(".")[0]
-
-
-def _triton(repo, path, sources, models, route, swappable, env=None) -> list[str]:
-    """The ONNX Runtime-backend model (plain and routed exports: Triton's backend cannot feed a swappable export's
-    adapter slots) and the Python-backend one; the config files written."""
-    name = path.name.split(".")[0]
-    signature = models[0].signature
-    written = []
-    if route:
-        names = [adapter_name(s) for s in sources]
-        written.append(write_triton_repo(repo, path, path, signature, name, adapters=names).config)
-        written.append(
-            write_python_model(repo, path, signature, name, "routed", adapters=names, execution_env=env).config
-        )
-    elif swappable:
-        m = models[0]
-        own = {adapter_name(sources[0]): pack_from_model(m.gm.state_dict(), m.manifest)}
-        model = write_python_model(repo, path, signature, name, "swappable", packs=own, execution_env=env)
-        written.append(model.config)
-    else:
-        written.append(write_triton_repo(repo, path, path, signature, name).config)
-        written.append(write_python_model(repo, path, signature, name, "plain", execution_env=env).config)
-    return [str(c) for c in written]
-
-
-def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input_dtype, task, json) -> None:
-    path = check_output(output or default_output(source, ".fused.pt2"))
-    with step(f"load {source or 'minilm'}"):
-        captured = open_model(source, trust=trust, input_shapes=input_shape, input_dtype=input_dtype, task=task)
-    tolerance, rtol = tolerances(weights_dtype(captured.gm), tolerance, rtol)
-    with step(f"export {path} and check it against the adapted model"):
-        result = export_kernel_program(captured, path, tolerance=tolerance, rtol=rtol)
-    if json:
-        emit_json(result.to_json())
-        return
+def _fused_pt2_summary(done: Exported) -> None:
+    result, path = done.result, done.path
     out.print(
         f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): {result.kernels} bottlenecks, "
         "one surgery::bottleneck op each"
@@ -546,52 +345,20 @@ def _export_fused_pt2(source, output, tolerance, rtol, trust, input_shape, input
     )
 
 
-def _export_trt(
-    source, opener, output, swappable, route, shapes, fp16, bf16, max_r, timing_cache, triton_repo, tolerance, rtol,
-    json, external_data=False,
-) -> None:  # fmt: skip
-    """--trt: the TensorRT-ready ONNX and trtexec command, then the engine (exit 2 where TensorRT is missing)."""
-    if route:
-        raise SurgeryError("--route exports ONNX only; TensorRT engines are baked or --swappable")
-    if fp16 and bf16:
-        raise SurgeryError("--fp16 and --bf16 are two precisions; choose one")
-    if swappable != (max_r is not None):
-        raise SurgeryError(
-            "a refittable engine takes both --swappable and --max-r R (the largest adapter rank it will hold)"
-        )
-    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
-    path = check_output(output or default_output(source, ".refit.plan" if swappable else ".plan"))
-    parse_profiles(shapes, (ONE, PREFILL, DECODE))  # its syntax, before the model loads
-    with step(f"load {source or 'minilm'}"):
-        captured = opener()
-    tolerance, rtol = tolerances(weights_dtype(captured.gm), tolerance, rtol)
-    with step("export the TensorRT-ready ONNX and check it against torch"):
-        plan = prepare_trt(
-            captured, path, precision=precision, shapes=shapes, max_r=max_r, timing_cache=timing_cache,
-            tolerance=tolerance, rtol=rtol, external=external_data,
-        )  # fmt: skip
-    name = path.name.split(".")[0]
-    try:
-        with step(f"build {path} ({precision}{', refittable' if swappable else ''})"):
-            sidecar = build_engine(plan)
-    except TensorRTMissing:
-        data = {**plan.to_json(), "engine_built": False}
-        if triton_repo:
-            data["triton"] = str(write_triton_repo(triton_repo, plan.onnx, plan.onnx, captured.signature, name).config)
-        if json:
-            emit_json(data)
-        else:
-            out.print(f"wrote {plan.onnx} (max |ORT - torch| = {plan.parity.max_abs_diff:.2e}) and {plan.command_file}")
-            out.print("build the engine where TensorRT is installed with:")
-            out.print(plan.trtexec(), soft_wrap=True, markup=False)
-        raise
-    data = {**plan.to_json(), "engine_built": True, "sidecar": sidecar}
-    if triton_repo:
-        data["triton"] = str(write_triton_repo(triton_repo, path, plan.onnx, captured.signature, name).config)
-    if json:
-        emit_json(data)
+def _trt_summary(done: Exported) -> None:
+    prepared, path = done.result, done.path
+    if done.missing is not None:
+        diff = prepared.parity.max_abs_diff
+        out.print(f"wrote {prepared.onnx} (max |ORT - torch| = {diff:.2e}) and {prepared.command_file}")
+        out.print("build the engine where TensorRT is installed with:")
+        out.print(prepared.trtexec(), soft_wrap=True, markup=False)
         return
+    sidecar = done.data["sidecar"]
     out.print(
         f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB), TensorRT {sidecar['tensorrt']} on {sidecar['gpu']}, "
         f"sidecar {path}.json"
     )
+
+
+# what the command prints after each pipeline (`ExportPlan.mode`), without --json
+SUMMARIES = {"onnx": _onnx_summary, "stream": _streamed_summary, "trt": _trt_summary, "fused-pt2": _fused_pt2_summary}
