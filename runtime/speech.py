@@ -156,13 +156,16 @@ class Transcriber:
         encoder, decoder = speech_pair(model)
         for p in (encoder, decoder):
             check_onnx_data(p)
-        self.encoder = ort_session(encoder, threads=threads)
         self.decoder = ort_session(decoder, threads=threads)
         self.parts: list[AdaptedSession] | None = None
         if SlotsMeta.FINGERPRINT in self.decoder.get_modelmeta().custom_metadata_map:
-            # a swappable pair (exporters/speech.py): each graph an AdaptedSession, a pack split between them by site
+            # a swappable pair (exporters/speech.py): each graph an AdaptedSession, a pack split between them by site;
+            # one session per graph, its own (as the Generator keeps one)
+            del self.decoder
             self.parts = [AdaptedSession(p, threads=threads) for p in (encoder, decoder)]
             self.encoder, self.decoder = (p.session for p in self.parts)
+        else:
+            self.encoder = ort_session(encoder, threads=threads)
         inputs = {i.name: i for i in self.decoder.get_inputs()}
         if "past_key_values.0.key" not in inputs or "cross.0.key" not in inputs:
             raise SurgeryError(f"{decoder}: not a speech decoder with its caches (no past_key_values.0.key input)")
